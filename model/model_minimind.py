@@ -1,0 +1,536 @@
+"""MiniMind: a tiny decoder-only language model, faithful to the original MiniMind checkpoints.
+
+Features (state-dict keys, shapes and numerics match the original fa82707 release):
+- GQA attention through F.scaled_dot_product_attention on every path (prefill, decode, padded
+  batches), with an explicit-mask reference path kept next to it (config.flash_attn=False)
+- RoPE in the half-split ("rotate half") layout, with YaRN extrapolation (config.inference_rope_scaling)
+- SwiGLU feed-forward, intermediate size = 64 * ceil(int(8/3 * hidden) / 64)
+- RMSNorm computed in float32
+- tied input embedding / LM head
+- MoE feed-forward: softmax gate, top-k routing with normalised weights, shared experts, the
+  DeepSeek-style load-balancing aux loss (sequence-level or batch-level)
+- a growable KV cache that never re-copies the whole cache on each decode step
+- transformers PreTrainedModel + GenerationMixin: generate(), save_pretrained(), AutoModel registration
+
+This file imports nothing from the project: scripts/convert_model.py copies it into exported
+transformers folders, where it runs under trust_remote_code.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+try:  # transformers >= 5: init functions that respect already-loaded weights
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover - older transformers
+    from torch.nn import init
+
+YARN_ROPE_SCALING = {"beta_fast": 32, "beta_slow": 1, "factor": 16, "original_max_position_embeddings": 2048,
+                     "attention_factor": 1.0, "type": "yarn"}
+
+
+# ---- Config ----
+class MiniMindConfig(PretrainedConfig):
+    model_type = "minimind"
+
+    def __init__(self, dropout: float = 0.0, bos_token_id: int = 1, eos_token_id: int = 2, hidden_act: str = "silu",
+                 hidden_size: int = 512, intermediate_size: int = None, max_position_embeddings: int = 32768,
+                 num_attention_heads: int = 8, num_hidden_layers: int = 8, num_key_value_heads: int = 2,
+                 vocab_size: int = 6400, rms_norm_eps: float = 1e-05, rope_theta: int = 1000000.0,
+                 inference_rope_scaling: bool = False, flash_attn: bool = True,
+                 use_moe: bool = False, num_experts_per_tok: int = 2, n_routed_experts: int = 4,
+                 n_shared_experts: int = 1, scoring_func: str = "softmax", aux_loss_alpha: float = 0.01,
+                 seq_aux: bool = True, norm_topk_prob: bool = True, **kwargs):
+        self.dropout = dropout
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.hidden_act = hidden_act
+        self.hidden_size = hidden_size
+        # The original computes this inside the first FeedForward and writes it back into the config;
+        # we compute it once here, so a saved config.json shows the same number.
+        if intermediate_size is None:
+            intermediate_size = 64 * ((int(hidden_size * 8 / 3) + 64 - 1) // 64)
+        self.intermediate_size = intermediate_size
+        self.max_position_embeddings = max_position_embeddings
+        self.num_attention_heads = num_attention_heads
+        self.num_hidden_layers = num_hidden_layers
+        self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
+        self.vocab_size = vocab_size
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.inference_rope_scaling = inference_rope_scaling
+        rope_scaling = kwargs.pop("rope_scaling", None)
+        self.rope_scaling = rope_scaling or (dict(YARN_ROPE_SCALING) if inference_rope_scaling else None)
+        self.flash_attn = flash_attn
+        self.use_moe = use_moe
+        self.num_experts_per_tok = num_experts_per_tok
+        self.n_routed_experts = n_routed_experts
+        self.n_shared_experts = n_shared_experts
+        self.scoring_func = scoring_func
+        self.aux_loss_alpha = aux_loss_alpha
+        self.seq_aux = seq_aux
+        self.norm_topk_prob = norm_topk_prob
+        self.tie_word_embeddings = kwargs.pop("tie_word_embeddings", True)
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+
+    # transformers 5 turns `rope_scaling` into its own `rope_parameters` scheme; MiniMind keeps the
+    # original field name and value (None or the YaRN dict), so it is stored as a plain attribute.
+    @property
+    def rope_scaling(self):
+        return self.__dict__.get("_minimind_rope_scaling")
+
+    @rope_scaling.setter
+    def rope_scaling(self, value):
+        self.__dict__["_minimind_rope_scaling"] = value
+
+    def to_dict(self):
+        out = super().to_dict()
+        out.pop("_minimind_rope_scaling", None)
+        out["rope_scaling"] = self.rope_scaling
+        return out
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+# ---- Helpers: RMSNorm, RoPE/YaRN ----
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32, cast back to x's dtype, then scale (the product is fp32 under autocast)
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def precompute_freqs_cis(dim: int, end: int = 32768, rope_base: float = 1e6, rope_scaling: dict = None):
+    """cos/sin tables [end, dim] in the half-split layout, optionally with YaRN frequency scaling.
+
+    YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension", eq. 17-19): dimensions whose
+    wavelength is short compared with the original context keep their frequency, long ones are divided
+    by `factor`, with a linear ramp between the dimension indices given by beta_fast and beta_slow.
+    """
+    freqs = 1.0 / (rope_base ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    attn_factor = 1.0
+    if rope_scaling is not None:
+        orig_max = rope_scaling.get("original_max_position_embeddings", 2048)
+        factor = rope_scaling.get("factor", 16)
+        beta_fast, beta_slow = rope_scaling.get("beta_fast", 32.0), rope_scaling.get("beta_slow", 1.0)
+        attn_factor = rope_scaling.get("attention_factor", 1.0)
+        if end / orig_max > 1.0:
+            def inv_dim(b):  # the dimension index whose wavelength fits b times into orig_max
+                return (dim * math.log(orig_max / (b * 2 * math.pi))) / (2 * math.log(rope_base))
+            low = max(math.floor(inv_dim(beta_fast)), 0)
+            high = min(math.ceil(inv_dim(beta_slow)), dim // 2 - 1)
+            ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001), 0, 1)
+            freqs = freqs * (1 - ramp + ramp / factor)
+    t = torch.arange(end, device=freqs.device)
+    freqs = torch.outer(t, freqs).float()
+    freqs_cos = torch.cat([torch.cos(freqs), torch.cos(freqs)], dim=-1) * attn_factor
+    freqs_sin = torch.cat([torch.sin(freqs), torch.sin(freqs)], dim=-1) * attn_factor
+    return freqs_cos, freqs_sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """q: (B, T, H, D), k: (B, T, KV, D), cos/sin: (B or 1, T, D)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, KV, T, D) -> (B, KV*n_rep, T, D); head j uses kv head j // n_rep (= repeat_interleave)."""
+    if n_rep == 1:
+        return x
+    bs, n_kv, slen, hd = x.shape
+    return x[:, :, None].expand(bs, n_kv, n_rep, slen, hd).reshape(bs, n_kv * n_rep, slen, hd)
+
+
+class MiniMindCache:
+    """Key/value cache for generation, layout (B, KV, T, D) per layer, post-RoPE.
+
+    Storage grows geometrically, so appending a token costs O(1) amortised instead of the
+    O(T) torch.cat of the original. `update` returns views of the filled part.
+    """
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, num_layers: int = 0):
+        self.keys, self.values, self.length = [], [], []
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length[layer_idx] if layer_idx < len(self.length) else 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int):
+        if layer_idx == len(self.keys):
+            self.keys.append(None), self.values.append(None), self.length.append(0)
+        start, new = self.length[layer_idx], k.shape[2]
+        buf_k, buf_v = self.keys[layer_idx], self.values[layer_idx]
+        if buf_k is None or start + new > buf_k.shape[2] or buf_k.shape[0] != k.shape[0]:
+            capacity = max(2 * (start + new), 64)
+            grown_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
+            grown_v = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
+            if start:
+                grown_k[:, :, :start] = buf_k[:, :, :start]
+                grown_v[:, :, :start] = buf_v[:, :, :start]
+            buf_k, buf_v = self.keys[layer_idx], self.values[layer_idx] = grown_k, grown_v
+        buf_k[:, :, start:start + new] = k
+        buf_v[:, :, start:start + new] = v
+        self.length[layer_idx] = start + new
+        return buf_k[:, :, :start + new], buf_v[:, :, :start + new]
+
+    def crop(self, max_length: int):
+        if max_length < 0:
+            max_length = self.get_seq_length() + max_length
+        self.length = [min(n, max_length) for n in self.length]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        for i in range(len(self.keys)):
+            self.keys[i] = self.keys[i].index_select(0, beam_idx.to(self.keys[i].device))
+            self.values[i] = self.values[i].index_select(0, beam_idx.to(self.values[i].device))
+
+    def to_legacy(self):
+        """The original's format: a list of (k, v), each (B, T, KV, D)."""
+        return [(k[:, :, :n].transpose(1, 2), v[:, :, :n].transpose(1, 2))
+                for k, v, n in zip(self.keys, self.values, self.length)]
+
+    @classmethod
+    def from_legacy(cls, past):
+        cache = cls()
+        for i, (k, v) in enumerate(past):
+            cache.update(k.transpose(1, 2), v.transpose(1, 2), i)
+        return cache
+
+
+# ---- Attention ----
+class Attention(nn.Module):
+    def __init__(self, config: MiniMindConfig, layer_idx: int = 0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        assert self.n_heads % self.n_kv_heads == 0
+        self.n_rep = self.n_heads // self.n_kv_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+        self.flash = config.flash_attn
+
+    def forward(self, x, position_embeddings, attn_mask=None, cache=None):
+        """x: (B, T, C). attn_mask: None (plain causal) or bool (B, 1, T, S), True = may attend."""
+        bsz, seq_len, _ = x.shape
+        xq = self.q_proj(x).view(bsz, seq_len, self.n_heads, self.head_dim)     # (B, T, H, D)
+        xk = self.k_proj(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
+        xv = self.v_proj(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_pos_emb(xq, xk, *position_embeddings)
+        xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, H|KV, T, D)
+        if cache is not None:
+            xk, xv = cache.update(xk, xv, self.layer_idx)                       # (B, KV, S, D)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.flash:
+            # a plain causal mask only when the queries start at key 0; with a cache and no padding
+            # a single query sees every key, otherwise the explicit mask carries causality
+            is_causal = attn_mask is None and xk.shape[2] == seq_len and seq_len > 1
+            out = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                 is_causal=is_causal, enable_gqa=self.n_rep > 1)
+        else:
+            out = self.eager_attention(xq, xk, xv, attn_mask)
+        out = out.transpose(1, 2).reshape(bsz, seq_len, -1)                     # (B, T, H*D)
+        return self.resid_dropout(self.o_proj(out))
+
+    def eager_attention(self, xq, xk, xv, attn_mask):
+        """Reference path: explicit scores, additive masks, fp32 softmax (as the original's slow path)."""
+        seq_len, total = xq.shape[2], xk.shape[2]
+        xk, xv = repeat_kv(xk, self.n_rep), repeat_kv(xv, self.n_rep)
+        scores = (xq @ xk.transpose(-2, -1)) / math.sqrt(self.head_dim)          # (B, H, T, S)
+        if attn_mask is None:
+            causal = torch.full((seq_len, total), float("-inf"), device=scores.device)
+            scores = scores + torch.triu(causal, diagonal=total - seq_len + 1)
+        else:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        scores = self.attn_dropout(F.softmax(scores.float(), dim=-1).type_as(xq))
+        return scores @ xv
+
+
+# ---- FeedForward / MoE ----
+class FeedForward(nn.Module):
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.dropout(self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class MoEGate(nn.Module):
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_routed_experts = config.n_routed_experts
+        self.scoring_func = config.scoring_func
+        self.alpha = config.aux_loss_alpha
+        self.seq_aux = config.seq_aux
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty((self.n_routed_experts, config.hidden_size)))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, hidden_states):
+        """(B, T, C) -> topk_idx (N, k), topk_weight (N, k), aux_loss (scalar tensor), N = B*T."""
+        bsz, seq_len, h = hidden_states.shape
+        logits = F.linear(hidden_states.view(-1, h), self.weight)                # (N, E)
+        if self.scoring_func != "softmax":
+            raise NotImplementedError(f"unsupported scoring function for MoE gating: {self.scoring_func}")
+        scores = logits.softmax(dim=-1)
+        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        if self.top_k > 1 and self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        aux_loss = scores.new_zeros(())
+        if self.training and self.alpha > 0.0:
+            # Load-balancing loss of DeepSeekMoE (Dai et al. 2024, eq. 12-14): sum_e f_e * P_e, where f_e is
+            # the expert's share of selections (1 = uniform) and P_e its mean routing probability.
+            n_exp, k = self.n_routed_experts, self.top_k
+            idx = topk_idx.view(bsz, -1)
+            if self.seq_aux:  # per sequence, then averaged over the batch
+                ce = torch.zeros(bsz, n_exp, device=hidden_states.device)
+                ce.scatter_add_(1, idx, torch.ones(bsz, seq_len * k, device=hidden_states.device))
+                ce = ce / (seq_len * k / n_exp)
+                aux_loss = (ce * scores.view(bsz, seq_len, -1).mean(dim=1)).sum(dim=1).mean() * self.alpha
+            else:  # over all tokens of the batch
+                fi = F.one_hot(topk_idx.view(-1), num_classes=n_exp).float().mean(0) * n_exp
+                aux_loss = (scores.mean(0) * fi).sum() * self.alpha
+        return topk_idx, topk_weight, aux_loss
+
+
+class MOEFeedForward(nn.Module):
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.config = config
+        self.experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_routed_experts)])
+        self.gate = MoEGate(config)
+        if config.n_shared_experts > 0:
+            self.shared_experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_shared_experts)])
+        self.aux_loss = None
+
+    def forward(self, x):
+        identity = x
+        bsz, seq_len, h = x.shape
+        topk_idx, topk_weight, aux_loss = self.gate(x)
+        y = self.dispatch(x.view(-1, h), topk_idx, topk_weight).view(bsz, seq_len, h)
+        if self.config.n_shared_experts > 0:
+            for expert in self.shared_experts:
+                y = y + expert(identity)
+        self.aux_loss = aux_loss
+        return y
+
+    def dispatch(self, x, topk_idx, topk_weight):
+        """One differentiable dispatch for training and inference: sort the (token, slot) pairs by
+        expert, run each expert once on its contiguous block, then add the weighted outputs back."""
+        n_tok, k = topk_idx.shape
+        flat_idx = topk_idx.view(-1)                                              # (N*k,)
+        order = flat_idx.argsort(stable=True)
+        counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()  # one host sync per layer
+        token_of = order // k
+        xs = x[token_of]                                                          # (N*k, C) grouped by expert
+        outs, start, unused = [], 0, None
+        for expert, count in zip(self.experts, counts):
+            if count == 0:
+                if self.training:  # keep every expert in the graph so DDP sees a gradient for it
+                    touch = sum(p.sum() for p in expert.parameters()) * 0.0
+                    unused = touch if unused is None else unused + touch
+                continue
+            outs.append(expert(xs[start:start + count]))
+            start += count
+        ys = torch.cat(outs) * topk_weight.view(-1)[order].unsqueeze(-1).to(outs[0].dtype)
+        y = ys.new_zeros(n_tok, x.shape[-1]).index_add_(0, token_of, ys)
+        return y if unused is None else y + unused.to(y.dtype)
+
+
+# ---- Block and model ----
+class MiniMindBlock(nn.Module):
+    def __init__(self, layer_id: int, config: MiniMindConfig):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx=layer_id)
+        self.layer_id = layer_id
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = FeedForward(config) if not config.use_moe else MOEFeedForward(config)
+
+    def forward(self, hidden_states, position_embeddings, attn_mask=None, cache=None):
+        h = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attn_mask, cache) + hidden_states
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class MiniMindModel(nn.Module):
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.config = config
+        self.vocab_size, self.num_hidden_layers = config.vocab_size, config.num_hidden_layers
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList([MiniMindBlock(i, config) for i in range(self.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        freqs_cos, freqs_sin = self.rope_tables()
+        self.register_buffer("freqs_cos", freqs_cos, persistent=False)
+        self.register_buffer("freqs_sin", freqs_sin, persistent=False)
+
+    def rope_tables(self):
+        c = self.config
+        return precompute_freqs_cis(dim=c.head_dim, end=c.max_position_embeddings, rope_base=c.rope_theta,
+                                    rope_scaling=c.rope_scaling)
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, position_ids=None,
+                **kwargs):
+        """Returns (hidden_states (B, T, C) after the final norm, cache or None, aux_loss)."""
+        bsz, seq_len = input_ids.shape
+        cache = past_key_values
+        if isinstance(cache, (list, tuple)):
+            cache = MiniMindCache.from_legacy(cache) if len(cache) and cache[0] is not None else None
+        if cache is None and use_cache:
+            cache = MiniMindCache()
+        past_len = cache.get_seq_length() if cache is not None else 0
+        total = past_len + seq_len
+
+        padded = attention_mask is not None and not bool(attention_mask[:, -total:].all())
+        if position_ids is None:
+            if padded:  # left padding must not shift positions: count real tokens only
+                position_ids = (attention_mask[:, -total:].long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+            else:
+                position_ids = torch.arange(past_len, total, device=input_ids.device).unsqueeze(0)
+        position_embeddings = (self.freqs_cos[position_ids], self.freqs_sin[position_ids])  # (B|1, T, D)
+
+        attn_mask = None
+        if padded:
+            q_pos = torch.arange(past_len, total, device=input_ids.device)
+            k_pos = torch.arange(total, device=input_ids.device)
+            causal = k_pos[None, :] <= q_pos[:, None]                              # (T, S)
+            attn_mask = causal[None] & attention_mask[:, -total:].bool()[:, None, :]  # (B, T, S)
+            attn_mask = (attn_mask | (k_pos[None, :] == q_pos[:, None])[None]).unsqueeze(1)  # a pad query sees itself
+        elif seq_len > 1 and past_len > 0:  # chunked prefill on top of a cache
+            q_pos = torch.arange(past_len, total, device=input_ids.device)
+            attn_mask = (torch.arange(total, device=input_ids.device)[None, :] <= q_pos[:, None])[None, None]
+
+        hidden_states = self.dropout(self.embed_tokens(input_ids))
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings, attn_mask, cache)
+        hidden_states = self.norm(hidden_states)
+        aux_loss = sum((layer.mlp.aux_loss for layer in self.layers if isinstance(layer.mlp, MOEFeedForward)),
+                       hidden_states.new_zeros(()))
+        return hidden_states, cache if use_cache else None, aux_loss
+
+
+@dataclass
+class MiniMindCausalLMOutput(CausalLMOutputWithPast):
+    aux_loss: torch.FloatTensor = None
+
+
+class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = MiniMindConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["MiniMindBlock"]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _supports_sdpa = True
+
+    def __init__(self, config: MiniMindConfig = None):
+        config = config or MiniMindConfig()
+        super().__init__(config)
+        self.model = MiniMindModel(self.config)
+        self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+        self.model.embed_tokens.weight = self.lm_head.weight
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """PyTorch's default init, as the original (which never ran an HF init); the tied embedding
+        gets the Linear init U(+-1/sqrt(hidden)). Also rebuilds the RoPE tables, which transformers
+        leaves empty when it creates the model on the meta device."""
+        if isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        elif isinstance(module, nn.Embedding):
+            bound = 1 / math.sqrt(module.weight.shape[1])
+            init.uniform_(module.weight, -bound, bound)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, MoEGate):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        elif isinstance(module, MiniMindModel):
+            freqs_cos, freqs_sin = module.rope_tables()
+            init.copy_(module.freqs_cos, freqs_cos)
+            init.copy_(module.freqs_sin, freqs_sin)
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
+                logits_to_keep=0, labels=None, position_ids=None, **kwargs):
+        hidden_states, cache, aux_loss = self.model(input_ids, attention_mask, past_key_values, use_cache,
+                                                    position_ids)
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:  # shifted next-token loss, -100 = ignored (transformers convention)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return MiniMindCausalLMOutput(loss=loss, logits=logits, past_key_values=cache, hidden_states=hidden_states,
+                                      aux_loss=aux_loss)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # generate() would build a DynamicCache, which concatenates on every step; ours grows in place
+        if (model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
+                and generation_config.cache_implementation is None):
+            model_kwargs["past_key_values"] = MiniMindCache()
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def count_parameters(self) -> tuple:
+        """(total, active) parameter counts; tied weights counted once, active = what one token uses."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        c = self.config
+        if c.use_moe:
+            per_expert = sum(p.numel() for p in self.model.layers[0].mlp.experts[0].parameters())
+            inactive = c.num_hidden_layers * (c.n_routed_experts - c.num_experts_per_tok) * per_expert
+        return total, total - inactive
+
+
+def register_auto_classes():
+    """Make AutoConfig / AutoModelForCausalLM know model_type "minimind" (idempotent)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        AutoConfig.register("minimind", MiniMindConfig)
+    except ValueError:
+        pass
+    try:
+        AutoModelForCausalLM.register(MiniMindConfig, MiniMindForCausalLM)
+    except ValueError:
+        pass
+
+
+register_auto_classes()
