@@ -27,3 +27,41 @@ def tiny_model():
 
 def needs(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not present")
+
+
+def tokenizer_dir() -> Path:
+    """The shipped tokenizer, or the original's files while ours is absent."""
+    shipped = ROOT / "model"
+    if (shipped / "tokenizer.json").exists():
+        return shipped
+    if (UPSTREAM_TOKENIZER / "tokenizer.json").exists():
+        return UPSTREAM_TOKENIZER
+    pytest.skip("no tokenizer available")
+
+
+def write_tiny_corpus(directory: Path, n: int = 96, seed: int = 0) -> dict:
+    """Small pretrain and SFT jsonl files of varying lengths (deterministic)."""
+    import json
+    import random
+    rng = random.Random(seed)
+    words = ["MiniMind", "is", "a", "tiny", "model", "猫", "狗", "天空", "是", "蓝色", "的", "1+1=2", "hello", "world"]
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"pretrain": directory / "pretrain.jsonl", "sft": directory / "sft.jsonl"}
+    with open(paths["pretrain"], "w", encoding="utf-8") as f:
+        for _ in range(n):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 40)))
+            f.write(json.dumps({"text": f"<|im_start|>{text}<|im_end|>"}, ensure_ascii=False) + "\n")
+    with open(paths["sft"], "w", encoding="utf-8") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 20), rng.randint(0, 20)
+            conv = [{"role": "user", "content": f"{a}+{b}等于几？"}, {"role": "assistant", "content": f"{a}+{b}={a + b}。"}]
+            f.write(json.dumps({"conversations": conv}, ensure_ascii=False) + "\n")
+    return paths
+
+
+def tiny_train_args(tmp: Path, data: Path, **extra) -> list:
+    """Flags for a seconds-long CPU run of a training stage, writing only under tmp."""
+    flags = {"device": "cpu", "hidden_size": 64, "num_hidden_layers": 2, "batch_size": 4, "max_seq_len": 64,
+             "save_dir": tmp / "out", "checkpoint_dir": tmp / "ckpt", "tokenizer_path": tokenizer_dir(),
+             "data_path": data, "num_workers": 0, "log_interval": 1, "save_interval": 1000, **extra}
+    return [a for k, v in flags.items() for a in (f"--{k}", str(v))]

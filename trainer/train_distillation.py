@@ -1,0 +1,84 @@
+"""White-box knowledge distillation: a small student learns from a bigger teacher's token distributions.
+
+    python trainer/train_distillation.py                    # student 512x8 <- teacher 768x16, both full_sft
+    torchrun --nproc_per_node 2 trainer/train_distillation.py
+    python trainer/train_distillation.py --device cpu --student_hidden_size 64 --student_num_layers 2 \\
+        --teacher_hidden_size 96 --teacher_num_layers 2 --max_steps 20
+Reads out/full_sft_<student>.pth, out/full_sft_<teacher>.pth and dataset/sft_mini_512.jsonl (demo SFT when absent).
+Writes out/full_dist_<student>[_moe].pth and checkpoints/full_dist_<student>[_moe]_resume.pth.
+
+loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T) on supervised
+tokens (Hinton et al. 2015), with both distributions softened by the temperature T.
+"""
+import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+
+from dataset.lm_dataset import SFTDataset
+from model.model_minimind import MiniMindConfig
+from trainer.trainer_utils import (DATA, Logger, build_parser, init_config, init_model, init_run, init_tracker,
+                                   masked_cross_entropy, resolve_data, restore, train, wrap_ddp)
+
+
+def distillation_loss(student_logits, teacher_logits, targets, loss_mask, alpha: float, temperature: float):
+    """(loss, ce, kd); kd = T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over supervised tokens."""
+    ce = masked_cross_entropy(student_logits, targets, loss_mask)
+    keep = loss_mask.reshape(-1) > 0
+    s = student_logits.reshape(-1, student_logits.shape[-1])[keep].float() / temperature
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])[keep, : s.shape[-1]].float() / temperature
+    if s.shape[0] == 0:
+        kd = ce * 0.0
+    else:
+        kd = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="batchmean", log_target=True)
+        kd = kd * temperature ** 2
+    return alpha * ce + (1 - alpha) * kd, ce, kd
+
+
+def main(argv=None):
+    parser = build_parser("MiniMind Knowledge Distillation", save_weight="full_dist", epochs=6, batch_size=32,
+                          learning_rate=5e-6, accumulation_steps=1, max_seq_len=512, from_weight="full_sft",
+                          data_path=DATA / "sft_mini_512.jsonl", demo_data="sft.jsonl",
+                          wandb_project="MiniMind-Distillation")
+    parser.add_argument("--student_hidden_size", type=int, default=512)
+    parser.add_argument("--student_num_layers", type=int, default=8)
+    parser.add_argument("--teacher_hidden_size", type=int, default=768)
+    parser.add_argument("--teacher_num_layers", type=int, default=16)
+    parser.add_argument("--teacher_use_moe", type=int, default=None, choices=[0, 1],
+                        help="teacher MoE flag (default: same as --use_moe, as the original)")
+    parser.add_argument("--from_student_weight", type=str, default="full_sft", help="student start weight prefix")
+    parser.add_argument("--from_teacher_weight", type=str, default="full_sft", help="teacher weight prefix")
+    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the CE term (1 - alpha: KD term)")
+    parser.add_argument("--temperature", type=float, default=1.5, help="softening temperature T")
+    args = parser.parse_args(argv)
+    args.hidden_size, args.num_hidden_layers = args.student_hidden_size, args.student_num_layers
+    args.from_weight = args.from_student_weight
+    run = init_run(args)                                   # 1. distributed, device, seed  3. autocast, scaler
+    lm_config, ckp = init_config(args)                     # 2. student config + resume data
+    tracker = init_tracker(args, ckp, f"MiniMind-Distill-S{args.student_hidden_size}T{args.teacher_hidden_size}-"
+                                      f"Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
+    weights = args.from_dir or args.save_dir               # 5. student (trained) and teacher (frozen)
+    model, tokenizer = init_model(lm_config, args.from_weight, args.tokenizer_path, weights, run.device)
+    teacher_moe = args.use_moe if args.teacher_use_moe is None else args.teacher_use_moe
+    teacher_config = MiniMindConfig(hidden_size=args.teacher_hidden_size, num_hidden_layers=args.teacher_num_layers,
+                                    use_moe=bool(teacher_moe))
+    Logger("teacher:")
+    teacher, _ = init_model(teacher_config, args.from_teacher_weight, args.tokenizer_path, weights, run.device)
+    teacher.eval().requires_grad_(False)
+    train_ds = SFTDataset(resolve_data(args), tokenizer, max_length=args.max_seq_len, pad_to_max=bool(args.pad_to_max))
+
+    def loss_fn(model, batch):
+        X, Y, loss_mask = batch
+        out = model(X)
+        with torch.no_grad():
+            teacher_logits = teacher(X).logits
+        loss, ce, kd = distillation_loss(out.logits, teacher_logits, Y, loss_mask, args.alpha, args.temperature)
+        return loss + out.aux_loss, {"ce": ce.item(), "distill": kd.item()}
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    start = restore(ckp, model, optimizer, run.scaler)    # 6. resume
+    model = wrap_ddp(model, run)                           # 7. DDP
+    return train(run, args, model, optimizer, train_ds, loss_fn, tracker, lm_config, start)   # 8. train
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Reasoning distillation: SFT on R1-style answers, with extra loss weight on the format tags.
+
+    python trainer/train_reason.py                          # alias: trainer/train_distill_reason.py
+    torchrun --nproc_per_node 2 trainer/train_reason.py
+    python trainer/train_reason.py --device cpu --hidden_size 64 --num_hidden_layers 2 --max_steps 20
+Reads out/dpo_<hidden>.pth and dataset/r1_mix_1024.jsonl (the demo R1 set when absent); targets look like
+"<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>".
+Writes out/reason_<hidden>[_moe].pth and checkpoints/reason_<hidden>[_moe]_resume.pth.
+
+The tags are not special tokens (each is several pieces: '<', 'th', 'ink', '>'), so the original
+weighted every occurrence of those pieces anywhere, prompt positions included. Here only complete
+tag sequences inside supervised positions get --tag_weight.
+"""
+import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+
+from dataset.lm_dataset import SFTDataset
+from trainer.trainer_utils import (DATA, build_parser, init_config, init_model, init_run, init_tracker, resolve_data,
+                                   restore, train, wrap_ddp)
+
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def tag_weights(targets: torch.Tensor, loss_mask: torch.Tensor, tag_ids, weight: float) -> torch.Tensor:
+    """loss_mask with `weight` on every position that belongs to a complete, supervised tag sequence."""
+    weights = loss_mask.float().clone()
+    for ids in tag_ids:
+        n = len(ids)
+        if targets.shape[1] < n:
+            continue
+        windows = targets.unfold(1, n, 1)                                     # (B, T-n+1, n)
+        hit = (windows == torch.tensor(ids, device=targets.device)).all(-1)   # tag starts here
+        hit &= loss_mask.unfold(1, n, 1).bool().all(-1)                       # and is supervised
+        for k in range(n):
+            weights[:, k: k + hit.shape[1]][hit] = weight
+    return weights
+
+
+def main(argv=None):
+    parser = build_parser("MiniMind Reasoning Distillation", save_weight="reason", epochs=1, batch_size=8,
+                          learning_rate=1e-6, accumulation_steps=1, max_seq_len=1024, from_weight="dpo",
+                          data_path=DATA / "r1_mix_1024.jsonl", demo_data="r1.jsonl",
+                          wandb_project="MiniMind-Reasoning")
+    parser.add_argument("--tag_weight", type=float, default=10.0, help="loss weight of the think/answer tag tokens")
+    args = parser.parse_args(argv)
+    run = init_run(args)                                   # 1. distributed, device, seed  3. autocast, scaler
+    lm_config, ckp = init_config(args)                     # 2. model config + resume data (None if fresh)
+    tracker = init_tracker(args, ckp)                      # 4. swanlab/wandb, or a no-op
+    model, tokenizer = init_model(lm_config, args.from_weight, args.tokenizer_path,   # 5. this stage
+                                  args.from_dir or args.save_dir, run.device)
+    tag_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in TAGS]
+    train_ds = SFTDataset(resolve_data(args), tokenizer, max_length=args.max_seq_len, pad_to_max=bool(args.pad_to_max))
+
+    def reason_loss(model, batch):
+        """Weighted CE over supervised tokens, normalised by the unweighted token count (as the original)."""
+        X, Y, loss_mask = batch
+        out = model(X)
+        weights = tag_weights(Y, loss_mask, tag_ids, args.tag_weight).reshape(-1)
+        keep = weights > 0                                 # only supervised rows reach the softmax
+        ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1])[keep].float(), Y.reshape(-1)[keep],
+                             reduction="none")
+        return (ce * weights[keep]).sum() / loss_mask.sum().clamp_min(1) + out.aux_loss
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    start = restore(ckp, model, optimizer, run.scaler)    # 6. resume
+    model = wrap_ddp(model, run)                           # 7. DDP
+    return train(run, args, model, optimizer, train_ds, reason_loss, tracker, lm_config, start)   # 8. train
+
+
+if __name__ == "__main__":
+    main()
