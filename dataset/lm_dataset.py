@@ -1,0 +1,400 @@
+"""Datasets for every training stage, read lazily from jsonl files.
+
+    from dataset.lm_dataset import PretrainDataset, SFTDataset, DPODataset, RLAIFDataset, pad_collate
+    ds = SFTDataset("dataset/sft_mini_512.jsonl", tokenizer, max_length=512)
+    loader = DataLoader(ds, batch_size=16, collate_fn=pad_collate)
+    python scripts/inspect_data.py --data_path dataset/demo/sft.jsonl --kind sft   # check a file first
+
+Same samples as the original MiniMind (fa82707, spec section 4), with three differences:
+* Rows are not loaded into Python objects. `JsonlIndex` scans the file once for line offsets
+  (numpy over chunked reads: 0.4 s and 24 bytes a line for 1 GiB, see bench/bench_data.py) and
+  parses a line only when it is requested, so DataLoader workers and DDP ranks never copy the
+  corpus (the original's lists of dicts take 1.6 GiB per process for that file).
+* Samples come back unpadded, as (X, Y, loss_mask) of length min(len(ids), max_length) - 1, and
+  `pad_collate` / `dpo_collate` pad each batch to its longest sample. `pad_to_max=True` pads to
+  max_length instead and returns exactly the original tensors. `lengths()` gives the byte length
+  of each line, a cheap proxy for its token count, for length-grouped sampling.
+* Bad input raises ValueError("path:line: reason") when the line is read, or with
+  `skip_bad_lines=True` is dropped at construction (counted in `num_skipped`, one warning).
+  Chat rows must be well formed: an optional system message first (the only place one may be),
+  then user and assistant alternating, `tool` messages only after an assistant turn, non-empty
+  string content, and no literal <|im_start|>/<|im_end|> inside a message (it would corrupt the
+  loss mask). Pretrain `text` must be a non-empty string. An SFT/DPO sample with no supervised
+  token left after truncation is an error, and so is a file with no usable line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+# the DataLoader forks workers after the tokenizer has run; Rust's thread pool does not survive fork
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (X, Y, loss_mask), long tensors of one length
+_BOM = b"\xef\xbb\xbf"
+_TEXT = np.ones(256, dtype=bool)
+_TEXT[[9, 10, 11, 12, 13, 32]] = False  # the bytes that bytes.strip() removes: a line of only these is blank
+
+
+# ---- jsonl reading ----
+def _parse_line(raw: bytes, where: str, required: Sequence[str] = ()) -> dict:
+    """The single place where a line becomes a row; every failure names its file and line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: invalid UTF-8 at byte {e.start}") from None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: bad JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key in required:
+        if key not in row:
+            raise ValueError(f"{where}: missing field {key!r}")
+    return row
+
+
+def _scan_lines(path: str, chunk_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, end, line number) of every non-blank line; `end` excludes the newline.
+
+    Reads fixed-size chunks and carries the unfinished last line into the next one, so memory is a
+    few chunks plus 24 bytes a line whatever the file size; a line longer than a chunk grows it."""
+    starts, ends, linenos = [], [], []
+    buf, have, base, nlines = bytearray(chunk_bytes), 0, 0, 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            if have == len(buf):
+                buf = buf + bytearray(len(buf))
+            got = f.readinto(memoryview(buf)[have:])
+            eof, have = got == 0, have + got
+            a = np.frombuffer(buf, dtype=np.uint8, count=have)
+            end = np.flatnonzero(a == 10)
+            if eof and have and (len(end) == 0 or end[-1] != have - 1):
+                end = np.append(end, have)  # the last line has no trailing newline
+            if len(end) == 0:
+                if eof:
+                    break
+                continue
+            cut = min(int(end[-1]) + 1, have)
+            start = np.concatenate(([0], end[:-1] + 1))
+            # blank = only whitespace; a line that starts with a non-space byte can't be, so only the
+            # rare rest (empty, "\r", indented) is checked in Python: a full byte test costs 1 s/GB
+            keep = (end > start) & _TEXT[a[start]]
+            for k in np.flatnonzero(~keep & (end > start)):
+                keep[k] = bool(a[start[k]:end[k]].tobytes().strip())
+            starts.append(base + start[keep])
+            ends.append(base + end[keep])
+            linenos.append(nlines + 1 + np.flatnonzero(keep))
+            nlines += len(start)
+            del a  # release the buffer export before it is shifted
+            buf[:have - cut] = buf[cut:have]
+            base, have = base + cut, have - cut
+            if eof:
+                break
+    cat = lambda parts: np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)
+    return cat(starts), cat(ends), cat(linenos)
+
+
+class JsonlIndex:
+    """Random access to the rows of a jsonl file through an offset index; blank lines are skipped.
+
+    The file is opened lazily once per process (reads are seek+read on that handle, so one reader
+    thread per process), which makes the index picklable for spawned DataLoader workers and safe
+    across fork: a forked worker opens its own handle instead of sharing the parent's offset."""
+
+    def __init__(self, path: str | Path, chunk_bytes: int = 4 << 20):
+        self.path = str(path)
+        self.starts, self.ends, self.linenos = _scan_lines(self.path, chunk_bytes)
+        self._file, self._pid = None, None
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def where(self, i: int) -> str:
+        return f"{self.path}:{self.linenos[i]}"
+
+    def raw(self, i: int) -> bytes:
+        if self._pid != os.getpid():
+            self._file, self._pid = open(self.path, "rb"), os.getpid()
+        self._file.seek(int(self.starts[i]))
+        raw = self._file.read(int(self.ends[i] - self.starts[i]))
+        return raw[len(_BOM):] if self.starts[i] == 0 and raw.startswith(_BOM) else raw  # Windows editors add one
+
+    def read(self, i: int, required: Sequence[str] = ()) -> dict:
+        return _parse_line(self.raw(i), self.where(i), required)
+
+    def nbytes(self) -> np.ndarray:
+        return self.ends - self.starts
+
+    def select(self, keep: np.ndarray) -> None:
+        self.starts, self.ends, self.linenos = self.starts[keep], self.ends[keep], self.linenos[keep]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+
+def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> Iterator[dict]:
+    """Yield the rows of a jsonl file in order (blank lines skipped), checking `required` fields.
+    Raises ValueError(f"{path}:{lineno}: ...") on bad UTF-8, bad JSON, a non-object or a missing field."""
+    index = JsonlIndex(path)
+    for i in range(len(index)):
+        yield index.read(i, required)
+
+
+# ---- loss mask and sample layout ----
+def _find(ids: np.ndarray, pattern: Sequence[int]) -> np.ndarray:
+    """Every index where `pattern` starts in `ids`, in order."""
+    k = len(pattern)
+    if k == 0 or len(ids) < k:
+        return np.zeros(0, dtype=np.int64)
+    windows = np.lib.stride_tricks.sliding_window_view(ids, k)
+    return np.flatnonzero((windows == np.asarray(pattern)).all(axis=1))
+
+
+def assistant_loss_mask(ids: np.ndarray, start_ids: Sequence[int], end_ids: Sequence[int]) -> np.ndarray:
+    """1 on every token of each assistant turn: the original's `_generate_loss_mask` (spec 4.2).
+
+    For each match of `start_ids` ('<|im_start|>assistant') not inside an earlier turn, mask
+    [start + 1, end + len(end_ids) + 1) clipped to len(ids), where start is just after the match and
+    end the first `end_ids` ('<|im_end|>') at or after start (len(ids) if none). Skipping the token at
+    `start` leaves the "\\n" after "assistant" unsupervised; the +1 supervises the token after
+    <|im_end|>. Pattern search is vectorised; the Python loop runs once per assistant turn."""
+    n, mask = len(ids), np.zeros(len(ids), dtype=np.int64)
+    ends, resume = _find(ids, end_ids), 0
+    for match in _find(ids, start_ids):
+        if match < resume:  # the original scan continues after the previous turn's end
+            continue
+        start = match + len(start_ids)
+        k = np.searchsorted(ends, start)
+        end = int(ends[k]) if k < len(ends) else n
+        mask[start + 1:min(end + len(end_ids) + 1, n)] = 1
+        resume = end + len(end_ids) if k < len(ends) else n
+    return mask
+
+
+def _shifted(ids: Sequence[int], max_length: int, pad_to_max: bool, pad_id: int,
+             mask_fn: Callable[[np.ndarray], np.ndarray]) -> Sample:
+    """Truncate (keeping the head), pad, mask, and shift into (X, Y, loss_mask) for next-token loss.
+    Unpadded samples keep at least 2 tokens (padded) so that X is never empty."""
+    ids = list(ids)[:max_length]
+    arr = np.full(max_length if pad_to_max else max(len(ids), 2), pad_id, dtype=np.int64)
+    arr[:len(ids)] = ids
+    mask = mask_fn(arr).astype(np.int64)
+    return torch.from_numpy(arr[:-1].copy()), torch.from_numpy(arr[1:].copy()), torch.from_numpy(mask[1:].copy())
+
+
+def _pad_stack(seqs: Sequence[torch.Tensor], length: int, pad_id: int = 0) -> torch.Tensor:
+    out = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    for row, seq in zip(out, seqs):
+        row[:len(seq)] = seq
+    return out
+
+
+def pad_collate(batch: Sequence[Sample], pad_id: int = 0) -> Sample:
+    """Stack (X, Y, loss_mask) samples, right-padding to the batch's longest (pad id, mask 0).
+    Right padding under causal attention leaves every real position's logits unchanged."""
+    length = max(len(x) for x, _, _ in batch)
+    return tuple(_pad_stack([sample[k] for sample in batch], length, pad_id if k < 2 else 0) for k in range(3))
+
+
+def dpo_collate(batch: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Stack DPO dicts; chosen and rejected share one length so the trainer can concatenate them."""
+    length = max(len(sample[key]) for sample in batch for key in ("x_chosen", "x_rejected"))
+    return {key: _pad_stack([sample[key] for sample in batch], length, 0 if key.startswith("mask") else pad_id)
+            for key in batch[0]}
+
+
+# ---- row validation ----
+def _check_content(msg: dict, k: int, where: str) -> None:
+    content = msg.get("content")
+    if not isinstance(content, str):
+        raise ValueError(f"{where}: message {k}: content must be a string, got {type(content).__name__}")
+    if not content.strip() and not (msg.get("role") == "assistant" and msg.get("tool_calls")):
+        raise ValueError(f"{where}: message {k}: empty content")
+    if IM_START in content or IM_END in content:
+        raise ValueError(f"{where}: message {k}: content contains a ChatML control token")
+
+
+_FOLLOWS = {"system": (None,), "user": (None, "system", "assistant"),
+            "assistant": ("user", "tool"), "tool": ("assistant", "tool")}
+
+
+def _check_conversation(conv: Any, where: str) -> None:
+    """Reject what the chat template would render into a dialogue the model should not learn."""
+    if not isinstance(conv, list) or not conv or not all(isinstance(m, dict) for m in conv):
+        raise ValueError(f"{where}: conversations must be a non-empty list of messages")
+    prev = None
+    for k, msg in enumerate(conv):
+        role = msg.get("role")
+        if role not in _FOLLOWS:
+            raise ValueError(f"{where}: message {k}: unknown role {role!r}")
+        if prev not in _FOLLOWS[role]:
+            after = f"after {prev!r}" if prev else "first"
+            raise ValueError(f"{where}: message {k}: role {role!r} cannot come {after}")
+        _check_content(msg, k, where)
+        prev = role
+
+
+# ---- datasets ----
+class _JsonlDataset(Dataset):
+    """Offset-indexed rows plus what every dataset shares: tokenizer ids, lengths, bad-line skipping."""
+    required: tuple[str, ...] = ()
+
+    def __init__(self, path: str | Path, tokenizer, max_length: int, pad_to_max: bool, skip_bad_lines: bool):
+        self.rows = JsonlIndex(path)
+        self.tokenizer, self.max_length, self.pad_to_max = tokenizer, max_length, pad_to_max
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # token patterns of the assistant header and the turn end, from the tokenizer (spec 4.2)
+        self.start_ids = tokenizer(IM_START + "assistant", add_special_tokens=False).input_ids
+        self.end_ids = tokenizer(IM_END, add_special_tokens=False).input_ids
+        self.num_skipped = 0
+        if skip_bad_lines:
+            self._drop_bad_lines()
+        if len(self.rows) == 0:  # an empty epoch would "train" without a word
+            raise ValueError(f"{self.rows.path}: no usable lines")
+
+    def _drop_bad_lines(self) -> None:
+        """Build every sample once (tokenizing the whole file) and drop the lines that fail."""
+        keep, first = np.ones(len(self.rows), dtype=bool), None
+        for i in range(len(self.rows)):
+            try:
+                self[i]
+            except ValueError as e:
+                keep[i], first = False, first or str(e)
+        self.num_skipped = int((~keep).sum())
+        if self.num_skipped:
+            warnings.warn(f"{self.rows.path}: skipped {self.num_skipped} of {len(keep)} lines; first: {first}",
+                          stacklevel=4)
+            self.rows.select(keep)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def lengths(self) -> np.ndarray:
+        """Byte length of each sample's line: a cheap, roughly proportional stand-in for its token
+        count (for length-grouped sampling; no tokenizing). Aligned with dataset indices."""
+        return self.rows.nbytes()
+
+    def _row(self, i: int) -> tuple[dict, str]:
+        return self.rows.read(int(i), self.required), self.rows.where(int(i))
+
+    def _render(self, conv: list, where: str, tools: Any = None) -> str:
+        _check_conversation(conv, where)
+        try:
+            return self.tokenizer.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=False,
+                                                      tools=tools)
+        except Exception as e:  # a template error would otherwise not say which line caused it
+            raise ValueError(f"{where}: chat template failed: {e}") from e
+
+    def _chat_sample(self, ids: list[int], where: str, what: str = "sample") -> Sample:
+        X, Y, mask = _shifted(ids, self.max_length, self.pad_to_max, self.pad_id,
+                              lambda a: assistant_loss_mask(a, self.start_ids, self.end_ids))
+        if not mask.any():
+            raise ValueError(f"{where}: {what} has no assistant token to supervise "
+                             f"(after truncation to max_length={self.max_length})")
+        return X, Y, mask
+
+
+class PretrainDataset(_JsonlDataset):
+    """{"text": ...} rows -> (X, Y, loss_mask); no BOS/EOS added (the texts carry their own)."""
+    required = ("text",)
+
+    def __init__(self, data_path, tokenizer, max_length: int = 512, pad_to_max: bool = False,
+                 skip_bad_lines: bool = False):
+        super().__init__(data_path, tokenizer, max_length, pad_to_max, skip_bad_lines)
+
+    def encode(self, i: int) -> list[int]:
+        """Token ids of sample i before truncation."""
+        row, where = self._row(i)
+        text = row["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: 'text' must be a non-empty string")
+        return self.tokenizer(text).input_ids
+
+    def __getitem__(self, i: int) -> Sample:
+        return _shifted(self.encode(i), self.max_length, self.pad_to_max, self.pad_id, lambda a: a != self.pad_id)
+
+
+class SFTDataset(_JsonlDataset):
+    """{"conversations": [...]} rows -> (X, Y, loss_mask) supervising assistant turns only.
+    Also the reasoning (R1) data: the <think>/<answer> tags are ordinary assistant content."""
+    required = ("conversations",)
+
+    def __init__(self, jsonl_path, tokenizer, max_length: int = 1024, pad_to_max: bool = False,
+                 skip_bad_lines: bool = False):
+        super().__init__(jsonl_path, tokenizer, max_length, pad_to_max, skip_bad_lines)
+
+    def encode(self, i: int) -> list[int]:
+        row, where = self._row(i)
+        conv = row["conversations"]
+        first = conv[0] if isinstance(conv, list) and conv and isinstance(conv[0], dict) else {}
+        tools = first.get("functions") if first.get("role") == "system" else None
+        if tools and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise ValueError(f"{where}: 'functions' must be a list of tool definitions (objects)")
+        return self.tokenizer(self._render(conv, where, tools or None)).input_ids
+
+    def __getitem__(self, i: int) -> Sample:
+        return self._chat_sample(self.encode(i), self.rows.where(int(i)))
+
+
+class DPODataset(_JsonlDataset):
+    """{"chosen": [...], "rejected": [...]} rows -> dict of x/y/mask for each side (no tools, as the original)."""
+    required = ("chosen", "rejected")
+
+    def __init__(self, file_path, tokenizer, max_length: int = 4096, pad_to_max: bool = False,
+                 skip_bad_lines: bool = False):
+        super().__init__(file_path, tokenizer, max_length, pad_to_max, skip_bad_lines)
+
+    def encode(self, i: int) -> tuple[list[int], list[int]]:
+        row, where = self._row(i)
+        return tuple(self.tokenizer(self._render(row[key], f"{where}: {key}")).input_ids
+                     for key in ("chosen", "rejected"))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        where, out = self.rows.where(int(i)), {}
+        for key, ids in zip(("chosen", "rejected"), self.encode(i)):
+            out[f"x_{key}"], out[f"y_{key}"], out[f"mask_{key}"] = self._chat_sample(ids, where, key)
+        return out
+
+
+class RLAIFDataset(_JsonlDataset):
+    """Prompts for online RL -> {"prompt", "answer", "reference"}.
+
+    As the original, roles go by position (even = user, odd = assistant) and the last turn is the
+    placeholder answer; a `role` field that disagrees with its position is an error rather than
+    silently rewritten. `reference` is the row's top-level "answer" field ("" if absent, JSON text
+    if not a string), the target for verifiable rewards. max_length is unused, as in the original."""
+    required = ("conversations",)
+
+    def __init__(self, jsonl_path, tokenizer, max_length: int = 1024, skip_bad_lines: bool = False):
+        super().__init__(jsonl_path, tokenizer, max_length, False, skip_bad_lines)
+
+    def __getitem__(self, i: int) -> dict[str, str]:
+        row, where = self._row(i)
+        conv = row["conversations"]
+        if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(m, dict) for m in conv):
+            raise ValueError(f"{where}: conversations must list at least a prompt and an answer turn")
+        messages = []
+        for k, msg in enumerate(conv):
+            role = "user" if k % 2 == 0 else "assistant"
+            if msg.get("role", role) != role:
+                raise ValueError(f"{where}: message {k}: role {msg['role']!r}, but position {k} is {role!r}")
+            if k < len(conv) - 1:
+                _check_content(msg, k, where)
+            messages.append({"role": role, "content": msg.get("content")})
+        if not isinstance(messages[-1]["content"], str):
+            raise ValueError(f"{where}: message {len(conv) - 1}: content must be a string")
+        reference = row.get("answer", "")
+        if not isinstance(reference, str):
+            reference = json.dumps(reference, ensure_ascii=False)
+        prompt = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        return {"prompt": prompt, "answer": messages[-1]["content"], "reference": reference}
