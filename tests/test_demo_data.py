@@ -1,0 +1,247 @@
+"""dataset/demo_data.py: deterministic files in the original jsonl formats, held-out eval questions that are
+really held out, answers that check_answer accepts (and wrong ones it rejects), and a fast small scale."""
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from dataset import demo_data as dd
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["pretrain", "sft", "dpo", "rlaif", "r1", "lora_identity", "lora_domain", "eval"]
+R1_FORMAT = re.compile(r"<think>\n(.+)\n</think>\n<answer>\n(.+)\n</answer>", re.S)
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """The full-size corpus (under a second), as {name: records}."""
+    paths = dd.write_demo_data(tmp_path_factory.mktemp("demo"))
+    return {name: read(path) for name, path in paths.items()}
+
+
+def training_text(data: dict) -> str:
+    """Every string a training stage sees, joined (eval excluded)."""
+    parts = []
+    for name, rows in data.items():
+        for row in rows:
+            if name != "eval":
+                parts.append(json.dumps(row, ensure_ascii=False))
+                parts += [m["content"] for k in ("conversations", "chosen", "rejected") for m in row.get(k, [])]
+                parts.append(row.get("text", ""))
+    return "\n".join(parts)
+
+
+def test_deterministic_and_seeded(tmp_path):
+    a = dd.write_demo_data(tmp_path / "a", seed=0, scale=0.05)
+    b = dd.write_demo_data(tmp_path / "b", seed=0, scale=0.05)
+    c = dd.write_demo_data(tmp_path / "c", seed=1, scale=0.05)
+    assert sorted(a) == sorted(NAMES)
+    assert all(a[n].read_bytes() == b[n].read_bytes() for n in NAMES)
+    assert a["sft"].read_bytes() != c["sft"].read_bytes()
+
+
+def test_small_scale_is_fast_and_small(tmp_path):
+    t0 = time.perf_counter()
+    paths = dd.write_demo_data(tmp_path, scale=0.05)
+    assert time.perf_counter() - t0 < 2.0
+    assert all(4 <= len(read(p)) <= 260 for p in paths.values())
+
+
+def test_sizes_at_full_scale(full):
+    for name, size in dd.SIZES.items():
+        assert len(full[name]) == size
+    assert 100 <= len(full["eval"]) <= 200
+
+
+def test_cli_writes_out_dir(tmp_path):
+    paths = dd.main(["--out_dir", str(tmp_path / "demo"), "--scale", "0.02"])
+    assert {p.name for p in (tmp_path / "demo").iterdir()} == {f"{n}.jsonl" for n in NAMES}
+    assert paths["eval"] == tmp_path / "demo" / "eval.jsonl"
+
+
+def test_pretrain_format(full):
+    for row in full["pretrain"]:
+        assert list(row) == ["text"]
+        segments = row["text"].split(" <|im_start|>")
+        assert all(s.startswith("<|im_start|>") or i > 0 for i, s in enumerate(segments))
+        assert re.fullmatch(r"(<\|im_start\|>[^<]*?<\|im_end\|>)( <\|im_start\|>[^<]*?<\|im_end\|>)*", row["text"])
+        assert all(len(s) < 512 for s in segments)
+
+
+def check_conversation(conv: list[dict]):
+    """Roles in SFT order: optional leading system, then user/assistant turns, tool results after tool calls."""
+    roles = [m["role"] for m in conv]
+    assert "system" not in roles[1:]
+    body = roles[1:] if roles[0] == "system" else roles
+    assert body[0] == "user" and body[-1] == "assistant"
+    for prev, cur in zip(body, body[1:]):
+        assert (prev, cur) in {("user", "assistant"), ("assistant", "user"), ("assistant", "tool"),
+                               ("tool", "assistant")}
+    for m in conv:
+        assert isinstance(m["content"], str)
+        assert m["content"] or m.get("tool_calls")
+
+
+def test_sft_format(full):
+    n_system = n_multi = n_tools = 0
+    for row in full["sft"]:
+        conv = row["conversations"]
+        check_conversation(conv)
+        n_system += conv[0]["role"] == "system"
+        n_multi += sum(m["role"] == "user" for m in conv) > 1
+        if conv[0].get("functions"):
+            n_tools += 1
+            for m in conv:
+                for call in m.get("tool_calls", []):
+                    assert call["function"]["name"] in {t["function"]["name"] for t in conv[0]["functions"]}
+                    json.loads(call["function"]["arguments"])
+    assert n_system > 300 and n_multi > 200 and n_tools > 50
+
+
+def test_sft_renders_with_shipped_template(full):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(ROOT / "model")
+    for row in full["sft"][:300]:
+        conv = row["conversations"]
+        tools = conv[0]["functions"] if conv[0]["role"] == "system" and conv[0].get("functions") else None
+        text = tok.apply_chat_template(conv, tokenize=False, tools=tools)
+        assert text.count("<|im_start|>assistant\n") == sum(m["role"] == "assistant" for m in conv)
+        if tools:
+            assert "<tool_call>\n{\"name\": " in text and "<tool_response>" in text or "# Tools" in text
+
+
+def test_dpo_format(full):
+    for row in full["dpo"]:
+        chosen, rejected = row["chosen"], row["rejected"]
+        assert [m["role"] for m in chosen] == [m["role"] for m in rejected] == ["user", "assistant"]
+        assert chosen[0]["content"] == rejected[0]["content"]
+        assert chosen[1]["content"] != rejected[1]["content"]
+
+
+def test_rlaif_format(full):
+    for row in full["rlaif"]:
+        conv = row["conversations"]
+        assert [m["role"] for m in conv] == ["user", "assistant"] and conv[-1]["content"] == "无"
+        assert isinstance(row["answer"], str) and row["answer"]
+
+
+def test_r1_format(full):
+    for row in full["r1"]:
+        conv = row["conversations"]
+        assert [m["role"] for m in conv] == ["user", "assistant"]
+        assert R1_FORMAT.fullmatch(conv[1]["content"])
+
+
+def test_lora_files(full):
+    for name in ("lora_identity", "lora_domain"):
+        for row in full[name]:
+            assert [m["role"] for m in row["conversations"]] == ["user", "assistant"]
+    identity_answers = {a for lang in dd.IDENTITY for _, answers in dd.IDENTITY[lang] for a in answers}
+    answers = [row["conversations"][1]["content"] for row in full["lora_identity"]]
+    assert set(answers) <= identity_answers and sum("MiniMind" in a for a in answers) > len(answers) / 2
+    questions = [row["conversations"][0]["content"] for row in full["lora_identity"]]
+    assert {"zh" if re.search(r"[\u4e00-\u9fff]", q) else "en" for q in questions} == {"zh", "en"}
+    dishes = [r["zh"]["d"] for r in dd.DISHES] + [r["en"]["d"] for r in dd.DISHES]
+    pretrain_and_sft = training_text({"pretrain": full["pretrain"], "sft": full["sft"]})
+    assert not any(d in pretrain_and_sft for d in dishes)  # the LoRA domain is new knowledge
+
+
+def test_eval_format_and_mix(full):
+    kinds = {row["kind"] for row in full["eval"]}
+    for row in full["eval"]:
+        assert list(row) == ["question", "answer", "kind"]
+        assert row["question"] and row["answer"]
+    assert {"add", "sub", "mul", "capital", "identity", "sort", "unit"} <= kinds
+    assert len({row["question"] for row in full["eval"]}) == len(full["eval"])
+
+
+def test_eval_questions_are_held_out(full):
+    train = training_text(full)
+    leaked = [row["question"] for row in full["eval"] if row["question"] in train]
+    assert leaked == []
+
+
+def test_held_out_arithmetic_never_in_training(full):
+    train = training_text(full)
+    sym = {"add": r"\+", "sub": "-", "mul": "[×*]"}
+    for row in full["eval"]:
+        if row["kind"] in sym:
+            a, b = re.findall(r"\d+", row["question"])[:2]
+            assert dd.held_out(f"{row['kind']}:{a}:{b}")
+            assert not re.search(rf"(?<![\d+\-×*]){a}\s*{sym[row['kind']]}\s*{b}(?![\d+\-×*])", train)
+
+
+def test_eval_facts_are_taught(full):
+    """Every held-out fact answer is in pretrain, and its question kind is trained with other phrasings."""
+    pretrain = "\n".join(r["text"] for r in full["pretrain"])
+    sft = training_text({"sft": full["sft"]})
+    for row in full["eval"]:
+        if row["kind"] in dd.KINDS and not row["answer"].isdigit():
+            assert row["answer"] in pretrain, row
+            assert row["answer"] in sft, row
+
+
+def test_eval_answers_checkable_against_reference_sentences():
+    """The answer sentence our data teaches passes check_answer for every kind; a wrong one fails."""
+    import random
+    rng = random.Random(0)
+    makers = [dd.qa_arith, dd.qa_multi, dd.qa_compare, dd.qa_sort, dd.qa_unit, dd.qa_identity, dd.qa_fact]
+    for _ in range(400):
+        for lang in ("zh", "en"):
+            for make in makers:
+                for heldout in (False, True) if make is not dd.qa_identity else (True,):  # eval asks the name only
+                    qa = make(rng, lang, heldout=heldout)
+                    assert dd.check_answer(qa["a"], qa["key"]), qa
+                    if make is not dd.qa_identity:
+                        assert not dd.check_answer(dd.wrong_answer(rng, qa, lang), qa["key"]), qa
+
+
+def test_no_answer_passes_for_another():
+    """Within a kind, no answer is accepted for another ("1月" must not pass as a right "11月")."""
+    for kinds in (dd.KINDS, dd.DOMAIN_KINDS):
+        for kind, (table, field, _, _) in kinds.items():
+            for lang in ("zh", "en"):
+                keys = sorted({str(r[lang][field]) for r in dd.TABLES[table]})
+                clashes = [(a, b) for a in keys for b in keys if a != b and dd.check_answer(b, a)]
+                assert clashes == [], (kind, lang)
+
+
+def test_rlaif_answers_match_their_questions(full):
+    sft_answers = {}
+    for row in full["sft"]:
+        conv = row["conversations"]
+        for q, a in zip(conv, conv[1:]):
+            if q["role"] == "user" and a["role"] == "assistant":
+                sft_answers[q["content"]] = a["content"]
+    matched = 0
+    for row in full["rlaif"]:
+        q = row["conversations"][0]["content"]
+        if q in sft_answers:
+            matched += 1
+            assert dd.check_answer(sft_answers[q], row["answer"]), (q, sft_answers[q], row["answer"])
+    assert matched > 100
+
+
+@pytest.mark.parametrize("pred,answer,ok", [
+    ("3+5=8。", "8", True), ("3 + 5 = 8.", "8", True), ("8", "8", True), ("答案是 8.0", "8", True),
+    ("3+5=9。", "8", False), ("18", "8", False), ("没有数字", "8", False), ("3+5=8，不对，是9", "8", False),
+    ("法国的首都是巴黎。", "巴黎", True), ("巴黎", "巴黎", True), ("法国的首都是柏林。", "巴黎", False),
+    ("巴黎是法国的首都。", "巴黎", False),
+    ("The capital of France is Paris.", "Paris", True), ("the capital of france is PARIS !", "Paris", True),
+    ("A camel lives in the desert.", "the desert", True), ("A camel lives in a desert.", "the desert", False),
+    ("From smallest to largest: 2, 5, 9.", "2, 5, 9", True), ("从小到大排序后是：2、5、9。", "2, 5, 9", True),
+    ("From smallest to largest: 2, 5, 19.", "2, 5, 9", False), ("12, 5, 9", "2, 5, 9", False),
+    ("3千米等于3000米。", "3000", True), ("The chemical symbol for oxygen is O.", "O", True),
+    ("The chemical symbol for oxygen is Os.", "O", False), ("我的名字是MiniMind。", "MiniMind", True),
+    ("<think>\n3加5等于8。\n</think>\n<answer>\n3+5=8。\n</answer>", "8", True),
+    ("<think>\n答案是8\n</think>\n<answer>\n3+5=9。\n</answer>", "8", False),
+    ("<think>\n想一想\n</think>\n巴黎", "巴黎", True), ("", "8", False), ("anything", "", False),
+])
+def test_check_answer(pred, answer, ok):
+    assert dd.check_answer(pred, answer) is ok
