@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
 from model.model_minimind import MiniMindConfig
-from trainer.trainer_utils import (DATA, Logger, build_parser, init_config, init_model, init_run, init_tracker,
-                                   masked_cross_entropy, resolve_data, restore, train, wrap_ddp)
+from trainer.trainer_utils import (DATA, Logger, build_parser, fit, init_model, init_stage, masked_cross_entropy,
+                                   resolve_data)
 
 
 def distillation_loss(student_logits, teacher_logits, targets, loss_mask, alpha: float, temperature: float):
@@ -52,17 +52,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.hidden_size, args.num_hidden_layers = args.student_hidden_size, args.student_num_layers
     args.from_weight = args.from_student_weight
-    run = init_run(args)                                   # 1. distributed, device, seed  3. autocast, scaler
-    lm_config, ckp = init_config(args)                     # 2. student config + resume data
-    tracker = init_tracker(args, ckp, f"MiniMind-Distill-S{args.student_hidden_size}T{args.teacher_hidden_size}-"
-                                      f"Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
-    weights = args.from_dir or args.save_dir               # 5. student (trained) and teacher (frozen)
-    model, tokenizer = init_model(lm_config, args.from_weight, args.tokenizer_path, weights, run.device)
+    run_name = (f"MiniMind-Distill-S{args.student_hidden_size}T{args.teacher_hidden_size}-Epoch-{args.epochs}-"
+                f"BS-{args.batch_size}-LR-{args.learning_rate}")
+    run, lm_config, ckp, tracker, model, tokenizer = init_stage(args, run_name)   # 1-5. with the student
     teacher_moe = args.use_moe if args.teacher_use_moe is None else args.teacher_use_moe
     teacher_config = MiniMindConfig(hidden_size=args.teacher_hidden_size, num_hidden_layers=args.teacher_num_layers,
                                     use_moe=bool(teacher_moe))
     Logger("teacher:")
-    teacher, _ = init_model(teacher_config, args.from_teacher_weight, args.tokenizer_path, weights, run.device)
+    teacher, _ = init_model(teacher_config, args.from_teacher_weight, args.tokenizer_path,
+                            args.from_dir or args.save_dir, run.device)
     teacher.eval().requires_grad_(False)
     train_ds = SFTDataset(resolve_data(args), tokenizer, max_length=args.max_seq_len, pad_to_max=bool(args.pad_to_max))
 
@@ -75,9 +73,7 @@ def main(argv=None):
         return loss + out.aux_loss, {"ce": ce.item(), "distill": kd.item()}
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    start = restore(ckp, model, optimizer, run.scaler)    # 6. resume
-    model = wrap_ddp(model, run)                           # 7. DDP
-    return train(run, args, model, optimizer, train_ds, loss_fn, tracker, lm_config, start)   # 8. train
+    return fit(run, args, model, optimizer, train_ds, loss_fn, tracker, lm_config, ckp)   # 6-8. resume, DDP, train
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dataset.lm_dataset import DPODataset, dpo_collate
 from trainer.rl_utils import sequence_logps, token_logps
-from trainer.trainer_utils import (DATA, Logger, build_parser, init_config, init_model, init_run, init_tracker,
-                                   resolve_data, restore, train, wrap_ddp)
+from trainer.trainer_utils import DATA, Logger, build_parser, fit, init_model, init_stage, resolve_data
 
 
 def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float):
@@ -85,11 +84,7 @@ def main(argv=None):
     parser.add_argument("--ref_cache", type=int, default=0, choices=[0, 1],
                         help="1 = precompute reference log-probs once and free the reference model")
     args = parser.parse_args(argv)
-    run = init_run(args)                                   # 1. distributed, device, seed  3. autocast, scaler
-    lm_config, ckp = init_config(args)                     # 2. model config + resume data (None if fresh)
-    tracker = init_tracker(args, ckp)                      # 4. swanlab/wandb, or a no-op
-    model, tokenizer = init_model(lm_config, args.from_weight, args.tokenizer_path,   # 5. policy and reference
-                                  args.from_dir or args.save_dir, run.device)
+    run, lm_config, ckp, tracker, model, tokenizer = init_stage(args)     # 1-5. run, config, tracker, policy
     ref_model, _ = init_model(lm_config, args.from_weight, args.tokenizer_path, args.from_dir or args.save_dir,
                               run.device)
     ref_model.eval().requires_grad_(False)
@@ -111,10 +106,8 @@ def main(argv=None):
         return loss + aux, stats
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    start = restore(ckp, model, optimizer, run.scaler)    # 6. resume
-    model = wrap_ddp(model, run)                           # 7. DDP
-    return train(run, args, model, optimizer, train_ds, loss_fn, tracker, lm_config, start,   # 8. train
-                 collate_fn=collate)
+    return fit(run, args, model, optimizer, train_ds, loss_fn, tracker, lm_config, ckp,   # 6-8. resume, DDP, train
+               collate_fn=collate)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).reso
 import torch
 
 from dataset.lm_dataset import SFTDataset
-from trainer.trainer_utils import (DATA, build_parser, init_config, init_model, init_run, init_tracker,
-                                   lm_loss, resolve_data, restore, train, wrap_ddp)
+from trainer.trainer_utils import DATA, build_parser, fit, init_stage, lm_loss, resolve_data
 
 
 def main(argv=None):
@@ -20,17 +19,12 @@ def main(argv=None):
                         accumulation_steps=1, max_seq_len=512, from_weight="pretrain",
                         data_path=DATA / "sft_mini_512.jsonl", demo_data="sft.jsonl",
                         wandb_project="MiniMind-Full-SFT").parse_args(argv)
-    run = init_run(args)                                   # 1. distributed, device, seed  3. autocast, scaler
-    lm_config, ckp = init_config(args)                     # 2. model config + resume data (None if fresh)
-    tracker = init_tracker(args, ckp)                      # 4. swanlab/wandb, or a no-op
-    model, tokenizer = init_model(lm_config, args.from_weight, args.tokenizer_path,   # 5. this stage
-                                  args.from_dir or args.save_dir, run.device)
+    run, lm_config, ckp, tracker, model, tokenizer = init_stage(args)     # 1-5. run, config, tracker, model
     train_ds = SFTDataset(resolve_data(args), tokenizer, max_length=args.max_seq_len,
                           pad_to_max=bool(args.pad_to_max))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    start = restore(ckp, model, optimizer, run.scaler)    # 6. resume
-    model = wrap_ddp(model, run)                           # 7. DDP
-    return train(run, args, model, optimizer, train_ds, lm_loss, tracker, lm_config, start)   # 8. train
+    # 6-8. resume, DDP, train on lm_loss: cross-entropy on assistant tokens only (+ MoE aux loss)
+    return fit(run, args, model, optimizer, train_ds, lm_loss, tracker, lm_config, ckp)
 
 
 if __name__ == "__main__":

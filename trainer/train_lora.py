@@ -14,8 +14,7 @@ import torch
 
 from dataset.lm_dataset import SFTDataset
 from model.model_lora import apply_lora, freeze_non_lora, lora_parameters, save_lora
-from trainer.trainer_utils import (DATA, OUT, Logger, build_parser, init_config, init_model, init_run, init_tracker,
-                                   lm_loss, resolve_data, restore, train, weight_path, wrap_ddp)
+from trainer.trainer_utils import DATA, OUT, Logger, build_parser, fit, init_stage, lm_loss, resolve_data, weight_path
 
 
 def main(argv=None):
@@ -27,12 +26,9 @@ def main(argv=None):
     parser.add_argument("--lora_rank", type=int, default=8, help="rank of each adapter")
     args = parser.parse_args(argv)
     args.save_weight = args.lora_name
-    run = init_run(args)                                   # 1. distributed, device, seed  3. autocast, scaler
-    lm_config, ckp = init_config(args)                     # 2. model config + resume data (None if fresh)
-    tracker = init_tracker(args, ckp, f"MiniMind-LoRA-{args.lora_name}-Epoch-{args.epochs}-BatchSize-"
-                                      f"{args.batch_size}-LR-{args.learning_rate}")   # 4. tracking
-    model, tokenizer = init_model(lm_config, args.from_weight, args.tokenizer_path, args.from_dir, run.device)
-    apply_lora(model, rank=args.lora_rank)                 # 5. adapters on the square layers; base frozen
+    run_name = f"MiniMind-LoRA-{args.lora_name}-Epoch-{args.epochs}-BatchSize-{args.batch_size}-LR-{args.learning_rate}"
+    run, lm_config, ckp, tracker, model, tokenizer = init_stage(args, run_name)   # 1-5. run, config, tracker, model
+    apply_lora(model, rank=args.lora_rank)                 # adapters on the square layers; the base is frozen
     freeze_non_lora(model)
     params = lora_parameters(model)
     total, lora = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in params)
@@ -40,15 +36,14 @@ def main(argv=None):
     train_ds = SFTDataset(resolve_data(args), tokenizer, max_length=args.max_seq_len,
                           pad_to_max=bool(args.pad_to_max))
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
-    start = restore(ckp, model, optimizer, run.scaler)    # 6. resume (the full model incl. adapters)
-    model = wrap_ddp(model, run)                           # 7. DDP
     save_path = weight_path(args.save_dir, args.lora_name, lm_config)
 
     def save_adapter(raw_model):
         save_lora(raw_model, save_path)
 
-    _, loss = train(run, args, model, optimizer, train_ds, lm_loss, tracker, lm_config, start,   # 8. train
-                    params=params, save_fn=save_adapter)
+    # 6-8. resume (the full model incl. adapters), DDP, train: SFT loss, clipping and saving only the adapters
+    _, loss = fit(run, args, model, optimizer, train_ds, lm_loss, tracker, lm_config, ckp, params=params,
+                  save_fn=save_adapter)
     return save_path, loss
 
 

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
-from trainer.trainer_utils import (DATA, build_parser, init_config, init_model, init_run, init_tracker, resolve_data,
-                                   restore, train, wrap_ddp)
+from trainer.trainer_utils import DATA, build_parser, fit, init_stage, resolve_data
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -44,11 +43,7 @@ def main(argv=None):
                           wandb_project="MiniMind-Reasoning")
     parser.add_argument("--tag_weight", type=float, default=10.0, help="loss weight of the think/answer tag tokens")
     args = parser.parse_args(argv)
-    run = init_run(args)                                   # 1. distributed, device, seed  3. autocast, scaler
-    lm_config, ckp = init_config(args)                     # 2. model config + resume data (None if fresh)
-    tracker = init_tracker(args, ckp)                      # 4. swanlab/wandb, or a no-op
-    model, tokenizer = init_model(lm_config, args.from_weight, args.tokenizer_path,   # 5. this stage
-                                  args.from_dir or args.save_dir, run.device)
+    run, lm_config, ckp, tracker, model, tokenizer = init_stage(args)     # 1-5. run, config, tracker, model
     tag_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in TAGS]
     train_ds = SFTDataset(resolve_data(args), tokenizer, max_length=args.max_seq_len, pad_to_max=bool(args.pad_to_max))
 
@@ -63,9 +58,7 @@ def main(argv=None):
         return (ce * weights[keep]).sum() / loss_mask.sum().clamp_min(1) + out.aux_loss
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    start = restore(ckp, model, optimizer, run.scaler)    # 6. resume
-    model = wrap_ddp(model, run)                           # 7. DDP
-    return train(run, args, model, optimizer, train_ds, reason_loss, tracker, lm_config, start)   # 8. train
+    return fit(run, args, model, optimizer, train_ds, reason_loss, tracker, lm_config, ckp)   # 6-8. resume, DDP, train
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -36,7 +35,7 @@ from trainer.checkpoint import (atomic_save, lm_checkpoint, load_weights, save_w
 __all__ = ["ROOT", "DATA", "OUT", "CKPT", "build_parser", "init_run", "init_config", "init_model", "init_tracker",
            "restore", "wrap_ddp", "unwrap", "epoch_loader", "train_epoch", "masked_cross_entropy", "lm_loss", "Logger",
            "is_main_process", "get_lr", "weight_path", "save_weights", "lm_checkpoint", "atomic_save",
-           "load_weights", "resolve_data", "SkipBatchSampler", "train"]
+           "load_weights", "resolve_data", "SkipBatchSampler", "train", "init_stage", "fit"]
 
 
 # ---- logging and small helpers ----
@@ -499,6 +498,28 @@ def _save(run, args, model, optimizer, lm_config, epoch, step, save_fn, tracker)
         raw.train(was_training)
     if dist.is_initialized():
         dist.barrier()
+
+
+def init_stage(args, run_name: str = None, from_dir=None):
+    """Steps 1-5 shared by the supervised stages: (run, lm_config, ckp, tracker, model, tokenizer).
+    1. distributed + seed + device  2. config + resume data  3. autocast/scaler  4. tracker
+    5. the model loaded from `{from_dir or --from_dir or --save_dir}/{--from_weight}_...pth` and the tokenizer."""
+    run = init_run(args)
+    lm_config, ckp = init_config(args)
+    tracker = init_tracker(args, ckp, run_name)
+    model, tokenizer = init_model(lm_config, args.from_weight, args.tokenizer_path,
+                                  from_dir or args.from_dir or args.save_dir, run.device)
+    return run, lm_config, ckp, tracker, model, tokenizer
+
+
+def fit(run: RunContext, args, model, optimizer, dataset, loss_fn, tracker, lm_config, ckp, params=None,
+        save_fn=None, collate_fn=None):
+    """Steps 6-8 shared by the supervised stages: resume, DDP wrap, train.
+    Returns (path of the saved weight, last logged loss)."""
+    start = restore(ckp, model, optimizer, run.scaler)
+    model = wrap_ddp(model, run)
+    return train(run, args, model, optimizer, dataset, loss_fn, tracker, lm_config, start, params, save_fn,
+                 collate_fn)
 
 
 def train(run: RunContext, args, model, optimizer, dataset, loss_fn, tracker, lm_config, start: Start,
