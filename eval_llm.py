@@ -1,12 +1,160 @@
-"""Command-line chat with a MiniMind model (placeholder until the inference stage lands).
+"""Chat with a MiniMind model in the terminal: preset questions, a typed chat, or questions piped on stdin.
 
-    python eval_llm.py
+    python eval_llm.py                                    # out/full_sft_512.pth, asks [0] preset / [1] chat
+    python eval_llm.py --weight reason --historys 2       # a reasoning model, keeping the last turn as context
+    python eval_llm.py --load_from ../MiniMind2           # a transformers folder (scripts/convert_model.py)
+    printf '你好\\n1+1等于几？\\n' | python eval_llm.py --temperature 0   # one answer line per question, greedy
+    python eval_llm.py --save_dir out --weight full_sft --device cpu --prompt '你好'   # one-shot
+
+Native weights are `{save_dir}/{weight}_{hidden}[_moe].pth`; their `.json` config (written by every
+training stage) makes the size flags unnecessary. `--weight pretrain` feeds `<|im_start|>` + the raw
+text, without the chat template. `<think>` reasoning is shown dim on a terminal, and between
+`[think]` and `[/think]` when the output is piped.
+
+When stdin or stdout is not a terminal the output is scriptable: exactly one line per answer (no
+prefixes; a newline inside an answer is written as `\\n` and a backslash as `\\\\`), and the script
+exits 0 at the end of the input. Writes nothing.
 """
+import argparse
+import os
+import random
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scripts.inference_utils import (LoadError, OutputParser, TextStream, add_model_args, build_prompt,  # noqa: E402
+                                     load_model, sampling_kwargs)
+from trainer.trainer_utils import setup_seed  # noqa: E402
+
+PRESET_QUESTIONS = ["你有什么特长？", "为什么天空是蓝色的", "请用Python写一个计算斐波那契数列的函数", '解释一下"光合作用"的基本过程',
+                    "如果明天下雨，我应该如何出门", "比较一下猫和狗作为宠物的优缺点", "解释什么是机器学习", "推荐一些中国的美食"]
+DIM, RESET = "\033[2m", "\033[0m"
 
 
-def main():
-    sys.exit("eval_llm.py: the chat CLI is not implemented yet; run `bash scripts/run_demo.sh` for a model smoke")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Chat with MiniMind", allow_abbrev=False)
+    add_model_args(p)
+    p.add_argument("--max_new_tokens", type=int, default=8192, help="most tokens generated per answer")
+    p.add_argument("--temperature", type=float, default=0.85, help="sampling temperature; 0 = greedy decoding")
+    p.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling probability mass")
+    p.add_argument("--historys", type=int, default=0,
+                   help="previous messages sent with each question (even: 2 = the last question and answer); 0 = none")
+    # added flags
+    p.add_argument("--repetition_penalty", type=float, default=1.1,
+                   help="penalty on repeated tokens (1.0 = off, the original; 1.1 keeps tiny models from looping)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed, reset before every answer (default: random per run; the original used 2026)")
+    p.add_argument("--mode", type=int, default=None, choices=[0, 1],
+                   help="0 = the 8 preset questions, 1 = chat (default: ask on a terminal, else read stdin)")
+    p.add_argument("--prompt", type=str, action="append", default=None,
+                   help="answer this question and exit (repeatable)")
+    return p
+
+
+def questions(args, interactive: bool):
+    """The questions to answer, lazily (a typed chat interleaves with the answers)."""
+    if args.prompt:
+        yield from args.prompt
+        return
+    mode = args.mode
+    if mode is None:
+        mode = (0 if input("[0] 自动测试\n[1] 手动输入\n").strip() == "0" else 1) if interactive else 1
+    if mode == 0:
+        for q in PRESET_QUESTIONS:
+            if interactive:
+                print(f"👶: {q}")
+            yield q
+    elif interactive:
+        while True:
+            try:
+                q = input("👶: ").strip()
+            except (EOFError, KeyboardInterrupt):
+                return
+            if not q:
+                return
+            yield q
+    else:
+        for line in sys.stdin:
+            if line.strip():
+                yield line.strip()
+
+
+class Printer:
+    """Writes one streamed answer; reasoning is dim on a colour terminal, else between [think] markers.
+    Plain mode (piped) keeps the whole answer on one line."""
+
+    def __init__(self, pretty: bool, color: bool):
+        self.pretty, self.kind = pretty, None
+        gap = "\n" if pretty else " "
+        if color:
+            self.open, self.close, self.close_at_end = DIM, RESET + gap, RESET
+        else:
+            self.open, self.close, self.close_at_end = f"[think]{gap}", f"{gap}[/think]{gap}", f"{gap}[/think]"
+
+    def write(self, kind: str, text: str):
+        if not self.pretty:
+            text = text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+        if kind != self.kind:
+            sys.stdout.write(self.open if kind == "reasoning" else self.close if self.kind == "reasoning" else "")
+            self.kind = kind
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def end(self):
+        if self.kind == "reasoning":
+            sys.stdout.write(self.close_at_end)
+        sys.stdout.write("\n\n" if self.pretty else "\n")
+        sys.stdout.flush()
+
+
+def answer(model, tokenizer, conversation: list, args, printer: Printer) -> str:
+    """Stream one answer to `conversation` through `printer`; returns the raw generated text."""
+    prompt = build_prompt(tokenizer, conversation, raw=args.weight == "pretrain")
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+    room = model.config.max_position_embeddings - input_ids.shape[1]
+    if room <= 0:
+        raise ValueError(f"the prompt has {input_ids.shape[1]} tokens, the model's context is "
+                         f"{model.config.max_position_embeddings}; lower --historys")
+    stream = TextStream(model, tokenizer, input_ids, min(args.max_new_tokens, room),
+                        **sampling_kwargs(args.temperature, args.top_p, args.repetition_penalty))
+    parser, pieces = OutputParser(), []
+    for piece in stream:
+        pieces.append(piece)
+        for kind, text in parser.feed(piece):
+            printer.write(kind, text)
+    for kind, text in parser.finish():
+        printer.write(kind, text)
+    printer.end()
+    return "".join(pieces)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        model, tokenizer, _ = load_model(args)
+    except LoadError as err:
+        sys.exit(f"eval_llm.py: {err}")
+    interactive = sys.stdin.isatty()
+    pretty = interactive and sys.stdout.isatty()
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    seed = args.seed if args.seed is not None else random.randrange(2 ** 31)
+    print(f"seed {seed}", file=sys.stderr, flush=True)
+    conversation = []
+    for question in questions(args, interactive):
+        setup_seed(seed)  # every answer starts from the same seed, as in the original
+        conversation = conversation[-args.historys:] if args.historys else []
+        conversation.append({"role": "user", "content": question})
+        if pretty:
+            print("🤖️: ", end="", flush=True)
+        try:
+            reply = answer(model, tokenizer, conversation, args, Printer(pretty, color))
+        except ValueError as err:
+            print(f"eval_llm.py: {err}", file=sys.stderr)
+            if not pretty:
+                print(flush=True)  # keep one output line per question
+            conversation.pop()
+            continue
+        conversation.append({"role": "assistant", "content": reply})
 
 
 if __name__ == "__main__":

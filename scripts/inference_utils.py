@@ -1,0 +1,450 @@
+"""Inference plumbing shared by eval_llm.py, scripts/serve_openai_api.py and scripts/web_demo.py:
+the model-loading flags and the one loader behind them, the prompt, streamed generation in a
+thread, and the parser that splits `<think>` / `<tool_call>` output.
+
+Which loader runs depends on what `--load_from` is, never on its name:
+  * a folder with config.json      -> a transformers folder (AutoModelForCausalLM + AutoTokenizer, local files only)
+  * a .pth file                    -> that native weight file (config from the .json next to it)
+  * any other folder (default `model`) -> native weights `{save_dir}/{weight}_{hidden}[_moe].pth` with the config
+                                       from the `.json` written next to them, and the tokenizer from --tokenizer_path
+                                       (default: --load_from when it holds tokenizer files, else ROOT/model)
+Relative paths are tried against the cwd first, then against the repo root, so the original's
+commands (`--save_dir out` from the repo root, `../out` from scripts/) work from anywhere.
+"""
+import argparse
+import json
+import re
+import sys
+import threading
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trainer.checkpoint import PRODUCED_BY, load_weights, weight_path  # noqa: E402
+from trainer.trainer_utils import ROOT  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+SIZE_FLAGS = ("hidden_size", "num_hidden_layers", "use_moe")
+
+
+class LoadError(Exception):
+    """A model that cannot be loaded; the message is one line meant for the user."""
+
+
+# ---- flags ----
+class _Typed(argparse.Action):
+    """Store the value and remember that the user typed the flag (a size flag that was not typed
+    may be replaced by the size of the one weight file that exists)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.typed = getattr(namespace, "typed", set()) | {self.dest}
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The original's model-loading flags with its defaults (shared by the CLI, the server and the web demo)."""
+    p = parser
+    p.add_argument("--load_from", type=str, default="model",
+                   help="a transformers model folder (one with config.json), a native .pth weight file, or the "
+                        "folder holding the tokenizer of native weights (default: model)")
+    p.add_argument("--save_dir", type=str, default="out", help="folder of the native weight files")
+    p.add_argument("--weight", type=str, default="full_sft",
+                   help="weight prefix: pretrain, full_sft, dpo, reason, ppo_actor, grpo, spo, full_dist")
+    p.add_argument("--lora_weight", type=str, default="None",
+                   help="LoRA name (file {save_dir}/lora/{name}_{hidden}.pth) or a .pth path; None = no LoRA")
+    p.add_argument("--hidden_size", type=int, default=512, action=_Typed,
+                   help="used when the weight has no .json config; if this default file is missing and exactly one "
+                        "{weight}_*.pth exists, that one is used")
+    p.add_argument("--num_hidden_layers", type=int, default=8, action=_Typed,
+                   help="used when the weight has no .json config")
+    p.add_argument("--use_moe", type=int, default=0, choices=[0, 1], action=_Typed,
+                   help="1 = the MoE weight file ({weight}_{hidden}_moe.pth)")
+    p.add_argument("--inference_rope_scaling", action="store_true",
+                   help="YaRN RoPE scaling (16x longer positions, from 2048 original positions)")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda (default when available), cpu, cuda:1, ...")
+    p.add_argument("--tokenizer_path", type=str, default=None,
+                   help="tokenizer folder for native weights (default: --load_from if it holds tokenizer files, "
+                        "else the repo's model/)")
+    p.set_defaults(typed=set())
+    return p
+
+
+def resolve_path(path) -> Path:
+    """A path the user typed: absolute, or relative to the cwd when it exists there, else relative to the repo root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.absolute()
+    return ROOT / p
+
+
+def is_transformers_folder(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+# ---- loading ----
+def load_model(args):
+    """(model, tokenizer, description) from the flags of add_model_args; raises LoadError with a one-line message."""
+    source = resolve_path(args.load_from)
+    if is_transformers_folder(source):
+        model, tokenizer = load_transformers(source, args.tokenizer_path, args.inference_rope_scaling)
+        description = f"transformers folder {source}"
+    else:
+        if not source.exists():
+            raise LoadError(f"--load_from {args.load_from}: no such file or folder (expected a transformers folder "
+                            "with config.json, or the tokenizer folder of native weights)")
+        tokenizer_dir = args.tokenizer_path or (source if source.is_dir() and any(
+            (source / f).exists() for f in TOKENIZER_FILES) else ROOT / "model")
+        if source.is_file():
+            path = source
+            args.weight = re.sub(r"_\d+(_moe)?$", "", path.stem)  # e.g. pretrain: no chat template
+        else:
+            path = find_native_weight(resolve_path(args.save_dir), args.weight, args.hidden_size, args.use_moe,
+                                      typed=bool(set(SIZE_FLAGS) & args.typed))
+        model = load_native(path, args.num_hidden_layers, args.inference_rope_scaling)
+        tokenizer = load_tokenizer(tokenizer_dir)
+        description = f"native weights {path}"
+    if args.lora_weight not in (None, "", "None", "none"):
+        description += f" + LoRA {add_lora(model, args.lora_weight, resolve_path(args.save_dir))}"
+    total = sum(p.numel() for p in model.parameters())
+    print(f"MiniMind模型参数: {total / 1e6:.2f} M(illion) ({description})", file=sys.stderr, flush=True)
+    return model.float().eval().to(args.device), tokenizer, description
+
+
+def load_tokenizer(folder):
+    from transformers import AutoTokenizer
+    folder = resolve_path(folder)
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise LoadError(f"no tokenizer in {folder} (tokenizer.json / tokenizer_config.json); pass --tokenizer_path")
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def find_native_weight(save_dir: Path, weight: str, hidden_size: int, use_moe: int, typed: bool = False) -> Path:
+    """`{save_dir}/{weight}_{hidden}[_moe].pth`; when that file is missing and no size flag was typed,
+    the single `{weight}_<hidden>[_moe].pth` in save_dir (an error if there are several)."""
+    path = weight_path(save_dir, weight, argparse.Namespace(hidden_size=hidden_size, use_moe=use_moe))
+    if not path.exists() and not typed and save_dir.is_dir():
+        found = sorted(p for p in save_dir.glob(f"{glob_escape(weight)}_*.pth")
+                       if re.fullmatch(rf"{re.escape(weight)}_\d+(_moe)?", p.stem))
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise LoadError(f"{path} not found, and {save_dir} has several {weight} weights "
+                            f"({', '.join(p.name for p in found)}): choose one with --hidden_size / --use_moe")
+    if not path.exists():
+        stage = PRODUCED_BY.get(weight)
+        hint = f"it is written by {stage}; run that stage first, or" if stage else "check --weight, or"
+        raise LoadError(f"weight file {path} not found: {hint} set --save_dir/--hidden_size/--use_moe, "
+                        "or --load_from a transformers folder")
+    return path
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def native_config(path: Path, num_hidden_layers: int = 8, rope_scaling: bool = False):
+    """The MiniMindConfig of a native weight: the `.json` saved next to it, else sizes from the file
+    name (`_{hidden}[_moe]`) and num_hidden_layers."""
+    from model.model_minimind import MiniMindConfig
+    config_file = path.with_suffix(".json")
+    if config_file.exists():
+        values = json.loads(config_file.read_text(encoding="utf-8"))
+    else:
+        match = re.search(r"_(\d+)(_moe)?$", path.stem)
+        if not match:
+            raise LoadError(f"{path}: no {config_file.name} next to it and no _<hidden_size> in its name")
+        values = dict(hidden_size=int(match.group(1)), use_moe=bool(match.group(2)),
+                      num_hidden_layers=num_hidden_layers)
+    if rope_scaling:
+        values.update(inference_rope_scaling=True, rope_scaling=None)  # None: rebuilt from the flag
+    return MiniMindConfig.from_dict(values)
+
+
+def load_native(path: Path, num_hidden_layers: int = 8, rope_scaling: bool = False):
+    from model.model_minimind import MiniMindForCausalLM
+    model = MiniMindForCausalLM(native_config(path, num_hidden_layers, rope_scaling))
+    try:
+        load_weights(model, path)
+    except (FileNotFoundError, ValueError) as err:
+        raise LoadError(str(err)) from None
+    return model
+
+
+def load_transformers(folder: Path, tokenizer_path=None, rope_scaling: bool = False):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from model.model_minimind import YARN_ROPE_SCALING  # importing registers model_type "minimind" with Auto*
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
+    if rope_scaling and config.model_type == "minimind":
+        config.inference_rope_scaling, config.rope_scaling = True, dict(YARN_ROPE_SCALING)
+    elif rope_scaling:
+        print(f"--inference_rope_scaling ignored for model_type {config.model_type}", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, trust_remote_code=True,
+                                                 local_files_only=True)
+    has_tokenizer = any((folder / f).exists() for f in TOKENIZER_FILES)
+    tokenizer = load_tokenizer(tokenizer_path or (folder if has_tokenizer else ROOT / "model"))
+    return model, tokenizer
+
+
+def add_lora(model, lora_weight: str, save_dir: Path) -> Path:
+    """Attach and load a LoRA (a name under {save_dir}/lora/ or a .pth path), then merge it into the
+    weights, so generation runs at the base model's speed."""
+    from model.model_lora import apply_lora, load_lora, merge_lora
+    path = resolve_path(lora_weight)
+    if not path.is_file():
+        path = weight_path(save_dir / "lora", lora_weight, model.config)
+        legacy = save_dir / "lora" / f"{lora_weight}_{model.config.hidden_size}.pth"  # the original never adds _moe
+        path = legacy if not path.exists() and legacy.exists() else path
+    if not path.is_file():
+        raise LoadError(f"LoRA file {path} not found: it is written by trainer/train_lora.py "
+                        f"--lora_name {lora_weight}; or pass a .pth path to --lora_weight")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora.A.weight")}
+    if len(ranks) != 1:
+        raise LoadError(f"{path}: not a LoRA file (no lora.A.weight tensors of one rank)")
+    apply_lora(model, rank=ranks.pop())
+    try:
+        load_lora(model, path)
+    except ValueError as err:
+        raise LoadError(str(err)) from None
+    merge_lora(model)
+    return path
+
+
+# ---- prompt and generation ----
+def build_prompt(tokenizer, messages: list, raw: bool = False, tools=None) -> str:
+    """The chat template with the generation prompt; raw=True (pretrain weights) gives bos + the
+    last user text without a template, as the original."""
+    if raw:
+        return tokenizer.bos_token + messages[-1]["content"]
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
+
+
+def sampling_kwargs(temperature: float, top_p: float, repetition_penalty: float = 1.0) -> dict:
+    """generate() arguments; temperature 0 means greedy decoding."""
+    if temperature <= 0:
+        return dict(do_sample=False, repetition_penalty=repetition_penalty)
+    return dict(do_sample=True, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
+
+
+class _Cancel:
+    """A stopping criterion that ends generation once `event` is set (client gone, stop string seen)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _piece_streamer(tokenizer):
+    """A TextIteratorStreamer that hands over text after every token (the stock one waits for a space
+    or a CJK character), holding back only an incomplete UTF-8 character. Decoding restarts after
+    each hand-over, which is exact for byte-level BPE and keeps long answers O(1) per token."""
+    from transformers import TextIteratorStreamer
+
+    class PieceStreamer(TextIteratorStreamer):
+        def put(self, value):
+            if value.dim() > 1:
+                value = value[0]
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                self.next_tokens_are_prompt = False
+                return
+            self.token_cache.extend(value.tolist())
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            if not text.endswith("\ufffd"):
+                self.token_cache, self.print_len = [], 0
+                self.on_finalized_text(text)
+
+    return PieceStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+class TextStream:
+    """Run model.generate in a background thread and iterate over the decoded text pieces as they come.
+
+    - generation holds `lock` (when given) for its whole run, so concurrent streams never share the model;
+    - an exception inside generate ends the iteration and is re-raised in the consumer (never a hang);
+    - close() stops generation at the next token; after the iteration, `output_ids` holds the new tokens.
+    """
+
+    def __init__(self, model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, lock=None, seed=None,
+                 **generate_kwargs):
+        from transformers import StoppingCriteriaList
+        self.streamer = _piece_streamer(tokenizer)
+        self.prompt_len = input_ids.shape[1]
+        self.output_ids = input_ids.new_zeros(0)
+        self.error = None
+        self._cancel = threading.Event()
+        kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                      streamer=self.streamer, stopping_criteria=StoppingCriteriaList([_Cancel(self._cancel)]),
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **generate_kwargs)
+        self._thread = threading.Thread(target=self._run, args=(model, kwargs, lock, seed), daemon=True)
+        self._thread.start()
+
+    def _run(self, model, kwargs, lock, seed):
+        try:
+            with lock if lock is not None else nullcontext():
+                if self._cancel.is_set():
+                    raise _Cancelled()
+                if seed is not None:
+                    torch.manual_seed(seed)
+                with torch.no_grad():
+                    out = model.generate(**kwargs)
+                self.output_ids = out[0, self.prompt_len:].cpu()
+        except _Cancelled:
+            self.streamer.end()
+        except BaseException as err:  # handed to the consumer thread, which re-raises it
+            self.error = err
+            self.streamer.end()
+
+    def __iter__(self):
+        for piece in self.streamer:
+            if piece:
+                yield piece
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        self._cancel.set()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+# ---- output parsing ----
+THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
+TOOL_CALL, END_TOOL_CALL = "<tool_call>", "</tool_call>"
+
+
+def _tag_prefix_len(text: str, tags) -> int:
+    """Length of the longest end of `text` that is the start of one of `tags` (a tag still being generated)."""
+    best = 0
+    for tag in tags:
+        for k in range(min(len(tag) - 1, len(text)), best, -1):
+            if text.endswith(tag[:k]):
+                best = k
+                break
+    return best
+
+
+class OutputParser:
+    """Split streamed model text into events: ("reasoning", str), ("content", str), ("tool_call", dict).
+
+    R1-style output `<think>\\nR\\n</think>\\n<answer>\\nA\\n</answer>` gives reasoning R and content A.
+    With tools=True, each `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` block becomes a
+    tool_call event {"name", "arguments"} (a block that is not such JSON stays content). Text that may
+    be the start of a tag, and trailing whitespace, wait for the next piece, so any split of the same
+    text gives the same events once consecutive events of one kind are joined.
+    """
+
+    def __init__(self, tools: bool = False):
+        self.tools = tools
+        self.state = "start"  # start -> think -> after_think -> content <-> tool
+        self.buf = ""
+        self.in_answer = False
+        self.strip_lead = True
+
+    def feed(self, text: str) -> list:
+        self.buf += text
+        out = []
+        while self._step(out, final=False):
+            pass
+        return out
+
+    def finish(self) -> list:
+        out = []
+        while self._step(out, final=True):
+            pass
+        return out
+
+    def _emit(self, out, kind, text):
+        if not text:
+            return
+        if out and out[-1][0] == kind and kind != "tool_call":
+            out[-1] = (kind, out[-1][1] + text)
+        else:
+            out.append((kind, text))
+
+    def _step(self, out, final: bool) -> bool:
+        """Consume what can be decided from self.buf; True when the state changed (call again)."""
+        if self.state in ("start", "after_think"):
+            opener = THINK if self.state == "start" else ANSWER
+            head = self.buf.lstrip()
+            if head.startswith(opener):
+                self.buf = head[len(opener):]
+                self.state, self.in_answer = ("think", False) if opener == THINK else ("content", True)
+                self.strip_lead = True
+                return True
+            if opener.startswith(head) and not final:
+                return False  # maybe the opener, not complete yet
+            self.state, self.strip_lead = "content", True
+            return True
+        if self.strip_lead:
+            self.buf = self.buf.lstrip()
+            if not self.buf:
+                return False
+            self.strip_lead = False
+        kind = "reasoning" if self.state == "think" else "content"
+        if self.state == "tool":
+            end = self.buf.find(END_TOOL_CALL)
+            if end < 0:
+                if final:  # unterminated block: show it as it is
+                    self._emit(out, "content", self.buf.rstrip())
+                    self.buf, self.state = "", "content"
+                return False
+            call = _parse_tool_call(self.buf[len(TOOL_CALL):end])
+            if call is None:
+                self._emit(out, "content", self.buf[:end + len(END_TOOL_CALL)])
+            else:
+                self._emit(out, "tool_call", call)
+            self.buf, self.state, self.strip_lead = self.buf[end + len(END_TOOL_CALL):], "content", call is not None
+            return True
+        if self.state == "think":
+            tags = [END_THINK]
+        else:
+            tags = ([END_ANSWER] if self.in_answer else []) + ([TOOL_CALL] if self.tools else [])
+        hits = [(self.buf.find(t), t) for t in tags if t in self.buf]
+        if hits:
+            at, tag = min(hits)
+            self._emit(out, kind, self.buf[:at].rstrip())
+            if tag == TOOL_CALL:
+                self.buf, self.state = self.buf[at:], "tool"
+            else:
+                self.buf, self.strip_lead = self.buf[at + len(tag):], True
+                if tag == END_THINK:
+                    self.state = "after_think"
+                else:
+                    self.in_answer = False
+            return True
+        if final:
+            self._emit(out, kind, self.buf.rstrip())
+            self.buf = ""
+            return False
+        keep = _tag_prefix_len(self.buf, tags)
+        ready = self.buf[:len(self.buf) - keep].rstrip()
+        self._emit(out, kind, ready)
+        self.buf = self.buf[len(ready):]
+        return False
+
+
+def _parse_tool_call(text: str):
+    try:
+        call = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None
+    return {"name": call["name"], "arguments": call.get("arguments", {})}
+
+
+def parse_output(text: str, tools: bool = False) -> dict:
+    """Whole-text form of OutputParser: {"reasoning": str, "content": str, "tool_calls": [dict]}."""
+    parser = OutputParser(tools)
+    events = parser.feed(text) + parser.finish()
+    return {"reasoning": "".join(t for k, t in events if k == "reasoning"),
+            "content": "".join(t for k, t in events if k == "content"),
+            "tool_calls": [t for k, t in events if k == "tool_call"]}

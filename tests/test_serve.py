@@ -1,0 +1,373 @@
+"""The OpenAI-compatible server, run for real (uvicorn on 127.0.0.1, a free port) and driven with the
+`openai` client and raw HTTP, plus chat_openai_api.py against it with piped stdin."""
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from scripts.inference_utils import build_prompt, load_tokenizer, parse_output  # noqa: E402
+from scripts.serve_openai_api import create_app  # noqa: E402
+from tests.conftest import ROOT, tiny_config, tokenizer_dir  # noqa: E402
+from tests.test_inference import talkative_seed  # noqa: E402
+
+PROMPTS = ["你好", "1+1等于几？", "为什么天空是蓝色的", "推荐一些中国的美食", "hello", "解释什么是机器学习", "猫和狗", "写一首诗"]
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "current weather",
+                                                 "parameters": {"type": "object",
+                                                                "properties": {"city": {"type": "string"}}}}}
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for MiniMind in generate(): 'generates' the tokens of `self.text` (then eos), or raises
+    after `self.fail_after` tokens, honouring max_new_tokens, the streamer and stopping criteria."""
+
+    def __init__(self, tokenizer, text=""):
+        super().__init__()
+        self.tokenizer, self.text, self.fail_after, self.prompts = tokenizer, text, None, []
+        self.delay, self.generated = 0.0, 0  # seconds per token; tokens produced by the last call
+        self.config = SimpleNamespace(max_position_embeddings=32768)
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def generate(self, input_ids, max_new_tokens, streamer=None, stopping_criteria=(), **kwargs):
+        self.prompts.append(self.tokenizer.decode(input_ids[0]))
+        ids = self.tokenizer(self.text).input_ids + [self.tokenizer.eos_token_id]
+        out, self.generated = input_ids, 0
+        streamer.put(input_ids)
+        for i, token in enumerate(ids[:max_new_tokens]):
+            if self.fail_after is not None and i == self.fail_after:
+                raise RuntimeError("scripted failure")
+            time.sleep(self.delay)
+            self.generated += 1
+            out = torch.cat([out, torch.tensor([[token]])], dim=1)
+            streamer.put(torch.tensor([token]))
+            if token == self.tokenizer.eos_token_id or any(bool(c(out, None).all()) for c in stopping_criteria):
+                break
+        streamer.end()
+        return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(app):
+    """Run `app` with uvicorn in a thread on a free local port; yields the /v1 base URL."""
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(tokenizer_dir())
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    from model.model_minimind import MiniMindForCausalLM
+    torch.manual_seed(talkative_seed())
+    return MiniMindForCausalLM(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tokenizer):
+    with serving(create_app(tiny, tokenizer)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def scripted(tokenizer):
+    model = ScriptedModel(tokenizer)
+    with serving(create_app(model, tokenizer, max_seq_len=1024)) as url:
+        yield model, url
+
+
+def client(url, key="none"):
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
+
+
+def greedy(model, tokenizer, messages, max_new_tokens):
+    """(content, prompt tokens, completion tokens without eos) of a greedy answer, computed directly."""
+    ids = tokenizer(build_prompt(tokenizer, messages), return_tensors="pt").input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=0, eos_token_id=2)[0, ids.shape[1]:]
+    text = parse_output(tokenizer.decode(out, skip_special_tokens=True))["content"]
+    return text, ids.shape[1], len(out) - int(out[-1].item() == 2)
+
+
+def ask(url, prompt, **kw):
+    """Stream one greedy request; returns (content, chunks)."""
+    chunks = list(client(url).chat.completions.create(
+        model="minimind", messages=[{"role": "user", "content": prompt}], stream=True, temperature=0, **kw))
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
+
+
+def test_models_lists_minimind(server):
+    assert [m.id for m in client(server).models.list().data] == ["minimind"]
+
+
+def test_non_stream_answer_and_usage(server, tiny, tokenizer):
+    messages = [{"role": "user", "content": "你好"}]
+    r = client(server).chat.completions.create(model="minimind", messages=messages, temperature=0, max_tokens=12)
+    text, prompt_len, new = greedy(tiny, tokenizer, messages, 12)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "minimind"
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == text
+    assert r.choices[0].finish_reason == ("length" if new == 12 else "stop")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (prompt_len, new, prompt_len + new)
+
+
+def test_stream_chunks_and_done(server, tiny, tokenizer):
+    text, chunks = ask(server, "你好", max_tokens=12, stream_options={"include_usage": True})
+    assert text == greedy(tiny, tokenizer, [{"role": "user", "content": "你好"}], 12)[0]
+    assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" and c.model == "minimind"
+                                                     and c.created for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 12
+    with httpx.stream("POST", f"{server}/chat/completions", timeout=60, json={
+            "model": "minimind", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 3}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert all({"id", "object", "created", "model", "choices"} <= set(json.loads(e[6:])) for e in events[:-1])
+
+
+def test_concurrent_streams_never_mix(server):
+    single = {p: ask(server, p, max_tokens=10)[0] for p in PROMPTS}
+    results, errors = {}, []
+
+    def worker(p):
+        try:
+            results[p] = ask(server, p, max_tokens=10)[0]
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and results == single
+    assert len(set(single.values())) > 1  # the prompts really give different answers
+
+
+def test_seed_makes_sampling_reproducible(server):
+    def sample():
+        return client(server).chat.completions.create(
+            model="minimind", messages=[{"role": "user", "content": "你好"}], temperature=1.5, top_p=1.0,
+            max_tokens=10, seed=123).choices[0].message.content
+    assert sample() == sample()
+
+
+def test_tools_request_is_accepted_end_to_end(server):
+    r = client(server).chat.completions.create(model="minimind", messages=[{"role": "user", "content": "北京天气"}],
+                                               tools=[WEATHER_TOOL], temperature=0, max_tokens=4)
+    assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
+
+
+def test_tool_calls_are_parsed(scripted):
+    model, url = scripted
+    model.text, model.fail_after = 'ok\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>', None
+    messages = [{"role": "user", "content": "北京天气"}]
+    r = client(url).chat.completions.create(model="minimind", messages=messages, tools=[WEATHER_TOOL])
+    assert "# Tools" in model.prompts[-1] and '"name": "get_weather"' in model.prompts[-1]  # template got the tools
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "ok"
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "北京"}
+    chunks = list(client(url).chat.completions.create(model="minimind", messages=messages, tools=[WEATHER_TOOL],
+                                                      stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    streamed = [t for d in deltas for t in d.tool_calls or []]
+    assert [(t.index, t.function.name, json.loads(t.function.arguments)) for t in streamed] == [
+        (0, "get_weather", {"city": "北京"})]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the call and its result go back through the template as the next turn
+    follow = messages + [choice.message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call.id, "content": "晴"}]
+    model.text = "北京今天晴。"
+    r2 = client(url).chat.completions.create(model="minimind", messages=follow, tools=[WEATHER_TOOL])
+    assert r2.choices[0].message.content == "北京今天晴。" and "<tool_response>\n晴\n</tool_response>" in model.prompts[-1]
+    model.text = 'x <tool_call>\n{"name": "f"}\n</tool_call>'  # without tools in the request: plain text
+    r3 = client(url).chat.completions.create(model="minimind", messages=messages)
+    assert r3.choices[0].message.tool_calls is None and "<tool_call>" in r3.choices[0].message.content
+
+
+def test_reasoning_content(scripted):
+    model, url = scripted
+    model.text, model.fail_after = "<think>\n先想想。\n</think>\n<answer>\n是蓝色。\n</answer>", None
+    messages = [{"role": "user", "content": "天空"}]
+    message = client(url).chat.completions.create(model="minimind", messages=messages).choices[0].message
+    assert message.content == "是蓝色。" and message.model_extra["reasoning_content"] == "先想想。"
+    deltas = [c.choices[0].delta for c in client(url).chat.completions.create(
+        model="minimind", messages=messages, stream=True) if c.choices]
+    reasoning = [d.model_extra.get("reasoning_content") for d in deltas if d.model_extra.get("reasoning_content")]
+    content = [d.content for d in deltas if d.content]
+    assert "".join(reasoning) == "先想想。" and "".join(content) == "是蓝色。"
+    first_content = next(i for i, d in enumerate(deltas) if d.content)
+    assert all(not d.model_extra.get("reasoning_content") for d in deltas[first_content:])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings(scripted, stream):
+    model, url = scripted
+    model.text, model.fail_after = "Hello world. STOP and more", None
+    for stop in ("STOP", ["xyz", "STOP"]):
+        kw = dict(model="minimind", messages=[{"role": "user", "content": "hi"}], stop=stop)
+        if stream:
+            chunks = list(client(url).chat.completions.create(stream=True, **kw))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert chunks[-1].choices[0].finish_reason == "stop"
+        else:
+            text = client(url).chat.completions.create(**kw).choices[0].message.content
+        assert text == "Hello world."
+
+
+def test_generation_error_ends_the_stream_and_frees_the_model(scripted):
+    model, url = scripted
+    model.text, model.fail_after = "one two three four", 2
+    with pytest.raises(openai.APIError, match="scripted failure"):
+        list(client(url).chat.completions.create(model="minimind", messages=[{"role": "user", "content": "x"}],
+                                                 stream=True))
+    with httpx.stream("POST", f"{url}/chat/completions", timeout=30,
+                      json={"messages": [{"role": "user", "content": "x"}], "stream": True}) as r:
+        events = [line for line in r.iter_lines() if line]
+    assert json.loads(events[-2][6:])["error"]["type"] == "server_error" and events[-1] == "data: [DONE]"
+    r = httpx.post(f"{url}/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}, timeout=30)
+    assert r.status_code == 500 and "scripted failure" in r.json()["error"]["message"]
+    model.fail_after = None
+    assert client(url).chat.completions.create(
+        model="minimind", messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "one two three four"
+
+
+def test_a_client_that_goes_away_stops_its_generation(scripted):
+    model, url = scripted
+    model.text, model.fail_after, model.delay = "词 " * 400, None, 0.02  # 8+ s if nobody stops it
+    try:
+        with httpx.stream("POST", f"{url}/chat/completions", timeout=30,
+                          json={"messages": [{"role": "user", "content": "x"}], "stream": True}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i == 6:
+                    break
+        start = time.time()
+        r = httpx.post(f"{url}/chat/completions", timeout=30, json={"messages": [{"role": "user", "content": "y"}],
+                                                                    "max_tokens": 3})
+        assert r.status_code == 200 and time.time() - start < 4  # the lock was freed, not held for 400 tokens
+    finally:
+        model.delay = 0.0
+
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    ({"model": "minimind"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": ["hi"]}, "messages[0]"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content"),
+    ({"messages": USER, "temperature": 2.5}, "temperature"),
+    ({"messages": USER, "temperature": -1}, "temperature"),
+    ({"messages": USER, "temperature": "hot"}, "temperature"),
+    ({"messages": USER, "top_p": 0}, "top_p"),
+    ({"messages": USER, "top_p": 1.5}, "top_p"),
+    ({"messages": USER, "max_tokens": 0}, "max_tokens"),
+    ({"messages": USER, "max_tokens": 1.5}, "max_tokens"),
+    ({"messages": USER, "max_tokens": 10 ** 6}, "max_tokens"),
+    ({"messages": USER, "stop": 3}, "stop"),
+    ({"messages": USER, "stream": "yes"}, "stream"),
+    ({"messages": USER, "tools": "get_weather"}, "tools"),
+    ({"messages": USER, "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "很长的问题" * 300}]}, "messages"),  # > 1024-token context
+])
+def test_bad_requests_are_openai_shaped_400s(scripted, body, param):
+    url = scripted[1]
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{url}/chat/completions", timeout=30, headers={"content-type": "application/json"}, **kw)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_null_optional_fields_and_text_parts_are_accepted(scripted):
+    model, url = scripted
+    model.text, model.fail_after = "好的", None
+    nulls = dict.fromkeys(["n", "stream", "temperature", "top_p", "max_tokens", "stop", "tools", "seed", "model"])
+    messages = [{"role": "developer", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "Q"}]}]
+    r = httpx.post(f"{url}/chat/completions", json={"messages": messages, **nulls}, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "好的"
+    assert model.prompts[-1].startswith("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>")
+
+
+def test_long_prompt_code_and_unknown_route(scripted):
+    url = scripted[1]
+    r = httpx.post(f"{url}/chat/completions", json={"messages": [{"role": "user", "content": "长" * 1200}]})
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.get(f"{url}/nothing/here")
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_api_key_is_enforced(tokenizer):
+    model = ScriptedModel(tokenizer, "ok")
+    with serving(create_app(model, tokenizer, api_key="sk-test")) as url:
+        for key in ("none", "sk-wrong"):
+            with pytest.raises(openai.AuthenticationError):
+                client(url, key).models.list()
+        r = httpx.post(f"{url}/chat/completions", json={"messages": USER})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert client(url, "sk-test").chat.completions.create(model="m", messages=USER).choices[0].message.content == "ok"
+
+
+def test_chat_client_with_piped_stdin_keeps_whole_turns(server, tiny, tokenizer):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "chat_openai_api.py"), "--base_url", server,
+                           "--temperature", "0", "--max_tokens", "6"],
+                          input="你好\n\n1+1等于几？\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    first = greedy(tiny, tokenizer, [{"role": "user", "content": "你好"}], 6)[0]
+    second = greedy(tiny, tokenizer, [{"role": "user", "content": "你好"}, {"role": "assistant", "content": first},
+                                      {"role": "user", "content": "1+1等于几？"}], 6)[0]
+    alone = greedy(tiny, tokenizer, [{"role": "user", "content": "1+1等于几？"}], 6)[0]
+    assert proc.stdout.splitlines() == [first, second] and first and second != alone
+
+
+def test_chat_client_reports_an_unreachable_server(monkeypatch):
+    from scripts import chat_openai_api
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    with pytest.raises(SystemExit, match=r"^chat_openai_api\.py: http://127\.0\.0\.1:\d+/v1: Connection error"):
+        chat_openai_api.main(["--base_url", f"http://127.0.0.1:{free_port()}/v1"])
