@@ -1,9 +1,33 @@
-"""Helpers shared by the preference and RL stages (DPO, PPO, GRPO, SPO): per-token log-probs,
-sequence log-probs, rewards and rollouts live here once."""
+"""Helpers shared by the preference and RL stages (DPO, PPO, GRPO, SPO), written once: per-token
+log-probs, rollouts, rewards, the RL flags and the RL training loop.
+
+    roll = rollout(policy, tokenizer, prompts, args, num_return_sequences=G)    # left-padded, KV cache
+    logp, aux = completion_logps(policy, roll)       # (N, R) log-probs of the sampled tokens, masks honoured
+    rewards, stats = reward_fn(messages, roll.texts, references)                # (N,) floats
+
+Layout of a rollout: `sequences` is (N, P + R): P prompt columns, left-padded so that every
+completion starts at column P, then R sampled columns. `completion_mask` (N, R) is 1 up to and
+including the first EOS; after it generate() writes pad tokens. Every forward pass over a rollout
+passes `attention_mask` (the original omitted it in GRPO/SPO, so left pads were attended).
+"""
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from trainer.trainer_utils import (ROOT, Progress, _rng_state, epoch_loader, init_config, init_model, init_run,
+                                   init_tracker, is_main_process,
+                                   lm_checkpoint, save_weights, unwrap, weight_path)
+
+ASSISTANT_START = "<|im_start|>assistant\n"   # what a chat-templated prompt with add_generation_prompt ends with
 
 
+# ---- log-probs ----
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target_t | prefix) for every position: (B, T, V), (B, T) -> (B, T) in fp32.
 
@@ -19,3 +43,370 @@ def sequence_logps(logp: torch.Tensor, mask: torch.Tensor, reduction: str = "mea
     if reduction == "sum":
         return total
     return total / mask.sum(-1).clamp_min(1e-8)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each sequence's masked tokens, then over sequences (the original's GRPO/SPO reduction)."""
+    return ((x * mask).sum(-1) / mask.sum(-1).clamp_min(1)).mean()
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate k3 = exp(ref - pi) - (ref - pi) - 1 >= 0 (Schulman, "Approximating
+    KL divergence", 2020): unbiased for samples from pi and never negative."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+# ---- rollouts ----
+def encode_prompts(tokenizer, prompts, max_len: int, device="cpu"):
+    """Tokenise chat-templated prompts, left-padded; keep the LAST `max_len` tokens of each, so the
+    generation prompt is never cut (the original PPO right-truncated it away). -> (ids, mask), (B, P)."""
+    for p in prompts:
+        if not p.endswith(ASSISTANT_START):
+            raise ValueError(f"RL prompts must be chat-templated and end with the assistant start {ASSISTANT_START!r} "
+                             f"(apply_chat_template(..., add_generation_prompt=True)); this one ends with {p[-40:]!r}")
+    header = len(tokenizer(ASSISTANT_START, add_special_tokens=False).input_ids)
+    if max_len < header:
+        raise ValueError(f"--max_seq_len {max_len} is shorter than the assistant header ({header} tokens)")
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False,
+                    return_token_type_ids=False)
+    return enc.input_ids[:, -max_len:].to(device), enc.attention_mask[:, -max_len:].to(device)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(N, R) long mask: 1 up to and including the first EOS; every position when there is none."""
+    is_eos = completion_ids == eos_id
+    r = completion_ids.shape[1]
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], r, dtype=torch.long))
+    return (torch.arange(r, device=completion_ids.device)[None, :] <= first[:, None]).long()
+
+
+@dataclass
+class Rollout:
+    sequences: torch.Tensor        # (N, P+R) left-padded prompt + sampled completion
+    attention_mask: torch.Tensor   # (N, P+R) prompt mask, then completion_mask
+    completion_mask: torch.Tensor  # (N, R) 1 up to and including the first EOS
+    prompt_len: int                # P
+    texts: list                    # decoded completions, special tokens skipped (as the original)
+    clipped: torch.Tensor          # (N,) True where --max_gen_len was reached without an EOS
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_len:]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(1)
+
+    @property
+    def last_index(self) -> torch.Tensor:
+        """(N,) index of each completion's last token (its EOS, or R-1 when it was cut off)."""
+        return self.lengths - 1
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts, args, num_return_sequences: int = 1, autocast_ctx=None) -> Rollout:
+    """Sample completions for a batch of prompts with generate() (left padding, KV cache, temperature
+    sampling; eval mode, so MoE computes no aux loss). Copies of a prompt are contiguous: row i*G + j."""
+    raw = unwrap(model)
+    ids, mask = encode_prompts(tokenizer, prompts, args.max_seq_len, next(raw.parameters()).device)
+    was_training = raw.training
+    raw.eval()
+    with autocast_ctx or nullcontext():
+        out = raw.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
+                           max_new_tokens=args.max_gen_len, num_return_sequences=num_return_sequences,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    raw.train(was_training)
+    p = ids.shape[1]
+    cmask = completion_mask(out[:, p:], tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode([row[:n] for row, n in zip(out[:, p:], cmask.sum(1).tolist())],
+                                   skip_special_tokens=True)
+    clipped = ~(out[:, p:] == tokenizer.eos_token_id).any(1)
+    return Rollout(out, torch.cat([mask.repeat_interleave(num_return_sequences, 0), cmask], 1), cmask, p, texts,
+                   clipped)
+
+
+def completion_logps(model, roll: Rollout):
+    """Per-token log-probs of the sampled completion under `model`, with the rollout's attention mask;
+    only the R+1 last positions go through the LM head. -> ((N, R) fp32, MoE aux loss)."""
+    r = roll.completion_mask.shape[1]
+    out = model(roll.sequences, attention_mask=roll.attention_mask, logits_to_keep=r + 1)
+    return token_logps(out.logits[:, :-1], roll.completion_ids), out.aux_loss
+
+
+# ---- prompts ----
+class PromptDataset(Dataset):
+    """RLAIFDataset rows plus the chat turns before the answer as structured messages, so that the
+    reward model gets the conversation itself, not a regex parse of the templated prompt (upstream)."""
+
+    def __init__(self, rlaif):
+        self.ds = rlaif
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        item = self.ds[i]
+        conv = self.ds.rows.read(int(i))["conversations"][:-1]
+        item["messages"] = [{"role": "user" if k % 2 == 0 else "assistant", "content": m["content"]}
+                            for k, m in enumerate(conv)]
+        return item
+
+
+def rl_collate(batch):
+    """A list of prompt dicts -> a dict of lists (prompts, references, messages)."""
+    return {key: [sample[key] for sample in batch] for key in batch[0]}
+
+
+# ---- rewards ----
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+_FORMAT = [re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.S),
+           re.compile(r"^<think>\n.*?\n</think>\n\n<answer>\n.*?\n</answer>$", re.S)]
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+
+
+def format_reward(text: str) -> float:
+    """The original's reasoning-format reward (spec 6.8): +0.5 for the full think/answer layout,
+    +0.25 for each of the four tags that appears exactly once."""
+    reward = 0.5 if any(p.match(text) for p in _FORMAT) else 0.0
+    return reward + 0.25 * sum(text.count(tag) == 1 for tag in TAGS)
+
+
+def answer_correct(text: str, reference: str) -> bool:
+    """Verifiable reward: the response (its <answer> part if any) matches the reference, numbers by value,
+    text by its ending (dataset.demo_data.check_answer); an empty reference is never matched."""
+    from dataset.demo_data import check_answer
+    return bool(reference) and check_answer(text, reference)
+
+
+class RewardModel:
+    """A local reward model directory: InternLM2-style remote code with get_score(tokenizer, messages)
+    (the original's internlm2-1_8b-reward), or any AutoModelForSequenceClassification with one label."""
+
+    def __init__(self, path, device="cpu"):
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"reward model directory {path} not found (no config.json). Download "
+                                    "internlm2-1_8b-reward next to the repository, pass --reward_model_path, or train "
+                                    "without a reward model: --reward rule (verifiable answers and format rules).")
+        dtype = torch.float16 if "cuda" in str(device) else torch.float32   # fp16 as the original, on GPU only
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True, local_files_only=True)
+        auto = AutoModel if "AutoModel" in (getattr(config, "auto_map", None) or {}) else AutoModelForSequenceClassification
+        self.model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=True, local_files_only=True)
+        self.model.to(device).eval().requires_grad_(False)
+        self.device = device
+        if not hasattr(self.model, "get_score"):
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    def _text(self, messages) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+    @torch.no_grad()
+    def score(self, conversations) -> torch.Tensor:
+        """One float per conversation (a list of {"role", "content"} ending with the assistant reply)."""
+        if hasattr(self.model, "get_score"):
+            return torch.tensor([float(self.model.get_score(self.tokenizer, c)) for c in conversations])
+        enc = self.tokenizer([self._text(c) for c in conversations], return_tensors="pt", padding=True,
+                             padding_side="right", truncation=True, add_special_tokens=False).to(self.device)
+        return self.model(**enc).logits[:, 0].float().cpu()
+
+
+class Rewards:
+    """The reward of each response, as a (N,) tensor plus stats to log.
+
+    --reward model: reward-model score clipped to [-3, 3]; with --reasoning 1 and an <answer> part,
+                    0.4 * score(full reply) + 0.6 * score(answer only) (the original, spec 6.8)
+    --reward rule:  rule_weight * (answer matches the row's reference)
+    --reward mixed: both summed.  With --reasoning 1, the format reward (0 .. 1.5) is always added.
+    `range` is the (low, high) the rewards can take (SPO's tracker normalises with it)."""
+
+    def __init__(self, kind: str, reasoning: bool, rule_weight: float = 1.0, model_path=None, device="cpu"):
+        self.kind, self.reasoning, self.rule_weight = kind, reasoning, rule_weight
+        self.model = RewardModel(model_path, device) if kind in ("model", "mixed") else None
+        low, high = (-3.0, 3.0) if self.model else (0.0, 0.0)
+        high += rule_weight if kind in ("rule", "mixed") else 0.0
+        self.range = (low, high + (1.5 if reasoning else 0.0))
+
+    def __call__(self, messages, responses, references):
+        n = len(responses)
+        rewards = torch.zeros(n)
+        if self.reasoning:
+            rewards += torch.tensor([format_reward(r) for r in responses])
+        has_ref = [bool(ref) for ref in references]
+        correct = torch.tensor([answer_correct(r, ref) for r, ref in zip(responses, references)], dtype=torch.float)
+        if self.kind in ("rule", "mixed"):
+            if not any(has_ref):
+                raise ValueError("--reward rule/mixed needs a reference answer per row (a top-level \"answer\" "
+                                 "field, as in dataset/demo/rlaif.jsonl); this batch has none. Use --reward model.")
+            rewards += self.rule_weight * correct
+        if self.model is not None:
+            scores = self.model.score([m + [{"role": "assistant", "content": r}] for m, r in zip(messages, responses)])
+            scores = scores.clamp(-3, 3)
+            if self.reasoning:
+                found = [(i, a.group(1).strip()) for i, a in enumerate(map(_ANSWER.search, responses)) if a]
+                if found:
+                    idx = torch.tensor([i for i, _ in found])
+                    answer = self.model.score([messages[i] + [{"role": "assistant", "content": a}] for i, a in found])
+                    scores[idx] = 0.4 * scores[idx] + 0.6 * answer.clamp(-3, 3)
+            rewards += scores
+        stats = {"reward": rewards.mean().item()}
+        if any(has_ref):
+            stats["acc"] = correct[torch.tensor(has_ref)].mean().item()
+        return rewards, stats
+
+
+# ---- flags, models, the loop ----
+def add_rl_args(parser, **defaults):
+    """Flags every RL stage shares, with the original's defaults (spec 6.5-6.7)."""
+    parser.add_argument("--max_gen_len", type=int, default=1536, help="max new tokens per response")
+    parser.add_argument("--reasoning", type=int, default=1, choices=[0, 1],
+                        help="1 = start from reason_<hidden>.pth and add the think/answer format reward; 0 = full_sft")
+    parser.add_argument("--reward_model_path", type=str, default=str(ROOT.parent / "internlm2-1_8b-reward"),
+                        help="local reward model directory (InternLM2 get_score or a sequence classifier)")
+    parser.add_argument("--reward", type=str, default="model", choices=["model", "rule", "mixed"],
+                        help="model = reward model (original); rule = verifiable answer vs the row's \"answer\"; mixed = sum")
+    parser.add_argument("--rule_weight", type=float, default=1.0, help="reward for a correct answer (rule, mixed)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the rollouts")
+    # the original trains RL in fp32 everywhere; --dtype bfloat16/float16 turns autocast on
+    parser.set_defaults(dtype="float32", **defaults)
+    return parser
+
+
+def rl_data(args, tokenizer):
+    """The stage's prompts: --data_path (dataset/rlaif-mini.jsonl, or the demo prompts when absent)."""
+    from dataset.lm_dataset import RLAIFDataset
+    from trainer.trainer_utils import resolve_data
+    return PromptDataset(RLAIFDataset(resolve_data(args), tokenizer))
+
+
+def base_weight(args) -> str:
+    """Which weight the policy starts from: --from_weight, else reason (--reasoning 1) or full_sft."""
+    return args.from_weight or ("reason" if args.reasoning else "full_sft")
+
+
+def frozen(model):
+    return model.eval().requires_grad_(False)
+
+
+@dataclass
+class RLStage:
+    args: object
+    run: object
+    lm_config: object
+    ckp: object               # resume data, None when fresh
+    tracker: object
+    policy: torch.nn.Module   # trainable, loaded from base_weight(args)
+    ref_model: torch.nn.Module  # a frozen copy of the same weight
+    tokenizer: object
+    rewards: "Rewards"
+    prompts: Dataset
+
+    def load(self):
+        """One more model with the policy's starting weights (old actor, critic body)."""
+        a = self.args
+        return init_model(self.lm_config, base_weight(a), a.tokenizer_path, a.from_dir or a.save_dir, self.run.device)[0]
+
+
+def init_rl_stage(args, name: str) -> RLStage:
+    """Steps 1-5 shared by PPO, GRPO and SPO: distributed/device/seed, config + resume data, tracker,
+    the policy and a frozen reference (both from base_weight(args)), the reward and the prompts."""
+    run = init_run(args)
+    lm_config, ckp = init_config(args)
+    tracker = init_tracker(args, ckp, f"MiniMind-{name}-Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
+    policy, tokenizer = init_model(lm_config, base_weight(args), args.tokenizer_path, args.from_dir or args.save_dir,
+                                   run.device)
+    stage = RLStage(args, run, lm_config, ckp, tracker, policy, None, tokenizer,
+                    Rewards(args.reward, bool(args.reasoning), args.rule_weight, args.reward_model_path, run.device),
+                    rl_data(args, tokenizer))
+    stage.ref_model = frozen(stage.load())
+    return stage
+
+
+def adamw_cosine(params, args, stage: RLStage, lr: float):
+    """AdamW at `lr` with the original's RL cosine schedule: (optimizer, scheduler)."""
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    return optimizer, cosine_scheduler(optimizer, args, stage.run, len(stage.prompts), lr)
+
+
+def optimizer_step(run, optimizer, params, grad_clip: float, scale: float = 1.0):
+    """Unscale, (rescale a partial accumulation window), clip, step and zero one optimizer."""
+    run.scaler.unscale_(optimizer)
+    if scale != 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    run.scaler.step(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+
+
+def cosine_scheduler(optimizer, args, run, num_prompts: int, lr: float):
+    """The original's RL schedule: CosineAnnealingLR over (iters // accum) * epochs optimizer steps down
+    to lr / 10, where iters = this rank's batches per epoch."""
+    iters = -(-num_prompts // (args.batch_size * run.world_size))
+    t_max = max(1, (iters // args.accumulation_steps) * args.epochs)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max, eta_min=lr / 10)
+
+
+def train_rl(run, args, lm_config, dataset, step_fn, policy, optimizers, tracker, start, state=None):
+    """8. The RL epoch loop shared by PPO, GRPO and SPO.
+
+    step_fn(batch, step) does the stage's work for one batch of prompts (rollout, rewards, loss,
+    `run.scaler.scale(loss / accumulation_steps).backward()`) and returns floats to log: "loss",
+    optionally "tokens" (generated tokens) and anything else. The loop steps every (optimizer,
+    scheduler, params) in `optimizers` each --accumulation_steps batches (and at the last step),
+    logs one progress line per --log_interval, and saves on optimizer-step boundaries: the policy's
+    weights, plus the resume file with `state` (critic, old actor, value tracker, ...).
+    Returns (path of the saved weight, last loss)."""
+    accum, last_loss = args.accumulation_steps, float("nan")
+    for epoch in range(start.epoch, args.epochs):
+        loader, iters = epoch_loader(dataset, args, epoch, start, run, collate_fn=rl_collate)
+        if args.max_steps and epoch * iters >= args.max_steps:
+            break
+        start_step = start.step if epoch == start.epoch else 0
+        progress, pending_save = Progress(args, lm_config, epoch, iters, start_step, tracker), False
+        rng = torch.get_rng_state()      # a DataLoader iterator draws its seed from the global RNG, which
+        batches = iter(loader)           # would shift the rollout samples of a resumed run by one draw
+        torch.set_rng_state(rng)
+        for step, batch in enumerate(batches, start=start_step + 1):
+            stats = step_fn(batch, step)
+            last = step == iters or bool(args.max_steps and epoch * iters + step >= args.max_steps)
+            pending_save |= step % args.save_interval == 0 or last
+            lr = optimizers[0][0].param_groups[0]["lr"]
+            if step % accum == 0 or last:
+                for optimizer, scheduler, params in optimizers:
+                    optimizer_step(run, optimizer, params, args.grad_clip, accum / (step % accum or accum))
+                    scheduler.step()
+                run.scaler.update()
+                if pending_save:
+                    save_rl(args, lm_config, policy, optimizers, epoch, step, tracker, state)
+                    pending_save = False
+            last_loss = stats.pop("loss")
+            progress.add_tokens(int(stats.pop("tokens", 0)))
+            if step % args.log_interval == 0 or last:
+                progress.log(step, last_loss, lr, **stats)
+            if last:
+                break
+    tracker.finish()
+    return weight_path(args.save_dir, args.save_weight, lm_config), last_loss
+
+
+def save_rl(args, lm_config, policy, optimizers, epoch, step, tracker, state=None):
+    """The policy's fp16 weights (out/) and the resume file with the policy's optimizer and scheduler
+    under the original's keys, plus `state` (e.g. critic_model, critic_optimizer, old_actor)."""
+    if is_main_process():
+        raw = unwrap(policy)
+        save_weights(raw, weight_path(args.save_dir, args.save_weight, lm_config), lm_config)
+        extra = {k: unwrap(v) if isinstance(v, torch.nn.Module) else v for k, v in (state or {}).items()}
+        lm_checkpoint(lm_config, args.save_weight, model=raw, optimizer=optimizers[0][0], epoch=epoch, step=step,
+                      wandb=tracker, save_dir=args.checkpoint_dir, scheduler=optimizers[0][1], rng=_rng_state(),
+                      **extra)
+    if dist.is_initialized():
+        dist.barrier()

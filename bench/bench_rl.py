@@ -1,0 +1,217 @@
+"""Does RL with a verifiable reward work here? GRPO, PPO and SPO on the demo corpus's small-number
+arithmetic, scored on held-out questions before and during training.
+
+    python bench/bench_rl.py                                  # about 12 min on a 2-core CPU, all three algorithms
+    python bench/bench_rl.py --algos grpo --rl_steps 40       # a quicker look
+    OMP_NUM_THREADS=1 python bench/bench_rl.py                # faster when other jobs share the CPU
+Steps: (1) an SFT model: `{work_dir}/full_sft_<hidden>.pth` if present, else SFT from scratch on the demo
+generator's arithmetic dialogues (dataset/demo_data.py: a+b, a-b with a, b <= 20, a*b with a, b <= 9; the
+prompt pairs kept for evaluation never appear in training). (2) RL prompts from the same generator, with
+the reference answer; reward = 1 if the answer's last number is right (rl_utils, --reward rule).
+(3) each algorithm runs in segments through its real trainer (trainer/train_<algo>.py, resumed with
+--from_resume 1), and after each segment its weights are scored on the held-out questions: greedy
+accuracy and the mean reward of 4 samples per question at the training temperature.
+Writes {work_dir}/ (weights, metrics, rl_bench.json) and images/rl_reward.png; prints markdown tables.
+"""
+import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import argparse
+import json
+import random
+import re
+import time
+import zlib
+
+import torch
+
+from dataset import demo_data
+from trainer import train_full_sft, train_grpo, train_ppo, train_spo
+from trainer.rl_utils import Rewards, encode_prompts, rollout
+from trainer.trainer_utils import OUT, ROOT, TOKENIZER_DIR, init_model
+
+TRAINERS = {"grpo": train_grpo, "ppo": train_ppo, "spo": train_spo}
+WEIGHT = {"grpo": "grpo", "ppo": "ppo_actor", "spo": "spo"}
+
+
+def qa_add_digits(rng, lang, heldout=False):
+    """The demo generator's addition questions, restricted to single-digit operands."""
+    while True:
+        qa = demo_data.qa_arith(rng, lang, heldout)
+        m = re.match(r"(\d+)\+(\d+)=", qa["a"])
+        if m and int(m.group(1)) < 10 and int(m.group(2)) < 10:
+            return qa
+
+
+TASKS = {"arith": demo_data.qa_arith, "add_digits": qa_add_digits, "compare": demo_data.qa_compare,
+         "sort": demo_data.qa_sort, "multi": demo_data.qa_multi, "unit": demo_data.qa_unit}
+
+
+def split_of(qa, sft_share: float) -> str:
+    """'sft' or 'rl': a fixed split of the question instances by the numbers of their answer (a+b=c: the
+    pair), so the RL prompts ask about pairs the SFT data never showed."""
+    key = ",".join(re.findall(r"\d+", qa["a"]))
+    return "sft" if zlib.crc32(key.encode()) % 100 < 100 * sft_share else "rl"
+
+
+def task_rows(args, n: int, seed: str, part: str, dialogue: bool):
+    """n questions from the demo generator (tasks in turn, zh and en alternating) as SFT dialogues or RLAIF
+    prompts with their reference answer. part: 'sft' or 'rl' (the bench's split of the demo's training
+    pairs), or 'heldout' (the pairs the demo corpus keeps out of every training file)."""
+    rng, rows = random.Random(seed), []
+    for i in range(n):
+        lang, make = ("zh", "en")[(i // len(args.tasks)) % 2], TASKS[args.tasks[i % len(args.tasks)]]
+        qa = make(rng, lang, heldout=part == "heldout")
+        while part != "heldout" and split_of(qa, args.sft_share) != part:
+            qa = make(rng, lang)
+        answer = qa["a"] if dialogue else "无"
+        row = {"conversations": [{"role": "user", "content": qa["q"]}, {"role": "assistant", "content": answer}]}
+        rows.append(row if dialogue else {**row, "answer": qa["key"], "kind": qa["kind"]})
+    return rows
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return path
+
+
+@torch.no_grad()
+def evaluate(args, directory, weight: str, eval_rows, samples: int = 4):
+    """Greedy accuracy and the mean reward of `samples` sampled answers per held-out prompt."""
+    from model.model_minimind import MiniMindConfig
+    cfg = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
+    model, tok = init_model(cfg, weight, args.tokenizer_path, directory)
+    model.eval()
+    prompts = [tok.apply_chat_template(r["conversations"][:1], tokenize=False, add_generation_prompt=True)
+               for r in eval_rows]
+    refs = [r["answer"] for r in eval_rows]
+    reward_fn = Rewards("rule", reasoning=False)
+    ids, mask = encode_prompts(tok, prompts, args.max_seq_len)
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=args.max_gen_len,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    greedy = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    _, greedy_stats = reward_fn([[]] * len(refs), greedy, refs)
+    torch.manual_seed(0)
+    roll = rollout(model, tok, prompts, args, samples)
+    rewards, _ = reward_fn([[]] * len(roll.texts), roll.texts, [r for r in refs for _ in range(samples)])
+    return {"greedy_acc": greedy_stats["acc"], "sample_reward": rewards.mean().item(),
+            "example": f"{eval_rows[0]['conversations'][0]['content']} -> {greedy[0]!r}"}
+
+
+def train_sft(args, work):
+    """SFT from scratch on the demo generator's arithmetic dialogues (only when no SFT weight exists)."""
+    data = write_jsonl(work / "sft_arith.jsonl", task_rows(args, args.sft_rows, "bench-sft", "sft", True))
+    flags = dict(device="cpu", hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                 save_dir=work, checkpoint_dir=work / "ckpt", tokenizer_path=args.tokenizer_path, data_path=data,
+                 from_weight="none", epochs=args.sft_epochs, batch_size=32, learning_rate=2e-3, max_seq_len=96,
+                 accumulation_steps=1, num_workers=0, log_interval=50, save_interval=100000, group_by_length=1)
+    train_full_sft.main([a for k, v in flags.items() for a in (f"--{k}", str(v))])
+
+
+def run_rl(args, work, algo, train_path, eval_rows, table):
+    """Train `algo` in segments of --eval_every steps, scoring the weights after each."""
+    out = work / algo
+    per_step = args.prompts_per_step
+    batch = per_step // args.num_generations if algo == "grpo" else per_step   # same completions per step
+    iters = args.rl_prompts // batch
+    flags = dict(device="cpu", hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                 save_dir=out, checkpoint_dir=out / "ckpt", from_dir=work, tokenizer_path=args.tokenizer_path,
+                 data_path=train_path, reasoning=0, reward="rule", batch_size=batch, max_seq_len=args.max_seq_len,
+                 max_gen_len=args.max_gen_len, learning_rate=args.lr[algo], epochs=-(-args.rl_steps // iters),
+                 num_workers=0, log_interval=args.eval_every, save_interval=100000, accumulation_steps=1,
+                 temperature=args.temperature)
+    if algo == "grpo":
+        flags.update(num_generations=args.num_generations)
+    if algo == "ppo":
+        flags.update(critic_learning_rate=args.lr[algo] * 10)
+    t0 = time.time()
+    for done in range(args.eval_every, args.rl_steps + 1, args.eval_every):
+        argv = [a for k, v in {**flags, "max_steps": done, "from_resume": int(done > args.eval_every)}.items()
+                for a in (f"--{k}", str(v))]
+        TRAINERS[algo].main(argv)
+        row = {"algo": algo, "step": done, "completions": done * per_step, "minutes": (time.time() - t0) / 60,
+               **evaluate(args, out, WEIGHT[algo], eval_rows)}
+        table.append(row)
+        print(f"| {algo} | {done} | {row['completions']} | {row['sample_reward']:.3f} | {row['greedy_acc']:.3f} | "
+              f"{row['minutes']:.1f} |", flush=True)
+
+
+def plot(table, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no plot written")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for algo in dict.fromkeys(r["algo"] for r in table if r["algo"] != "sft"):
+        rows = [r for r in table if r["algo"] in ("sft", algo)]
+        for ax, key in zip(axes, ("sample_reward", "greedy_acc")):
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", label=algo.upper())
+    for ax, title in zip(axes, ("mean reward of sampled answers (T=0.8)", "greedy accuracy")):
+        ax.set_xlabel("RL step"), ax.set_title(f"held-out arithmetic: {title}", fontsize=10), ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work_dir", type=Path, default=OUT / "rl_bench", help="SFT weight, RL runs and results")
+    p.add_argument("--tokenizer_path", type=str, default=str(TOKENIZER_DIR))
+    p.add_argument("--hidden_size", type=int, default=128)
+    p.add_argument("--num_hidden_layers", type=int, default=4)
+    p.add_argument("--tasks", type=str, default="arith,compare", help=f"question kinds, from {sorted(TASKS)}")
+    p.add_argument("--sft_share", type=float, default=0.5, help="share of the training pairs SFT sees; RL gets the rest")
+    p.add_argument("--sft_rows", type=int, default=4000, help="arithmetic dialogues for SFT from scratch")
+    p.add_argument("--sft_epochs", type=int, default=3)
+    p.add_argument("--algos", type=str, default="grpo,ppo,spo")
+    p.add_argument("--rl_steps", type=int, default=100)
+    p.add_argument("--eval_every", type=int, default=20)
+    p.add_argument("--rl_prompts", type=int, default=1000, help="training prompts (held-out pairs excluded)")
+    p.add_argument("--eval_prompts", type=int, default=100, help="held-out evaluation prompts")
+    p.add_argument("--prompts_per_step", type=int, default=32, help="completions per RL step, for every algorithm")
+    p.add_argument("--num_generations", type=int, default=8, help="GRPO group size")
+    p.add_argument("--max_seq_len", type=int, default=64)
+    p.add_argument("--max_gen_len", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--grpo_lr", type=float, default=5e-5)
+    p.add_argument("--ppo_lr", type=float, default=5e-5)
+    p.add_argument("--spo_lr", type=float, default=5e-5)
+    p.add_argument("--plot", type=Path, default=ROOT / "images" / "rl_reward.png")
+    args = p.parse_args(argv)
+    args.lr = {"grpo": args.grpo_lr, "ppo": args.ppo_lr, "spo": args.spo_lr}
+    algos = [a for a in args.algos.split(",") if a]
+    args.tasks = args.tasks.split(",")
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if not (work / f"full_sft_{args.hidden_size}.pth").exists():
+        train_sft(args, work)
+    sft_minutes = (time.time() - t0) / 60
+    train_path = write_jsonl(work / "rl_train.jsonl", task_rows(args, args.rl_prompts, "bench-rl", "rl", False))
+    eval_rows = task_rows(args, args.eval_prompts, "bench-eval", "heldout", False)
+    table = [{"algo": "sft", "step": 0, "completions": 0, "minutes": sft_minutes, **evaluate(args, work, "full_sft", eval_rows)}]
+    print(f"\n# RL on held-out arithmetic ({args.eval_prompts} questions), MiniMind {args.hidden_size}x"
+          f"{args.num_hidden_layers}, {args.prompts_per_step} completions per step, max {args.max_gen_len} new tokens")
+    print("| algorithm | RL step | completions | mean sampled reward | greedy accuracy | minutes |")
+    print("|---|---|---|---|---|---|")
+    print(f"| SFT (start) | 0 | 0 | {table[0]['sample_reward']:.3f} | {table[0]['greedy_acc']:.3f} | {sft_minutes:.1f} |")
+    for algo in algos:
+        run_rl(args, work, algo, train_path, eval_rows, table)
+    print("\n| algorithm | reward before | reward after | greedy acc before | greedy acc after |")
+    print("|---|---|---|---|---|")
+    for algo in algos:
+        last = [r for r in table if r["algo"] == algo][-1]
+        print(f"| {algo.upper()} | {table[0]['sample_reward']:.3f} | {last['sample_reward']:.3f} | "
+              f"{table[0]['greedy_acc']:.3f} | {last['greedy_acc']:.3f} |")
+    print(f"\ntotal {(time.time() - t0) / 60:.1f} min")
+    (work / "rl_bench.json").write_text(json.dumps(table, indent=1, ensure_ascii=False))
+    plot(table, args.plot)
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath): sample G answers per prompt, score them, and push up the
+answers that beat their group's mean reward; no critic, a k3 KL penalty to a frozen reference.
+
+    python trainer/train_grpo.py                             # or: cd trainer && python train_grpo.py
+    torchrun --nproc_per_node 2 trainer/train_grpo.py        # deepspeed --num_gpus=2 trainer/train_grpo.py
+    python trainer/train_grpo.py --device cpu --hidden_size 64 --num_hidden_layers 2 --reasoning 0 \\
+        --reward rule --max_gen_len 16 --num_generations 4 --max_steps 4       # tiny CPU run, seconds
+Reads out/reason_<hidden>.pth (--reasoning 1) or out/full_sft_<hidden>.pth (--reasoning 0), prompts from
+dataset/rlaif-mini.jsonl (the demo prompts when absent) and, with --reward model/mixed, the reward model
+at ../internlm2-1_8b-reward. Writes out/grpo_<hidden>[_moe].pth, out/grpo_<hidden>_metrics.jsonl and
+checkpoints/grpo_<hidden>[_moe]_resume.pth (policy, optimizer, scheduler).
+
+Advantages (as the original): A = clip((r - mean_group) / (std_group + 1e-4), +-10) with the unbiased
+group std, then renormalised over the whole batch (--batch_adv_norm 0 turns that off). Loss per token:
+-(min(ratio * A, clip(ratio, 1 +- eps) * A) - beta * k3_kl), averaged over each completion's tokens
+(up to and including its EOS), then over completions. With --num_iterations 1 (the original) the
+ratio is pi / stop_grad(pi) == 1 and the update is the plain policy gradient; with N > 1 the same
+rollout is reused for N optimizer steps against the rollout-time log-probs, and the clip matters.
+Logged: the fraction of groups whose rewards are all equal (no learning signal) and of completions
+cut at --max_gen_len without an EOS.
+"""
+import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+
+from trainer.rl_utils import (adamw_cosine, add_rl_args, completion_logps, init_rl_stage, k3_kl, masked_mean,
+                              optimizer_step, rollout, train_rl)
+from trainer.trainer_utils import DATA, build_parser, restore, unwrap, wrap_ddp
+
+
+def group_advantages(rewards: torch.Tensor, group: int, batch_norm: bool = True, eps: float = 1e-4,
+                     clip: float = 10.0) -> torch.Tensor:
+    """(B*G,) rewards, copies of a prompt contiguous -> (B*G,) group-normalised advantages."""
+    r = rewards.view(-1, group)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).clamp(-clip, clip).view(-1)
+    if batch_norm:
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    return adv
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, beta: float, clip_eps: float):
+    """Clipped-ratio policy gradient with a k3 KL penalty, per token; -> (loss, mean kl, clipped fraction)."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv.unsqueeze(1)
+    surrogate = torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    kl = k3_kl(logp, ref_logp)
+    loss = masked_mean(-(surrogate - beta * kl), mask)
+    clipped = masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)
+    return loss, masked_mean(kl, mask).detach(), clipped.detach()
+
+
+def main(argv=None):
+    parser = build_parser("MiniMind GRPO", save_weight="grpo", epochs=1, batch_size=2, learning_rate=8e-8,
+                          accumulation_steps=1, log_interval=1, save_interval=10, max_seq_len=66,
+                          data_path=DATA / "rlaif-mini.jsonl", demo_data="rlaif.jsonl", wandb_project="MiniMind-GRPO")
+    add_rl_args(parser, from_weight=None)
+    parser.add_argument("--num_generations", type=int, default=8, help="completions sampled per prompt (G >= 2)")
+    parser.add_argument("--beta", type=float, default=0.02, help="weight of the k3 KL penalty to the reference")
+    parser.add_argument("--num_iterations", type=int, default=1,
+                        help="optimizer steps per rollout (1 = the original's single on-policy update)")
+    parser.add_argument("--clip_epsilon", type=float, default=0.2, help="ratio clip range (matters when num_iterations > 1)")
+    parser.add_argument("--batch_adv_norm", type=int, default=1, choices=[0, 1],
+                        help="1 = renormalise group advantages over the batch (original); 0 = group only")
+    args = parser.parse_args(argv)
+    if args.num_generations < 2:
+        raise ValueError("--num_generations must be at least 2 (the group baseline needs two answers)")
+    if args.num_iterations > 1 and args.accumulation_steps > 1:
+        raise ValueError("--num_iterations > 1 takes one optimizer step per iteration: use --accumulation_steps 1")
+    st = init_rl_stage(args, "GRPO")                       # 1-5. run, config, tracker, policy, reference, reward, prompts
+    run, model, ref_model, tokenizer, reward_fn, prompts = st.run, st.policy, st.ref_model, st.tokenizer, st.rewards, st.prompts
+    optimizer, scheduler = adamw_cosine(model.parameters(), args, st, args.learning_rate)
+    start = restore(st.ckp, model, optimizer, run.scaler, scheduler=scheduler)   # 6. resume
+    model = wrap_ddp(model, run)                           # 7. DDP
+    params, group = list(unwrap(model).parameters()), args.num_generations
+
+    def grpo_step(batch, step):
+        roll = rollout(model, tokenizer, batch["prompt"], args, group, run.autocast_ctx)
+        rep = lambda xs: [x for x in xs for _ in range(group)]
+        rewards, stats = reward_fn(rep(batch["messages"]), roll.texts, rep(batch["reference"]))
+        adv = group_advantages(rewards, group, bool(args.batch_adv_norm)).to(run.device)
+        mask = roll.completion_mask.float()
+        with torch.no_grad(), run.autocast_ctx:
+            ref_logp = completion_logps(ref_model, roll)[0]
+            old_logp = completion_logps(model, roll)[0] if args.num_iterations > 1 else None
+        for it in range(args.num_iterations):
+            if it:  # reuse the rollout: step now, the loop steps after the last iteration
+                optimizer_step(run, optimizer, params, args.grad_clip)
+                run.scaler.update()
+            with run.autocast_ctx:
+                logp, aux = completion_logps(model, roll)
+                loss, kl, clip_frac = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp,
+                                                adv, mask, args.beta, args.clip_epsilon)
+                loss = loss + aux
+            run.scaler.scale(loss / args.accumulation_steps).backward()
+        r = rewards.view(-1, group)
+        return {"loss": loss.item(), **stats, "kl": kl.item(), "zero_std": (r.max(1).values == r.min(1).values)
+                .float().mean().item(), "truncated": roll.clipped.float().mean().item(),
+                "resp_len": roll.lengths.float().mean().item(), "ratio_clip": clip_frac.item(),
+                "tokens": int(roll.lengths.sum())}
+
+    return train_rl(run, args, st.lm_config, prompts, grpo_step, model, [(optimizer, scheduler, params)],  # 8. train
+                    st.tracker, start)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""PPO (Schulman et al. 2017) for a chat model: an actor samples answers, a critic (a MiniMind body
+with a value head) estimates how good each state is, the actor is pushed toward answers that beat
+the critic's estimate with a clipped probability ratio, and a KL penalty keeps it near a frozen reference.
+
+    python trainer/train_ppo.py                              # or: cd trainer && python train_ppo.py
+    torchrun --nproc_per_node 2 trainer/train_ppo.py         # deepspeed --num_gpus=2 trainer/train_ppo.py
+    python trainer/train_ppo.py --device cpu --hidden_size 64 --num_hidden_layers 2 --reasoning 0 \\
+        --reward rule --max_gen_len 16 --max_steps 4         # tiny CPU run, seconds
+Reads out/reason_<hidden>.pth (--reasoning 1) or out/full_sft_<hidden>.pth for the actor, the old actor,
+the reference and the critic's body; prompts from dataset/rlaif-mini.jsonl (the demo prompts when absent);
+with --reward model/mixed the reward model at ../internlm2-1_8b-reward. Writes out/ppo_actor_<hidden>[_moe].pth,
+out/ppo_actor_<hidden>_metrics.jsonl and checkpoints/ppo_actor_<hidden>[_moe]_resume.pth (actor, critic,
+both optimizers and schedulers, and the old actor, which the original did not restore).
+
+--advantage gae (default, what the original's README describes): token-level. The critic gives V(s_t)
+for the state before each completion token; the reward is paid on the last token (the EOS); GAE
+(Schulman et al. 2016) with --gamma/--lam gives A_t, returns R_t = A_t + V(s_t) train the critic
+(masked MSE), the ratio pi/pi_old is per token, and the KL to the reference is the per-token k3 estimate.
+--advantage sequence (the original's code): one value per answer (the critic at the answer's last token),
+A = r - V, the ratio is exp of the SUMMED log-ratio of the whole answer (it explodes easily), and the
+KL term is the mean difference of summed log-probs. Both: loss = policy + vf_coef * value + kl_coef * kl.
+The old actor is a copy of the actor refreshed every --update_old_actor_freq steps, as the original.
+Fixed here: the first generated token is in the response mask, the loss is divided by the accumulation
+steps, prompts are truncated from the left, and the critic applies the final norm once.
+"""
+import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.rl_utils import (adamw_cosine, add_rl_args, completion_logps, frozen, init_rl_stage, k3_kl, masked_mean,
+                              rollout, train_rl)
+from trainer.trainer_utils import DATA, build_parser, restore, unwrap, wrap_ddp
+
+
+class CriticModel(nn.Module):
+    """V(prefix) for every position: a MiniMind body (its output is already final-normed) + Linear(H, 1)."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.model = body
+        self.value_head = nn.Linear(body.config.hidden_size, 1)
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden, _, aux_loss = self.model(input_ids, attention_mask)
+        return self.value_head(hidden).squeeze(-1), aux_loss         # (B, T), MoE aux loss
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation over (N, R) completions: delta_t = r_t + gamma * V_{t+1} - V_t,
+    A_t = delta_t + gamma * lam * A_{t+1}; the state after the last masked token is terminal (V = 0).
+    -> (advantages, returns = A + V), both zero outside the mask."""
+    n, r = rewards.shape
+    adv = torch.zeros_like(values)
+    next_adv = next_value = torch.zeros(n, device=values.device, dtype=values.dtype)
+    for t in reversed(range(r)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * m            # a masked tail carries nothing back
+        next_value = values[:, t] * m
+        adv[:, t] = next_adv
+    return adv, (adv + values) * mask
+
+
+def ppo_losses(args, logp, old_logp, ref_logp, values, rewards, roll):
+    """(policy loss, value loss, kl to the reference, mean advantage) for --advantage gae or sequence."""
+    mask, p = roll.completion_mask.float(), roll.prompt_len
+    clip = lambda ratio, a: -torch.min(ratio * a, ratio.clamp(1 - args.clip_epsilon, 1 + args.clip_epsilon) * a)
+    if args.advantage == "gae":
+        v = values[:, p - 1:-1]                                      # V(s_t): the state before completion token t
+        token_rewards = torch.zeros_like(v).scatter(1, roll.last_index[:, None], rewards[:, None].to(v.dtype))
+        adv, returns = gae(token_rewards, v.detach(), mask, args.gamma, args.lam)
+        policy = masked_mean(clip(torch.exp(logp - old_logp), adv), mask)
+        value = masked_mean((v - returns) ** 2, mask)
+        return policy, value, masked_mean(k3_kl(logp, ref_logp), mask), (adv * mask).sum() / mask.sum()
+    v = values.gather(1, (p + roll.last_index)[:, None]).squeeze(1)  # the critic after the whole answer
+    adv = rewards - v.detach()
+    seq = lambda x: (x * mask).sum(1)
+    policy = clip(torch.exp(seq(logp) - seq(old_logp)), adv).mean()
+    return policy, F.mse_loss(v, rewards), (seq(logp) - seq(ref_logp)).mean(), adv.mean()
+
+
+def main(argv=None):
+    parser = build_parser("MiniMind PPO", save_weight="ppo_actor", epochs=1, batch_size=2, learning_rate=8e-8,
+                          accumulation_steps=1, log_interval=1, save_interval=10, max_seq_len=66,
+                          data_path=DATA / "rlaif-mini.jsonl", demo_data="rlaif.jsonl", wandb_project="MiniMind-PPO")
+    add_rl_args(parser, from_weight=None)
+    parser.add_argument("--critic_learning_rate", type=float, default=8e-8, help="critic peak LR (cosine to LR/10)")
+    parser.add_argument("--clip_epsilon", type=float, default=0.1, help="ratio clip range")
+    parser.add_argument("--vf_coef", type=float, default=0.5, help="weight of the critic's value loss")
+    parser.add_argument("--kl_coef", type=float, default=0.02, help="weight of the KL penalty to the reference")
+    parser.add_argument("--update_old_actor_freq", type=int, default=4, help="steps between old-actor refreshes")
+    parser.add_argument("--advantage", type=str, default="gae", choices=["gae", "sequence"],
+                        help="gae = token-level values and GAE (README); sequence = the original code's r - V(answer)")
+    parser.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
+    parser.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+    args = parser.parse_args(argv)
+    st = init_rl_stage(args, "PPO")                        # 1-5. run, config, tracker, actor, reference, reward, prompts
+    run, actor, ref_model, tokenizer, reward_fn, prompts = st.run, st.policy, st.ref_model, st.tokenizer, st.rewards, st.prompts
+    old_actor, critic = frozen(st.load()), CriticModel(st.load().model).to(run.device)   # + old actor, critic
+    actor_opt, actor_sched = adamw_cosine(actor.parameters(), args, st, args.learning_rate)
+    critic_opt, critic_sched = adamw_cosine(critic.parameters(), args, st, args.critic_learning_rate)
+    state = {"critic_model": critic, "critic_optimizer": critic_opt, "critic_scheduler": critic_sched,
+             "old_actor": old_actor}
+    start = restore(st.ckp, actor, actor_opt, run.scaler, scheduler=actor_sched, **state)   # 6. resume
+    actor, critic = wrap_ddp(actor, run), wrap_ddp(critic, run)                      # 7. DDP
+
+    def ppo_step(batch, step):
+        if step > 1 and (step - 1) % args.update_old_actor_freq == 0:   # after every freq-th update
+            old_actor.load_state_dict(unwrap(actor).state_dict())
+        roll = rollout(actor, tokenizer, batch["prompt"], args, 1, run.autocast_ctx)
+        rewards, stats = reward_fn(batch["messages"], roll.texts, batch["reference"])
+        rewards = rewards.to(run.device)
+        with torch.no_grad(), run.autocast_ctx:
+            old_logp, ref_logp = completion_logps(old_actor, roll)[0], completion_logps(ref_model, roll)[0]
+        with run.autocast_ctx:
+            logp, aux = completion_logps(actor, roll)
+            values, critic_aux = critic(roll.sequences, roll.attention_mask)
+            policy, value, kl_ref, adv = ppo_losses(args, logp, old_logp, ref_logp, values.float(), rewards, roll)
+            loss = policy + args.vf_coef * value + args.kl_coef * kl_ref + aux + critic_aux
+        run.scaler.scale(loss / args.accumulation_steps).backward()
+        kl_old = ((logp.detach() - old_logp) * roll.completion_mask).sum(1).mean()
+        return {"loss": loss.item(), **stats, "policy_loss": policy.item(), "value_loss": value.item(),
+                "kl": kl_old.item(), "kl_ref": kl_ref.item(), "advantage": adv.item(),
+                "resp_len": roll.lengths.float().mean().item(), "critic_lr": critic_opt.param_groups[0]["lr"],
+                "tokens": int(roll.lengths.sum())}
+
+    optimizers = [(actor_opt, actor_sched, list(unwrap(actor).parameters())),
+                  (critic_opt, critic_sched, list(unwrap(critic).parameters()))]
+    return train_rl(run, args, st.lm_config, prompts, ppo_step, actor, optimizers, st.tracker, start, state)  # 8. train
+
+
+if __name__ == "__main__":
+    main()
