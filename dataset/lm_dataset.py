@@ -299,8 +299,14 @@ class _JsonlDataset(Dataset):
         X, Y, mask = _shifted(ids, self.max_length, self.pad_to_max, self.pad_id,
                               lambda a: assistant_loss_mask(a, self.start_ids, self.end_ids))
         if not mask.any():
-            raise ValueError(f"{where}: {what} has no assistant token to supervise "
-                             f"(after truncation to max_length={self.max_length})")
+            if not any(assistant_loss_mask(ids, self.start_ids, self.end_ids)):
+                raise ValueError(f"{where}: {what} has no assistant token to supervise")
+            # a valid sample whose replies all lie beyond max_length: it adds no loss (as in the original)
+            if not getattr(self, "_warned_truncated", False):
+                self._warned_truncated = True
+                warnings.warn(f"{where}: {what} has no assistant token to supervise after truncation to "
+                              f"max_length={self.max_length}; it adds nothing to the loss (raise --max_seq_len; "
+                              "further samples like this are not reported)")
         return X, Y, mask
 
 

@@ -18,25 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load_native(save_dir, weight: str, hidden_size: int = None, tokenizer_path=ROOT / "model", lora_weight=None,
                 device: str = "cpu"):
-    """A native weight `{save_dir}/{weight}_{hidden}[_moe].pth` with the config saved next to it."""
-    from transformers import AutoTokenizer
-    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-    from trainer.checkpoint import load_weights
+    """A native weight `{save_dir}/{weight}_{hidden}[_moe].pth` with the config saved next to it, plus an
+    optional LoRA adapter `{save_dir}/lora/{lora_weight}_{hidden}.pth` merged in (scripts/inference_utils)."""
+    from scripts import inference_utils as iu
     save_dir = Path(save_dir)
-    candidates = sorted(save_dir.glob(f"{weight}_{hidden_size or '*'}*.pth"))
-    candidates = [c for c in candidates if c.stem.removeprefix(f"{weight}_").removesuffix("_moe").isdigit()]
-    if not candidates:
-        raise FileNotFoundError(f"no weight {save_dir}/{weight}_{hidden_size or '<hidden>'}.pth (train that stage first)")
-    path = candidates[0]
-    config = MiniMindConfig.from_json_file(path.with_suffix(".json"))
-    model = MiniMindForCausalLM(config)
-    load_weights(model, path)
+    path = iu.find_native_weight(save_dir, weight, hidden_size or 0, 0, typed=hidden_size is not None)
+    model = iu.load_native(path)
     if lora_weight:
-        from model.model_lora import apply_lora, load_lora
-        apply_lora(model)
-        load_lora(model, save_dir / "lora" / f"{lora_weight}_{config.hidden_size}{'_moe' if config.use_moe else ''}.pth")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
-    return model.eval().to(device), tokenizer
+        iu.add_lora(model, lora_weight, save_dir)
+    return model.eval().to(device), iu.load_tokenizer(tokenizer_path)
 
 
 @torch.no_grad()

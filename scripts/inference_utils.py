@@ -106,6 +106,11 @@ def load_model(args):
         model = load_native(path, args.num_hidden_layers, args.inference_rope_scaling)
         tokenizer = load_tokenizer(tokenizer_dir)
         description = f"native weights {path}"
+        if not path.with_suffix(".json").exists() and Path(tokenizer_dir).resolve() == (ROOT / "model").resolve():
+            # a weight not trained here (e.g. a published MiniMind .pth): its token ids are the original tokenizer's
+            print(f"note: {path.name} has no .json config, so it was not trained with this repository; if it is a "
+                  "published MiniMind weight, pass --tokenizer_path (or --load_from) the original tokenizer folder, "
+                  "e.g. ../MiniMind2 (model/ here is a different tokenizer)", file=sys.stderr)
     if args.lora_weight not in (None, "", "None", "none"):
         description += f" + LoRA {add_lora(model, args.lora_weight, resolve_path(args.save_dir))}"
     total = sum(p.numel() for p in model.parameters())

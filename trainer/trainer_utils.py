@@ -398,6 +398,8 @@ class Progress:
         self.window_t, self.window_tokens = time.time(), 0
         name = weight_path(args.save_dir, args.save_weight, lm_config).stem
         self.metrics_path = Path(args.save_dir) / f"{name}_metrics.jsonl"
+        if epoch == 0 and start_step == 0 and not args.from_resume and is_main_process():
+            self.metrics_path.unlink(missing_ok=True)      # a fresh run starts a fresh file; a resumed one appends
 
     def add_tokens(self, n: int):
         self.tokens += n
