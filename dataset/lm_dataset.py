@@ -301,12 +301,9 @@ class _JsonlDataset(Dataset):
         if not mask.any():
             if not any(assistant_loss_mask(ids, self.start_ids, self.end_ids)):
                 raise ValueError(f"{where}: {what} has no assistant token to supervise")
-            # a valid sample whose replies all lie beyond max_length: it adds no loss (as in the original)
-            if not getattr(self, "_warned_truncated", False):
-                self._warned_truncated = True
-                warnings.warn(f"{where}: {what} has no assistant token to supervise after truncation to "
-                              f"max_length={self.max_length}; it adds nothing to the loss (raise --max_seq_len; "
-                              "further samples like this are not reported)")
+            raise ValueError(f"{where}: {what} has no assistant token to supervise after truncation to "
+                             f"max_length={self.max_length} (raise --max_seq_len, or drop such samples with "
+                             "--skip_bad_lines 1)")
         return X, Y, mask
 
 

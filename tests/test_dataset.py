@@ -308,12 +308,14 @@ def test_bad_sft_line_names_file_and_line(tmp_path, tokenizer, bad, reason):
     assert reason in str(err.value)
 
 
-def test_sample_truncated_before_any_reply_warns_and_adds_no_loss(tmp_path, tokenizer):
+def test_sample_truncated_before_any_reply_is_an_error_or_skipped(tmp_path, tokenizer):
     row = conv(("user", "很长的问题。" * 50), ("assistant", "A"))
-    path = write_jsonl(tmp_path / "sft.jsonl", [row])
-    with pytest.warns(UserWarning, match=f"{path}:1: .*max_length=32"):
-        X, Y, mask = SFTDataset(path, tokenizer, max_length=32)[0]
-    assert X.shape == (31,) and mask.sum() == 0
+    path = write_jsonl(tmp_path / "sft.jsonl", [row, GOOD_SFT])
+    with pytest.raises(ValueError, match=f"{path}:1: .*max_length=32.*--skip_bad_lines 1"):
+        SFTDataset(path, tokenizer, max_length=32)[0]
+    with pytest.warns(UserWarning):
+        skipping = SFTDataset(path, tokenizer, max_length=32, skip_bad_lines=True)
+    assert len(skipping) == 1 and skipping.num_skipped == 1 and skipping[0][2].sum() > 0
     assert SFTDataset(path, tokenizer, max_length=4096)[0][2].sum() > 0
 
 

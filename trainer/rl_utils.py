@@ -282,7 +282,7 @@ def rl_data(args, tokenizer):
     """The stage's prompts: --data_path (dataset/rlaif-mini.jsonl, or the demo prompts when absent)."""
     from dataset.lm_dataset import RLAIFDataset
     from trainer.trainer_utils import resolve_data
-    return PromptDataset(RLAIFDataset(resolve_data(args), tokenizer))
+    return PromptDataset(RLAIFDataset(resolve_data(args), tokenizer, skip_bad_lines=bool(args.skip_bad_lines)))
 
 
 def base_weight(args) -> str:

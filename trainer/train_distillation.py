@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from dataset.lm_dataset import SFTDataset
 from model.model_minimind import MiniMindConfig
 from trainer.trainer_utils import (DATA, Logger, build_parser, fit, init_model, init_stage, masked_cross_entropy,
-                                   resolve_data)
+                                   data_kwargs, resolve_data)
 
 
 def distillation_loss(student_logits, teacher_logits, targets, loss_mask, alpha: float, temperature: float):
@@ -62,7 +62,7 @@ def main(argv=None):
     teacher, _ = init_model(teacher_config, args.from_teacher_weight, args.tokenizer_path,
                             args.from_dir or args.save_dir, run.device)
     teacher.eval().requires_grad_(False)
-    train_ds = SFTDataset(resolve_data(args), tokenizer, max_length=args.max_seq_len, pad_to_max=bool(args.pad_to_max))
+    train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))
 
     def loss_fn(model, batch):
         X, Y, loss_mask = batch

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dataset.lm_dataset import DPODataset, dpo_collate
 from trainer.rl_utils import sequence_logps, token_logps
-from trainer.trainer_utils import DATA, Logger, build_parser, fit, init_model, init_stage, resolve_data
+from trainer.trainer_utils import DATA, Logger, build_parser, fit, init_model, init_stage, data_kwargs, resolve_data
 
 
 def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float):
@@ -88,7 +88,7 @@ def main(argv=None):
     ref_model, _ = init_model(lm_config, args.from_weight, args.tokenizer_path, args.from_dir or args.save_dir,
                               run.device)
     ref_model.eval().requires_grad_(False)
-    train_ds = DPODataset(resolve_data(args), tokenizer, max_length=args.max_seq_len, pad_to_max=bool(args.pad_to_max))
+    train_ds = DPODataset(resolve_data(args), tokenizer, **data_kwargs(args))
     collate = dpo_collate
     if args.ref_cache:
         train_ds = WithReferenceLogps(train_ds, *cache_reference(ref_model, train_ds, args, run))

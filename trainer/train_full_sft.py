@@ -11,7 +11,7 @@ import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).reso
 import torch
 
 from dataset.lm_dataset import SFTDataset
-from trainer.trainer_utils import DATA, build_parser, fit, init_stage, lm_loss, resolve_data
+from trainer.trainer_utils import DATA, build_parser, fit, init_stage, lm_loss, data_kwargs, resolve_data
 
 
 def main(argv=None):
@@ -20,8 +20,7 @@ def main(argv=None):
                         data_path=DATA / "sft_mini_512.jsonl", demo_data="sft.jsonl",
                         wandb_project="MiniMind-Full-SFT").parse_args(argv)
     run, lm_config, ckp, tracker, model, tokenizer = init_stage(args)     # 1-5. run, config, tracker, model
-    train_ds = SFTDataset(resolve_data(args), tokenizer, max_length=args.max_seq_len,
-                          pad_to_max=bool(args.pad_to_max))
+    train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     # 6-8. resume, DDP, train on lm_loss: cross-entropy on assistant tokens only (+ MoE aux loss)
     return fit(run, args, model, optimizer, train_ds, lm_loss, tracker, lm_config, ckp)

@@ -14,7 +14,8 @@ import torch
 
 from dataset.lm_dataset import SFTDataset
 from model.model_lora import apply_lora, freeze_non_lora, lora_parameters, save_lora
-from trainer.trainer_utils import DATA, OUT, Logger, build_parser, fit, init_stage, lm_loss, resolve_data, weight_path
+from trainer.trainer_utils import (DATA, OUT, Logger, build_parser, data_kwargs, fit, init_stage, lm_loss, resolve_data,
+                                   weight_path)
 
 
 def main(argv=None):
@@ -33,8 +34,7 @@ def main(argv=None):
     params = lora_parameters(model)
     total, lora = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in params)
     Logger(f"LLM params: {total / 1e6:.3f}M, LoRA params: {lora / 1e6:.3f}M ({100 * lora / total:.2f}%)")
-    train_ds = SFTDataset(resolve_data(args), tokenizer, max_length=args.max_seq_len,
-                          pad_to_max=bool(args.pad_to_max))
+    train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
     save_path = weight_path(args.save_dir, args.lora_name, lm_config)
 

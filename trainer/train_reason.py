@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
-from trainer.trainer_utils import DATA, build_parser, fit, init_stage, resolve_data
+from trainer.trainer_utils import DATA, build_parser, fit, init_stage, data_kwargs, resolve_data
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -45,7 +45,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     run, lm_config, ckp, tracker, model, tokenizer = init_stage(args)     # 1-5. run, config, tracker, model
     tag_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in TAGS]
-    train_ds = SFTDataset(resolve_data(args), tokenizer, max_length=args.max_seq_len, pad_to_max=bool(args.pad_to_max))
+    train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))
 
     def reason_loss(model, batch):
         """Weighted CE over supervised tokens, normalised by the unweighted token count (as the original)."""

@@ -35,7 +35,7 @@ from trainer.checkpoint import (atomic_save, lm_checkpoint, load_weights, save_w
 __all__ = ["ROOT", "DATA", "OUT", "CKPT", "build_parser", "init_run", "init_config", "init_model", "init_tracker",
            "restore", "wrap_ddp", "unwrap", "epoch_loader", "train_epoch", "masked_cross_entropy", "lm_loss", "Logger",
            "is_main_process", "get_lr", "weight_path", "save_weights", "lm_checkpoint", "atomic_save",
-           "load_weights", "resolve_data", "SkipBatchSampler", "train", "init_stage", "fit"]
+           "load_weights", "resolve_data", "data_kwargs", "SkipBatchSampler", "train", "init_stage", "fit"]
 
 
 # ---- logging and small helpers ----
@@ -136,6 +136,9 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many micro-batches (0 = all)")
     p.add_argument("--pad_to_max", type=int, default=0, choices=[0, 1],
                    help="1 = pad every sample to max_seq_len like the original (0 = pad to the batch's longest)")
+    p.add_argument("--skip_bad_lines", type=int, default=0, choices=[0, 1],
+                   help="1 = check every line first and drop (and count) the bad ones; 0 = stop at the first, "
+                        "naming its file and line")
     p.add_argument("--group_by_length", type=int, default=0, choices=[0, 1],
                    help="1 = batch samples of similar length together (less padding, faster)")
     p.add_argument("--seed", type=int, default=42, help="base seed (each rank uses seed + rank)")
@@ -500,6 +503,11 @@ def _save(run, args, model, optimizer, lm_config, epoch, step, save_fn, tracker)
         raw.train(was_training)
     if dist.is_initialized():
         dist.barrier()
+
+
+def data_kwargs(args) -> dict:
+    """Dataset options every stage takes from its flags."""
+    return dict(max_length=args.max_seq_len, pad_to_max=bool(args.pad_to_max), skip_bad_lines=bool(args.skip_bad_lines))
 
 
 def init_stage(args, run_name: str = None, from_dir=None):
