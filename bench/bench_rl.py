@@ -135,7 +135,7 @@ def run_rl(args, work, algo, train_path, eval_rows, table):
               f"{row['minutes']:.1f} |", flush=True)
 
 
-def plot(table, path):
+def plot(table, path, label="held-out questions"):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -149,7 +149,7 @@ def plot(table, path):
         for ax, key in zip(axes, ("sample_reward", "greedy_acc")):
             ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", label=algo.upper())
     for ax, title in zip(axes, ("mean reward of sampled answers (T=0.8)", "greedy accuracy")):
-        ax.set_xlabel("RL step"), ax.set_title(f"held-out arithmetic: {title}", fontsize=10), ax.grid(alpha=0.3)
+        ax.set_xlabel("RL step"), ax.set_title(f"{label}: {title}", fontsize=10), ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +165,11 @@ def main(argv=None):
     p.add_argument("--num_hidden_layers", type=int, default=4)
     p.add_argument("--tasks", type=str, default="arith,compare", help=f"question kinds, from {sorted(TASKS)}")
     p.add_argument("--sft_share", type=float, default=0.5, help="share of the training pairs SFT sees; RL gets the rest")
+    p.add_argument("--rl_data", type=str, default=None,
+                   help="RLAIF jsonl with reference answers to train on instead of generated tasks "
+                        "(e.g. dataset/demo/rlaif.jsonl); needs --eval_data")
+    p.add_argument("--eval_data", type=str, default=None,
+                   help="held-out questions, eval.jsonl layout {question, answer} (e.g. dataset/demo/eval.jsonl)")
     p.add_argument("--sft_rows", type=int, default=4000, help="arithmetic dialogues for SFT from scratch")
     p.add_argument("--sft_epochs", type=int, default=3)
     p.add_argument("--algos", type=str, default="grpo,ppo,spo")
@@ -191,10 +196,16 @@ def main(argv=None):
     if not (work / f"full_sft_{args.hidden_size}.pth").exists():
         train_sft(args, work)
     sft_minutes = (time.time() - t0) / 60
-    train_path = write_jsonl(work / "rl_train.jsonl", task_rows(args, args.rl_prompts, "bench-rl", "rl", False))
-    eval_rows = task_rows(args, args.eval_prompts, "bench-eval", "heldout", False)
+    if args.rl_data:   # e.g. the demo corpus: dataset/demo/rlaif.jsonl + dataset/demo/eval.jsonl
+        train_path = Path(args.rl_data)
+        eval_rows = [{"conversations": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
+                     for r in map(json.loads, Path(args.eval_data).read_text(encoding="utf-8").splitlines())]
+    else:
+        train_path = write_jsonl(work / "rl_train.jsonl", task_rows(args, args.rl_prompts, "bench-rl", "rl", False))
+        eval_rows = task_rows(args, args.eval_prompts, "bench-eval", "heldout", False)
+    args.rl_prompts = sum(1 for _ in open(train_path, encoding="utf-8"))
     table = [{"algo": "sft", "step": 0, "completions": 0, "minutes": sft_minutes, **evaluate(args, work, "full_sft", eval_rows)}]
-    print(f"\n# RL on held-out arithmetic ({args.eval_prompts} questions), MiniMind {args.hidden_size}x"
+    print(f"\n# RL on {len(eval_rows)} held-out questions, MiniMind {args.hidden_size}x"
           f"{args.num_hidden_layers}, {args.prompts_per_step} completions per step, max {args.max_gen_len} new tokens")
     print("| algorithm | RL step | completions | mean sampled reward | greedy accuracy | minutes |")
     print("|---|---|---|---|---|---|")
@@ -209,7 +220,7 @@ def main(argv=None):
               f"{table[0]['greedy_acc']:.3f} | {last['greedy_acc']:.3f} |")
     print(f"\ntotal {(time.time() - t0) / 60:.1f} min")
     (work / "rl_bench.json").write_text(json.dumps(table, indent=1, ensure_ascii=False))
-    plot(table, args.plot)
+    plot(table, args.plot, f"{Path(args.eval_data).name}" if args.eval_data else "held-out questions")
     return table
 
 
