@@ -75,6 +75,22 @@ def test_lora_missing_base_weight_names_the_stage(tmp_path):
         train_lora.main(tiny_train_args(tmp_path, data["sft"], save_dir=tmp_path / "lora", from_dir=tmp_path / "nowhere"))
 
 
+def test_missing_weight_is_one_line_naming_the_size_that_exists(tmp_path):
+    """From the command line: no traceback, exit code 2, and the flags that would load the weight that is there."""
+    import subprocess
+    import sys
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    from tests.conftest import ROOT
+    from trainer.checkpoint import save_weights, weight_path
+    cfg = MiniMindConfig(hidden_size=64, num_hidden_layers=2)
+    save_weights(MiniMindForCausalLM(cfg), weight_path(tmp_path, "full_sft", cfg), cfg)
+    res = subprocess.run([sys.executable, str(ROOT / "trainer" / "train_dpo.py"), "--device", "cpu",
+                          "--save_dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: weight file ") and "full_sft_512.pth not found" in res.stderr
+    assert "full_sft_64.pth exists: add --hidden_size 64 --num_hidden_layers 2" in res.stderr
+
+
 # ---- DPO ----
 def test_dpo_loss_hand_computed():
     pc, pr = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])

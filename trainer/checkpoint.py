@@ -68,6 +68,13 @@ def load_weights(model, path, strict: bool = True) -> None:
         prefix = path.stem.rsplit("_", 2 if path.stem.endswith("_moe") else 1)[0]
         stage = PRODUCED_BY.get(prefix)
         hint = f" It is written by {stage}; run that stage first" if stage else ""
+        for other in sorted(path.parent.glob(f"{prefix}_*.json")):   # the same stage saved at another size
+            try:
+                c = json.loads(other.read_text(encoding="utf-8"))
+                size = f"--hidden_size {c['hidden_size']} --num_hidden_layers {c['num_hidden_layers']}"
+            except (OSError, ValueError, KeyError):
+                continue
+            hint += f". {other.with_suffix('.pth').name} exists: add {size}" + (" --use_moe 1" if c.get("use_moe") else "")
         raise FileNotFoundError(f"weight file {path} not found.{hint} (or point --from_weight/--from_dir elsewhere)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

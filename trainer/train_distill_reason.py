@@ -4,6 +4,7 @@
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer.train_reason import main
+from trainer.trainer_utils import cli
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
 from model.model_minimind import MiniMindConfig
-from trainer.trainer_utils import (DATA, Logger, build_parser, fit, init_model, init_stage, masked_cross_entropy,
+from trainer.trainer_utils import (cli, DATA, Logger, build_parser, fit, init_model, init_stage, masked_cross_entropy,
                                    data_kwargs, resolve_data)
 
 
@@ -77,4 +77,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dataset.lm_dataset import DPODataset, dpo_collate
 from trainer.rl_utils import sequence_logps, token_logps
-from trainer.trainer_utils import DATA, Logger, build_parser, fit, init_model, init_stage, data_kwargs, resolve_data
+from trainer.trainer_utils import cli, DATA, Logger, build_parser, fit, init_model, init_stage, data_kwargs, resolve_data
 
 
 def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float):
@@ -111,4 +111,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

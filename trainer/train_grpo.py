@@ -24,7 +24,7 @@ import torch
 
 from trainer.rl_utils import (adamw_cosine, add_rl_args, completion_logps, init_rl_stage, k3_kl, masked_mean,
                               optimizer_step, rollout, train_rl)
-from trainer.trainer_utils import DATA, build_parser, restore, unwrap, wrap_ddp
+from trainer.trainer_utils import cli, DATA, build_parser, restore, unwrap, wrap_ddp
 
 
 def group_advantages(rewards: torch.Tensor, group: int, batch_norm: bool = True, eps: float = 1e-4,
@@ -102,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

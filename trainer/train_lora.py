@@ -14,7 +14,7 @@ import torch
 
 from dataset.lm_dataset import SFTDataset
 from model.model_lora import apply_lora, freeze_non_lora, lora_parameters, save_lora
-from trainer.trainer_utils import (DATA, OUT, Logger, build_parser, data_kwargs, fit, init_stage, lm_loss, resolve_data,
+from trainer.trainer_utils import (cli, DATA, OUT, Logger, build_parser, data_kwargs, fit, init_stage, lm_loss, resolve_data,
                                    weight_path)
 
 
@@ -48,4 +48,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

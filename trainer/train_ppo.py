@@ -30,7 +30,7 @@ from torch import nn
 
 from trainer.rl_utils import (adamw_cosine, add_rl_args, completion_logps, frozen, init_rl_stage, k3_kl, masked_mean,
                               rollout, train_rl)
-from trainer.trainer_utils import DATA, build_parser, restore, unwrap, wrap_ddp
+from trainer.trainer_utils import cli, DATA, build_parser, restore, unwrap, wrap_ddp
 
 
 class CriticModel(nn.Module):
@@ -131,4 +131,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -11,7 +11,7 @@ import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).reso
 import torch
 
 from dataset.lm_dataset import PretrainDataset
-from trainer.trainer_utils import DATA, build_parser, fit, init_stage, lm_loss, data_kwargs, resolve_data
+from trainer.trainer_utils import cli, DATA, build_parser, fit, init_stage, lm_loss, data_kwargs, resolve_data
 
 
 def main(argv=None):
@@ -27,4 +27,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
-from trainer.trainer_utils import DATA, build_parser, fit, init_stage, data_kwargs, resolve_data
+from trainer.trainer_utils import cli, DATA, build_parser, fit, init_stage, data_kwargs, resolve_data
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -62,4 +62,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

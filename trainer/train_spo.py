@@ -22,7 +22,7 @@ import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).reso
 import torch
 
 from trainer.rl_utils import adamw_cosine, add_rl_args, completion_logps, init_rl_stage, k3_kl, masked_mean, rollout, train_rl
-from trainer.trainer_utils import DATA, build_parser, restore, unwrap, wrap_ddp
+from trainer.trainer_utils import cli, DATA, build_parser, restore, unwrap, wrap_ddp
 
 
 class AutoAdaptiveValueTracker:
@@ -110,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -35,7 +36,7 @@ from trainer.checkpoint import (atomic_save, lm_checkpoint, load_weights, save_w
 __all__ = ["ROOT", "DATA", "OUT", "CKPT", "build_parser", "init_run", "init_config", "init_model", "init_tracker",
            "restore", "wrap_ddp", "unwrap", "epoch_loader", "train_epoch", "masked_cross_entropy", "lm_loss", "Logger",
            "is_main_process", "get_lr", "weight_path", "save_weights", "lm_checkpoint", "atomic_save",
-           "load_weights", "resolve_data", "data_kwargs", "SkipBatchSampler", "train", "init_stage", "fit"]
+           "load_weights", "resolve_data", "data_kwargs", "cli", "SkipBatchSampler", "train", "init_stage", "fit"]
 
 
 # ---- logging and small helpers ----
@@ -46,6 +47,19 @@ def is_main_process() -> bool:
 def Logger(content) -> None:
     if is_main_process():
         print(content, flush=True)
+
+
+def cli(main) -> None:
+    """Run a stage's main(): a bad flag, path or data line (FileNotFoundError/ValueError, whose messages name
+    the file, line or flag) ends with that one message and exit code 2, not a traceback.
+    MINIMIND_DEBUG=1 shows the traceback."""
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as err:
+        if os.environ.get("MINIMIND_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def get_lr(current_step: int, total_steps: int, lr: float) -> float:
