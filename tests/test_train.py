@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from tests.conftest import ROOT, tiny_train_args, write_tiny_corpus

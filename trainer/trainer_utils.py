@@ -1,19 +1,17 @@
 """Plumbing shared by every training stage, written once: flags, device/precision/DDP set-up,
-model loading, data order, the supervised training loop, progress lines and tracking.
-Checkpoint files (weights, resume state) live in trainer/checkpoint.py.
+model loading, resume, the supervised training loop. Checkpoint files (weights, resume state) live in
+trainer/checkpoint.py, the batch order in trainer/data_order.py, progress lines and tracking in
+trainer/progress.py (their names are re-exported here).
 
 A stage script (train_pretrain.py, train_full_sft.py, ...) shows only what differs: its defaults,
 its data, what it trains and its loss. See ../shared/STYLE.md section 3.
 """
 import argparse
 import atexit
-import json
 import math
 import os
 import random
 import sys
-import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "dataset"
@@ -32,6 +29,8 @@ TOKENIZER_DIR = ROOT / "model"
 
 from trainer.checkpoint import (atomic_save, lm_checkpoint, load_weights, save_weights,  # noqa: E402
                                 weight_path)
+from trainer.data_order import SkipBatchSampler, epoch_loader  # noqa: E402
+from trainer.progress import Logger, Progress, init_tracker, is_main_process  # noqa: E402
 
 __all__ = ["ROOT", "DATA", "OUT", "CKPT", "build_parser", "init_run", "init_config", "init_model", "init_tracker",
            "restore", "wrap_ddp", "unwrap", "epoch_loader", "train_epoch", "masked_cross_entropy", "lm_loss", "Logger",
@@ -39,16 +38,7 @@ __all__ = ["ROOT", "DATA", "OUT", "CKPT", "build_parser", "init_run", "init_conf
            "load_weights", "resolve_data", "data_kwargs", "cli", "SkipBatchSampler", "train", "init_stage", "fit"]
 
 
-# ---- logging and small helpers ----
-def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def Logger(content) -> None:
-    if is_main_process():
-        print(content, flush=True)
-
-
+# ---- small helpers ----
 def cli(main) -> None:
     """Run a stage's main(): a bad flag, path or data line (FileNotFoundError/ValueError, whose messages name
     the file, line or flag) ends with that one message and exit code 2, not a traceback.
@@ -262,41 +252,6 @@ def init_model(lm_config, from_weight: str = "pretrain", tokenizer_path=TOKENIZE
     return model.to(device), tokenizer
 
 
-# ---- tracking ----
-class _NoTracker:
-    id = None
-
-    def log(self, *_, **__):
-        pass
-
-    def finish(self):
-        pass
-
-
-def init_tracker(args, ckp=None, run_name: str = None):
-    """4. a swanlab/wandb run (continued on resume), or a no-op with the same .log/.finish."""
-    if not args.use_wandb or not is_main_process():
-        return _NoTracker()
-    run_id = (ckp or {}).get("wandb_id")
-    name = run_name or f"{args.wandb_project}-Epoch-{args.epochs}-BatchSize-{args.batch_size}-LR-{args.learning_rate}"
-    try:
-        if args.tracker == "swanlab":
-            import swanlab
-            mode = os.environ.get("SWANLAB_MODE", "local" if not os.environ.get("SWANLAB_API_KEY") else "cloud")
-            run = swanlab.init(project=args.wandb_project, experiment_name=name, id=run_id,
-                               resume="must" if run_id else None, mode=mode, logdir=str(Path(args.save_dir) / "swanlog"))
-            run.id = getattr(run, "id", None) or swanlab.get_run().id
-        else:
-            import wandb
-            os.environ.setdefault("WANDB_MODE", "offline")
-            run = wandb.init(project=args.wandb_project, name=name, id=run_id, resume="must" if run_id else None,
-                             dir=args.save_dir)
-        return run
-    except Exception as err:  # a missing package or no network must not stop training
-        warnings.warn(f"--use_wandb: {args.tracker} unavailable ({err.__class__.__name__}: {err}); not tracking")
-        return _NoTracker()
-
-
 # ---- model wrapping and resume ----
 def unwrap(model):
     """The raw module behind DDP and torch.compile wrappers."""
@@ -354,91 +309,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ---- data order ----
-class SkipBatchSampler(Sampler):
-    """This rank's batches of one epoch, in a seeded order, minus the first `skip_batches`.
-
-    The order depends only on (seed, epoch), so a resumed run sees exactly the batches the
-    uninterrupted run would have seen. With `lengths`, samples are grouped into batches of similar
-    length (sorted inside shuffled windows of 64 batches, then the batches are shuffled)."""
-
-    def __init__(self, num_samples: int, batch_size: int, epoch: int, seed: int = 42, rank: int = 0,
-                 world_size: int = 1, skip_batches: int = 0, lengths=None, shuffle: bool = True):
-        g = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(num_samples, generator=g).tolist() if shuffle else list(range(num_samples))
-        per_rank = math.ceil(num_samples / world_size)
-        order += order[: per_rank * world_size - num_samples]        # pad so every rank gets as many samples
-        order = order[rank::world_size]
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        if lengths is not None:
-            window = batch_size * 64
-            grouped = []
-            for i in range(0, len(order), window):
-                chunk = sorted(order[i:i + window], key=lambda j: lengths[j], reverse=True)
-                grouped += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
-            perm = torch.randperm(len(grouped), generator=g).tolist()
-            batches = [grouped[i] for i in perm]
-        self.total = len(batches)
-        self.batches = batches[skip_batches:]
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
-def epoch_loader(dataset, args, epoch: int, start: Start = None, run: RunContext = None, collate_fn=None):
-    """(DataLoader over this rank's remaining batches of the epoch, total batches in the epoch)."""
-    from dataset.lm_dataset import pad_collate
-    skip = start.step if start is not None and epoch == start.epoch else 0
-    lengths = dataset.lengths() if args.group_by_length and hasattr(dataset, "lengths") else None
-    sampler = SkipBatchSampler(len(dataset), args.batch_size, epoch, args.seed, run.rank if run else 0,
-                               run.world_size if run else 1, skip, lengths)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                        collate_fn=collate_fn or pad_collate,
-                        pin_memory=bool(run and run.device_type == "cuda"),
-                        persistent_workers=False)
-    if skip:
-        Logger(f"Epoch [{epoch + 1}/{args.epochs}]: skipping the first {skip} steps, starting at step {skip + 1}")
-    return loader, sampler.total
-
-
 # ---- the shared supervised loop ----
-class Progress:
-    """One line per log interval: `Epoch:[1/2](300/1200) loss:2.3451 lr:0.00050000 tok/s:12,345 eta:3.2min`,
-    the same numbers appended as JSON to `{save_dir}/{weight}_metrics.jsonl`."""
-
-    def __init__(self, args, lm_config, epoch: int, iters: int, start_step: int, tracker):
-        self.args, self.epoch, self.iters, self.tracker = args, epoch, iters, tracker
-        self.t0, self.start_step, self.tokens = time.time(), start_step, 0
-        self.window_t, self.window_tokens = time.time(), 0
-        name = weight_path(args.save_dir, args.save_weight, lm_config).stem
-        self.metrics_path = Path(args.save_dir) / f"{name}_metrics.jsonl"
-        if epoch == 0 and start_step == 0 and not args.from_resume and is_main_process():
-            self.metrics_path.unlink(missing_ok=True)      # a fresh run starts a fresh file; a resumed one appends
-
-    def add_tokens(self, n: int):
-        self.tokens += n
-        self.window_tokens += n
-
-    def log(self, step: int, loss: float, lr: float, **extra):
-        now = time.time()
-        tok_s = self.window_tokens / max(now - self.window_t, 1e-9)
-        done = step - self.start_step
-        eta_min = (now - self.t0) / max(done, 1) * (self.iters - step) / 60
-        self.window_t, self.window_tokens = now, 0
-        extras = "".join(f" {k}:{v:.4f}" for k, v in extra.items())
-        Logger(f"Epoch:[{self.epoch + 1}/{self.args.epochs}]({step}/{self.iters}) loss:{loss:.4f}{extras} "
-               f"lr:{lr:.8f} tok/s:{tok_s:,.0f} eta:{eta_min:.1f}min")
-        record = {"epoch": self.epoch + 1, "step": step, "iters": self.iters, "loss": loss, "lr": lr,
-                  "tok_s": tok_s, "tokens": self.tokens, "time": now, **extra}
-        self.tracker.log({"loss": loss, "lr": lr, "tok_s": tok_s, **extra})
-        if is_main_process():
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 def train_epoch(run: RunContext, args, model, optimizer, loader, iters: int, loss_fn, tracker, lm_config,
                 epoch: int, start_step: int = 0, params=None, save_fn=None, wandb_id=None):
     """8. one epoch of the supervised loop shared by pretrain, SFT, LoRA, DPO, distillation and reasoning.
