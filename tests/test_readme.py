@@ -16,3 +16,56 @@ def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
     assert tests in ci
     assert ci.index("python -m pip install --quiet torch==2.13.0") < ci.index(
         "python -m pip install --quiet -r requirements.txt") < ci.index(tests)
+
+
+def readme_python_lines():
+    """Every `python <file>.py ...` command in README's bash blocks (continuation lines joined)."""
+    text = (ROOT / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            for part in line.split("&&"):
+                part = part.strip().removeprefix("cd trainer ").strip()
+                if part.startswith("python ") and ".py" in part.split()[1]:
+                    lines.append(part)
+    return lines
+
+
+def test_every_python_command_names_a_real_script_and_real_flags():
+    """The flags typed in README exist in the script's own --help (so no command fails on a typo)."""
+    import subprocess
+    import sys
+    checked = {}
+    for line in readme_python_lines():
+        tokens = line.split()
+        script = tokens[1]
+        path = ROOT / script if (ROOT / script).exists() else ROOT / "trainer" / script
+        assert path.is_file(), line
+        if path not in checked:
+            res = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=120,
+                                 cwd=ROOT)
+            assert res.returncode == 0, (line, res.stderr[-500:])
+            checked[path] = res.stdout
+        for flag in (t.split("=")[0] for t in tokens[2:] if t.startswith("--")):
+            assert re.search(rf"{re.escape(flag)}\b", checked[path]), f"{flag} not in {script} --help: {line}"
+    assert len(checked) >= 15
+
+
+def test_cpu_quick_start_block_runs_as_written(tmp_path):
+    """The "Try the plumbing on CPU" commands, run as written in a copy of the repository."""
+    import shutil
+    import subprocess
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"### Try the plumbing on CPU.*?```bash\n(.*?)```", text, re.S).group(1)
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    copy = tmp_path / "repo"
+    for f in files + [str(p.relative_to(ROOT)) for p in (ROOT / "trainer").glob("*.py")]:
+        if (ROOT / f).is_file() and not f.startswith("images/"):
+            (copy / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / f, copy / f)
+    for line in block.strip().splitlines():
+        res = subprocess.run(line, shell=True, cwd=copy, capture_output=True, text=True, timeout=300,
+                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, (line, res.stderr[-2000:])
+    assert (copy / "out" / "full_sft_64.pth").is_file() and res.stdout.strip()
