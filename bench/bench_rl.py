@@ -10,7 +10,7 @@ prompt pairs kept for evaluation never appear in training). (2) RL prompts from 
 the reference answer; reward = 1 if the answer's last number is right (rl_utils, --reward rule).
 (3) each algorithm runs in segments through its real trainer (trainer/train_<algo>.py, resumed with
 --from_resume 1), and after each segment its weights are scored on the held-out questions: greedy
-accuracy and the mean reward of 4 samples per question at the training temperature.
+accuracy and the mean reward of --eval_samples (4) samples per question at the training temperature.
 Writes {work_dir}/ (weights, metrics, rl_bench.json) and images/rl_reward.png; prints markdown tables.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,7 +75,7 @@ def write_jsonl(path, rows):
 
 
 @torch.no_grad()
-def evaluate(args, directory, weight: str, eval_rows, samples: int = 4):
+def evaluate(args, directory, weight: str, eval_rows):
     """Greedy accuracy and the mean reward of `samples` sampled answers per held-out prompt."""
     from model.model_minimind import MiniMindConfig
     cfg = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
@@ -91,6 +91,7 @@ def evaluate(args, directory, weight: str, eval_rows, samples: int = 4):
     greedy = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     _, greedy_stats = reward_fn([[]] * len(refs), greedy, refs)
     torch.manual_seed(0)
+    samples = args.eval_samples
     roll = rollout(model, tok, prompts, args, samples)
     rewards, _ = reward_fn([[]] * len(roll.texts), roll.texts, [r for r in refs for _ in range(samples)])
     return {"greedy_acc": greedy_stats["acc"], "sample_reward": rewards.mean().item(),
@@ -126,7 +127,7 @@ def run_rl(args, work, algo, train_path, eval_rows, table):
     t0 = time.time()
     for done in range(args.eval_every, args.rl_steps + 1, args.eval_every):
         argv = [a for k, v in {**flags, "max_steps": done, "from_resume": int(done > args.eval_every)}.items()
-                for a in (f"--{k}", str(v))]
+                for a in (f"--{k}", str(v))] + args.trainer_flags.split()
         TRAINERS[algo].main(argv)
         row = {"algo": algo, "step": done, "completions": done * per_step, "minutes": (time.time() - t0) / 60,
                **evaluate(args, out, WEIGHT[algo], eval_rows)}
@@ -182,6 +183,9 @@ def main(argv=None):
     p.add_argument("--max_seq_len", type=int, default=64)
     p.add_argument("--max_gen_len", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--eval_samples", type=int, default=4, help="sampled answers per held-out question")
+    p.add_argument("--trainer_flags", type=str, default="",
+                   help='more flags for every RL trainer, e.g. "--beta 0.01 --num_iterations 2"')
     p.add_argument("--grpo_lr", type=float, default=5e-5)
     p.add_argument("--ppo_lr", type=float, default=5e-5)
     p.add_argument("--spo_lr", type=float, default=5e-5)
