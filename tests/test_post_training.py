@@ -156,6 +156,34 @@ def test_distillation_runs_with_a_bigger_teacher(chain):
     assert {"ce", "distill"} <= set(log[0]) and log[0]["distill"] > 0
 
 
+def test_bench_distill_compares_sft_and_distillation(chain, tmp_path):
+    """bench/bench_distill.py at toy size: one pretrained student, then plain SFT and distillation, scored."""
+    from bench import bench_distill
+    from dataset import demo_data
+    tmp, data = chain
+    teacher_dir = tmp_path / "teacher"
+    train_pretrain.main(tiny_train_args(teacher_dir, data["pretrain"], hidden_size=96, accumulation_steps=1,
+                                        max_steps=2, save_weight="full_sft"))
+    demo = demo_data.write_demo_data(tmp_path / "demo", scale=0.05)
+    rows = bench_distill.main(["--work_dir", str(tmp_path / "work"), "--teacher_dir", str(teacher_dir / "out"),
+                               "--teacher_hidden_size", "96", "--teacher_num_layers", "2",
+                               "--student_hidden_size", "64", "--student_num_layers", "2",
+                               "--tokenizer_path", str(tokenizer_dir()), "--pretrain_path", str(demo["pretrain"]),
+                               "--sft_path", str(demo["sft"]), "--eval_path", str(demo["eval"]),
+                               "--epochs", "1", "--max_steps", "3", "--val_dialogues", "10"])
+    work = tmp_path / "work"
+    for name in ("pretrain_64.pth", "full_sft_64.pth", "full_dist_64.pth", "full_sft_96.pth"):
+        assert (work / name).is_file(), name
+    n_eval = sum(1 for _ in open(demo["eval"], encoding="utf-8"))
+    assert [r[0].split(",")[0] for r in rows] == ["teacher (SFT)", "student", "student"]
+    for _, _, _, r in rows:
+        assert math.isfinite(r["val_ce"]) and r["val_ce"] > 0 and r["total"] == n_eval
+    # the two students differ only in the loss: same start, data and steps, different weights
+    sft, dist = (torch.load(work / f, map_location="cpu") for f in ("full_sft_64.pth", "full_dist_64.pth"))
+    assert sft.keys() == dist.keys() and any(not torch.equal(sft[k], dist[k]) for k in sft)
+    assert json.loads((work / "distill_bench.json").read_text())[0]["model"] == "teacher (SFT)"
+
+
 # ---- reasoning ----
 def test_tag_weights_only_on_supervised_complete_tags():
     tok = __import__("transformers").AutoTokenizer.from_pretrained(str(tokenizer_dir()))
