@@ -23,13 +23,9 @@ from dataset.lm_dataset import SFTDataset, pad_collate
 from model.model_minimind import MiniMindConfig
 from scripts import eval_demo
 from trainer import train_distillation, train_full_sft, train_pretrain
-from trainer.trainer_utils import OUT, ROOT, TOKENIZER_DIR, init_model, masked_cross_entropy
+from trainer.trainer_utils import OUT, ROOT, TOKENIZER_DIR, init_model, masked_cross_entropy, to_argv
 
 DEMO = ROOT / "dataset" / "demo"
-
-
-def argv_of(flags: dict) -> list:
-    return [a for k, v in flags.items() for a in (f"--{k}", str(v))]
 
 
 def held_out_dialogues(path: Path, train_path: Path, n: int) -> Path:
@@ -97,17 +93,17 @@ def main(argv=None):
     times = {}
     t0 = time.time()
     if not (work / f"pretrain_{sh}.pth").exists():
-        train_pretrain.main(argv_of({**common, "hidden_size": sh, "num_hidden_layers": sl, "from_weight": "none",
+        train_pretrain.main(to_argv({**common, "hidden_size": sh, "num_hidden_layers": sl, "from_weight": "none",
                                      "data_path": args.pretrain_path, "epochs": 1, "batch_size": 8,
                                      "learning_rate": 2e-3}))
     times["pretrain"] = time.time() - t0
     stage = {**common, "data_path": args.sft_path, "epochs": args.epochs, "batch_size": args.batch_size,
              "learning_rate": args.learning_rate, "max_seq_len": args.max_seq_len}
     t0 = time.time()
-    train_full_sft.main(argv_of({**stage, "hidden_size": sh, "num_hidden_layers": sl, "from_weight": "pretrain"}))
+    train_full_sft.main(to_argv({**stage, "hidden_size": sh, "num_hidden_layers": sl, "from_weight": "pretrain"}))
     times["sft"] = time.time() - t0
     t0 = time.time()
-    train_distillation.main(argv_of({**stage, "student_hidden_size": sh, "student_num_layers": sl,
+    train_distillation.main(to_argv({**stage, "student_hidden_size": sh, "student_num_layers": sl,
                                      "teacher_hidden_size": args.teacher_hidden_size,
                                      "teacher_num_layers": args.teacher_num_layers,
                                      "from_student_weight": "pretrain", "from_teacher_weight": "full_sft",

@@ -26,7 +26,7 @@ import torch
 from dataset import demo_data
 from trainer import train_full_sft, train_grpo, train_ppo, train_spo
 from trainer.rl_utils import Rewards, encode_prompts, rollout
-from trainer.trainer_utils import OUT, ROOT, TOKENIZER_DIR, init_model
+from trainer.trainer_utils import OUT, ROOT, TOKENIZER_DIR, init_model, to_argv
 
 TRAINERS = {"grpo": train_grpo, "ppo": train_ppo, "spo": train_spo}
 WEIGHT = {"grpo": "grpo", "ppo": "ppo_actor", "spo": "spo"}
@@ -76,7 +76,7 @@ def write_jsonl(path, rows):
 
 @torch.no_grad()
 def evaluate(args, directory, weight: str, eval_rows):
-    """Greedy accuracy and the mean reward of `samples` sampled answers per held-out prompt."""
+    """Greedy accuracy and the mean reward of --eval_samples sampled answers per held-out prompt."""
     from model.model_minimind import MiniMindConfig
     cfg = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
     model, tok = init_model(cfg, weight, args.tokenizer_path, directory)
@@ -105,7 +105,7 @@ def train_sft(args, work):
                  save_dir=work, checkpoint_dir=work / "ckpt", tokenizer_path=args.tokenizer_path, data_path=data,
                  from_weight="none", epochs=args.sft_epochs, batch_size=32, learning_rate=2e-3, max_seq_len=96,
                  accumulation_steps=1, num_workers=0, log_interval=50, save_interval=100000, group_by_length=1)
-    train_full_sft.main([a for k, v in flags.items() for a in (f"--{k}", str(v))])
+    train_full_sft.main(to_argv(flags))
 
 
 def run_rl(args, work, algo, train_path, eval_rows, table):
@@ -126,8 +126,8 @@ def run_rl(args, work, algo, train_path, eval_rows, table):
         flags.update(critic_learning_rate=args.lr[algo] * 10)
     t0 = time.time()
     for done in range(args.eval_every, args.rl_steps + 1, args.eval_every):
-        argv = [a for k, v in {**flags, "max_steps": done, "from_resume": int(done > args.eval_every)}.items()
-                for a in (f"--{k}", str(v))] + args.trainer_flags.split()
+        argv = (to_argv({**flags, "max_steps": done, "from_resume": int(done > args.eval_every)})
+                + args.trainer_flags.split())
         TRAINERS[algo].main(argv)
         row = {"algo": algo, "step": done, "completions": done * per_step, "minutes": (time.time() - t0) / 60,
                **evaluate(args, out, WEIGHT[algo], eval_rows)}

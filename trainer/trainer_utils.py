@@ -32,7 +32,7 @@ from trainer.checkpoint import (atomic_save, lm_checkpoint, load_weights, save_w
 from trainer.data_order import SkipBatchSampler, epoch_loader  # noqa: E402
 from trainer.progress import Logger, Progress, init_tracker, is_main_process  # noqa: E402
 
-__all__ = ["ROOT", "DATA", "OUT", "CKPT", "build_parser", "init_run", "init_config", "init_model", "init_tracker",
+__all__ = ["ROOT", "DATA", "OUT", "CKPT", "to_argv", "build_parser", "init_run", "init_config", "init_model", "init_tracker",
            "restore", "wrap_ddp", "unwrap", "epoch_loader", "train_epoch", "masked_cross_entropy", "lm_loss", "Logger",
            "is_main_process", "get_lr", "weight_path", "save_weights", "lm_checkpoint", "atomic_save",
            "load_weights", "resolve_data", "data_kwargs", "cli", "SkipBatchSampler", "train", "init_stage", "fit"]
@@ -93,6 +93,11 @@ class _Explicit(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values)
         setattr(namespace, f"{self.dest}_explicit", True)
+
+
+def to_argv(flags: dict) -> list[str]:
+    """{"epochs": 2, ...} -> ["--epochs", "2", ...]: how benches and tests call a stage's main(argv)."""
+    return [a for k, v in flags.items() for a in (f"--{k}", str(v))]
 
 
 def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
