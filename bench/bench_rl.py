@@ -1,16 +1,20 @@
-"""Does RL with a verifiable reward work here? GRPO, PPO and SPO on the demo corpus's small-number
-arithmetic, scored on held-out questions before and during training.
+"""Does RL with a verifiable reward work here? GRPO, PPO and SPO start from the demo's SFT model, train on
+the demo's unit-conversion RL prompts and are scored on held-out prompts before and during training.
 
-    python bench/bench_rl.py                                  # about 12 min on a 2-core CPU, all three algorithms
-    python bench/bench_rl.py --algos grpo --rl_steps 40       # a quicker look
-    OMP_NUM_THREADS=1 python bench/bench_rl.py                # faster when other jobs share the CPU
-Steps: (1) an SFT model: `{work_dir}/full_sft_<hidden>.pth` if present, else SFT from scratch on the demo
-generator's arithmetic dialogues (dataset/demo_data.py: a+b, a-b with a, b <= 20, a*b with a, b <= 9; the
-prompt pairs kept for evaluation never appear in training). (2) RL prompts from the same generator, with
-the reference answer; reward = 1 if the answer's last number is right (rl_utils, --reward rule).
-(3) each algorithm runs in segments through its real trainer (trainer/train_<algo>.py, resumed with
---from_resume 1), and after each segment its weights are scored on the held-out questions: greedy
-accuracy and the mean reward of --eval_samples (4) samples per question at the training temperature.
+    bash scripts/run_demo.sh                                   # once: writes out/full_sft_256.pth (6 min)
+    python bench/bench_rl.py                                   # about 15 min on a 2-core CPU, all three algorithms
+    python bench/bench_rl.py --algos grpo --rl_steps 200       # a quicker look
+    python bench/bench_rl.py --rl_data dataset/demo/rlaif.jsonl --eval_data dataset/demo/eval.jsonl   # the mix
+    python bench/bench_rl.py --mode tasks --hidden_size 128    # its own small arithmetic SFT model first
+Demo mode (default): (1) the SFT weight `{from_dir}/full_sft_<hidden>.pth`; (2) RL prompts --rl_data
+(dataset/demo/rlaif_units.jsonl: unit conversions on training pairs, with the reference answer); reward = 1
+if the answer's last number is right (rl_utils, --reward rule); (3) held-out prompts --eval_data
+(dataset/demo/rlaif_units_eval.jsonl: every (unit, number) pair no training file contains, in all phrasings).
+Tasks mode: SFT from scratch on the demo generator's arithmetic dialogues, then RL prompts and held-out
+prompts from the same generator (--tasks). Each algorithm runs in segments through its real trainer
+(trainer/train_<algo>.py, resumed with --from_resume 1); after each segment its weights are scored on the
+held-out prompts: greedy accuracy and the mean reward of --eval_samples (4) samples per prompt at the
+training temperature. --broad_eval (dataset/demo/eval.jsonl) is scored before and after each algorithm.
 Writes {work_dir}/ (weights, metrics, rl_bench.json) and images/rl_reward.png; prints markdown tables.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,6 +31,8 @@ from dataset import demo_data
 from trainer import train_full_sft, train_grpo, train_ppo, train_spo
 from trainer.rl_utils import Rewards, encode_prompts, rollout
 from trainer.trainer_utils import OUT, ROOT, TOKENIZER_DIR, init_model, to_argv
+
+DEMO = ROOT / "dataset" / "demo"
 
 TRAINERS = {"grpo": train_grpo, "ppo": train_ppo, "spo": train_spo}
 WEIGHT = {"grpo": "grpo", "ppo": "ppo_actor", "spo": "spo"}
@@ -115,7 +121,7 @@ def run_rl(args, work, algo, train_path, eval_rows, table):
     batch = per_step // args.num_generations if algo == "grpo" else per_step   # same completions per step
     iters = args.rl_prompts // batch
     flags = dict(device="cpu", hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                 save_dir=out, checkpoint_dir=out / "ckpt", from_dir=work, tokenizer_path=args.tokenizer_path,
+                 save_dir=out, checkpoint_dir=out / "ckpt", from_dir=args.sft_dir, tokenizer_path=args.tokenizer_path,
                  data_path=train_path, reasoning=0, reward="rule", batch_size=batch, max_seq_len=args.max_seq_len,
                  max_gen_len=args.max_gen_len, learning_rate=args.lr[algo], epochs=-(-args.rl_steps // iters),
                  num_workers=0, log_interval=args.eval_every, save_interval=100000, accumulation_steps=1,
@@ -158,37 +164,48 @@ def plot(table, path, label="held-out questions"):
     print(f"plot: {path}")
 
 
+def read_questions(path) -> list[dict]:
+    """An eval.jsonl-layout file {question, answer} as single-turn prompts with their reference."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [{"conversations": [{"role": "user", "content": r["question"]}], "answer": r["answer"]} for r in rows]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work_dir", type=Path, default=OUT / "rl_bench", help="SFT weight, RL runs and results")
+    p.add_argument("--mode", choices=["demo", "tasks"], default="demo",
+                   help="demo: start from {from_dir}/full_sft_<hidden>.pth and the demo files; "
+                        "tasks: train a small arithmetic SFT model in work_dir and generate the tasks (--tasks)")
+    p.add_argument("--work_dir", type=Path, default=OUT / "rl_bench", help="RL runs and results")
+    p.add_argument("--from_dir", type=Path, default=OUT, help="demo mode: where full_sft_<hidden>.pth is")
     p.add_argument("--tokenizer_path", type=str, default=str(TOKENIZER_DIR))
-    p.add_argument("--hidden_size", type=int, default=128)
+    p.add_argument("--hidden_size", type=int, default=256, help="256 = the demo's SFT model")
     p.add_argument("--num_hidden_layers", type=int, default=4)
-    p.add_argument("--tasks", type=str, default="arith,compare", help=f"question kinds, from {sorted(TASKS)}")
-    p.add_argument("--sft_share", type=float, default=0.5, help="share of the training pairs SFT sees; RL gets the rest")
-    p.add_argument("--rl_data", type=str, default=None,
-                   help="RLAIF jsonl with reference answers to train on instead of generated tasks "
-                        "(e.g. dataset/demo/rlaif.jsonl); needs --eval_data")
-    p.add_argument("--eval_data", type=str, default=None,
-                   help="held-out questions, eval.jsonl layout {question, answer} (e.g. dataset/demo/eval.jsonl)")
-    p.add_argument("--sft_rows", type=int, default=4000, help="arithmetic dialogues for SFT from scratch")
+    p.add_argument("--rl_data", type=str, default=str(DEMO / "rlaif_units.jsonl"),
+                   help="demo mode: RLAIF jsonl with reference answers to train on")
+    p.add_argument("--eval_data", type=str, default=str(DEMO / "rlaif_units_eval.jsonl"),
+                   help="demo mode: held-out prompts, eval.jsonl layout {question, answer}")
+    p.add_argument("--broad_eval", type=str, default=str(DEMO / "eval.jsonl"),
+                   help="demo mode: questions also scored before and after each algorithm ('' = none)")
+    p.add_argument("--tasks", type=str, default="arith,compare", help=f"tasks mode: question kinds, from {sorted(TASKS)}")
+    p.add_argument("--sft_share", type=float, default=0.5, help="tasks mode: share of the training pairs SFT sees")
+    p.add_argument("--sft_rows", type=int, default=4000, help="tasks mode: arithmetic dialogues for SFT")
     p.add_argument("--sft_epochs", type=int, default=3)
+    p.add_argument("--rl_prompts", type=int, default=1000, help="tasks mode: training prompts")
+    p.add_argument("--eval_prompts", type=int, default=100, help="tasks mode: held-out prompts")
     p.add_argument("--algos", type=str, default="grpo,ppo,spo")
-    p.add_argument("--rl_steps", type=int, default=100)
-    p.add_argument("--eval_every", type=int, default=20)
-    p.add_argument("--rl_prompts", type=int, default=1000, help="training prompts (held-out pairs excluded)")
-    p.add_argument("--eval_prompts", type=int, default=100, help="held-out evaluation prompts")
+    p.add_argument("--rl_steps", type=int, default=400)
+    p.add_argument("--eval_every", type=int, default=100)
     p.add_argument("--prompts_per_step", type=int, default=32, help="completions per RL step, for every algorithm")
     p.add_argument("--num_generations", type=int, default=8, help="GRPO group size")
     p.add_argument("--max_seq_len", type=int, default=64)
-    p.add_argument("--max_gen_len", type=int, default=16)
+    p.add_argument("--max_gen_len", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--eval_samples", type=int, default=4, help="sampled answers per held-out question")
     p.add_argument("--trainer_flags", type=str, default="",
                    help='more flags for every RL trainer, e.g. "--beta 0.01 --num_iterations 2"')
-    p.add_argument("--grpo_lr", type=float, default=5e-5)
-    p.add_argument("--ppo_lr", type=float, default=5e-5)
-    p.add_argument("--spo_lr", type=float, default=5e-5)
+    p.add_argument("--grpo_lr", type=float, default=1e-4)
+    p.add_argument("--ppo_lr", type=float, default=1e-4)
+    p.add_argument("--spo_lr", type=float, default=1e-4)
     p.add_argument("--plot", type=Path, default=ROOT / "images" / "rl_reward.png")
     args = p.parse_args(argv)
     args.lr = {"grpo": args.grpo_lr, "ppo": args.ppo_lr, "spo": args.spo_lr}
@@ -197,35 +214,54 @@ def main(argv=None):
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if not (work / f"full_sft_{args.hidden_size}.pth").exists():
-        train_sft(args, work)
-    sft_minutes = (time.time() - t0) / 60
-    if args.rl_data:   # e.g. the demo corpus: dataset/demo/rlaif.jsonl + dataset/demo/eval.jsonl
-        train_path = Path(args.rl_data)
-        eval_rows = [{"conversations": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
-                     for r in map(json.loads, Path(args.eval_data).read_text(encoding="utf-8").splitlines())]
+    broad = []
+    if args.mode == "demo":
+        args.sft_dir = args.from_dir
+        sft = args.sft_dir / f"full_sft_{args.hidden_size}.pth"
+        if not sft.is_file():
+            raise SystemExit(f"no SFT weight at {sft}: run `bash scripts/run_demo.sh` first (it writes "
+                             f"out/full_sft_256.pth), or pass --from_dir, or use --mode tasks")
+        if not Path(args.rl_data).is_file() and Path(args.rl_data).parent == DEMO:
+            demo_data.write_demo_data(DEMO)        # the demo files are generated, not shipped
+        train_path, eval_rows = Path(args.rl_data), read_questions(args.eval_data)
+        broad = read_questions(args.broad_eval) if args.broad_eval else []
     else:
+        args.sft_dir = work
+        if not (work / f"full_sft_{args.hidden_size}.pth").exists():
+            train_sft(args, work)
         train_path = write_jsonl(work / "rl_train.jsonl", task_rows(args, args.rl_prompts, "bench-rl", "rl", False))
         eval_rows = task_rows(args, args.eval_prompts, "bench-eval", "heldout", False)
+    sft_minutes = (time.time() - t0) / 60
     args.rl_prompts = sum(1 for _ in open(train_path, encoding="utf-8"))
-    table = [{"algo": "sft", "step": 0, "completions": 0, "minutes": sft_minutes, **evaluate(args, work, "full_sft", eval_rows)}]
-    print(f"\n# RL on {len(eval_rows)} held-out questions, MiniMind {args.hidden_size}x"
-          f"{args.num_hidden_layers}, {args.prompts_per_step} completions per step, max {args.max_gen_len} new tokens")
+    table = [{"algo": "sft", "step": 0, "completions": 0, "minutes": sft_minutes,
+              **evaluate(args, args.sft_dir, "full_sft", eval_rows)}]
+    broad_scores = {"sft": evaluate(args, args.sft_dir, "full_sft", broad)} if broad else {}
+    print(f"\n# RL on {train_path.name} ({args.rl_prompts} prompts), scored on {len(eval_rows)} held-out prompts; "
+          f"MiniMind {args.hidden_size}x{args.num_hidden_layers}, {args.prompts_per_step} completions per step, "
+          f"max {args.max_gen_len} new tokens, temperature {args.temperature}")
     print("| algorithm | RL step | completions | mean sampled reward | greedy accuracy | minutes |")
     print("|---|---|---|---|---|---|")
     print(f"| SFT (start) | 0 | 0 | {table[0]['sample_reward']:.3f} | {table[0]['greedy_acc']:.3f} | {sft_minutes:.1f} |")
     for algo in algos:
         run_rl(args, work, algo, train_path, eval_rows, table)
+        if broad:
+            broad_scores[algo] = evaluate(args, work / algo, WEIGHT[algo], broad)
     print("\n| algorithm | reward before | reward after | greedy acc before | greedy acc after |")
     print("|---|---|---|---|---|")
     for algo in algos:
         last = [r for r in table if r["algo"] == algo][-1]
         print(f"| {algo.upper()} | {table[0]['sample_reward']:.3f} | {last['sample_reward']:.3f} | "
               f"{table[0]['greedy_acc']:.3f} | {last['greedy_acc']:.3f} |")
+    if broad_scores:
+        print(f"\n{Path(args.broad_eval).name} ({len(broad)} questions), before and after each algorithm:")
+        print("| weights | mean sampled reward | greedy accuracy |\n|---|---|---|")
+        for name, r in broad_scores.items():
+            print(f"| {name.upper()} | {r['sample_reward']:.3f} | {r['greedy_acc']:.3f} |")
     print(f"\ntotal {(time.time() - t0) / 60:.1f} min")
-    (work / "rl_bench.json").write_text(json.dumps(table, indent=1, ensure_ascii=False))
-    plot(table, args.plot, f"{Path(args.eval_data).name}" if args.eval_data else "held-out questions")
-    return table
+    result = {"curve": table, "broad_eval": broad_scores}
+    (work / "rl_bench.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    plot(table, args.plot, Path(args.eval_data).name if args.mode == "demo" else "held-out questions")
+    return result
 
 
 if __name__ == "__main__":

@@ -16,11 +16,13 @@ Files (original jsonl formats, spec section 11), line counts at scale=1 (2 MB in
                                 leading system message whose "functions" list turns on the tools template
     dpo.jsonl              500  {"chosen", "rejected"}: chosen correct; rejected wrong, rambling or a refusal
     rlaif.jsonl            500  {"conversations", "answer"}: last assistant turn is the placeholder "无";
-                                "answer" is the checkable reference answer
+                                "answer" is the checkable reference answer; questions from the whole mix
+    rlaif_units.jsonl      500  the same layout, unit conversions only (the skill RL improves, bench_rl.py)
     r1.jsonl              1000  {"conversations"}: assistant "<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>"
     lora_identity.jsonl    150  {"conversations"}: who MiniMind is, in both languages
     lora_domain.jsonl      300  {"conversations"}: a made-up home-cooking domain (not in pretrain or SFT)
     eval.jsonl             170  {"question", "answer", "kind"}: held out, checked with check_answer(pred, answer)
+    rlaif_units_eval.jsonl  96  the same layout: every held-out (unit, number) pair in every phrasing
 
 With the shipped tokenizer: pretrain ~240k tokens (at most ~220 per line), SFT ~170k (95% of conversations
 under 90 tokens; the tool conversations, whose preamble is long, up to ~510), R1 ~70k.
@@ -40,7 +42,7 @@ from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = dict(pretrain=4000, sft=3000, dpo=500, rlaif=500, r1=1000, lora_identity=150, lora_domain=300)
+SIZES = dict(pretrain=4000, sft=3000, dpo=500, rlaif=500, rlaif_units=500, r1=1000, lora_identity=150, lora_domain=300)
 
 
 # ---- Facts (hand-written). Each row: the zh values, then the en values, then values shared by both ----
@@ -453,24 +455,34 @@ def qa_sort(rng, lang, heldout=False):
     return dict(q=q, a=ans, key=", ".join(map(str, s)), kind="sort", think=think, bad=bad)
 
 
+UNIT_QUESTIONS = {  # the last template of each language is held out (eval files only), as for the facts
+    "zh": ["{v}{zf}等于多少{zt}？", "{v}{zf}是多少{zt}？", "把{v}{zf}换算成{zt}。", "请把{v}{zf}换算成{zt}。"],
+    "en": ["How many {et} are in {v} {ef}?", "Convert {v} {ef} to {et}.", "What is {v} {ef} in {et}?",
+           "Please convert {v} {ef} into {et}."],
+}
+
+
+def unit_qa(i: int, v: int, lang: str, template: str) -> dict:
+    """The question/answer for converting v of UNITS[i], asked with one of UNIT_QUESTIONS[lang]."""
+    zf, zt, (es, ep), et, k = UNITS[i]
+    r = v * k
+    if lang == "zh":
+        ans, think = f"{v}{zf}等于{r}{zt}。", f"1{zf}等于{k}{zt}，所以{v}{zf}等于{v}×{k}={r}{zt}。"
+        q = _fill(template, v=v, zf=zf, zt=zt)
+    else:
+        ef = es if v == 1 else ep
+        ans, think = f"{v} {ef} is {r} {et}.", f"One {es} is {k} {et}, so {v} {ef} is {v}*{k}={r} {et}."
+        q = _fill(template, v=v, ef=ef, et=et)
+    return dict(q=q, a=ans, key=str(r), kind="unit", think=think)
+
+
 def qa_unit(rng, lang, heldout=False):
     while True:
         i, v = rng.randrange(len(UNITS)), rng.randint(1, 12)
         if held_out(f"unit:{i}:{v}", 8) == heldout:
             break
-    zf, zt, (es, ep), et, k = UNITS[i]
-    r = v * k
-    if lang == "zh":
-        q = (f"请把{v}{zf}换算成{zt}。" if heldout else
-             rng.choice([f"{v}{zf}等于多少{zt}？", f"{v}{zf}是多少{zt}？", f"把{v}{zf}换算成{zt}。"]))
-        ans, think = f"{v}{zf}等于{r}{zt}。", f"1{zf}等于{k}{zt}，所以{v}{zf}等于{v}×{k}={r}{zt}。"
-    else:
-        ef = es if v == 1 else ep
-        q = (f"Please convert {v} {ef} into {et}." if heldout else
-             rng.choice([f"How many {et} are in {v} {ef}?", f"Convert {v} {ef} to {et}.",
-                         f"What is {v} {ef} in {et}?"]))
-        ans, think = f"{v} {ef} is {r} {et}.", f"One {es} is {k} {et}, so {v} {ef} is {v}*{k}={r} {et}."
-    return dict(q=q, a=ans, key=str(r), kind="unit", think=think)
+    qs = UNIT_QUESTIONS[lang]
+    return unit_qa(i, v, lang, qs[-1] if heldout else rng.choice(qs[:-1]))
 
 
 def qa_fact(rng, lang, kind=None, heldout=False, kinds=KINDS):
@@ -675,6 +687,31 @@ def gen_rlaif(rng, n):
     return out
 
 
+def gen_rlaif_units(rng, n):
+    """RL prompts for one skill: unit conversion (training pairs and phrasings, as SFT teaches them). The SFT
+    model applies it unreliably: copy the number, pick the factor, write the product. A verifiable reward
+    sharpens that on pairs it never trained on, where facts and sums are one item each (bench/bench_rl.py)."""
+    out = []
+    for _ in range(n):
+        qa = qa_unit(rng, _lang(rng))
+        out.append({"conversations": _conv(qa["q"], "无"), "answer": qa["key"]})
+    return out
+
+
+def gen_rlaif_units_eval() -> list[dict]:
+    """Every unit question on a held-out (unit, number) pair, in all phrasings and both languages: no training
+    file contains these pairs. Same layout as eval.jsonl."""
+    out = []
+    for i in range(len(UNITS)):
+        for v in range(1, 13):
+            if held_out(f"unit:{i}:{v}", 8):
+                for lang in ("zh", "en"):
+                    for template in UNIT_QUESTIONS[lang]:
+                        qa = unit_qa(i, v, lang, template)
+                        out.append({"question": qa["q"], "answer": qa["key"], "kind": qa["kind"]})
+    return out
+
+
 def gen_r1(rng, n):
     out = []
     for _ in range(n):
@@ -774,6 +811,7 @@ def build_demo_data(seed: int = 0, scale: float = 1.0) -> dict[str, list[dict]]:
         rng = random.Random(f"minimind-demo-{seed}-{name}")
         rows[name] = globals()[f"gen_{name}"](rng, max(4, round(size * scale)))
     rows["eval"] = gen_eval(random.Random(f"minimind-demo-{seed}-eval"), scale)
+    rows["rlaif_units_eval"] = gen_rlaif_units_eval()
     return rows
 
 

@@ -10,7 +10,8 @@ import pytest
 from dataset import demo_data as dd
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["pretrain", "sft", "dpo", "rlaif", "r1", "lora_identity", "lora_domain", "eval"]
+NAMES = ["pretrain", "sft", "dpo", "rlaif", "rlaif_units", "r1", "lora_identity", "lora_domain", "eval",
+         "rlaif_units_eval"]
 R1_FORMAT = re.compile(r"<think>\n(.+)\n</think>\n<answer>\n(.+)\n</answer>", re.S)
 
 
@@ -26,11 +27,11 @@ def full(tmp_path_factory):
 
 
 def training_text(data: dict) -> str:
-    """Every string a training stage sees, joined (eval excluded)."""
+    """Every string a training stage sees, joined (the eval files excluded)."""
     parts = []
     for name, rows in data.items():
         for row in rows:
-            if name != "eval":
+            if not name.endswith("eval"):
                 parts.append(json.dumps(row, ensure_ascii=False))
                 parts += [m["content"] for k in ("conversations", "chosen", "rejected") for m in row.get(k, [])]
                 parts.append(row.get("text", ""))
@@ -129,6 +130,36 @@ def test_rlaif_format(full):
         conv = row["conversations"]
         assert [m["role"] for m in conv] == ["user", "assistant"] and conv[-1]["content"] == "无"
         assert isinstance(row["answer"], str) and row["answer"]
+
+
+def test_rlaif_units_train_and_held_out_prompts(full):
+    """rlaif_units.jsonl: unit conversions on training pairs in training phrasings; rlaif_units_eval.jsonl:
+    every held-out pair in every phrasing, none of them in any training file, answers = number x factor."""
+    def pair(q):
+        for i in range(len(dd.UNITS)):
+            for v in range(1, 13):
+                for lang in ("zh", "en"):
+                    for k, t in enumerate(dd.UNIT_QUESTIONS[lang]):
+                        if dd.unit_qa(i, v, lang, t)["q"] == q:
+                            return i, v, k == len(dd.UNIT_QUESTIONS[lang]) - 1
+        raise AssertionError(q)
+    for row in full["rlaif_units"]:
+        i, v, held_template = pair(row["conversations"][0]["content"])
+        assert not dd.held_out(f"unit:{i}:{v}", 8) and not held_template
+        assert row["answer"] == str(v * dd.UNITS[i][4])
+    evals = full["rlaif_units_eval"]
+    assert len(evals) == len({r["question"] for r in evals}) == 96
+    train = training_text(full)
+    for row in evals:
+        i, v, _ = pair(row["question"])
+        assert dd.held_out(f"unit:{i}:{v}", 8) and row["answer"] == str(v * dd.UNITS[i][4])
+        unseen = lambda text: not re.search(r"(?<!\d)" + re.escape(text), train)   # "1千克" is not "11千克"
+        assert list(row) == ["question", "answer", "kind"] and unseen(row["question"])
+        # the pair's answer sentence never appears in training either ("6周等于42天。", "6 weeks is 42 days.")
+        for lang in ("zh", "en"):
+            assert unseen(dd.unit_qa(i, v, lang, dd.UNIT_QUESTIONS[lang][0])["a"])
+    sft_questions = {m["content"] for r in full["sft"] for m in r["conversations"] if m["role"] == "user"}
+    assert sum(r["conversations"][0]["content"] in sft_questions for r in full["rlaif_units"]) > 100  # SFT taught it
 
 
 def test_r1_format(full):

@@ -300,3 +300,38 @@ def test_missing_reward_model_is_a_clear_error(sft_chain, tmp_path):
                                                          str(tmp_path / "nowhere")]
     with pytest.raises(FileNotFoundError, match="--reward rule"):
         train_grpo.main(args)
+
+
+def test_bench_rl_demo_mode_at_toy_size(sft_chain, tmp_path):
+    """bench/bench_rl.py from an SFT weight on the demo's unit RL prompts: every algorithm trains through its
+    real trainer in two segments (the second resumed), each scored on the held-out prompts and the broad set."""
+    from bench import bench_rl
+    from dataset import demo_data
+    demo = demo_data.write_demo_data(tmp_path / "demo", scale=0.05)
+    work = tmp_path / "work"
+    result = bench_rl.main(["--work_dir", str(work), "--from_dir", str(sft_chain / "out"), "--hidden_size", "64",
+                            "--num_hidden_layers", "2", "--tokenizer_path", str(tokenizer_dir()),
+                            "--rl_data", str(demo["rlaif_units"]), "--eval_data", str(demo["rlaif_units_eval"]),
+                            "--broad_eval", str(demo["eval"]), "--rl_steps", "2", "--eval_every", "1",
+                            "--prompts_per_step", "4", "--num_generations", "2", "--max_gen_len", "6",
+                            "--eval_samples", "1", "--grpo_lr", "1e-2", "--ppo_lr", "1e-2", "--spo_lr", "1e-2",
+                            "--plot", str(tmp_path / "rl.png")])
+    curve = result["curve"]
+    assert [(r["algo"], r["step"]) for r in curve] == [("sft", 0)] + [(a, s) for a in ("grpo", "ppo", "spo")
+                                                                        for s in (1, 2)]
+    assert all(0 <= r["sample_reward"] <= 1 and 0 <= r["greedy_acc"] <= 1 for r in curve)
+    assert [r["completions"] for r in curve[1:3]] == [4, 8]
+    assert set(result["broad_eval"]) == {"sft", "grpo", "ppo", "spo"}
+    sft = torch.load(sft_chain / "out" / "full_sft_64.pth")
+    for algo, weight in bench_rl.WEIGHT.items():
+        trained = torch.load(work / algo / f"{weight}_64.pth")
+        assert any(not torch.equal(sft[k], trained[k]) for k in sft), algo
+        steps = [json.loads(line)["step"] for line in open(work / algo / f"{weight}_64_metrics.jsonl")]
+        assert steps[-1] == 2, algo                        # segment 2 resumed at step 2, not from scratch
+    assert json.loads((work / "rl_bench.json").read_text())["curve"] == curve
+
+
+def test_bench_rl_without_sft_weight_says_what_to_run(tmp_path):
+    from bench import bench_rl
+    with pytest.raises(SystemExit, match="run_demo.sh"):
+        bench_rl.main(["--work_dir", str(tmp_path / "w"), "--from_dir", str(tmp_path / "none")])
