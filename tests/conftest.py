@@ -1,13 +1,12 @@
-"""Shared fixtures: tiny model configs and paths to the reference material in ../shared."""
+"""Shared fixtures: tiny model configs and the ground truth kept in tests/goldens (the original's outputs and tokenizer)."""
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "reference"
-GOLDENS = SHARED / "goldens"
-UPSTREAM_TOKENIZER = SHARED / "upstream_tokenizer"
+GOLDENS = ROOT / "tests" / "goldens"
+UPSTREAM_TOKENIZER = GOLDENS / "upstream_tokenizer"
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -25,18 +24,9 @@ def tiny_model():
     return MiniMindForCausalLM(tiny_config()).eval()
 
 
-def needs(path: Path):
-    return pytest.mark.skipif(not path.exists(), reason=f"{path} not present")
-
-
 def tokenizer_dir() -> Path:
-    """The shipped tokenizer, or the original's files while ours is absent."""
-    shipped = ROOT / "model"
-    if (shipped / "tokenizer.json").exists():
-        return shipped
-    if (UPSTREAM_TOKENIZER / "tokenizer.json").exists():
-        return UPSTREAM_TOKENIZER
-    pytest.skip("no tokenizer available")
+    """The shipped tokenizer."""
+    return ROOT / "model"
 
 
 def write_tiny_corpus(directory: Path, n: int = 96, seed: int = 0) -> dict:

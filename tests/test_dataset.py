@@ -1,8 +1,7 @@
 """dataset/lm_dataset.py: the original's samples (goldens), loss masks, dynamic padding, the offset
 index, and clear errors for bad input. Everything is written to tmp_path.
 
-The golden tests need ../shared/reference (the original tokenizer and outputs) and skip without it;
-the rest use that tokenizer when present and otherwise a tiny byte-level BPE built here.
+The golden tests use tests/goldens (the original tokenizer and its outputs, copied into the repository).
 """
 import importlib.util
 import json
@@ -20,9 +19,8 @@ from torch.utils.data import DataLoader
 from dataset.lm_dataset import (DPODataset, JsonlIndex, PretrainDataset, RLAIFDataset, SFTDataset,
                                 assistant_loss_mask, dpo_collate, pad_collate, read_jsonl, _scan_lines)
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference"
-GOLDENS, UPSTREAM_TOKENIZER = REFERENCE / "goldens", REFERENCE / "upstream_tokenizer"
-golden = pytest.mark.skipif(not GOLDENS.exists() or not UPSTREAM_TOKENIZER.exists(), reason="no shared/reference")
+GOLDENS = Path(__file__).resolve().parent / "goldens"
+UPSTREAM_TOKENIZER = GOLDENS / "upstream_tokenizer"
 
 # ChatML without the tools preamble details: enough for the fallback tokenizer
 FALLBACK_TEMPLATE = (
@@ -42,8 +40,6 @@ USER_ASSISTANT = {"conversations": [{"role": "user", "content": "你好"}, {"rol
 
 @pytest.fixture(scope="session")
 def upstream_tokenizer():
-    if not UPSTREAM_TOKENIZER.exists():
-        pytest.skip("no upstream tokenizer in shared/reference")
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(UPSTREAM_TOKENIZER)
 
@@ -98,7 +94,6 @@ def original_loss_mask(ids, bos, eos, max_length):
 GOLDEN_CASES = [("pretrain", PretrainDataset), ("sft", SFTDataset), ("dpo", DPODataset)]
 
 
-@golden
 @pytest.mark.parametrize("kind,cls", GOLDEN_CASES)
 def test_pad_to_max_reproduces_the_original(tmp_path, upstream_tokenizer, kind, cls):
     gold = json.loads((GOLDENS / f"data_{kind}.json").read_text())
@@ -112,7 +107,6 @@ def test_pad_to_max_reproduces_the_original(tmp_path, upstream_tokenizer, kind, 
             assert got[key].dtype == torch.long and got[key].tolist() == value, (kind, i, key)
 
 
-@golden
 @pytest.mark.parametrize("kind,cls", GOLDEN_CASES)
 def test_dynamic_padding_feeds_and_supervises_the_same_tokens(tmp_path, upstream_tokenizer, kind, cls):
     gold = json.loads((GOLDENS / f"data_{kind}.json").read_text())
@@ -130,7 +124,6 @@ def test_dynamic_padding_feeds_and_supervises_the_same_tokens(tmp_path, upstream
             assert len(got["X"]) == max(n_real, 2) - 1
 
 
-@golden
 def test_spec_worked_example_supervises_reply_im_end_and_newline(tmp_path, upstream_tokenizer):
     ds = SFTDataset(write_jsonl(tmp_path / "a.jsonl", [USER_ASSISTANT]), upstream_tokenizer, max_length=32,
                     pad_to_max=True)
@@ -175,7 +168,6 @@ def test_tools_from_the_system_turn_reach_the_template(tmp_path, tokenizer):
 
 
 # ---- dynamic padding ----
-@golden
 def test_pad_collate_gives_the_same_loss_as_padding_to_max(tmp_path, upstream_tokenizer):
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
     gold = json.loads((GOLDENS / "data_sft.json").read_text())

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, precompute_freqs_cis
-from tests.conftest import GOLDENS, ROOT, needs, tiny_config
+from tests.conftest import GOLDENS, ROOT, tiny_config
 
 
 # ---- an independent reference forward, written from the spec's formulas (UPSTREAM_SPEC 1.3-1.8) ----
@@ -102,7 +102,6 @@ def random_model(seed=0, **overrides):
 
 
 # ---- goldens written by the original code ----
-@needs(GOLDENS)
 @pytest.mark.parametrize("name", ["dense", "yarn", "moe"])
 def test_goldens_strict_load_logits_and_greedy(name):
     g = torch.load(GOLDENS / f"model_{name}.pt")

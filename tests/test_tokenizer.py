@@ -13,8 +13,7 @@ from trainer import train_tokenizer as tt
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "model"
-UPSTREAM = Path(__file__).resolve().parents[2] / "shared/reference/upstream_tokenizer"
-needs_upstream = pytest.mark.skipif(not (UPSTREAM / "tokenizer.json").exists(), reason=f"{UPSTREAM} not present")
+UPSTREAM = Path(__file__).resolve().parent / "goldens" / "upstream_tokenizer"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 SYS = "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
 TOOLS_HEAD = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
@@ -171,7 +170,6 @@ def test_round_trip_any_unicode(tok, text):
 
 # ---- the original files (skipped when ../shared/reference is absent) ----
 
-@needs_upstream
 @pytest.mark.parametrize("text,ids", [
     ("<|im_start|>assistant", [1, 1078, 538, 501]), ("<|im_start|>assistant\n", [1, 1078, 538, 501, 201]),
     ("<|im_end|>", [2]), ("<think>", [30, 450, 1573, 32]), ("</think>", [5540, 450, 1573, 32]),
@@ -183,14 +181,12 @@ def test_upstream_token_vectors(upstream, text, ids):
     assert upstream(text).input_ids == ids
 
 
-@needs_upstream
 def test_upstream_template_vectors(upstream):
     a = upstream.apply_chat_template([U("你好"), A("你好！")], tokenize=False)
     assert upstream(a).input_ids == [1, 85, 736, 201, 59, 292, 389, 260, 3836, 1861, 501, 2, 201, 1, 320, 275, 201,
                                      5134, 2, 201, 1, 1078, 538, 501, 201, 5134, 2207, 2, 201]
 
 
-@needs_upstream
 @pytest.mark.parametrize("name", sorted(SPEC_RENDERS))
 def test_upstream_renders_match_spec(upstream, name):
     messages, kwargs, expected = SPEC_RENDERS[name]
@@ -209,7 +205,6 @@ _message = st.one_of(
 _tools = st.one_of(st.none(), st.just([]), st.just(WEATHER), st.just([{"name": "f", "description": "中文"}]))
 
 
-@needs_upstream
 @settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(messages=st.lists(_message, min_size=1, max_size=6), tools=_tools, agp=st.booleans(),
        thinking=st.sampled_from(["unset", True, False]))
