@@ -147,9 +147,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_pos_emb(q, k, cos, sin):
-    """q: (B, T, H, D), k: (B, T, KV, D), cos/sin: (B or 1, T, D)."""
+    """q: (B, T, H, D), k: (B, T, KV, D), cos/sin: (B or 1, T, D) in float32.
+
+    Half-precision q/k are promoted by the float32 tables, so the rotation runs in float32; the result is cast
+    back to q's and k's own dtype, so that a float16/bfloat16 model hands SDPA q, k and v of one dtype. In
+    float32 the cast is a no-op; under autocast it is the cast SDPA's autocast used to apply (same values and
+    gradients).
+    """
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+    return ((q * cos) + (rotate_half(q) * sin)).to(q.dtype), ((k * cos) + (rotate_half(k) * sin)).to(k.dtype)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
