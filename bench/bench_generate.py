@@ -4,7 +4,7 @@
     python bench/bench_generate.py --original_dir /path/to/minimind --original_python /path/to/venv/bin/python
     python bench/bench_generate.py --hidden_size 64 --num_hidden_layers 2 --new_tokens 16 --repeats 1   # quick
 Both sides run the same measuring code in their own fresh process, each with its own transformers (the original
-with the pins of its venv), on the same random fp32 weights (ours are saved, the original loads them strict:
+with the pins of its venv), taking turns repeat by repeat, on the same random fp32 weights (ours are saved, the original loads them strict:
 the state-dict keys are identical) and the same prompts, through model.generate() as eval_llm.py calls it
 (input ids + attention mask, greedy). Without the original (no --original_dir and none at ../orig or
 ../minimind next to this repository) its rows are skipped with one line.
@@ -27,8 +27,10 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Runs in a fresh interpreter for each side: argv = repo root, weight file, JSON spec. Prints one JSON line.
-RUNNER = r"""
+# A worker in a fresh interpreter for each side: argv = repo root, weight file, JSON spec. It answers requests
+# {"batch": B, "new_tokens": N} read from stdin with one "@@ {seconds, tokens}" line each; the sides are asked
+# in turn, repeat by repeat, so that a change in the machine's load hits both alike.
+WORKER = r"""
 import json, sys, time
 import torch
 root, weights, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -39,30 +41,51 @@ model = MiniMindForCausalLM(MiniMindConfig(**spec["config"])).eval()
 model.load_state_dict(torch.load(weights, map_location="cpu"), strict=True)
 if spec.get("compile"):
     model.forward = torch.compile(model.forward, dynamic=True)
-results = {}
-for batch in spec["batch_sizes"]:
-    prompt = torch.randint(3, 6400, (batch, spec["prompt_len"]), generator=torch.Generator().manual_seed(batch))
-    def generate(n):
-        return model.generate(inputs=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                              min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+for line in sys.stdin:
+    req = json.loads(line)
+    prompt = torch.randint(3, 6400, (req["batch"], spec["prompt_len"]), generator=torch.Generator().manual_seed(req["batch"]))
     with torch.inference_mode():
-        t0 = time.perf_counter(); generate(8); warmup = time.perf_counter() - t0   # warm-up (and compilation)
-        ttft, total = [], []
-        for _ in range(spec["repeats"]):
-            t0 = time.perf_counter(); generate(1); ttft.append(time.perf_counter() - t0)
-            t0 = time.perf_counter(); out = generate(spec["new_tokens"]); total.append(time.perf_counter() - t0)
-    results[batch] = {"ttft": min(ttft), "total": min(total), "warmup": warmup,
-                      "tokens": out[:, spec["prompt_len"]:].tolist()}
-print(json.dumps(results))
+        t0 = time.perf_counter()
+        out = model.generate(inputs=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=req["new_tokens"],
+                             min_new_tokens=req["new_tokens"], do_sample=False, pad_token_id=0, eos_token_id=None)
+        seconds = time.perf_counter() - t0
+    print("@@ " + json.dumps({"seconds": seconds, "tokens": out[:, spec["prompt_len"]:].tolist()}), flush=True)
 """
 
 
-def run_side(python: str, root: Path, weights: Path, spec: dict) -> dict:
-    proc = subprocess.run([python, "-c", RUNNER, str(root), str(weights), json.dumps(spec)], cwd=root,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{python} on {root} failed:\n{proc.stderr[-3000:]}")
-    return {int(b): r for b, r in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+class Worker:
+    """One side's generation process (its own interpreter, repository and transformers)."""
+
+    def __init__(self, python, root: Path, weights: Path, spec: dict, log: Path):
+        self.log, self.name = log, f"{python} on {root}"
+        self.proc = subprocess.Popen([str(python), "-c", WORKER, str(root), str(weights), json.dumps(spec)], cwd=root,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+
+    def generate(self, batch: int, new_tokens: int) -> dict:
+        self.proc.stdin.write(json.dumps({"batch": batch, "new_tokens": new_tokens}) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith("@@ "):
+                return json.loads(line[3:])
+        raise SystemExit(f"{self.name} failed:\n{self.log.read_text()[-3000:]}")
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def measure(workers: dict, batch: int, new_tokens: int, repeats: int) -> dict:
+    """Best-of-N time to first token and total time per side, the sides taking turns; plus the greedy tokens and
+    the warm-up time (which includes compilation for a compiled side)."""
+    res = {}
+    for name, w in workers.items():
+        res[name] = {"warmup": w.generate(batch, 8)["seconds"], "ttft": float("inf"), "total": float("inf")}
+    for _ in range(repeats):
+        for name, w in workers.items():
+            res[name]["ttft"] = min(res[name]["ttft"], w.generate(batch, 1)["seconds"])
+            out = w.generate(batch, new_tokens)
+            res[name]["total"], res[name]["tokens"] = min(res[name]["total"], out["seconds"]), out["tokens"]
+    return res
 
 
 def rates(res: dict, batch: int, new_tokens: int) -> tuple:
@@ -166,26 +189,33 @@ def main(argv=None):
         torch.save(MiniMindForCausalLM(MiniMindConfig(**cfg)).state_dict(), weights)
         sides = {}
         if original_dir is not None and (original_dir / "model" / "model_minimind.py").is_file():
-            sides["original"] = run_side(str(original_python), original_dir, weights, spec)
+            sides["original"] = Worker(original_python, original_dir, weights, spec, Path(tmp) / "original.log")
         else:
-            print(f"# original MiniMind not found ({original_dir or '../orig, ../minimind'}): its rows are skipped")
-        sides["ours"] = run_side(sys.executable, ROOT, weights, spec)
+            why = "--original_dir none" if args.original_dir == "none" else \
+                f"no original MiniMind at {original_dir or '../orig or ../minimind'}"
+            print(f"# {why}: the original's rows are skipped")
+        sides["ours"] = Worker(sys.executable, ROOT, weights, spec, Path(tmp) / "ours.log")
         if args.compile:
-            sides["ours + compile"] = run_side(sys.executable, ROOT, weights, {**spec, "compile": True})
-            print("# ours + compile: warm-up with compilation "
-                  + ", ".join(f"{r['warmup']:.0f} s at batch {b}" for b, r in sides["ours + compile"].items()))
+            sides["ours + compile"] = Worker(sys.executable, ROOT, weights, {**spec, "compile": True},
+                                             Path(tmp) / "compiled.log")
+        results = {b: measure(sides, b, args.new_tokens, args.repeats) for b in spec["batch_sizes"]}
+        for w in sides.values():
+            w.close()
         bounds = {b: floors(cfg, weights, b, spec["threads"]) for b in spec["batch_sizes"]}
+    if args.compile:
+        print("# ours + compile: first generate() with compilation "
+              + ", ".join(f"{r['ours + compile']['warmup']:.0f} s at batch {b}" for b, r in results.items()))
 
     print("| batch | code | time to first token (ms) | decode tokens/s | end-to-end tokens/s | decode vs original "
           "| end-to-end vs original | greedy tokens = original |")
     print("|---|---|---|---|---|---|---|---|")
-    for batch in spec["batch_sizes"]:
-        base = rates(sides["original"][batch], batch, args.new_tokens) if "original" in sides else None
-        for name, res in sides.items():
-            ttft, dec, e2e = rates(res[batch], batch, args.new_tokens)
+    for batch, res in results.items():
+        base = rates(res["original"], batch, args.new_tokens) if "original" in res else None
+        for name, r in res.items():
+            ttft, dec, e2e = rates(r, batch, args.new_tokens)
             vs = f"{dec / base[1]:.2f}x | {e2e / base[2]:.2f}x" if base else "- | -"
             same = "-" if name == "original" or base is None else \
-                ("yes" if res[batch]["tokens"] == sides["original"][batch]["tokens"] else "NO")
+                ("yes" if r["tokens"] == res["original"]["tokens"] else "NO")
             print(f"| {batch} | {name} | {ttft * 1000:.1f} | {dec:,.1f} | {e2e:,.1f} | {vs} | {same} |")
         for name, dec in bounds[batch].items():
             vs = f"{dec / base[1]:.2f}x | -" if base else "- | -"

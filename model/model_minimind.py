@@ -141,25 +141,21 @@ def precompute_freqs_cis(dim: int, end: int = 32768, rope_base: float = 1e6, rop
     return freqs_cos, freqs_sin
 
 
-def apply_rotary_pos_emb(q, k, cos, sin_signed):
-    """Rotate-half RoPE: x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) for the halves x1, x2.
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
-    q: (B, T, H, D), k: (B, T, KV, D), cos/sin_signed: (B|1, T, D) or (T, D), float32. The caller passes sin with
-    its first half negated (`signed_sin`), so rotate_half(x) * sin = roll(x, D/2) * sin_signed: the same bits (a
-    sign flip is exact) in fewer ops per layer. Half-precision q/k are promoted by the float32 tables, so the
-    rotation runs in float32; the result is cast back to q's and k's own dtype, so that a float16/bfloat16 model
-    hands SDPA q, k and v of one dtype. In float32 the cast is a no-op; under autocast it is the cast SDPA's
-    autocast used to apply (same values and gradients).
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """q: (B, T, H, D), k: (B, T, KV, D), cos/sin: (B or 1, T, D) in float32.
+
+    Half-precision q/k are promoted by the float32 tables, so the rotation runs in float32; the result is cast
+    back to q's and k's own dtype, so that a float16/bfloat16 model hands SDPA q, k and v of one dtype. In
+    float32 the cast is a no-op; under autocast it is the cast SDPA's autocast used to apply (same values and
+    gradients).
     """
-    cos, sin = cos.unsqueeze(-2), sin_signed.unsqueeze(-2)
-    half = q.shape[-1] // 2
-    return ((q * cos) + (q.roll(half, -1) * sin)).to(q.dtype), ((k * cos) + (k.roll(half, -1) * sin)).to(k.dtype)
-
-
-def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """sin with its first half negated (see apply_rotary_pos_emb)."""
-    half = sin.shape[-1] // 2
-    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return ((q * cos) + (rotate_half(q) * sin)).to(q.dtype), ((k * cos) + (rotate_half(k) * sin)).to(k.dtype)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -430,13 +426,12 @@ class MiniMindModel(nn.Module):
         # at each sample's first token, and each sample attends only to itself
         packed = (position_ids is not None and past_len == 0 and not padded and seq_len > 1
                   and bool((position_ids[:, 1:] == 0).any()))
-        if position_ids is None and padded:  # left padding must not shift positions: count real tokens only
-            position_ids = (attention_mask[:, -total:].long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
-        if position_ids is None:  # consecutive positions: a view of the tables, no gather
-            cos, sin = self.freqs_cos[past_len:total], self.freqs_sin[past_len:total]      # (T, D)
-        else:
-            cos, sin = self.freqs_cos[position_ids], self.freqs_sin[position_ids]          # (B|1, T, D)
-        position_embeddings = (cos, signed_sin(sin))
+        if position_ids is None:
+            if padded:  # left padding must not shift positions: count real tokens only
+                position_ids = (attention_mask[:, -total:].long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+            else:
+                position_ids = torch.arange(past_len, total, device=input_ids.device).unsqueeze(0)
+        position_embeddings = (self.freqs_cos[position_ids], self.freqs_sin[position_ids])  # (B|1, T, D)
 
         attn_mask = None
         if padded:
