@@ -162,3 +162,18 @@ def test_torchrun_two_processes_on_cpu(tmp_path, packing):
     assert r0["seen"] != r1["seen"]                          # different samples on each rank
     assert r0["checksum"] == r1["checksum"] and r0["first"] == r1["first"]   # identical weights after all-reduce
     assert (tmp_path / "out" / "pretrain_64.pth").exists()  # written by rank 0
+
+
+@pytest.mark.slow
+def test_compiled_run_saves_plain_keys_and_resumes_exactly(tmp_path):
+    """--use_compile 1: weights and resume files carry no `_orig_mod.`, and a resumed compiled run equals the
+    uninterrupted compiled run. (slow: torch.compile on CPU takes about a minute per process)"""
+    data = write_tiny_corpus(tmp_path / "data", n=48)
+    common = dict(use_compile=1, accumulation_steps=2, batch_size=4)
+    train_pretrain.main(tiny_train_args(tmp_path / "full", data["pretrain"], max_steps=6, **common))
+    train_pretrain.main(tiny_train_args(tmp_path / "cut", data["pretrain"], max_steps=4, **common))
+    train_pretrain.main(tiny_train_args(tmp_path / "cut", data["pretrain"], max_steps=6, from_resume=1, **common))
+    a, b = (torch.load(tmp_path / run / "out" / "pretrain_64.pth") for run in ("full", "cut"))
+    resume = torch.load(tmp_path / "cut" / "ckpt" / "pretrain_64_resume.pth", weights_only=False)
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in list(a) + list(resume["model"]))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -340,16 +340,21 @@ def restore(ckp, model, optimizer, scaler=None, **extra) -> ResumePoint:
 
 
 # ---- 7. wrapping ----
-def wrap_model(model, run: RunContext, args=None):
+def wrap_model(model, run: RunContext, args=None, compile_ok: bool = True):
     """7. DistributedDataParallel when launched with several processes, then torch.compile with --use_compile 1.
     The only buffers are the RoPE tables, which every rank computes itself: DDP ignores them and syncs no
-    buffers (forward_sync_buffers=False, torch 2.13's replacement of broadcast_buffers)."""
+    buffers (forward_sync_buffers=False, torch 2.13's replacement of broadcast_buffers). compile_ok=False (the RL
+    stages) says why --use_compile is not used."""
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel
         model._ddp_params_and_buffers_to_ignore = {name for name, _ in model.named_buffers()}
         device_ids = [run.local_rank] if run.device_type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
     if args is not None and getattr(args, "use_compile", 0):
-        Logger("torch.compile: the first steps compile the model (about a minute), then run faster")
-        model = torch.compile(model)
+        if not compile_ok:
+            Logger("--use_compile 1 is ignored by this stage: its rollouts change shapes on every step, so "
+                   "torch.compile would recompile instead of running faster")
+        else:
+            Logger("torch.compile: the first steps compile the model (about a minute), then run faster")
+            model = torch.compile(model)
     return model
