@@ -12,6 +12,7 @@ Writes {work_dir}/ (weights, metrics, distill_bench.json) and prints a markdown 
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
+from types import SimpleNamespace
 import json
 import shutil
 import time
@@ -40,15 +41,15 @@ def held_out_dialogues(path: Path, train_path: Path, n: int) -> Path:
 @torch.no_grad()
 def score(args, directory, weight: str, hidden_size: int, num_layers: int, val_path: Path) -> dict:
     """Mean CE per supervised token on the held-out dialogues, and greedy accuracy on eval.jsonl."""
-    model, tok = init_model(MiniMindConfig(hidden_size=hidden_size, num_hidden_layers=num_layers), weight,
-                            args.tokenizer_path, directory)
+    model, tok = init_model(MiniMindConfig(hidden_size=hidden_size, num_hidden_layers=num_layers),
+                            SimpleNamespace(tokenizer_path=args.tokenizer_path, from_dir=str(directory)), from_weight=weight)
     model.eval()
     ds = SFTDataset(str(val_path), tok, max_length=args.max_seq_len, skip_bad_lines=True)
     loader = torch.utils.data.DataLoader(ds, batch_size=16, collate_fn=pad_collate)
     total, count = 0.0, 0
-    for X, Y, mask in loader:
-        n = mask.sum().item()
-        total += masked_cross_entropy(model(X).logits, Y, mask).item() * n
+    for batch in loader:
+        n = batch["loss_mask"].sum().item()
+        total += masked_cross_entropy(model(batch["input_ids"]).logits, batch["labels"], batch["loss_mask"]).item() * n
         count += n
     acc = eval_demo.evaluate(model, tok, args.eval_path)
     return {"val_ce": total / count, "accuracy": acc["accuracy"], "right": acc["right"], "total": acc["total"]}

@@ -19,6 +19,7 @@ Writes {work_dir}/ (weights, metrics, rl_bench.json) and images/rl_reward.png; p
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
+from types import SimpleNamespace
 import json
 import random
 import re
@@ -85,7 +86,8 @@ def evaluate(args, directory, weight: str, eval_rows):
     """Greedy accuracy and the mean reward of --eval_samples sampled answers per held-out prompt."""
     from model.model_minimind import MiniMindConfig
     cfg = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
-    model, tok = init_model(cfg, weight, args.tokenizer_path, directory)
+    model, tok = init_model(cfg, SimpleNamespace(tokenizer_path=args.tokenizer_path, from_dir=str(directory)),
+                            from_weight=weight)
     model.eval()
     prompts = [tok.apply_chat_template(r["conversations"][:1], tokenize=False, add_generation_prompt=True)
                for r in eval_rows]

@@ -30,10 +30,13 @@ def weight_path(save_dir, name: str, cfg, suffix: str = ".pth") -> Path:
 
 
 def atomic_save(obj, path) -> None:
-    """torch.save to a temp file next to `path`, fsync, then os.replace (atomic on POSIX and Windows)."""
+    """torch.save (or text/bytes) to a temp file next to `path`, fsync, then os.replace (atomic on POSIX and
+    Windows). The temp name carries the writer's pid, so temp files left by a killed writer are removed by
+    the next save of the same file. The file gets the usual permissions (0666 minus the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             if isinstance(obj, (str, bytes)):
@@ -42,11 +45,54 @@ def atomic_save(obj, path) -> None:
                 torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError):   # e.g. a full disk: name the file, not the temp file
+            raise OSError(err.errno, f"{err.strerror or err}; the previous file is unchanged", str(path)) from None
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete `.{name}.{pid}.*.tmp` files next to `path` whose writer process is gone."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False        # our own earlier temp file: that save failed and is over
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def verify_file(path) -> None:
+    """A file written by torch.save is a zip archive with a CRC32 per record: check them all (about 2 ms per
+    MB), so a corrupted or truncated file is one clear error instead of NaNs loaded silently."""
+    import zipfile
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise ValueError(f"{path} is truncated or corrupted ({err}); restore it or train again") from None
+    if bad is not None:
+        raise ValueError(f"{path} is corrupted (CRC mismatch in record {bad}); restore it or train again")
 
 
 def half_state_dict(model) -> dict:
@@ -76,6 +122,7 @@ def load_weights(model, path, strict: bool = True) -> None:
                 continue
             hint += f". {other.with_suffix('.pth').name} exists: add {size}" + (" --use_moe 1" if c.get("use_moe") else "")
         raise FileNotFoundError(f"weight file {path} not found.{hint} (or point --from_weight/--from_dir elsewhere)")
+    verify_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -116,7 +163,14 @@ def lm_checkpoint(lm_config, weight: str = "full_sft", model=None, optimizer=Non
         return resume_path
     if not resume_path.exists():
         return None
-    ckp = torch.load(resume_path, map_location="cpu", weights_only=False)
+    verify_file(resume_path)
+    try:
+        ckp = torch.load(resume_path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{resume_path}: not a readable resume file ({err.__class__.__name__}: {err}); delete it "
+                         "to start over, or restore it") from None
+    if not isinstance(ckp, dict) or not {"model", "epoch", "step"} <= set(ckp):
+        raise ValueError(f"{resume_path}: not a resume file of this trainer (no model/epoch/step)")
     saved_ws = ckp.get("world_size", 1)
     if saved_ws != world:
         ckp["step"] = ckp["step"] * saved_ws // world
