@@ -18,10 +18,9 @@ import time
 
 import torch
 
-from dataset import demo_data
+from dataset import demo_data, scoring
 from dataset.lm_dataset import SFTDataset, pad_collate
 from model.model_minimind import MiniMindConfig
-from scripts import eval_demo
 from trainer import train_distillation, train_full_sft, train_pretrain
 from trainer.trainer_utils import OUT, ROOT, TOKENIZER_DIR, init_model, masked_cross_entropy, to_argv
 
@@ -50,7 +49,7 @@ def score(args, directory, weight: str, hidden_size: int, num_layers: int, val_p
         n = mask.sum().item()
         total += masked_cross_entropy(model(X).logits, Y, mask).item() * n
         count += n
-    acc = eval_demo.evaluate(model, tok, args.eval_path)
+    acc = scoring.evaluate(model, tok, args.eval_path)
     return {"val_ce": total / count, "accuracy": acc["accuracy"], "right": acc["right"], "total": acc["total"]}
 
 
