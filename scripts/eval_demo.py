@@ -1,48 +1,50 @@
 """Scripted chat over the held-out demo questions: prints each answer and the accuracy.
 
     python scripts/eval_demo.py --weight full_sft                 # out/full_sft_<hidden>.pth + its .json config
-    python scripts/eval_demo.py --weight full_sft --lora_weight lora_identity --kinds identity
+    python scripts/eval_demo.py --weight full_sft --hidden_size 256 --lora_weight lora_identity --kinds identity
     python scripts/eval_demo.py --save_dir /tmp/run/out --weight dpo --show 5 --json results.json
-Questions come from dataset/demo/eval.jsonl (written by dataset/demo_data.py); answers are scored with
-dataset/scoring.py. Greedy decoding, batched with left padding. Writes nothing unless --json.
+The weight is found as everywhere else (model/loading.py): the size flags name `{weight}_{hidden}[_moe].pth`,
+and without them the one `{weight}_*.pth` in --save_dir is used. Questions come from dataset/demo/eval.jsonl
+(written by dataset/demo_data.py); answers are scored by dataset/scoring.py. Greedy decoding, batched with
+left padding. Writes nothing unless --json. A weight that cannot be loaded is one error line, exit code 2.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
 import json
 
-ROOT = Path(__file__).resolve().parents[1]
+from dataset.scoring import evaluate
+from model.loading import (ROOT, TOKENIZER_DIR, add_lora, add_size_args, find_weight, load_native, load_tokenizer,
+                           resolve_path, typed_sizes)
+from trainer.trainer_utils import cli
 
 
-def load_native(save_dir, weight: str, hidden_size: int = None, tokenizer_path=ROOT / "model", lora_weight=None,
-                device: str = "cpu"):
-    """A native weight `{save_dir}/{weight}_{hidden}[_moe].pth` with the config saved next to it, plus an
-    optional LoRA adapter `{save_dir}/lora/{lora_weight}_{hidden}.pth` merged in (scripts/inference_utils)."""
-    from scripts import inference_utils as iu
-    save_dir = Path(save_dir)
-    path = iu.find_native_weight(save_dir, weight, hidden_size or 0, 0, typed=hidden_size is not None)
-    model = iu.load_native(path)
-    if lora_weight:
-        iu.add_lora(model, lora_weight, save_dir)
-    return model.eval().to(device), iu.load_tokenizer(tokenizer_path)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Answer the held-out demo questions and report accuracy")
-    p.add_argument("--save_dir", type=str, default=str(ROOT / "out"))
-    p.add_argument("--weight", type=str, default="full_sft")
-    p.add_argument("--hidden_size", type=int, default=None, help="pick among several sizes (default: the only one)")
-    p.add_argument("--lora_weight", type=str, default=None, help="adapter name under {save_dir}/lora/")
-    p.add_argument("--tokenizer_path", type=str, default=str(ROOT / "model"))
-    p.add_argument("--eval_path", type=str, default=str(ROOT / "dataset" / "demo" / "eval.jsonl"))
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Answer the held-out demo questions and report accuracy", allow_abbrev=False)
+    p.add_argument("--save_dir", type=str, default="out", help="folder of the native weights (default: out)")
+    p.add_argument("--weight", type=str, default="full_sft", help="weight prefix (default: full_sft)")
+    add_size_args(p)
+    p.add_argument("--lora_weight", type=str, default=None, help="adapter name under {save_dir}/lora/, or a .pth path")
+    p.add_argument("--tokenizer_path", type=str, default=str(TOKENIZER_DIR), help="tokenizer folder (default: model/)")
+    p.add_argument("--eval_path", type=str, default=str(ROOT / "dataset" / "demo" / "eval.jsonl"),
+                   help="questions, one {\"question\", \"answer\", \"kind\"} per line")
     p.add_argument("--kinds", type=str, default=None, help="comma-separated question kinds (default: all)")
-    p.add_argument("--max_new_tokens", type=int, default=48)
+    p.add_argument("--max_new_tokens", type=int, default=48, help="most tokens per answer")
     p.add_argument("--show", type=int, default=12, help="how many question/answer pairs to print")
     p.add_argument("--json", type=str, default=None, help="also write the results here")
-    args = p.parse_args(argv)
-    model, tokenizer = load_native(args.save_dir, args.weight, args.hidden_size, args.tokenizer_path, args.lora_weight)
-    from dataset.scoring import evaluate
-    result = evaluate(model, tokenizer, args.eval_path, args.kinds.split(",") if args.kinds else None,
-                      args.max_new_tokens)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    sizes = typed_sizes(args)
+    save_dir = resolve_path(args.save_dir)
+    path = find_weight(save_dir, args.weight, sizes["hidden_size"], sizes["use_moe"])
+    model = load_native(path, **sizes)
+    if args.lora_weight:
+        add_lora(model, args.lora_weight, save_dir)
+    result = evaluate(model, load_tokenizer(args.tokenizer_path), resolve_path(args.eval_path),
+                      args.kinds.split(",") if args.kinds else None, args.max_new_tokens)
+    print(f"{path.name}" + (f" + LoRA {args.lora_weight}" if args.lora_weight else ""))
     for row in result["rows"][: args.show]:
         print(f"{'✓' if row['correct'] else '✗'} Q: {row['question']}\n  A: {row['prediction']}   (expected {row['answer']})")
     print("| kind | correct | total |\n|---|---|---|")
@@ -55,4 +57,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
