@@ -32,7 +32,8 @@ PRESET_QUESTIONS = ["你有什么特长？", "为什么天空是蓝色的", "请
                     "如果明天下雨，我应该如何出门", "比较一下猫和狗作为宠物的优缺点", "解释什么是机器学习", "推荐一些中国的美食"]
 DIM, RESET = "\033[2m", "\033[0m"
 MENU = "[0] 自动测试 / preset questions\n[1] 手动输入 / type your own (空行退出 / an empty line quits)\n"
-CHAT_HINT = "空行或 Ctrl-C 退出，回答中 Ctrl-C 只停止该回答 / An empty line or Ctrl-C quits; Ctrl-C during an answer stops it."
+CHAT_HINT = ("空行或 Ctrl-C 退出，回答中 Ctrl-C 只停止该回答 / "
+             "An empty line or Ctrl-C quits; Ctrl-C during an answer stops it.")
 ONE_SHOT_TOKENS = 512   # --prompt answers stop here unless --max_new_tokens is typed
 
 

@@ -758,10 +758,12 @@ def gen_eval(rng, scale):
 
 # ---- Writing ----
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path, rows: list[dict]) -> Path:
+    """One JSON object per line, UTF-8 (not escaped), "\\n" line ends; returns the path."""
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 GENERATORS = dict(pretrain=gen_pretrain, sft=gen_sft, dpo=gen_dpo, rlaif=gen_rlaif, rlaif_units=gen_rlaif_units,

@@ -150,7 +150,8 @@ def _size_flags(path: Path) -> str:
     m = _WEIGHT_NAME.fullmatch(path.stem)
     flags = f"--hidden_size {m['hidden']}" if m else ""
     try:
-        flags += f" --num_hidden_layers {json.loads(path.with_suffix('.json').read_text(encoding='utf-8'))['num_hidden_layers']}"
+        config = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        flags += f" --num_hidden_layers {config['num_hidden_layers']}"
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return flags + (" --use_moe 1" if m and m["moe"] else "")

@@ -19,7 +19,8 @@ from trainer.trainer_utils import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Answer the held-out demo questions and report accuracy", allow_abbrev=False)
+    p = argparse.ArgumentParser(description="Answer the held-out demo questions and report accuracy",
+                                allow_abbrev=False)
     p.add_argument("--save_dir", type=str, default="out", help="folder of the native weights (default: out)")
     p.add_argument("--weight", type=str, default="full_sft", help="weight prefix (default: full_sft)")
     add_size_args(p)

@@ -57,7 +57,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Plot loss / lr / tokens-per-second from metrics JSONL files",
                                 allow_abbrev=False)
     p.add_argument("paths", nargs="+", help="metrics JSONL files, drawn in order")
-    p.add_argument("--out", type=str, default="out/metrics.png", help="output PNG (default: out/metrics.png)")
+    p.add_argument("--out", type=str, default=str(Path(__file__).resolve().parents[1] / "out" / "metrics.png"),
+                   help="output PNG (default: out/metrics.png in the repo)")
     p.add_argument("--title", type=str, default="", help="figure title (default: none)")
     args = p.parse_args(argv)
     print(plot(args.paths, Path(args.out), args.title))
