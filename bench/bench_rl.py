@@ -28,6 +28,7 @@ import zlib
 import torch
 
 from dataset import demo_data
+from dataset.lm_dataset import read_jsonl
 from trainer import train_full_sft, train_grpo, train_ppo, train_spo
 from trainer.rl_utils import Rewards, encode_prompts, rollout
 from model.loading import find_weight, load_native, load_tokenizer, weight_path
@@ -157,10 +158,10 @@ def plot(table, path, label="held-out questions"):
     print(f"plot: {path}")
 
 
-def read_questions(path) -> list[dict]:
+def prompts_with_answers(path) -> list[dict]:
     """An eval.jsonl-layout file {question, answer} as single-turn prompts with their reference."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [{"conversations": [{"role": "user", "content": r["question"]}], "answer": r["answer"]} for r in rows]
+    return [{"conversations": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
+            for r in read_jsonl(path, required=("question", "answer"))]
 
 
 def main(argv=None):
@@ -216,8 +217,8 @@ def main(argv=None):
                              f"out/full_sft_256.pth), or pass --from_dir, or use --mode tasks")
         if not Path(args.rl_data).is_file() and Path(args.rl_data).parent == DEMO:
             demo_data.write_demo_data(DEMO)        # the demo files are generated, not shipped
-        train_path, eval_rows = Path(args.rl_data), read_questions(args.eval_data)
-        broad = read_questions(args.broad_eval) if args.broad_eval else []
+        train_path, eval_rows = Path(args.rl_data), prompts_with_answers(args.eval_data)
+        broad = prompts_with_answers(args.broad_eval) if args.broad_eval else []
     else:
         args.sft_dir = work
         if not weight_path(work, "full_sft", args).exists():
