@@ -224,3 +224,12 @@ def test_load_model_native_description_and_one_line_errors(tmp_path):
         with pytest.raises(LoadError, match=pattern) as err:
             load_model(parse(argv))
         assert "\n" not in str(err.value)
+
+
+def test_bench_loading_table_at_toy_size(capsys):
+    from bench import bench_loading
+    rows = bench_loading.main(["--sizes_mb", "2", "--models", "none", "--repeats", "1"])
+    assert [r["file"] for r in rows] == ["2 MiB of random fp16"] and abs(rows[0]["mb"] - 2) < 0.01
+    assert all(r["load_ms"] > 0 and r["verify_ms"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "| 2 MiB of random fp16 | 2.0 |" in out and "CPU:" in out and "GiB/s" in out
