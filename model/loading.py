@@ -179,7 +179,7 @@ def missing_weight(path, what_to_set: str = "--save_dir, --weight and the size f
                                                 f"{what_to_set}" if stage else f"check {what_to_set}")
     others = [p for p in _same_stage(path.parent, prefix) if p != path]
     if others:
-        text += "; " + ", ".join(f"{p.name} exists ({_size_flags(p)})" for p in others)
+        text += "; " + "; ".join(f"{p.name} exists: add {_size_flags(p)}" for p in others)
     return text
 
 

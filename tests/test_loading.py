@@ -112,7 +112,7 @@ def test_find_weight_rules(tmp_path):
     assert find_weight(tmp_path, "full_sft") == a                # the only one, no size typed
     assert find_weight(tmp_path, "full_sft", hidden_size=64) == a
     with pytest.raises(NotFoundError, match=r"full_sft_128\.pth not found: it is written by trainer/train_full_sft"
-                                            r"\.py.*full_sft_64\.pth exists \(--hidden_size 64 --num_hidden_layers 2\)"):
+                                            r"\.py.*full_sft_64\.pth exists: add --hidden_size 64 --num_hidden_layers 2"):
         find_weight(tmp_path, "full_sft", hidden_size=128)       # a typed size is never replaced
     moe = save(tmp_path, use_moe=True)                           # full_sft_64_moe.pth
     assert find_weight(tmp_path, "full_sft", use_moe=1) == moe
