@@ -124,7 +124,7 @@ def test_bad_resume_files_and_a_full_disk_are_one_line(tmp_path, corpus):
     good = resume.read_bytes()
     resume.write_bytes(good[: len(good) // 2])                         # truncated
     res = run_script(args + ["--from_resume", "1", "--max_steps", "4"])
-    assert res.returncode == 2 and "truncated or corrupted" in one_error_line(res)
+    assert res.returncode == 2 and "is corrupted (damaged or truncated" in one_error_line(res)
     resume.write_bytes(good)
     other = [a if a != "2" else "3" for a in args]                     # --num_hidden_layers 3, same file name
     res = run_script(other + ["--from_resume", "1", "--max_steps", "4"])

@@ -221,7 +221,7 @@ def test_corrupted_or_truncated_files_are_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match=f"{weights}.*corrupted"):
         load_weights(MiniMindForCausalLM(cfg), weights)
     weights.write_bytes(weights.read_bytes()[:5000])                      # truncated
-    with pytest.raises(ValueError, match="truncated or corrupted"):
+    with pytest.raises(ValueError, match="corrupted .damaged or truncated"):
         load_weights(MiniMindForCausalLM(cfg), weights)
 
 

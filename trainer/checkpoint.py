@@ -16,17 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-# which stage writes which weight prefix (for error messages)
-PRODUCED_BY = {"pretrain": "trainer/train_pretrain.py", "full_sft": "trainer/train_full_sft.py",
-               "dpo": "trainer/train_dpo.py", "reason": "trainer/train_reason.py",
-               "full_dist": "trainer/train_distillation.py", "ppo_actor": "trainer/train_ppo.py",
-               "grpo": "trainer/train_grpo.py", "spo": "trainer/train_spo.py"}
-
-
-def weight_path(save_dir, name: str, cfg, suffix: str = ".pth") -> Path:
-    """The one place file names are built: `{save_dir}/{name}_{hidden}[_moe]{suffix}`."""
-    moe = "_moe" if getattr(cfg, "use_moe", False) else ""
-    return Path(save_dir) / f"{name}_{cfg.hidden_size}{moe}{suffix}"
+from model.loading import PRODUCED_BY, load_weights, verify_checkpoint, weight_path  # noqa: F401  (re-exported)
 
 
 def atomic_save(obj, path) -> None:
@@ -81,20 +71,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def verify_file(path) -> None:
-    """A file written by torch.save is a zip archive with a CRC32 per record: check them all (about 2 ms per
-    MB), so a corrupted or truncated file is one clear error instead of NaNs loaded silently."""
-    import zipfile
-    path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise ValueError(f"{path} is truncated or corrupted ({err}); restore it or train again") from None
-    if bad is not None:
-        raise ValueError(f"{path} is corrupted (CRC mismatch in record {bad}); restore it or train again")
-
-
 def half_state_dict(model) -> dict:
     """The original's weight format: every tensor fp16 on the CPU (both tied keys present)."""
     return {k: v.detach().half().cpu() for k, v in model.state_dict().items()}
@@ -105,41 +81,6 @@ def save_weights(model, path, lm_config=None) -> Path:
     if lm_config is not None:
         atomic_save(json.dumps(lm_config.to_dict(), indent=2, ensure_ascii=False), Path(path).with_suffix(".json"))
     return Path(path)
-
-
-def load_weights(model, path, strict: bool = True) -> None:
-    """Load a weight file into `model`; a missing, unreadable or mismatched file is one clear error."""
-    path = Path(path)
-    if not path.exists():
-        prefix = path.stem.rsplit("_", 2 if path.stem.endswith("_moe") else 1)[0]
-        stage = PRODUCED_BY.get(prefix)
-        hint = f" It is written by {stage}; run that stage first" if stage else ""
-        for other in sorted(path.parent.glob(f"{prefix}_*.json")):   # the same stage saved at another size
-            try:
-                c = json.loads(other.read_text(encoding="utf-8"))
-                size = f"--hidden_size {c['hidden_size']} --num_hidden_layers {c['num_hidden_layers']}"
-            except (OSError, ValueError, KeyError):
-                continue
-            hint += f". {other.with_suffix('.pth').name} exists: add {size}" + (" --use_moe 1" if c.get("use_moe") else "")
-        raise FileNotFoundError(f"weight file {path} not found.{hint} (or point --from_weight/--from_dir elsewhere)")
-    verify_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable weight file ({err.__class__.__name__}: {err})") from None
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    own = model.state_dict()
-    if strict:
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"{path} does not fit this model: missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
-                             f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''} "
-                             "(check --hidden_size, --num_hidden_layers and --use_moe)")
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)} "
-                             "(check --hidden_size, --num_hidden_layers and --use_moe)")
-    model.load_state_dict(state, strict=strict)
 
 
 def lm_checkpoint(lm_config, weight: str = "full_sft", model=None, optimizer=None, epoch: int = 0, step: int = 0,
@@ -163,7 +104,7 @@ def lm_checkpoint(lm_config, weight: str = "full_sft", model=None, optimizer=Non
         return resume_path
     if not resume_path.exists():
         return None
-    verify_file(resume_path)
+    verify_checkpoint(resume_path)
     try:
         ckp = torch.load(resume_path, map_location="cpu", weights_only=False)
     except Exception as err:

@@ -154,8 +154,8 @@ def format_reward(text: str) -> float:
 
 def answer_correct(text: str, reference: str) -> bool:
     """Verifiable reward: the response (its <answer> part if any) matches the reference, numbers by value,
-    text by its ending (dataset.demo_data.check_answer); an empty reference is never matched."""
-    from dataset.demo_data import check_answer
+    text by its ending (dataset.scoring.check_answer); an empty reference is never matched."""
+    from dataset.scoring import check_answer
     return bool(reference) and check_answer(text, reference)
 
 
