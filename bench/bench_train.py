@@ -152,7 +152,7 @@ def loss_check(args, tmp):
     from dataset.demo_data import write_demo_data
     from dataset.lm_dataset import PretrainDataset, pad_collate
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-    from trainer.checkpoint import load_weights
+    from model.loading import load_weights
     from trainer.trainer_utils import masked_cross_entropy
     demo = Path(tmp) / "demo"
     write_demo_data(demo)

@@ -1,5 +1,5 @@
 """Scoring generated answers against reference answers: the demo evaluation (scripts/eval_demo.py, the benches)
-and the verifiable reward of the RL stages (trainer/rl_utils.py) both use check_answer.
+and the rule rewards of the RL stages (trainer/rl_utils.py: answer_correct, format_reward) both live here.
 
     python -c "from dataset.scoring import check_answer; print(check_answer('I am MiniMind, a tiny AI assistant.', 'MiniMind'))"
     # with a model: evaluate(model, tokenizer, 'dataset/demo/eval.jsonl') -> accuracy, per kind, every answer
@@ -63,6 +63,25 @@ def check_answer(pred: str, answer: str) -> bool:
         units += [_canon(u) for u in _UNIT.findall(clause) if u not in _ARTICLES]
         ends.add(len(units))
     return any(end >= n and units[end - n:end] == want for end in ends)
+
+
+# ---- the rule rewards of the RL stages ----
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+_FORMAT = [re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.S),
+           re.compile(r"^<think>\n.*?\n</think>\n\n<answer>\n.*?\n</answer>$", re.S)]
+ANSWER_PART = re.compile(r"<answer>(.*?)</answer>", re.S)
+
+
+def format_reward(text: str) -> float:
+    """The original's reasoning-format reward (spec 6.8): +0.5 for the full think/answer layout,
+    +0.25 for each of the four tags that appears exactly once."""
+    reward = 0.5 if any(p.match(text) for p in _FORMAT) else 0.0
+    return reward + 0.25 * sum(text.count(tag) == 1 for tag in TAGS)
+
+
+def answer_correct(text: str, reference: str) -> bool:
+    """The verifiable reward: check_answer against the row's reference; an empty reference is never matched."""
+    return bool(reference) and check_answer(text, reference)
 
 
 def answer_questions(model, tokenizer, questions: list, max_new_tokens: int = 48, batch_size: int = 16,

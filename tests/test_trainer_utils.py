@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from tests.conftest import ROOT, tiny_config
 from trainer import checkpoint
-from trainer.checkpoint import lm_checkpoint, load_weights, save_weights, weight_path
+from model.loading import load_weights
+from trainer.checkpoint import lm_checkpoint, save_weights, weight_path
 from trainer.data_order import best_fit, packed_batches, shuffled_batches
 from trainer.loop import get_lr
 from trainer.trainer_utils import (OUT, build_parser, choose_dtype, init_run, masked_cross_entropy, one_line,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model.loading import PRODUCED_BY, load_weights, verify_checkpoint, weight_path  # noqa: F401  (re-exported)
+from model.loading import verify_checkpoint, weight_path
 
 
 def atomic_save(obj, path) -> None:

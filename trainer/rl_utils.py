@@ -11,7 +11,6 @@ completion starts at column P, then R sampled columns. `completion_mask` (N, R) 
 including the first EOS; after it generate() writes pad tokens. Every forward pass over a rollout
 passes `attention_mask` (the original omitted it in GRPO/SPO, so left pads were attended).
 """
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dataset.scoring import ANSWER_PART, answer_correct, format_reward
 from trainer.loop import unwrap
 from trainer.trainer_utils import ROOT, resolve_data
 
@@ -139,26 +139,6 @@ def rl_collate(batch):
 
 
 # ---- rewards ----
-TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-_FORMAT = [re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.S),
-           re.compile(r"^<think>\n.*?\n</think>\n\n<answer>\n.*?\n</answer>$", re.S)]
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
-
-
-def format_reward(text: str) -> float:
-    """The original's reasoning-format reward (spec 6.8): +0.5 for the full think/answer layout,
-    +0.25 for each of the four tags that appears exactly once."""
-    reward = 0.5 if any(p.match(text) for p in _FORMAT) else 0.0
-    return reward + 0.25 * sum(text.count(tag) == 1 for tag in TAGS)
-
-
-def answer_correct(text: str, reference: str) -> bool:
-    """Verifiable reward: the response (its <answer> part if any) matches the reference, numbers by value,
-    text by its ending (dataset.scoring.check_answer); an empty reference is never matched."""
-    from dataset.scoring import check_answer
-    return bool(reference) and check_answer(text, reference)
-
-
 class RewardModel:
     """A local reward model directory: InternLM2-style remote code with get_score(tokenizer, messages)
     (the original's internlm2-1_8b-reward), or any AutoModelForSequenceClassification with one label."""
@@ -229,7 +209,7 @@ class Rewards:
             scores = self.model.score([m + [{"role": "assistant", "content": r}] for m, r in zip(messages, responses)])
             scores = scores.clamp(-3, 3)
             if self.reasoning:
-                found = [(i, a.group(1).strip()) for i, a in enumerate(map(_ANSWER.search, responses)) if a]
+                found = [(i, a.group(1).strip()) for i, a in enumerate(map(ANSWER_PART.search, responses)) if a]
                 if found:
                     idx = torch.tensor([i for i, _ in found])
                     answer = self.model.score([messages[i] + [{"role": "assistant", "content": a}] for i, a in found])

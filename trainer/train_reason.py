@@ -16,13 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
+from dataset.scoring import TAGS
 from trainer.loop import train_loop
 from trainer.tracking import init_tracker
 from trainer.trainer_utils import (DATA, batch_stats, build_parser, cli, data_kwargs, init_config, init_model, init_run,
                                    resolve_data, restore, wrap_model)
-
-TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-
 
 def tag_weights(targets: torch.Tensor, loss_mask: torch.Tensor, tag_ids, weight: float) -> torch.Tensor:
     """loss_mask with `weight` on every position that belongs to a complete, supervised tag sequence."""

@@ -27,7 +27,8 @@ OUT = ROOT / "out"
 CKPT = ROOT / "checkpoints"
 TOKENIZER_DIR = ROOT / "model"
 
-from trainer.checkpoint import lm_checkpoint, load_weights, weight_path  # noqa: E402
+from model.loading import Typed, load_tokenizer, load_weights, was_typed, weight_path  # noqa: E402
+from trainer.checkpoint import lm_checkpoint  # noqa: E402
 from trainer.loop import ResumePoint, TrainingError, set_rng_state  # noqa: E402
 from trainer.progress import Logger, is_main_process  # noqa: E402
 
@@ -84,14 +85,6 @@ def batch_stats(batch: dict) -> dict:
 
 
 # ---- flags ----
-class _Explicit(argparse.Action):
-    """Store the value and remember that the user typed the flag (--data_path: fall back to the demo only if not)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        setattr(namespace, f"{self.dest}_explicit", True)
-
-
 def to_argv(flags: dict) -> list[str]:
     """{"epochs": 2, ...} -> ["--epochs", "2", ...]: how benches and tests call a stage's main(argv)."""
     return [a for k, v in flags.items() for a in (f"--{k}", str(v))]
@@ -130,7 +123,7 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--num_hidden_layers", type=int, default=d["num_hidden_layers"])
     p.add_argument("--max_seq_len", type=int, default=d["max_seq_len"], help="tokens per sample (truncation) and per packed row")
     p.add_argument("--use_moe", type=int, default=d["use_moe"], choices=[0, 1])
-    p.add_argument("--data_path", type=str, default=str(d["data_path"]), action=_Explicit,
+    p.add_argument("--data_path", type=str, default=str(d["data_path"]), action=Typed,
                    help="training jsonl; when the default file is absent the demo corpus is used")
     p.add_argument("--from_weight", type=str, default=d["from_weight"], help="weight prefix to start from, none = random")
     p.add_argument("--from_resume", type=int, default=0, choices=[0, 1], help="1 = continue from the resume file")
@@ -158,7 +151,7 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
                    help="1 = batch samples of similar length together when not packing (less padding)")
     p.add_argument("--seed", type=int, default=42, help="base seed (each rank uses seed + rank)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
-    p.set_defaults(demo_data=d["demo_data"], data_path_explicit=False)
+    p.set_defaults(demo_data=d["demo_data"])
     return p
 
 
@@ -166,7 +159,7 @@ def resolve_data(args) -> str:
     """The stage's data file. When the user did not name one and the default (the original's file
     name under dataset/) is absent, fall back to the built-in demo corpus, generating it if needed."""
     path = Path(args.data_path)
-    if args.data_path_explicit or path.exists():
+    if was_typed(args, "data_path") or path.exists():
         if not path.exists():
             raise FileNotFoundError(f"--data_path {path} does not exist")
         return str(path)
@@ -299,10 +292,9 @@ def init_model(lm_config, args, device: str = "cpu", from_weight: str = None, st
     """Build MiniMind, load `{--from_dir or --save_dir}/{from_weight}_{hidden}[_moe].pth` (default --from_weight;
     'none' = random init) and the tokenizer. Loading is strict: a missing or mismatched weight is an error naming
     the file. `stage` names the model in the log line ("policy", "teacher", ...)."""
-    from transformers import AutoTokenizer
     from model.model_minimind import MiniMindForCausalLM
     from_weight = from_weight or args.from_weight
-    tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer_path), local_files_only=True)
+    tokenizer = load_tokenizer(args.tokenizer_path)
     model = MiniMindForCausalLM(lm_config)
     source = "random init"
     if from_weight != "none":
