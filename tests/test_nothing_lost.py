@@ -102,7 +102,7 @@ def test_a_finished_run_resumed_is_a_no_op(tmp_path, corpus, capsys):
     ('{"text": "abc \\ud800 def"}', "surrogate"),
     ("[" * 50000 + "]" * 50000, "nested too deeply"),
     ('{"text": ' + "1" * 5000 + "}", "4300 digits"),
-])
+], ids=["lone-surrogate", "deep-nesting", "5000-digits"])
 @pytest.mark.parametrize("workers", [0, 1])
 def test_hostile_data_lines_are_one_line_naming_the_file_and_line(tmp_path, corpus, line, skip, workers):
     path = tmp_path / "bad.jsonl"

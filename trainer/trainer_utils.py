@@ -348,5 +348,9 @@ def wrap_model(model, run: RunContext, args=None, compile_ok: bool = True):
                    "torch.compile would recompile instead of running faster")
         else:
             Logger("torch.compile: the first steps compile the model (about a minute), then run faster")
+            if run.device_type == "cpu":   # no atomic adds in the generated kernels: reruns and resumes stay bit-exact
+                import torch._inductor.config as inductor_config
+                torch.use_deterministic_algorithms(True, warn_only=True)
+                inductor_config.deterministic = True
             model = torch.compile(model)
     return model
