@@ -6,14 +6,13 @@
 no network is one warning and a no-op tracker.
 """
 import json
-import os
 import time
-import warnings
 from pathlib import Path
 
 import torch.distributed as dist
 
 from trainer.checkpoint import weight_path
+from trainer.tracking import init_tracker  # noqa: F401  (re-exported; the trackers live there)
 
 
 def is_main_process() -> bool:
@@ -23,40 +22,6 @@ def is_main_process() -> bool:
 def Logger(content) -> None:
     if is_main_process():
         print(content, flush=True)
-
-
-class _NoTracker:
-    id = None
-
-    def log(self, *_, **__):
-        pass
-
-    def finish(self):
-        pass
-
-
-def init_tracker(args, ckp=None, run_name: str = None):
-    """4. a swanlab/wandb run (continued on resume), or a no-op with the same .log/.finish."""
-    if not args.use_wandb or not is_main_process():
-        return _NoTracker()
-    run_id = (ckp or {}).get("wandb_id")
-    name = run_name or f"{args.wandb_project}-Epoch-{args.epochs}-BatchSize-{args.batch_size}-LR-{args.learning_rate}"
-    try:
-        if args.tracker == "swanlab":
-            import swanlab
-            mode = os.environ.get("SWANLAB_MODE", "local" if not os.environ.get("SWANLAB_API_KEY") else "cloud")
-            run = swanlab.init(project=args.wandb_project, experiment_name=name, id=run_id,
-                               resume="must" if run_id else None, mode=mode, logdir=str(Path(args.save_dir) / "swanlog"))
-            run.id = getattr(run, "id", None) or swanlab.get_run().id
-        else:
-            import wandb
-            os.environ.setdefault("WANDB_MODE", "offline")
-            run = wandb.init(project=args.wandb_project, name=name, id=run_id, resume="must" if run_id else None,
-                             dir=args.save_dir)
-        return run
-    except Exception as err:  # a missing package or no network must not stop training
-        warnings.warn(f"--use_wandb: {args.tracker} unavailable ({err.__class__.__name__}: {err}); not tracking")
-        return _NoTracker()
 
 
 class Progress:
@@ -87,7 +52,7 @@ class Progress:
                f"lr:{lr:.8f} tok/s:{tok_s:,.0f} eta:{eta_min:.1f}min")
         record = {"epoch": self.epoch + 1, "step": step, "iters": self.iters, "loss": loss, "lr": lr,
                   "tok_s": tok_s, "tokens": self.tokens, "time": now, **extra}
-        self.tracker.log({"loss": loss, "lr": lr, "tok_s": tok_s, **extra})
+        self.tracker.log({"loss": loss, "lr": lr, "tok_s": tok_s, **extra}, step=self.epoch * self.iters + step)
         if is_main_process():
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
