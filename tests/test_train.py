@@ -1,6 +1,5 @@
 """Pretrain and SFT end to end on CPU: outputs, exact resume, accumulation, kill safety, launch forms."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -8,7 +7,8 @@ import time
 
 import torch
 
-from tests.conftest import ROOT, tiny_train_args, write_tiny_corpus
+from tests.conftest import (ROOT, check_two_ranks, dist_probe_argv, free_port, launcher_env, tiny_train_args,
+                            write_tiny_corpus)
 from trainer import train_full_sft, train_pretrain
 
 
@@ -113,42 +113,10 @@ def test_runs_from_any_working_directory(tmp_path):
     assert not (ROOT / "trainer" / "out").exists()
 
 
-DDP_PROBE = r'''
-import sys, json, os; sys.path.insert(0, sys.argv[1])
-import torch, torch.distributed as dist
-from trainer.trainer_utils import *
-from dataset.lm_dataset import PretrainDataset
-from trainer.trainer_utils import lm_loss
-args = build_parser("probe").parse_args(sys.argv[3:])
-run = init_run(args)
-lm_config, ckp = init_config(args)
-model, tok = init_model(lm_config, "none", args.tokenizer_path, args.save_dir, run.device)
-ds = PretrainDataset(args.data_path, tok, max_length=args.max_seq_len)
-seen = []
-def loss_fn(model, batch):
-    seen.append(batch[0][:, :4].tolist())
-    return lm_loss(model, batch)
-opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-model = wrap_ddp(model, run)
-train(run, args, model, opt, ds, loss_fn, init_tracker(args), lm_config, restore(None, model, opt))
-flat = torch.cat([p.detach().flatten() for p in unwrap(model).parameters()])
-json.dump({"seen": seen, "checksum": flat.double().sum().item(), "first": flat[:50].tolist()},
-          open(os.path.join(sys.argv[2], f"rank{run.rank}.json"), "w"))
-'''
-
-
 def test_torchrun_two_processes_on_cpu(tmp_path):
     data = write_tiny_corpus(tmp_path / "data", n=32)
-    probe = tmp_path / "probe.py"
-    probe.write_text(DDP_PROBE)
-    args = tiny_train_args(tmp_path, data["pretrain"], accumulation_steps=1, epochs=1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29517", str(probe), str(ROOT), str(tmp_path), *args],
-                         capture_output=True, text=True, timeout=600, env=env)
+                          str(free_port()), *dist_probe_argv(tmp_path, data["pretrain"], accumulation_steps=1)],
+                         capture_output=True, text=True, timeout=600, env=launcher_env())
     assert res.returncode == 0, res.stderr[-3000:]
-    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))
-    assert len(r0["seen"]) == len(r1["seen"]) == 4          # 32 samples / (2 ranks * 4 per batch)
-    assert r0["seen"] != r1["seen"]                          # different samples on each rank
-    assert r0["checksum"] == r1["checksum"] and r0["first"] == r1["first"]   # identical weights after all-reduce
-    assert (tmp_path / "out" / "pretrain_64.pth").exists()  # written by rank 0
+    check_two_ranks(tmp_path, rows_per_rank=16)              # 32 samples / 2 ranks, 4 steps of 4 each
