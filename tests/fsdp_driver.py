@@ -76,6 +76,7 @@ def adamw(model):
 def main(out_dir: Path):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    out_dir.mkdir(parents=True, exist_ok=True)
     run = SimpleNamespace(world_size=world, device_type="cpu", dtype=torch.float32)
     batches = global_batches()
     probe = batches[0, :2, :-1]
