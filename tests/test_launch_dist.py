@@ -35,3 +35,21 @@ def test_torchrun_two_nodes_one_process_each(tmp_path):
         assert node.returncode == 0, (out + err)[-3000:]
     check_two_ranks(tmp_path, rows_per_rank=8)
     assert "Epoch:[1/1](2/2)" in outputs[0][0] and "Epoch:" not in outputs[1][0]   # rank 0 logs, rank 1 is quiet
+
+
+def test_progress_total_and_eta_honour_max_steps(tmp_path, capsys, monkeypatch):
+    """A 2-epoch run of 4 steps each stopped by --max_steps 6: the lines count to 4 then 2, and the ETA
+    covers the whole run (still > 0 at the end of epoch 1, with 2 steps to go), not just the epoch."""
+    import itertools
+    import re
+    from types import SimpleNamespace
+    from tests.conftest import tiny_train_args
+    from trainer import progress, train_pretrain
+    clock = itertools.count(0, 60)                                          # a minute per reading: ETAs visible
+    monkeypatch.setattr(progress, "time", SimpleNamespace(time=lambda: float(next(clock))))
+    data = write_tiny_corpus(tmp_path / "data", n=16)
+    train_pretrain.main(tiny_train_args(tmp_path, data["pretrain"], accumulation_steps=1, epochs=2, max_steps=6))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch:")]
+    assert [re.search(r"\]\((\d+/\d+)\)", line).group(1) for line in lines] == ["1/4", "2/4", "3/4", "4/4", "1/2", "2/2"]
+    etas = [float(re.search(r"eta:([\d.]+)min", line).group(1)) for line in lines]
+    assert etas[3] > 0 and etas[-1] == 0

@@ -30,6 +30,11 @@ class Progress:
 
     def __init__(self, args, lm_config, epoch: int, iters: int, start_step: int, tracker):
         self.args, self.epoch, self.iters, self.tracker = args, epoch, iters, tracker
+        run_steps = args.epochs * iters
+        if getattr(args, "max_steps", 0):      # --max_steps ends the run early: the total and ETA say so
+            run_steps = min(run_steps, args.max_steps)
+        self.last = min(iters, run_steps - epoch * iters)          # this epoch's last step
+        self.later = run_steps - epoch * iters - self.last           # steps in the epochs after this one
         self.t0, self.start_step, self.tokens = time.time(), start_step, 0
         self.window_t, self.window_tokens = time.time(), 0
         name = weight_path(args.save_dir, args.save_weight, lm_config).stem
@@ -45,10 +50,10 @@ class Progress:
         now = time.time()
         tok_s = self.window_tokens / max(now - self.window_t, 1e-9)
         done = step - self.start_step
-        eta_min = (now - self.t0) / max(done, 1) * (self.iters - step) / 60
+        eta_min = (now - self.t0) / max(done, 1) * (self.last - step + self.later) / 60
         self.window_t, self.window_tokens = now, 0
         extras = "".join(f" {k}:{v:.4f}" for k, v in extra.items())
-        Logger(f"Epoch:[{self.epoch + 1}/{self.args.epochs}]({step}/{self.iters}) loss:{loss:.4f}{extras} "
+        Logger(f"Epoch:[{self.epoch + 1}/{self.args.epochs}]({step}/{self.last}) loss:{loss:.4f}{extras} "
                f"lr:{lr:.8f} tok/s:{tok_s:,.0f} eta:{eta_min:.1f}min")
         record = {"epoch": self.epoch + 1, "step": step, "iters": self.iters, "loss": loss, "lr": lr,
                   "tok_s": tok_s, "tokens": self.tokens, "time": now, **extra}
