@@ -117,7 +117,8 @@ def measured_bytes_per_token(fields: dict, seq_len: int = 128) -> float:
             if s.data_ptr() not in params:
                 storages[s.data_ptr()] = s.nbytes()
             return t
-        tokens = torch.randint(3, model.config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(batch))
+        tokens = torch.randint(3, model.config.vocab_size, (batch, seq_len + 1),
+                               generator=torch.Generator().manual_seed(batch))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(tokens[:, :-1])
             loss = masked_cross_entropy(out.logits, tokens[:, 1:], torch.ones(batch, seq_len)) + out.aux_loss

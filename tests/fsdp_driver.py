@@ -7,11 +7,12 @@ gradient clipping, AdamW), in three ways that must agree:
   A. uninterrupted: optimizer built on the unsharded model and re-pointed by wrap_fsdp; the full
      model and optimizer state gathered at micro-batch CUT and saved as a resume file;
   B. resumed from that file: optimizer built after wrapping, load_full_state, micro-batches CUT..;
-  C. resumed the way a plain run restores (load_state_dict before wrapping), then wrapped.
+  C. resumed the way a plain run restores (load_state_dict before wrapping), then wrapped;
+then the MoE variant (A only), and one bf16 step.
 Rank 0 writes OUT_DIR/result.pt: losses, gradient norms, final fp32 states, the fp16 weight file
-(OUT_DIR/fsdp_64.pth, saved as the loop saves it), the wrapped model's logits on a probe input and a
-bf16 (MixedPrecisionPolicy + autocast) step's loss. train_micro_batches() is also the single-process
-reference the test compares with.
+(OUT_DIR/fsdp_64.pth, saved as the loop saves it), the wrapped model's logits on a probe input, the MoE
+run's losses and weights, and a bf16 (MixedPrecisionPolicy + autocast) step's loss.
+train_micro_batches() is also the single-process reference the test compares with.
 """
 import os
 import sys
@@ -30,11 +31,11 @@ STEPS, ACCUM, CUT, CLIP, LR = 8, 2, 4, 0.5, 1e-2   # 8 micro-batches = 4 optimiz
 GLOBAL_BATCH, SEQ = 4, 16
 
 
-def tiny_model(seed: int):
+def tiny_model(seed: int, use_moe: bool = False):
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
     torch.manual_seed(seed)
     return MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                              num_key_value_heads=2))
+                                              num_key_value_heads=2, use_moe=use_moe))
 
 
 def global_batches() -> torch.Tensor:
@@ -122,8 +123,14 @@ def main(out_dir: Path):
     model_d = wrap_fsdp(model_d, bf16_run, optimizer_d)
     bf16_losses, _ = train_micro_batches(model_d, optimizer_d, batches, 0, ACCUM, rank, world,
                                          autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+    model_e = tiny_model(seed=0, use_moe=True)
+    optimizer_e = adamw(model_e)
+    model_e = wrap_fsdp(model_e, run, optimizer_e)
+    moe_losses, _ = train_micro_batches(model_e, optimizer_e, batches, 0, STEPS, rank, world)
+    moe_final = full_model_state(model_e)
     if rank == 0:
-        torch.save({"world": world, "tied": tied, "losses": losses + more_losses, "norms": norms + more_norms,
+        torch.save({"world": world, "moe_losses": moe_losses, "moe_final": moe_final, "tied": tied,
+                    "losses": losses + more_losses, "norms": norms + more_norms,
                     "final": final, "final_optimizer": final_optim, "logits": logits.detach(), "probe": probe,
                     "losses_b": losses_b, "final_b": final_b, "losses_c": losses_c, "final_c": final_c,
                     "bf16_losses": bf16_losses, "shard_rows": shard_rows},

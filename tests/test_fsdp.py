@@ -47,6 +47,17 @@ def test_fsdp_matches_single_process(two_ranks, single_process):
         torch.testing.assert_close(fo["state"][i]["exp_avg"], s["exp_avg"], rtol=0, atol=1e-6)
 
 
+def test_fsdp_moe_matches_single_process(two_ranks):
+    """Every expert of a layer is in that layer's unit; experts no token chose still get (zero) gradients."""
+    _, r = two_ranks
+    model = driver.tiny_model(seed=0, use_moe=True)
+    optimizer = driver.adamw(model)
+    losses, _ = driver.train_micro_batches(model, optimizer, driver.global_batches(), 0, driver.STEPS)
+    assert r["moe_losses"] == pytest.approx(losses, rel=1e-5)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(r["moe_final"][k], v, rtol=0, atol=1e-4)
+
+
 def test_fsdp_resume_equals_uninterrupted(two_ranks):
     """B: optimizer built after wrapping + load_full_state; C: plain restore, then wrap_fsdp re-points it."""
     _, r = two_ranks

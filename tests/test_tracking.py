@@ -69,7 +69,8 @@ def wandb_runs(wandb_dir: Path) -> list:
             if record.HasField("run"):
                 run_id = record.run.run_id
             elif record.HasField("history"):
-                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                       for item in record.history.item}
                 for key in ("loss", "lr", "tok_s"):
                     scalars.setdefault(key, {})[row["_step"]] = row[key]
         runs.append((run_id, scalars))
