@@ -169,3 +169,12 @@ def test_ctrl_c_saves_the_last_step_and_prints_the_resume_command(tmp_path, corp
     assert resume["step"] >= 5 and f"saved epoch {resume['epoch'] + 1} step {resume['step']}" in out
     command = out.strip().splitlines()[-1].strip()
     assert command.startswith("python ") and command.endswith("--from_resume 1") and "--epochs 200" in command
+
+
+@pytest.mark.parametrize("save_interval", [1, 2, 1000])
+def test_the_last_step_is_always_saved(tmp_path, corpus, save_interval):
+    """Whatever --save_interval, the files hold the last step (a deferred save of the step before must not
+    swallow the final one)."""
+    train_pretrain.main(tiny_train_args(tmp_path, corpus["pretrain"], max_steps=3, accumulation_steps=1,
+                                        save_interval=save_interval, packing=0))
+    assert torch.load(tmp_path / "ckpt" / "pretrain_64_resume.pth", weights_only=False)["step"] == 3

@@ -163,10 +163,12 @@ def train_loop(run, args, model, optimizers, dataset, step_fn, *, lm_config, tra
                                 "--learning_rate or set --grad_clip, then resume with --from_resume 1")
                     saver.boundary = ResumePoint(epoch, step)   # a skipped step consumed its batches, kept the weights
                     window = 0
-                    if saver.pending and last:
-                        saver.save(saver.boundary)
-                    elif saver.pending:       # saved at the next step, once its gradients show these weights are sound
-                        saver.due, saver.pending = saver.boundary, False
+                    if saver.pending:         # the last step is saved at once; any other at the next step,
+                        if last:              # once its gradients show that these weights are sound
+                            saver.save(saver.boundary)
+                        else:
+                            saver.due = saver.boundary
+                        saver.pending = False
                 if step % args.log_interval == 0 or last:
                     last_loss = progress.log(epoch, step, lr)
                 if ctrl_c.pressed:
@@ -256,7 +258,7 @@ class _Saver:
             self.raw.train(was_training)
         if barrier and dist.is_initialized():
             dist.barrier()
-        self.pending, self.due, self.saved = False, None, point
+        self.due, self.saved = None, point
 
     def where(self) -> str:
         return f"{self.out_path}" + (f" (epoch {self.saved.epoch + 1}, step {self.saved.step})" if self.saved else "")

@@ -128,12 +128,14 @@ class Progress:
         self.losses, self.extra, self.tokens, self.positions, self.window_t = [], {}, 0, 0, now
         extras = "".join(f" {k}:{v:.4f}" for k, v in extra.items())
         mfu_text = f" mfu:{100 * mfu:.1f}%" if mfu is not None else ""
-        Logger(f"Epoch:[{epoch + 1}/{self.args.epochs}]({step}/{self.iters[epoch]}) loss:{loss:.4f}{extras} "
+        shown_total = min(self.iters[epoch], self.end - sum(self.iters[:epoch]))    # honours --max_steps
+        Logger(f"Epoch:[{epoch + 1}/{self.args.epochs}]({step}/{shown_total}) loss:{loss:.4f}{extras} "
                f"lr:{lr:.8f} tok/s:{tok_s:,.0f} pad:{100 * pad:.0f}%{mfu_text} eta:{eta_min:.1f}min")
         record = {"epoch": epoch + 1, "step": step, "iters": self.iters[epoch], "global_step": self.done,
                   "loss": loss, "lr": lr, "tok_s": tok_s, "pad": pad, "mfu": mfu, "eta_min": eta_min,
                   "tokens": self.total_tokens * world, "time": now, **extra}
-        self.tracker.log({"loss": loss, "lr": lr, "tok_s": tok_s, "pad": pad, **({"mfu": mfu} if mfu else {}), **extra})
+        self.tracker.log({"loss": loss, "lr": lr, "tok_s": tok_s, "pad": pad, **({"mfu": mfu} if mfu else {}), **extra},
+                         step=self.done)    # the global step: a resumed run continues the same x axis
         if is_main_process():
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
