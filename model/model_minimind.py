@@ -2,7 +2,8 @@
 
 Features (state-dict keys, shapes and numerics match the original fa82707 release):
 - GQA attention through F.scaled_dot_product_attention on every path (prefill, decode, padded
-  batches), with an explicit-mask reference path kept next to it (config.flash_attn=False)
+  batches, packed rows), with an explicit-mask reference path kept next to it (config.flash_attn=False)
+- packed rows: position_ids that restart at 0 mark sample starts; attention is then block-diagonal causal
 - RoPE in the half-split ("rotate half") layout, with YaRN extrapolation (config.inference_rope_scaling)
 - SwiGLU feed-forward, intermediate size = 64 * ceil(int(8/3 * hidden) / 64)
 - RMSNorm computed in float32
@@ -146,9 +147,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_pos_emb(q, k, cos, sin):
-    """q: (B, T, H, D), k: (B, T, KV, D), cos/sin: (B or 1, T, D)."""
+    """q: (B, T, H, D), k: (B, T, KV, D), cos/sin: (B or 1, T, D) in float32.
+
+    Half-precision q/k are promoted by the float32 tables, so the rotation runs in float32; the result is cast
+    back to q's and k's own dtype, so that a float16/bfloat16 model hands SDPA q, k and v of one dtype. In
+    float32 the cast is a no-op; under autocast it is the cast SDPA's autocast used to apply (same values and
+    gradients).
+    """
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+    return ((q * cos) + (rotate_half(q) * sin)).to(q.dtype), ((k * cos) + (rotate_half(k) * sin)).to(k.dtype)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -312,7 +319,9 @@ class MoEGate(nn.Module):
             # the expert's share of selections (1 = uniform) and P_e its mean routing probability.
             n_exp, k = self.n_routed_experts, self.top_k
             idx = topk_idx.view(bsz, -1)
-            if self.seq_aux:  # per sequence, then averaged over the batch
+            # With packed rows "sequence" means the whole row, not each sample in it: the loss is a
+            # load-balancing regulariser over the tokens routed together, not a per-sample quantity.
+            if self.seq_aux:  # per sequence (row), then averaged over the batch
                 ce = torch.zeros(bsz, n_exp, device=hidden_states.device)
                 ce.scatter_add_(1, idx, torch.ones(bsz, seq_len * k, device=hidden_states.device))
                 ce = ce / (seq_len * k / n_exp)
@@ -413,6 +422,10 @@ class MiniMindModel(nn.Module):
         total = past_len + seq_len
 
         padded = attention_mask is not None and not bool(attention_mask[:, -total:].all())
+        # packed rows (several samples per row, transformers' "position_ids packing"): positions restart at 0
+        # at each sample's first token, and each sample attends only to itself
+        packed = (position_ids is not None and past_len == 0 and not padded and seq_len > 1
+                  and bool((position_ids[:, 1:] == 0).any()))
         if position_ids is None:
             if padded:  # left padding must not shift positions: count real tokens only
                 position_ids = (attention_mask[:, -total:].long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
@@ -427,6 +440,10 @@ class MiniMindModel(nn.Module):
             causal = k_pos[None, :] <= q_pos[:, None]                              # (T, S)
             attn_mask = causal[None] & attention_mask[:, -total:].bool()[:, None, :]  # (B, T, S)
             attn_mask = (attn_mask | (k_pos[None, :] == q_pos[:, None])[None]).unsqueeze(1)  # a pad query sees itself
+        elif packed:  # block-diagonal causal: same sample (restart count) and not in the future
+            sample = (position_ids == 0).cumsum(-1)                                   # (B|1, T)
+            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=input_ids.device).tril()
+            attn_mask = ((sample[:, :, None] == sample[:, None, :]) & causal).unsqueeze(1)  # (B|1, 1, T, T)
         elif seq_len > 1 and past_len > 0:  # chunked prefill on top of a cache
             q_pos = torch.arange(past_len, total, device=input_ids.device)
             attn_mask = (torch.arange(total, device=input_ids.device)[None, :] <= q_pos[:, None])[None, None]

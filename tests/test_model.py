@@ -392,6 +392,97 @@ def test_left_padded_batch_matches_single_prompts(overrides):
             assert together[i, width:].tolist() == alone[0, len(p):].tolist()
 
 
+# ---- packed rows: position_ids restart at 0 at each sample (transformers' "position_ids packing") ----
+PACK_CONFIGS = [{}, {"use_moe": True}, {"inference_rope_scaling": True, "max_position_embeddings": 4096}]
+
+
+def pack_rows(rows, width, seed=0):
+    """rows: a list of sample-length lists. Returns ids (B, width), position_ids (B, width) and, per row,
+    the (start, sample ids) of every sample; the rest of a row is padding, one more pseudo-sample from 0."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    pos = torch.zeros_like(ids)
+    spans = []
+    for r, lengths in enumerate(rows):
+        start, row_spans = 0, []
+        for n in lengths:
+            sample = torch.randint(3, 6400, (n,), generator=gen)
+            ids[r, start:start + n], pos[r, start:start + n] = sample, torch.arange(n)
+            row_spans.append((start, sample))
+            start += n
+        pos[r, start:] = torch.arange(width - start)
+        spans.append(row_spans)
+    return ids, pos, spans
+
+
+@pytest.mark.parametrize("overrides", PACK_CONFIGS)
+def test_packed_rows_give_each_sample_its_logits_alone(overrides):
+    model = random_model(seed=7, **overrides)
+    ids, pos, spans = pack_rows([[5, 11, 3, 7], [9, 13, 2]], width=32)
+    with torch.no_grad():
+        together = model(ids, position_ids=pos).logits               # two rows, packed differently
+        first_row = model(ids[:1], position_ids=pos[:1]).logits      # the first row alone (batch 1)
+        for r, row_spans in enumerate(spans):
+            for start, sample in row_spans:
+                alone = model(sample[None]).logits[0]
+                assert (together[r, start:start + len(sample)] - alone).abs().max().item() <= 1e-5
+                if r == 0:
+                    assert (first_row[0, start:start + len(sample)] - alone).abs().max().item() <= 1e-5
+        assert torch.isfinite(together).all()                         # padding rows too
+
+
+@pytest.mark.parametrize("overrides", PACK_CONFIGS[:2])
+def test_packed_sdpa_equals_explicit_mask_path(overrides):
+    model = random_model(seed=8, **overrides)
+    eager = MiniMindForCausalLM(MiniMindConfig(**{**model.config.to_dict(), "flash_attn": False})).eval()
+    eager.load_state_dict(model.state_dict())
+    ids, pos, _ = pack_rows([[6, 10, 4], [3, 3, 12, 1]], width=24, seed=1)
+    with torch.no_grad():
+        assert (model(ids, position_ids=pos).logits - eager(ids, position_ids=pos).logits).abs().max() <= 1e-5
+
+
+def test_packed_arange_positions_keep_the_plain_causal_path(tiny_model):
+    ids = torch.randint(3, 6400, (2, 12))
+    pos = torch.arange(12).expand(2, 12)
+    with torch.no_grad():
+        assert torch.equal(tiny_model(ids, position_ids=pos).logits, tiny_model(ids).logits)
+
+
+@pytest.mark.parametrize("overrides", PACK_CONFIGS[:2])
+def test_packed_loss_of_one_sample_has_no_gradient_from_the_others(overrides):
+    model = random_model(seed=9, **overrides).train()
+    ids, pos, spans = pack_rows([[7, 9, 5]], width=24, seed=2)
+    captured = {}
+
+    def keep(module, args, out):   # the token embeddings that feed the first layer
+        out.retain_grad()
+        captured["emb"] = out
+    handle = model.model.embed_tokens.register_forward_hook(keep)
+    logits = model(ids, position_ids=pos).logits
+    handle.remove()
+    start, sample = spans[0][1]                                        # the middle sample
+    span = slice(start, start + len(sample))
+    F.cross_entropy(logits[0, span][:-1], ids[0, span][1:]).backward()
+    grad = captured["emb"].grad[0].abs().sum(-1)                       # (T,)
+    assert grad[start:start + len(sample) - 1].min() > 0              # its last token predicts nothing here
+    assert grad[:start].max() == 0 and grad[start + len(sample):].max() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("overrides", PACK_CONFIGS[:2])
+def test_packed_rows_on_cuda_match_cpu(overrides):
+    model = random_model(seed=7, **overrides)
+    ids, pos, spans = pack_rows([[5, 11, 3, 7], [9, 13, 2]], width=32)
+    with torch.no_grad():
+        cpu = model(ids, position_ids=pos).logits
+        cuda = model.cuda()(ids.cuda(), position_ids=pos.cuda()).logits.cpu()
+        start, sample = spans[1][1]
+        alone = model(sample[None].cuda()).logits[0].cpu()
+    assert (cuda - cpu).abs().max().item() <= 1e-4
+    assert (cuda[1, start:start + len(sample)] - alone).abs().max().item() <= 1e-4
+
+
 # ---- generation through transformers ----
 def test_generate_sampling_options(tiny_model):
     prompt = torch.randint(3, 6400, (2, 5))
