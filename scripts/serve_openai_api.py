@@ -21,8 +21,9 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.inference_utils import (LoadError, OutputParser, TextStream, add_model_args, build_prompt,  # noqa: E402
-                                     load_model, sampling_kwargs)
+from model.chat_format import OutputParser, build_prompt  # noqa: E402
+from model.engine import StopMatcher, TextStream, sampling_kwargs  # noqa: E402
+from scripts.inference_utils import LoadError, add_model_args, load_model  # noqa: E402
 
 ROLES = ("system", "user", "assistant", "tool")
 DEFAULTS = dict(temperature=0.7, top_p=0.92, max_tokens=8192)  # the original server's defaults
@@ -120,29 +121,6 @@ def parse_request(body, context: int) -> dict:
 
 
 # ---- output ----
-class StopMatcher:
-    """Cut the generated text at the first stop string; text that may be a stop string's beginning waits."""
-
-    def __init__(self, stops):
-        self.stops, self.buf, self.stopped = stops, "", False
-
-    def feed(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        self.buf += text
-        hits = [self.buf.find(s) for s in self.stops if s in self.buf]
-        if hits:
-            out, self.buf, self.stopped = self.buf[:min(hits)], "", True
-            return out
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.buf.endswith(s[:k])), default=0)
-        out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
-        return out
-
-    def finish(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
-
-
 def tool_call_json(call: dict) -> dict:
     args = call["arguments"]
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",

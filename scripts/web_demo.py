@@ -23,9 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import streamlit as st  # noqa: E402
 
-from scripts.inference_utils import (LoadError, OutputParser, TextStream, add_model_args, build_prompt,  # noqa: E402
-                                     find_native_weight, is_transformers_folder, load_model, resolve_path,
-                                     sampling_kwargs)
+from model.chat_format import OutputParser, build_prompt  # noqa: E402
+from model.engine import TextStream, sampling_kwargs  # noqa: E402
+from scripts.inference_utils import (LoadError, add_model_args, find_native_weight,  # noqa: E402
+                                     is_transformers_folder, load_model, resolve_path)
 from trainer.trainer_utils import ROOT, setup_seed  # noqa: E402
 
 REASONING = "Reasoning (click to expand)"

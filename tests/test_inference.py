@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import eval_llm
-from scripts.inference_utils import (LoadError, OutputParser, add_model_args, build_prompt, load_model, load_native,
-                                     load_tokenizer, parse_output)
+from model.chat_format import OutputParser, build_prompt, parse_output
+from scripts.inference_utils import LoadError, add_model_args, load_model, load_native, load_tokenizer
 from tests.conftest import ROOT, tiny_config, tokenizer_dir
 from trainer.checkpoint import save_weights, weight_path
 

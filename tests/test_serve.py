@@ -18,7 +18,8 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from scripts.inference_utils import build_prompt, load_tokenizer, parse_output  # noqa: E402
+from model.chat_format import build_prompt, parse_output  # noqa: E402
+from scripts.inference_utils import load_tokenizer  # noqa: E402
 from scripts.serve_openai_api import create_app  # noqa: E402
 from tests.conftest import ROOT, tiny_config, tokenizer_dir  # noqa: E402
 from tests.test_inference import talkative_seed  # noqa: E402
