@@ -31,29 +31,53 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "descrip
 
 
 class ScriptedModel(torch.nn.Module):
-    """Stands in for MiniMind in generate(): 'generates' the tokens of `self.text` (then eos), or raises
-    after `self.fail_after` tokens, honouring max_new_tokens, the streamer and stopping criteria."""
+    """Stands in for MiniMind: 'generates' the tokens of `self.text` (then eos), or raises after
+    `self.fail_after` tokens, sleeping `delay` seconds per step. forward() serves the engine (each row's
+    prompt length is kept in its KV-cache row, so rows may come and go); generate() serves TextStream
+    (the web demo's local mode), honouring max_new_tokens, the streamer and stopping criteria."""
 
     def __init__(self, tokenizer, text=""):
         super().__init__()
         self.tokenizer, self.text, self.fail_after, self.prompts = tokenizer, text, None, []
-        self.delay, self.generated = 0.0, 0  # seconds per token; tokens produced by the last call
-        self.config = SimpleNamespace(max_position_embeddings=32768)
+        self.delay, self.steps = 0.0, 0  # seconds per step; forwards run
+        self.config = SimpleNamespace(max_position_embeddings=32768, num_hidden_layers=1, vocab_size=len(tokenizer),
+                                      eos_token_id=tokenizer.eos_token_id)
 
     @property
     def device(self):
         return torch.device("cpu")
 
+    def script(self):
+        return self.tokenizer(self.text).input_ids + [self.tokenizer.eos_token_id]
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None, logits_to_keep=1,
+                **kwargs):
+        bsz, width = input_ids.shape
+        self.steps += 1
+        time.sleep(self.delay)
+        if past_key_values.get_seq_length() == 0:  # prefill: store each row's prompt length in its cache row
+            lengths = attention_mask.sum(-1) if attention_mask is not None else torch.full((bsz,), width)
+            self.prompts += [self.tokenizer.decode(input_ids[i, :n]) for i, n in enumerate(lengths.tolist())]
+            past_key_values.update(*[lengths.float().view(bsz, 1, 1, 1).expand(bsz, 1, width, 1)] * 2, 0)
+        else:
+            lengths = past_key_values.update(*[torch.zeros(bsz, 1, width, 1)] * 2, 0)[0][:, 0, 0, 0].long()
+        index = position_ids - lengths[:, None] + 1  # which scripted token follows each position
+        index = index[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else index[:, logits_to_keep]
+        if self.fail_after is not None and bool((index >= self.fail_after).any()):
+            raise RuntimeError("scripted failure")
+        script = torch.tensor(self.script())
+        logits = torch.full((*index.shape, self.config.vocab_size), -100.0)  # sampling picks the scripted token too
+        logits.scatter_(2, script[index.clamp(max=len(script) - 1)].unsqueeze(-1), 100.0)
+        return SimpleNamespace(logits=logits)
+
     def generate(self, input_ids, max_new_tokens, streamer=None, stopping_criteria=(), **kwargs):
         self.prompts.append(self.tokenizer.decode(input_ids[0]))
-        ids = self.tokenizer(self.text).input_ids + [self.tokenizer.eos_token_id]
-        out, self.generated = input_ids, 0
+        out = input_ids
         streamer.put(input_ids)
-        for i, token in enumerate(ids[:max_new_tokens]):
+        for i, token in enumerate(self.script()[:max_new_tokens]):
             if self.fail_after is not None and i == self.fail_after:
                 raise RuntimeError("scripted failure")
             time.sleep(self.delay)
-            self.generated += 1
             out = torch.cat([out, torch.tensor([[token]])], dim=1)
             streamer.put(torch.tensor([token]))
             if token == self.tokenizer.eos_token_id or any(bool(c(out, None).all()) for c in stopping_criteria):
