@@ -539,10 +539,11 @@ class Engine:
         logits = self._forward(batch, ids, torch.arange(width).expand(n, width), mask, view, keep)
         if logits is None:
             return
-        if not same:
-            logits = logits[torch.arange(n), torch.searchsorted(keep, torch.tensor(lengths) - 1).to(logits.device)]
-        else:
+        if same:
             logits = logits[:, -1]
+        else:  # each row's last prompt position among the kept ones
+            at = torch.searchsorted(keep, torch.tensor(lengths) - 1).to(logits.device)
+            logits = logits[torch.arange(n, device=logits.device), at]
         for r, length in zip(batch, lengths):
             r.w = length
         self.n_decode += n

@@ -112,16 +112,13 @@ def _tool_calls(calls, where: str):
 
 
 def _tools(body):
-    tools = body.get("tools")
-    if tools is None:
-        return None
-    if not isinstance(tools, list) or not all(
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is not None and (not isinstance(tools, list) or not all(
             isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
             and isinstance(t["function"].get("name"), str) and isinstance(t["function"].get("description", ""), str)
-            and isinstance(t["function"].get("parameters", {}), dict) for t in tools):
+            and isinstance(t["function"].get("parameters", {}), dict) for t in tools)):
         raise _bad_type("tools", 'a list of {"type": "function", "function": {"name": string, "description": '
                                  'string, "parameters": object}}')
-    choice = body.get("tool_choice")
     named = isinstance(choice, dict) and choice.get("type") == "function" and isinstance(
         choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)
     if choice is not None and choice not in ("none", "auto", "required") and not named:
