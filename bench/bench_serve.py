@@ -3,6 +3,7 @@
     python bench/bench_serve.py                                   # 512x8 random weights, CPU, 1/4/16/32 streams
     python bench/bench_serve.py --baseline_dir /work/main         # also today's server (one request at a time)
     python bench/bench_serve.py --hidden_size 64 --num_hidden_layers 2 --levels 1,4 --new_tokens 16   # quick
+    python bench/bench_serve.py --batch_sweep 1,4,8,16,32       # the engine alone at several --max_batch
 
 Starts the real server in a subprocess (the weight: --weight_file, else a model with random weights
 saved to a temp dir), once with --max_batch N and once with --max_batch 1 (and, with --baseline_dir,
@@ -10,7 +11,8 @@ that checkout's server), and drives each with the `openai` package: C concurrent
 each with a different prompt, temperature 0 and max_tokens --new_tokens. Per server and C it prints
 total completion tokens/s (all streams, wall clock from the first request to the last [DONE]), p50/p95
 time to first token (request sent -> first content chunk) and p50/p95 inter-token latency (gaps between
-content chunks of a stream), then the ratios the serving issue targets. Writes only a temp dir.
+content chunks of a stream), then the ratios the serving issue targets. --batch_sweep measures the
+engine without HTTP instead (B requests at once at --max_batch B). Writes only a temp dir.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
@@ -43,11 +45,23 @@ def free_port() -> int:
 
 
 def random_weight(directory: Path, hidden_size: int, num_hidden_layers: int) -> Path:
+    """A model with random weights, except that the (tied) embedding rows of special tokens, whitespace-only
+    tokens and tokens that decode to part of a UTF-8 character are zero: their logits are 0 while the best
+    of the others is far above, so greedy output is visible text, one token per content chunk, and never
+    EOS (every stream runs the full --new_tokens)."""
+    from transformers import AutoTokenizer
+
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
     from trainer.checkpoint import save_weights, weight_path
+    tokenizer = AutoTokenizer.from_pretrained(str(ROOT / "model"))
+    hidden = [i for i in range(len(tokenizer)) if i in tokenizer.all_special_ids
+              or "\ufffd" in tokenizer.decode([i]) or not tokenizer.decode([i]).strip()]
     torch.manual_seed(0)
     cfg = MiniMindConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
-    return save_weights(MiniMindForCausalLM(cfg), weight_path(directory, "full_sft", cfg), cfg)
+    model = MiniMindForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[hidden] = 0
+    return save_weights(model, weight_path(directory, "full_sft", cfg), cfg)
 
 
 class Server:
@@ -82,6 +96,33 @@ class Server:
         self.proc.wait(30)
 
 
+def batch_sweep(weight: Path, sizes: list, new_tokens: int):
+    """The engine alone (no HTTP): B requests at once with --max_batch B, for each B in sizes."""
+    from transformers import AutoTokenizer
+
+    from model.engine import Engine, SamplingParams
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    from trainer.checkpoint import load_weights
+    cfg = MiniMindConfig.from_dict(__import__("json").loads(weight.with_suffix(".json").read_text()))
+    model = MiniMindForCausalLM(cfg).eval()
+    load_weights(model, weight)
+    tokenizer = AutoTokenizer.from_pretrained(str(ROOT / "model"))
+    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": f"{TOPICS[i % len(TOPICS)]}？（第{i}问）"}],
+                                                       tokenize=False, add_generation_prompt=True)).input_ids
+               for i in range(max(sizes))]
+    print("| --max_batch (= concurrent requests) | total tokens/s | tokens/s per request | TTFT p50 (ms) |")
+    print("|---|---|---|---|")
+    for size in sizes:
+        with Engine(model, tokenizer, max_batch=size) as engine:
+            engine.generate(prompts[:2], SamplingParams(max_tokens=4))  # warm-up
+            start = time.perf_counter()
+            outs = engine.generate(prompts[:size], SamplingParams(max_tokens=new_tokens))
+            wall = time.perf_counter() - start
+        tokens = sum(len(o.token_ids) for o in outs)
+        ttft = percentile([o.first_token_at - o.submitted for o in outs], 0.5)
+        print(f"| {size} | {tokens / wall:.1f} | {tokens / wall / size:.1f} | {ttft * 1e3:.0f} |", flush=True)
+
+
 async def one_stream(client, prompt: str, new_tokens: int) -> dict:
     start = time.perf_counter()
     stamps, tokens = [], 0
@@ -113,6 +154,15 @@ async def drive(url: str, streams: int, new_tokens: int, offset: int) -> dict:
             "itl50": percentile(gaps, 0.5), "itl95": percentile(gaps, 0.95)}
 
 
+def machine_line(weight: Path, new_tokens: int) -> str:
+    info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+               platform.processor())
+    return (f"# serve: {weight.name}, fp32 CPU, {new_tokens} new tokens per request, temperature 0; {os.cpu_count()} "
+            f"CPUs ({cpu}; avx512_bf16 {'yes' if 'avx512_bf16' in info else 'no'}, amx_bf16 "
+            f"{'yes' if 'amx_bf16' in info else 'no'}), load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--weight_file", type=str, default=None, help="a native .pth to serve (default: random weights)")
@@ -124,23 +174,21 @@ def main():
     p.add_argument("--baseline_dir", type=str, default=None,
                    help="a checkout whose scripts/serve_openai_api.py is measured too (e.g. main before the engine)")
     p.add_argument("--baseline_levels", type=str, default="1", help="stream counts for the baseline server")
+    p.add_argument("--batch_sweep", type=str, default=None,
+                   help="instead: the engine alone, no server, at these --max_batch values (e.g. 1,4,8,16,32)")
     args = p.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         weight = Path(args.weight_file) if args.weight_file else random_weight(Path(tmp), args.hidden_size,
                                                                                args.num_hidden_layers)
+        print(machine_line(weight, args.new_tokens))
+        if args.batch_sweep:
+            return batch_sweep(weight, [int(x) for x in args.batch_sweep.split(",")], args.new_tokens)
         setups = [(f"engine, --max_batch {args.max_batch}", ROOT, ["--max_batch", str(args.max_batch)], levels),
                   ("engine, --max_batch 1", ROOT, ["--max_batch", "1"], levels)]
         if args.baseline_dir:
             setups.append((f"baseline {args.baseline_dir}", Path(args.baseline_dir).resolve(), [],
                            [int(x) for x in args.baseline_levels.split(",")]))
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                   platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-        print(f"# serve: {weight.name}, fp32 CPU, {args.new_tokens} new tokens per stream, temperature 0; "
-              f"{os.cpu_count()} CPUs ({cpu}; avx512_bf16 {'yes' if 'avx512_bf16' in flags else 'no'}, "
-              f"amx_bf16 {'yes' if 'amx_bf16' in flags else 'no'}), load average {os.getloadavg()[0]:.1f}, "
-              f"torch {torch.__version__}")
         print("| server | streams | total tokens/s | TTFT p50 (ms) | TTFT p95 (ms) | inter-token p50 (ms) | "
               "inter-token p95 (ms) |")
         print("|---|---|---|---|---|---|---|")
