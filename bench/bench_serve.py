@@ -23,6 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from contextlib import ExitStack
 
 import torch
 
@@ -193,12 +194,15 @@ def main():
               "inter-token p95 (ms) |")
         print("|---|---|---|---|---|---|---|")
         results = {}
-        for name, root, extra, counts in setups:
-            with Server(root, weight, extra) as server:
+        with ExitStack() as stack:  # every server up at once (idle ones cost nothing): each level runs on each
+            servers = [stack.enter_context(Server(root, weight, extra)) for _, root, extra, _ in setups]
+            for server in servers:  # in turn, so load drift on a shared machine hits them alike
                 asyncio.run(drive(server.url, 2, 8, 100))  # warm-up
-                for streams in counts:
-                    r = asyncio.run(drive(server.url, streams, args.new_tokens, streams))
-                    results[(name, streams)] = r
+            for streams in levels:
+                for (name, _, _, counts), server in zip(setups, servers):
+                    if streams not in counts:
+                        continue
+                    r = results[(name, streams)] = asyncio.run(drive(server.url, streams, args.new_tokens, streams))
                     print(f"| {name} | {streams} | {r['tps']:.1f} | {r['ttft50'] * 1e3:.0f} | {r['ttft95'] * 1e3:.0f} | "
                           f"{r['itl50'] * 1e3:.1f} | {r['itl95'] * 1e3:.1f} |", flush=True)
     batched, single = setups[0][0], setups[1][0]

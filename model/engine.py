@@ -446,20 +446,19 @@ class Engine:
 
     def prometheus(self, prefix: str = "minimind") -> list:
         """The engine's metrics in Prometheus text format (one line per entry)."""
-        out = [f"# HELP {prefix}_queue_length Requests waiting for a slot.", f"# TYPE {prefix}_queue_length gauge",
-               f"{prefix}_queue_length {self.queue_length}",
-               f"# HELP {prefix}_active_slots Requests being prefilled or decoded.",
-               f"# TYPE {prefix}_active_slots gauge", f"{prefix}_active_slots {self.active}",
-               f"# HELP {prefix}_max_batch Slots (requests decoded together).", f"# TYPE {prefix}_max_batch gauge",
-               f"{prefix}_max_batch {self.max_batch}",
-               f"# HELP {prefix}_prompt_tokens_total Prompt tokens prefilled.",
-               f"# TYPE {prefix}_prompt_tokens_total counter", f"{prefix}_prompt_tokens_total {self.prompt_tokens_total}",
-               f"# HELP {prefix}_generation_tokens_total Tokens generated.",
-               f"# TYPE {prefix}_generation_tokens_total counter",
-               f"{prefix}_generation_tokens_total {self.generation_tokens_total}",
-               f"# HELP {prefix}_requests_finished_total Requests ended, by finish reason.",
-               f"# TYPE {prefix}_requests_finished_total counter"]
-        out += [f'{prefix}_requests_finished_total{{reason="{k}"}} {v}' for k, v in sorted(self.finished.items())]
+        out = []
+
+        def metric(name, kind, help_text, samples):
+            out.extend([f"# HELP {prefix}_{name} {help_text}", f"# TYPE {prefix}_{name} {kind}"])
+            out.extend(f"{prefix}_{name}{labels} {value}" for labels, value in samples)
+
+        metric("queue_length", "gauge", "Requests waiting for a slot.", [("", self.queue_length)])
+        metric("active_slots", "gauge", "Requests being prefilled or decoded.", [("", self.active)])
+        metric("max_batch", "gauge", "Slots (requests decoded together).", [("", self.max_batch)])
+        metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", self.prompt_tokens_total)])
+        metric("generation_tokens_total", "counter", "Tokens generated.", [("", self.generation_tokens_total)])
+        metric("requests_finished_total", "counter", "Requests ended, by finish reason.",
+               [(f'{{reason="{k}"}}', v) for k, v in sorted(self.finished.items())])
         out += self.ttft.lines(f"{prefix}_time_to_first_token_seconds", "Submission to first generated token.")
         return out + self.itl.lines(f"{prefix}_inter_token_latency_seconds", "Time between two tokens of a request.")
 

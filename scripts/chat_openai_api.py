@@ -8,7 +8,8 @@ Each question is sent with the last --history_messages messages before it, count
 turns (the original sent history[-2:], i.e. the previous answer without its question, and all of
 it for 0). On a terminal it prints `[Q]: ` / `[A]: `; piped, one line per answer (a newline inside
 an answer is written as `\\n`, a backslash as `\\\\`). Reasoning (`reasoning_content`) is shown
-dim on a terminal, between `[think]` and `[/think]` when piped. Writes nothing; needs `openai`.
+dim on a terminal, between `[think]` and `[/think]` when piped. The key of a server started with one
+comes from --api_key or the MINIMIND_API_KEY environment variable. Writes nothing; needs `openai`.
 """
 import argparse
 import os
