@@ -295,8 +295,8 @@ class Guard:
     of responses by path and status for /metrics; and no exception ever reaches uvicorn, which would
     drop the keep-alive connection without saying so."""
 
-    def __init__(self, app, engine: Engine, api_key: str, host: str, allow_any_host: bool):
-        self.app, self.engine, self.api_key = app, engine, api_key
+    def __init__(self, app, api_key: str, host: str, allow_any_host: bool):
+        self.app, self.api_key = app, api_key
         self.bound_host, self.check_host = host.lower(), not api_key and not allow_any_host
         self.responses = Counter()
 
@@ -323,7 +323,7 @@ class Guard:
                 body = APIError(500, f"{type(err).__name__}: {err}", type_="server_error").body()
                 for message in json_response(500, body, {"Connection": "close"}):
                     await tracked(message)
-            elif not isinstance(err, ClientGone):
+            else:  # a stream broke after its headers: the event loop goes on; the bug shows in the log
                 traceback.print_exc(file=sys.stderr)
         finally:
             path = scope["path"] if scope["path"] in ("/v1/chat/completions", "/v1/models", "/health",
@@ -567,7 +567,7 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
                 yield chunk(None, usage=job.usage())
         yield "data: [DONE]\n\n"
 
-    guard = Guard(app, engine, api_key, opt["host"], opt["allow_any_host"])
+    guard = Guard(app, api_key, opt["host"], opt["allow_any_host"])
     return guard
 
 
