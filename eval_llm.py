@@ -24,8 +24,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model.chat_format import OutputParser, build_prompt  # noqa: E402
+from model.engine import TextStream, sampling_kwargs  # noqa: E402
 from model.loading import LoadError, Typed, add_model_args, load_model, was_typed  # noqa: E402
-from scripts.inference_utils import OutputParser, TextStream, build_prompt, sampling_kwargs  # noqa: E402
 from trainer.trainer_utils import setup_seed  # noqa: E402
 
 PRESET_QUESTIONS = ["你有什么特长？", "为什么天空是蓝色的", "请用Python写一个计算斐波那契数列的函数", '解释一下"光合作用"的基本过程',

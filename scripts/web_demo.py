@@ -23,9 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import streamlit as st  # noqa: E402
 
+from model.chat_format import OutputParser, build_prompt  # noqa: E402
+from model.engine import TextStream, sampling_kwargs  # noqa: E402
 from model.loading import (ROOT, LoadError, add_model_args, find_weight, is_transformers_folder,  # noqa: E402
                            load_model, resolve_path, typed_sizes)
-from scripts.inference_utils import OutputParser, TextStream, build_prompt, sampling_kwargs  # noqa: E402
 from trainer.trainer_utils import setup_seed  # noqa: E402
 
 REASONING = "Reasoning (click to expand)"

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import eval_llm
+from model.chat_format import OutputParser, build_prompt, parse_output
 from model.loading import LoadError, add_model_args, load_model, load_native, load_tokenizer, weight_path
-from scripts.inference_utils import OutputParser, build_prompt, parse_output
 from tests.conftest import ROOT, tiny_config, tokenizer_dir
 from trainer.checkpoint import save_weights
 

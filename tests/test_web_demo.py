@@ -19,8 +19,8 @@ import torch
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-import scripts.inference_utils as inference_utils  # noqa: E402
 from model import loading  # noqa: E402
+from model.chat_format import build_prompt, parse_output  # noqa: E402
 from tests.conftest import ROOT, tiny_config, tokenizer_dir  # noqa: E402
 from tests.test_inference import QUESTIONS, talkative_seed  # noqa: E402
 from tests.test_serve import ScriptedModel, free_port, serving  # noqa: E402
@@ -41,10 +41,10 @@ def expected_answer(weight, prompt, max_new_tokens=8, history=()):
     """The greedy answer with the page's default repetition penalty, computed directly."""
     model, tokenizer = loading.load_native(weight), loading.load_tokenizer(tokenizer_dir())
     messages = [*history, {"role": "user", "content": prompt}]
-    ids = tokenizer(inference_utils.build_prompt(tokenizer, messages), return_tensors="pt").input_ids
+    ids = tokenizer(build_prompt(tokenizer, messages), return_tensors="pt").input_ids
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          repetition_penalty=1.1, pad_token_id=0, eos_token_id=2)
-    return inference_utils.parse_output(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))["content"]
+    return parse_output(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))["content"]
 
 
 def app(monkeypatch, *flags) -> AppTest:

@@ -1,22 +1,17 @@
-"""Inference plumbing shared by eval_llm.py, scripts/serve_openai_api.py and scripts/web_demo.py: the prompt,
-streamed generation in a thread, and the parser that splits `<think>` / `<tool_call>` output.
+"""The chat format around MiniMind's generation: the prompt (ChatML template), the guard against
+ChatML control tokens inside message text, and the parser that splits `<think>` / `<tool_call>`
+output into reasoning, content and tool calls. Shared by eval_llm.py, the server and the web demo.
 
-Model loading (the flags, what --load_from is, weights, LoRA, tokenizer, errors) lives in model/loading.py;
-the names serve_openai_api.py and its tests import from here are re-exported until they import it directly.
+    python -c "from model.chat_format import parse_output; print(parse_output('<think>a</think>b'))"
+Writes nothing.
 """
 import json
-import sys
-import threading
-from contextlib import nullcontext
-from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.loading import LoadError, add_model_args, load_model, load_tokenizer  # noqa: E402,F401
+THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
+TOOL_CALL, END_TOOL_CALL = "<tool_call>", "</tool_call>"
+CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # the shipped tokenizer's special tokens
 
 
-# ---- prompt and generation ----
 def build_prompt(tokenizer, messages: list, raw: bool = False, tools=None) -> str:
     """The chat template with the generation prompt; raw=True (pretrain weights) gives bos + the
     last user text without a template, as the original."""
@@ -25,102 +20,11 @@ def build_prompt(tokenizer, messages: list, raw: bool = False, tools=None) -> st
     return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
 
 
-def sampling_kwargs(temperature: float, top_p: float, repetition_penalty: float = 1.0) -> dict:
-    """generate() arguments; temperature 0 means greedy decoding."""
-    if temperature <= 0:
-        return dict(do_sample=False, repetition_penalty=repetition_penalty)
-    return dict(do_sample=True, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
-
-
-class _Cancel:
-    """A stopping criterion that ends generation once `event` is set (client gone, stop string seen)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def _piece_streamer(tokenizer):
-    """A TextIteratorStreamer that hands over text after every token (the stock one waits for a space
-    or a CJK character), holding back only an incomplete UTF-8 character. Decoding restarts after
-    each hand-over, which is exact for byte-level BPE and keeps long answers O(1) per token."""
-    from transformers import TextIteratorStreamer
-
-    class PieceStreamer(TextIteratorStreamer):
-        def put(self, value):
-            if value.dim() > 1:
-                value = value[0]
-            if self.skip_prompt and self.next_tokens_are_prompt:
-                self.next_tokens_are_prompt = False
-                return
-            self.token_cache.extend(value.tolist())
-            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
-            if not text.endswith("\ufffd"):
-                self.token_cache, self.print_len = [], 0
-                self.on_finalized_text(text)
-
-    return PieceStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-
-class TextStream:
-    """Run model.generate in a background thread and iterate over the decoded text pieces as they come.
-
-    - generation holds `lock` (when given) for its whole run, so concurrent streams never share the model;
-    - an exception inside generate ends the iteration and is re-raised in the consumer (never a hang);
-    - close() stops generation at the next token; after the iteration, `output_ids` holds the new tokens.
-    """
-
-    def __init__(self, model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, lock=None, seed=None,
-                 **generate_kwargs):
-        from transformers import StoppingCriteriaList
-        self.streamer = _piece_streamer(tokenizer)
-        self.prompt_len = input_ids.shape[1]
-        self.output_ids = input_ids.new_zeros(0)
-        self.error = None
-        self._cancel = threading.Event()
-        kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                      streamer=self.streamer, stopping_criteria=StoppingCriteriaList([_Cancel(self._cancel)]),
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **generate_kwargs)
-        self._thread = threading.Thread(target=self._run, args=(model, kwargs, lock, seed), daemon=True)
-        self._thread.start()
-
-    def _run(self, model, kwargs, lock, seed):
-        try:
-            with lock if lock is not None else nullcontext():
-                if self._cancel.is_set():
-                    raise _Cancelled()
-                if seed is not None:
-                    torch.manual_seed(seed)
-                with torch.no_grad():
-                    out = model.generate(**kwargs)
-                self.output_ids = out[0, self.prompt_len:].cpu()
-        except _Cancelled:
-            self.streamer.end()
-        except BaseException as err:  # handed to the consumer thread, which re-raises it
-            self.error = err
-            self.streamer.end()
-
-    def __iter__(self):
-        for piece in self.streamer:
-            if piece:
-                yield piece
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def close(self):
-        self._cancel.set()
-
-
-class _Cancelled(Exception):
-    pass
-
-
-# ---- output parsing ----
-THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
-TOOL_CALL, END_TOOL_CALL = "<tool_call>", "</tool_call>"
+def find_control_token(text: str, tokens=CONTROL_TOKENS):
+    """The first ChatML control token written inside `text`, or None. Rendered into a prompt, such text
+    would become a real special token (e.g. a forged system turn); the training datasets reject it too."""
+    hits = [(text.find(t), t) for t in tokens if t in text]
+    return min(hits)[1] if hits else None
 
 
 def _tag_prefix_len(text: str, tags) -> int:
@@ -237,7 +141,7 @@ class OutputParser:
 def _parse_tool_call(text: str):
     try:
         call = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         return None
