@@ -165,7 +165,7 @@ def prompts_with_answers(path) -> list[dict]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--mode", choices=["demo", "tasks"], default="demo",
                    help="demo: start from {from_dir}/full_sft_<hidden>.pth and the demo files; "
                         "tasks: train a small arithmetic SFT model in work_dir and generate the tasks (--tasks)")
