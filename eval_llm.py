@@ -4,10 +4,12 @@
     python eval_llm.py --weight reason --historys 2       # a reasoning model, keeping the last turn as context
     python eval_llm.py --load_from ../MiniMind2           # a transformers folder (scripts/convert_model.py)
     printf '你好\\n1+1等于几？\\n' | python eval_llm.py --temperature 0   # one answer line per question, greedy
-    python eval_llm.py --save_dir out --weight full_sft --device cpu --prompt '你好'   # one-shot
+    python eval_llm.py --save_dir out --weight full_sft --device cpu --prompt '你好'   # one-shot, at most 512 tokens
 
 Native weights are `{save_dir}/{weight}_{hidden}[_moe].pth`; their `.json` config (written by every
-training stage) makes the size flags unnecessary. `--weight pretrain` feeds `<|im_start|>` + the raw
+training stage) makes the size flags unnecessary, and when no size flag is typed the one `{weight}_*.pth`
+in --save_dir is used (model/loading.py). Ctrl-C during an answer stops that answer; at the prompt (or an
+empty line) it ends the chat. `--weight pretrain` feeds `<|im_start|>` + the raw
 text, without the chat template. `<think>` reasoning is shown dim on a terminal, and between
 `[think]` and `[/think]` when the output is piped.
 
@@ -22,19 +24,25 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scripts.inference_utils import (LoadError, OutputParser, TextStream, add_model_args, build_prompt,  # noqa: E402
-                                     load_model, sampling_kwargs)
+from model.chat_format import OutputParser, build_prompt  # noqa: E402
+from model.engine import TextStream, sampling_kwargs  # noqa: E402
+from model.loading import LoadError, Typed, add_model_args, load_model, was_typed  # noqa: E402
 from trainer.trainer_utils import setup_seed  # noqa: E402
 
 PRESET_QUESTIONS = ["你有什么特长？", "为什么天空是蓝色的", "请用Python写一个计算斐波那契数列的函数", '解释一下"光合作用"的基本过程',
                     "如果明天下雨，我应该如何出门", "比较一下猫和狗作为宠物的优缺点", "解释什么是机器学习", "推荐一些中国的美食"]
 DIM, RESET = "\033[2m", "\033[0m"
+MENU = "[0] 自动测试 / preset questions\n[1] 手动输入 / type your own (空行退出 / an empty line quits)\n"
+CHAT_HINT = ("空行或 Ctrl-C 退出，回答中 Ctrl-C 只停止该回答 / "
+             "An empty line or Ctrl-C quits; Ctrl-C during an answer stops it.")
+ONE_SHOT_TOKENS = 512   # --prompt answers stop here unless --max_new_tokens is typed
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Chat with MiniMind", allow_abbrev=False)
     add_model_args(p)
-    p.add_argument("--max_new_tokens", type=int, default=8192, help="most tokens generated per answer")
+    p.add_argument("--max_new_tokens", type=int, default=8192, action=Typed,
+                   help=f"most tokens generated per answer (default 8192; {ONE_SHOT_TOKENS} for --prompt)")
     p.add_argument("--temperature", type=float, default=0.85, help="sampling temperature; 0 = greedy decoding")
     p.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling probability mass")
     p.add_argument("--historys", type=int, default=0,
@@ -58,17 +66,19 @@ def questions(args, interactive: bool):
         return
     mode = args.mode
     if mode is None:
-        mode = (0 if input("[0] 自动测试\n[1] 手动输入\n").strip() == "0" else 1) if interactive else 1
+        mode = (0 if input(MENU).strip() == "0" else 1) if interactive else 1
     if mode == 0:
         for q in PRESET_QUESTIONS:
             if interactive:
                 print(f"👶: {q}")
             yield q
     elif interactive:
+        print(CHAT_HINT, flush=True)
         while True:
             try:
                 q = input("👶: ").strip()
             except (EOFError, KeyboardInterrupt):
+                print(flush=True)   # end the prompt's line
                 return
             if not q:
                 return
@@ -108,7 +118,8 @@ class Printer:
 
 
 def answer(model, tokenizer, conversation: list, args, printer: Printer) -> str:
-    """Stream one answer to `conversation` through `printer`; returns the raw generated text."""
+    """Stream one answer to `conversation` through `printer`; returns the raw generated text. Ctrl-C stops this
+    answer only: generation ends at its next token and the chat goes on."""
     prompt = build_prompt(tokenizer, conversation, raw=args.weight == "pretrain")
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
     room = model.config.max_position_embeddings - input_ids.shape[1]
@@ -117,19 +128,49 @@ def answer(model, tokenizer, conversation: list, args, printer: Printer) -> str:
                          f"{model.config.max_position_embeddings}; lower --historys")
     stream = TextStream(model, tokenizer, input_ids, min(args.max_new_tokens, room),
                         **sampling_kwargs(args.temperature, args.top_p, args.repetition_penalty))
-    parser, pieces = OutputParser(), []
-    for piece in stream:
-        pieces.append(piece)
-        for kind, text in parser.feed(piece):
-            printer.write(kind, text)
+    parser, pieces, stopped = OutputParser(), [], False
+    try:
+        for piece in stream:
+            pieces.append(piece)
+            for kind, text in parser.feed(piece):
+                printer.write(kind, text)
+    except KeyboardInterrupt:
+        stop(stream)
+        stopped = True
     for kind, text in parser.finish():
         printer.write(kind, text)
+    if stopped:
+        printer.write("content", " [已停止 / stopped]")
     printer.end()
     return "".join(pieces)
 
 
+def stop(stream: TextStream) -> None:
+    """Cancel a generation and wait until its thread has ended (a thread still inside generate() when the
+    interpreter exits aborts the process); further Ctrl-C while waiting are ignored."""
+    stream.close()
+    while True:
+        try:
+            for _ in stream:   # drains what is left; ends when the generating thread returns
+                pass
+            return
+        except KeyboardInterrupt:
+            continue
+
+
 def main(argv=None):
+    """Ctrl-C outside an answer (loading, the menu) ends the program with one line and exit code 130."""
+    try:
+        chat(argv)
+    except KeyboardInterrupt:
+        print("\neval_llm.py: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def chat(argv=None):
     args = build_parser().parse_args(argv)
+    if args.prompt and not was_typed(args, "max_new_tokens"):
+        args.max_new_tokens = ONE_SHOT_TOKENS
     try:
         model, tokenizer, _ = load_model(args)
     except LoadError as err:

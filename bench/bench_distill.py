@@ -18,12 +18,11 @@ import time
 
 import torch
 
-from dataset import demo_data
+from dataset import demo_data, scoring
 from dataset.lm_dataset import SFTDataset, pad_collate
-from model.model_minimind import MiniMindConfig
-from scripts import eval_demo
+from model.loading import find_weight, load_native, load_tokenizer, weight_path
 from trainer import train_distillation, train_full_sft, train_pretrain
-from trainer.trainer_utils import OUT, ROOT, TOKENIZER_DIR, init_model, masked_cross_entropy, to_argv
+from trainer.trainer_utils import OUT, ROOT, TOKENIZER_DIR, masked_cross_entropy, to_argv
 
 DEMO = ROOT / "dataset" / "demo"
 
@@ -40,22 +39,21 @@ def held_out_dialogues(path: Path, train_path: Path, n: int) -> Path:
 @torch.no_grad()
 def score(args, directory, weight: str, hidden_size: int, num_layers: int, val_path: Path) -> dict:
     """Mean CE per supervised token on the held-out dialogues, and greedy accuracy on eval.jsonl."""
-    model, tok = init_model(MiniMindConfig(hidden_size=hidden_size, num_hidden_layers=num_layers), weight,
-                            args.tokenizer_path, directory)
-    model.eval()
+    model = load_native(find_weight(directory, weight, hidden_size), num_hidden_layers=num_layers)
+    tok = load_tokenizer(args.tokenizer_path)
     ds = SFTDataset(str(val_path), tok, max_length=args.max_seq_len, skip_bad_lines=True)
     loader = torch.utils.data.DataLoader(ds, batch_size=16, collate_fn=pad_collate)
     total, count = 0.0, 0
-    for X, Y, mask in loader:
-        n = mask.sum().item()
-        total += masked_cross_entropy(model(X).logits, Y, mask).item() * n
+    for batch in loader:
+        n = batch["loss_mask"].sum().item()
+        total += masked_cross_entropy(model(batch["input_ids"]).logits, batch["labels"], batch["loss_mask"]).item() * n
         count += n
-    acc = eval_demo.evaluate(model, tok, args.eval_path)
+    acc = scoring.evaluate(model, tok, args.eval_path)
     return {"val_ce": total / count, "accuracy": acc["accuracy"], "right": acc["right"], "total": acc["total"]}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--work_dir", type=Path, default=OUT / "distill_bench")
     p.add_argument("--teacher_dir", type=Path, default=OUT, help="where full_sft_<teacher_hidden>.pth is")
     p.add_argument("--teacher_hidden_size", type=int, default=256)
@@ -77,7 +75,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     work, sh, sl = args.work_dir, args.student_hidden_size, args.student_num_layers
     work.mkdir(parents=True, exist_ok=True)
-    teacher = args.teacher_dir / f"full_sft_{args.teacher_hidden_size}.pth"
+    teacher = weight_path(args.teacher_dir, "full_sft", argparse.Namespace(hidden_size=args.teacher_hidden_size))
     if not teacher.exists():
         raise FileNotFoundError(f"teacher weight {teacher} not found: run scripts/run_demo.sh first, or pass "
                                 "--teacher_dir/--teacher_hidden_size")
@@ -92,7 +90,7 @@ def main(argv=None):
                   max_steps=args.max_steps)
     times = {}
     t0 = time.time()
-    if not (work / f"pretrain_{sh}.pth").exists():
+    if not weight_path(work, "pretrain", argparse.Namespace(hidden_size=sh)).exists():
         train_pretrain.main(to_argv({**common, "hidden_size": sh, "num_hidden_layers": sl, "from_weight": "none",
                                      "data_path": args.pretrain_path, "epochs": 1, "batch_size": 8,
                                      "learning_rate": 2e-3}))

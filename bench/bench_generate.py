@@ -24,6 +24,7 @@ import time
 import torch
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from trainer.progress import cpu_description
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,23 +119,6 @@ def floors(cfg: dict, weights: Path, batch: int, threads: int, repeats: int = 20
         read = best(lambda: [p.sum() for p in params])
         gemm = best(lambda: [F.linear(inputs[m.in_features], m.weight) for m in linears])
     return {"fp32 floor: read every weight once": batch / read, "fp32 floor: linear layers alone": batch / gemm}
-
-
-def cpu_description() -> str:
-    """The CPU model and whether it has native bf16 matrix units (from /proc/cpuinfo flags)."""
-    name, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name == "unknown CPU":
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        import platform
-        name = platform.processor() or platform.machine()
-    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name}, bf16 units: {', '.join(bf16) if bf16 else 'none'}"
 
 
 def default_original() -> tuple:

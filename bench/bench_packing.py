@@ -14,7 +14,6 @@ speed-up). Writes nothing.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
-import platform
 import random
 import time
 
@@ -22,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from trainer.progress import cpu_description
 
 
-def sample_lengths(rows: int, width: int, seed: int) -> list:
+def random_lengths(rows: int, width: int, seed: int) -> list:
     """Lengths that fill `rows` rows of `width` tokens with first-fit packing (returns rows of lengths)."""
     rng = random.Random(seed)
     packed = [[] for _ in range(rows)]
@@ -112,7 +112,7 @@ def main(argv=None):
     cfg = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                          use_moe=bool(args.use_moe))
     model = MiniMindForCausalLM(cfg).train()
-    rows = sample_lengths(args.rows, args.max_seq_len, seed=0)
+    rows = random_lengths(args.rows, args.max_seq_len, seed=0)
     ids, pos, labels, samples = packed_batch(rows, args.max_seq_len, cfg.vocab_size)
     useful = sum(len(s) for s in samples)
     unpacked = unpacked_batches(samples, args.rows, seed=0)
@@ -121,7 +121,7 @@ def main(argv=None):
             ("packed, plain causal", [(ids, None, labels)])]
     print(f"# forward+backward: {args.hidden_size}x{args.num_hidden_layers}{' MoE' if args.use_moe else ''}, fp32, "
           f"{len(samples)} samples ({useful} tokens) in {args.rows} rows of {args.max_seq_len}; torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+          f"{torch.__version__}, {torch.get_num_threads()} threads, {cpu_description()}")
     print("| layout | batches | padded tokens | padding share | time (s) | useful tokens/s | vs unpacked |")
     print("|---|---|---|---|---|---|---|")
     best = best_times(model, runs, args.repeats)

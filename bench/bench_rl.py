@@ -28,9 +28,11 @@ import zlib
 import torch
 
 from dataset import demo_data
+from dataset.lm_dataset import read_jsonl
 from trainer import train_full_sft, train_grpo, train_ppo, train_spo
 from trainer.rl_utils import Rewards, encode_prompts, rollout
-from trainer.trainer_utils import OUT, ROOT, TOKENIZER_DIR, init_model, to_argv
+from model.loading import find_weight, load_native, load_tokenizer, weight_path
+from trainer.trainer_utils import OUT, ROOT, TOKENIZER_DIR, to_argv
 
 DEMO = ROOT / "dataset" / "demo"
 
@@ -74,19 +76,11 @@ def task_rows(args, n: int, seed: str, part: str, dialogue: bool):
     return rows
 
 
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    return path
-
-
 @torch.no_grad()
-def evaluate(args, directory, weight: str, eval_rows):
+def score_weights(args, directory, weight: str, eval_rows):
     """Greedy accuracy and the mean reward of --eval_samples sampled answers per held-out prompt."""
-    from model.model_minimind import MiniMindConfig
-    cfg = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
-    model, tok = init_model(cfg, weight, args.tokenizer_path, directory)
-    model.eval()
+    model = load_native(find_weight(directory, weight, args.hidden_size), num_hidden_layers=args.num_hidden_layers)
+    tok = load_tokenizer(args.tokenizer_path)
     prompts = [tok.apply_chat_template(r["conversations"][:1], tokenize=False, add_generation_prompt=True)
                for r in eval_rows]
     refs = [r["answer"] for r in eval_rows]
@@ -106,7 +100,7 @@ def evaluate(args, directory, weight: str, eval_rows):
 
 def train_sft(args, work):
     """SFT from scratch on the demo generator's arithmetic dialogues (only when no SFT weight exists)."""
-    data = write_jsonl(work / "sft_arith.jsonl", task_rows(args, args.sft_rows, "bench-sft", "sft", True))
+    data = demo_data.write_jsonl(work / "sft_arith.jsonl", task_rows(args, args.sft_rows, "bench-sft", "sft", True))
     flags = dict(device="cpu", hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                  save_dir=work, checkpoint_dir=work / "ckpt", tokenizer_path=args.tokenizer_path, data_path=data,
                  from_weight="none", epochs=args.sft_epochs, batch_size=32, learning_rate=2e-3, max_seq_len=96,
@@ -136,13 +130,13 @@ def run_rl(args, work, algo, train_path, eval_rows, table):
                 + args.trainer_flags.split())
         TRAINERS[algo].main(argv)
         row = {"algo": algo, "step": done, "completions": done * per_step, "minutes": (time.time() - t0) / 60,
-               **evaluate(args, out, WEIGHT[algo], eval_rows)}
+               **score_weights(args, out, WEIGHT[algo], eval_rows)}
         table.append(row)
         print(f"| {algo} | {done} | {row['completions']} | {row['sample_reward']:.3f} | {row['greedy_acc']:.3f} | "
               f"{row['minutes']:.1f} |", flush=True)
 
 
-def plot(table, path, label="held-out questions"):
+def plot_rewards(table, path, label="held-out questions"):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -164,14 +158,14 @@ def plot(table, path, label="held-out questions"):
     print(f"plot: {path}")
 
 
-def read_questions(path) -> list[dict]:
+def prompts_with_answers(path) -> list[dict]:
     """An eval.jsonl-layout file {question, answer} as single-turn prompts with their reference."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [{"conversations": [{"role": "user", "content": r["question"]}], "answer": r["answer"]} for r in rows]
+    return [{"conversations": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
+            for r in read_jsonl(path, required=("question", "answer"))]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--mode", choices=["demo", "tasks"], default="demo",
                    help="demo: start from {from_dir}/full_sft_<hidden>.pth and the demo files; "
                         "tasks: train a small arithmetic SFT model in work_dir and generate the tasks (--tasks)")
@@ -217,25 +211,26 @@ def main(argv=None):
     broad = []
     if args.mode == "demo":
         args.sft_dir = args.from_dir
-        sft = args.sft_dir / f"full_sft_{args.hidden_size}.pth"
+        sft = weight_path(args.sft_dir, "full_sft", args)
         if not sft.is_file():
             raise SystemExit(f"no SFT weight at {sft}: run `bash scripts/run_demo.sh` first (it writes "
                              f"out/full_sft_256.pth), or pass --from_dir, or use --mode tasks")
         if not Path(args.rl_data).is_file() and Path(args.rl_data).parent == DEMO:
             demo_data.write_demo_data(DEMO)        # the demo files are generated, not shipped
-        train_path, eval_rows = Path(args.rl_data), read_questions(args.eval_data)
-        broad = read_questions(args.broad_eval) if args.broad_eval else []
+        train_path, eval_rows = Path(args.rl_data), prompts_with_answers(args.eval_data)
+        broad = prompts_with_answers(args.broad_eval) if args.broad_eval else []
     else:
         args.sft_dir = work
-        if not (work / f"full_sft_{args.hidden_size}.pth").exists():
+        if not weight_path(work, "full_sft", args).exists():
             train_sft(args, work)
-        train_path = write_jsonl(work / "rl_train.jsonl", task_rows(args, args.rl_prompts, "bench-rl", "rl", False))
+        train_path = demo_data.write_jsonl(work / "rl_train.jsonl",
+                                           task_rows(args, args.rl_prompts, "bench-rl", "rl", False))
         eval_rows = task_rows(args, args.eval_prompts, "bench-eval", "heldout", False)
     sft_minutes = (time.time() - t0) / 60
     args.rl_prompts = sum(1 for _ in open(train_path, encoding="utf-8"))
     table = [{"algo": "sft", "step": 0, "completions": 0, "minutes": sft_minutes,
-              **evaluate(args, args.sft_dir, "full_sft", eval_rows)}]
-    broad_scores = {"sft": evaluate(args, args.sft_dir, "full_sft", broad)} if broad else {}
+              **score_weights(args, args.sft_dir, "full_sft", eval_rows)}]
+    broad_scores = {"sft": score_weights(args, args.sft_dir, "full_sft", broad)} if broad else {}
     print(f"\n# RL on {train_path.name} ({args.rl_prompts} prompts), scored on {len(eval_rows)} held-out prompts; "
           f"MiniMind {args.hidden_size}x{args.num_hidden_layers}, {args.prompts_per_step} completions per step, "
           f"max {args.max_gen_len} new tokens, temperature {args.temperature}")
@@ -245,7 +240,7 @@ def main(argv=None):
     for algo in algos:
         run_rl(args, work, algo, train_path, eval_rows, table)
         if broad:
-            broad_scores[algo] = evaluate(args, work / algo, WEIGHT[algo], broad)
+            broad_scores[algo] = score_weights(args, work / algo, WEIGHT[algo], broad)
     print("\n| algorithm | reward before | reward after | greedy acc before | greedy acc after |")
     print("|---|---|---|---|---|")
     for algo in algos:
@@ -260,7 +255,7 @@ def main(argv=None):
     print(f"\ntotal {(time.time() - t0) / 60:.1f} min")
     result = {"curve": table, "broad_eval": broad_scores}
     (work / "rl_bench.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
-    plot(table, args.plot, Path(args.eval_data).name if args.mode == "demo" else "held-out questions")
+    plot_rewards(table, args.plot, Path(args.eval_data).name if args.mode == "demo" else "held-out questions")
     return result
 
 

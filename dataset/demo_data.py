@@ -8,7 +8,7 @@ elements, animals, colours, opposites, days and months), small-number arithmetic
 simple instructions (compare two numbers, sort a short list, convert units), self-identity statements
 and a tiny cooking domain for LoRA. Answers are short, templated sentences that END with the checkable
 answer ("法国的首都是巴黎。", "3+5=8."), so a tiny model (hidden 64-256, 2-8 layers) learns them on a
-2-core CPU in minutes, and `check_answer` can score a generation by its last number or its last words.
+2-core CPU in minutes, and `dataset.scoring.check_answer` can score a generation by its last numbers or words.
 
 Files (original jsonl formats, spec section 11), line counts at scale=1 (2 MB in all):
     pretrain.jsonl        4000  {"text"}: 1-4 "<|im_start|>...<|im_end|>" segments joined by spaces, like pretrain_hq
@@ -21,7 +21,7 @@ Files (original jsonl formats, spec section 11), line counts at scale=1 (2 MB in
     r1.jsonl              1000  {"conversations"}: assistant "<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>"
     lora_identity.jsonl    150  {"conversations"}: who MiniMind is, in both languages
     lora_domain.jsonl      300  {"conversations"}: a made-up home-cooking domain (not in pretrain or SFT)
-    eval.jsonl             170  {"question", "answer", "kind"}: held out, checked with check_answer(pred, answer)
+    eval.jsonl             170  {"question", "answer", "kind"}: held out, scored by dataset/scoring.py
     rlaif_units_eval.jsonl  96  the same layout: every held-out (unit, number) pair in every phrasing
 
 With the shipped tokenizer: pretrain ~240k tokens (at most ~220 per line), SFT ~170k (95% of conversations
@@ -36,7 +36,6 @@ Output depends only on (seed, scale): two runs write byte-identical files.
 import argparse
 import json
 import random
-import re
 import zlib
 from functools import partial
 from pathlib import Path
@@ -757,51 +756,18 @@ def gen_eval(rng, scale):
     return out
 
 
-# ---- Scoring ----
-
-_UNIT = re.compile(r"\d+(?:\.\d+)?|[a-z]+|[^\W\d_a-z]")
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
-
-
-def _final_answer(text: str) -> str:
-    """The part of a generation to score: inside the last <answer>...</answer>, else after </think>, else all."""
-    if "<answer>" in text:
-        text = text.rsplit("<answer>", 1)[1].split("</answer>", 1)[0]
-    elif "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    return text
-
-
-def _canon(unit: str) -> str:
-    return str(float(unit)) if _NUMBER.fullmatch(unit) else unit
-
-
-def check_answer(pred: str, answer: str) -> bool:
-    """Is `pred` (a model generation) right, given the reference `answer` from eval.jsonl/rlaif.jsonl?
-
-    Case, whitespace and punctuation are ignored. A numeric answer must equal the LAST number in the
-    prediction ("3+5=8。" is right for "8"). Any other answer must be the prediction's ending, compared
-    word by word for Latin text and character by character for Chinese ("法国的首都是巴黎。" is right for
-    "巴黎", "From smallest to largest: 2, 5, 9." for "2, 5, 9"). R1-style output is scored on its <answer>.
-    """
-    pred, ans = _final_answer(pred).lower(), answer.lower()
-    ans_units = _UNIT.findall(ans)
-    if not ans_units:
-        return False
-    if len(ans_units) == 1 and _NUMBER.fullmatch(ans_units[0]):
-        nums = _NUMBER.findall(pred)
-        return bool(nums) and float(nums[-1]) == float(ans_units[0])
-    pred_units = _UNIT.findall(pred)
-    n = len(ans_units)
-    return len(pred_units) >= n and [_canon(u) for u in pred_units[-n:]] == [_canon(u) for u in ans_units]
-
-
 # ---- Writing ----
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path, rows: list[dict]) -> Path:
+    """One JSON object per line, UTF-8 (not escaped), "\\n" line ends; returns the path."""
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return Path(path)
+
+
+GENERATORS = dict(pretrain=gen_pretrain, sft=gen_sft, dpo=gen_dpo, rlaif=gen_rlaif, rlaif_units=gen_rlaif_units,
+                  r1=gen_r1, lora_identity=gen_lora_identity, lora_domain=gen_lora_domain)   # one per SIZES entry
 
 
 def build_demo_data(seed: int = 0, scale: float = 1.0) -> dict[str, list[dict]]:
@@ -809,7 +775,7 @@ def build_demo_data(seed: int = 0, scale: float = 1.0) -> dict[str, list[dict]]:
     rows = {}
     for name, size in SIZES.items():
         rng = random.Random(f"minimind-demo-{seed}-{name}")
-        rows[name] = globals()[f"gen_{name}"](rng, max(4, round(size * scale)))
+        rows[name] = GENERATORS[name](rng, max(4, round(size * scale)))
     rows["eval"] = gen_eval(random.Random(f"minimind-demo-{seed}-eval"), scale)
     rows["rlaif_units_eval"] = gen_rlaif_units_eval()
     return rows
@@ -827,7 +793,7 @@ def write_demo_data(out_dir, seed: int = 0, scale: float = 1.0) -> dict[str, Pat
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write the MiniMind demo corpus (every stage, jsonl)")
+    parser = argparse.ArgumentParser(description="Write the MiniMind demo corpus (every stage, jsonl)", allow_abbrev=False)
     parser.add_argument("--out_dir", type=Path, default=ROOT / "dataset" / "demo", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every file's line count (0.05 for tests)")

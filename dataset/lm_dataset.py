@@ -2,7 +2,7 @@
 
     from dataset.lm_dataset import PretrainDataset, SFTDataset, DPODataset, RLAIFDataset, pad_collate
     ds = SFTDataset("dataset/sft_mini_512.jsonl", tokenizer, max_length=512)
-    loader = DataLoader(ds, batch_size=16, collate_fn=pad_collate)
+    loader = DataLoader(ds, batch_size=16, collate_fn=pad_collate)   # {"input_ids", "labels", "loss_mask", "tokens"}
     python scripts/inspect_data.py --data_path dataset/demo/sft.jsonl --kind sft   # check a file first
 
 Same samples as the original MiniMind (fa82707, spec section 4), with three differences:
@@ -55,6 +55,15 @@ def _parse_line(raw: bytes, where: str, required: Sequence[str] = ()) -> dict:
         row = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: bad JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: bad JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer over Python's 4300-digit limit
+        raise ValueError(f"{where}: bad JSON: {e}") from None
+    if "\\ud" in text or "\\uD" in text:  # an escaped lone surrogate decodes to a str no tokenizer can encode
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: bad JSON: a \\ud800-\\udfff escape that is not part of a surrogate pair") from None
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for key in required:
@@ -199,18 +208,37 @@ def _pad_stack(seqs: Sequence[torch.Tensor], length: int, pad_id: int = 0) -> to
     return out
 
 
-def pad_collate(batch: Sequence[Sample], pad_id: int = 0) -> Sample:
-    """Stack (X, Y, loss_mask) samples, right-padding to the batch's longest (pad id, mask 0).
+def pad_collate(batch: Sequence[Sample], pad_id: int = 0, length: int | None = None) -> dict[str, Any]:
+    """Stack (X, Y, loss_mask) samples, right-padding to the batch's longest (or to `length`) with the pad
+    id and mask 0: {"input_ids", "labels", "loss_mask"} (B, T) plus "tokens", the number of real positions.
     Right padding under causal attention leaves every real position's logits unchanged."""
-    length = max(len(x) for x, _, _ in batch)
-    return tuple(_pad_stack([sample[k] for sample in batch], length, pad_id if k < 2 else 0) for k in range(3))
+    length = max([length or 0] + [len(x) for x, _, _ in batch])
+    X, Y, mask = (_pad_stack([sample[k] for sample in batch], length, pad_id if k < 2 else 0) for k in range(3))
+    return {"input_ids": X, "labels": Y, "loss_mask": mask, "tokens": sum(len(x) for x, _, _ in batch)}
 
 
-def dpo_collate(batch: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Stack DPO dicts; chosen and rejected share one length so the trainer can concatenate them."""
+def pack_collate(rows: Sequence[Sequence[Sample]], pad_id: int = 0, length: int | None = None) -> dict[str, Any]:
+    """Packed batch: each row holds several whole samples end to end, right-padded as in pad_collate.
+    "position_ids" restart at 0 at every sample (and once more for the padding), so the model attends
+    within each sample only and gives every sample the logits it has alone (model_minimind.py). Each
+    sample keeps its own shifted targets, so no loss crosses a sample boundary."""
+    joined = [tuple(torch.cat([sample[k] for sample in row]) for k in range(3)) for row in rows]
+    batch = pad_collate(joined, pad_id, length)
+    width = batch["input_ids"].shape[1]
+    batch["position_ids"] = torch.stack([
+        torch.cat([torch.arange(len(sample[0])) for sample in row] + [torch.arange(width - len(x))])
+        for row, (x, _, _) in zip(rows, joined)])
+    return batch
+
+
+def dpo_collate(batch: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, Any]:
+    """Stack DPO dicts; chosen and rejected share one length so the trainer can concatenate them.
+    "tokens" counts the real positions of both sides."""
     length = max(len(sample[key]) for sample in batch for key in ("x_chosen", "x_rejected"))
-    return {key: _pad_stack([sample[key] for sample in batch], length, 0 if key.startswith("mask") else pad_id)
-            for key in batch[0]}
+    out = {key: _pad_stack([sample[key] for sample in batch], length, 0 if key.startswith("mask") else pad_id)
+           for key in batch[0]}
+    out["tokens"] = sum(len(sample["x_chosen"]) + len(sample["x_rejected"]) for sample in batch)
+    return out
 
 
 # ---- row validation ----
@@ -370,12 +398,13 @@ class DPODataset(_JsonlDataset):
 
 
 class RLAIFDataset(_JsonlDataset):
-    """Prompts for online RL -> {"prompt", "answer", "reference"}.
+    """Prompts for online RL -> {"prompt", "answer", "reference", "messages"}.
 
     As the original, roles go by position (even = user, odd = assistant) and the last turn is the
     placeholder answer; a `role` field that disagrees with its position is an error rather than
     silently rewritten. `reference` is the row's top-level "answer" field ("" if absent, JSON text
-    if not a string), the target for verifiable rewards. max_length is unused, as in the original."""
+    if not a string), the target for verifiable rewards; `messages` are the turns before the answer, as
+    {"role", "content"} dicts (what a reward model scores). max_length is unused, as in the original."""
     required = ("conversations",)
 
     def __init__(self, jsonl_path, tokenizer, max_length: int = 1024, skip_bad_lines: bool = False):
@@ -400,4 +429,5 @@ class RLAIFDataset(_JsonlDataset):
         if not isinstance(reference, str):
             reference = json.dumps(reference, ensure_ascii=False)
         prompt = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        return {"prompt": prompt, "answer": messages[-1]["content"], "reference": reference}
+        return {"prompt": prompt, "answer": messages[-1]["content"], "reference": reference,
+                "messages": messages[:-1]}

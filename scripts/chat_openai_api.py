@@ -8,7 +8,8 @@ Each question is sent with the last --history_messages messages before it, count
 turns (the original sent history[-2:], i.e. the previous answer without its question, and all of
 it for 0). On a terminal it prints `[Q]: ` / `[A]: `; piped, one line per answer (a newline inside
 an answer is written as `\\n`, a backslash as `\\\\`). Reasoning (`reasoning_content`) is shown
-dim on a terminal, between `[think]` and `[/think]` when piped. Writes nothing; needs `openai`.
+dim on a terminal, between `[think]` and `[/think]` when piped. The key of a server started with one
+comes from --api_key or the MINIMIND_API_KEY environment variable. Writes nothing; needs `openai`.
 """
 import argparse
 import os
@@ -21,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Streaming chat client for an OpenAI-compatible server",
                                 allow_abbrev=False)
     p.add_argument("--base_url", type=str, default="http://127.0.0.1:8998/v1")
-    p.add_argument("--api_key", type=str, default="none", help="bearer key (only checked by a server run with --api_key)")
+    p.add_argument("--api_key", type=str, default=os.environ.get("MINIMIND_API_KEY", "none"),
+                   help="bearer key, checked by a server run with a key (default: the MINIMIND_API_KEY environment "
+                        "variable, else none)")
     p.add_argument("--model", type=str, default="minimind")
     p.add_argument("--history_messages", type=int, default=2,
                    help="previous messages sent with each question, in whole user+assistant turns "
@@ -32,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def questions(interactive: bool):
+def typed_questions(interactive: bool):
     while True:
         try:
             line = input("[Q]: ") if interactive else sys.stdin.readline()
@@ -58,7 +61,7 @@ def main(argv=None):
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     keep = max(args.history_messages, 0) // 2 * 2
     history = []  # only complete (user, assistant) pairs
-    for question in questions(interactive):
+    for question in typed_questions(interactive):
         messages = (history[-keep:] if keep else []) + [{"role": "user", "content": question}]
         if pretty:
             print("[A]: ", end="", flush=True)

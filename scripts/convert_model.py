@@ -1,17 +1,20 @@
 """Convert MiniMind weights: native .pth <-> transformers folders, LoRA merge, GGUF for llama.cpp/Ollama.
 
-    python scripts/convert_model.py --weight full_sft --hidden_size 512                 # MiniMind folder (MoE too)
+    python scripts/convert_model.py --weight full_sft                                   # MiniMind folder (MoE too)
     python scripts/convert_model.py --weight full_sft --to llama --out ../MiniMind2-Small   # stock Llama (dense only)
     python scripts/convert_model.py --weight full_sft --to gguf                         # .gguf + Ollama Modelfile
     python scripts/convert_model.py --hf_path out/full_sft_512-minimind --to torch --out out/back_512.pth
     python scripts/convert_model.py --weight full_sft --lora_path out/lora/lora_identity_512.pth --to torch
     python scripts/convert_model.py --torch_path /tmp/x/pretrain_64.pth --to minimind --dtype float32  # tiny, seconds
 
-Input: a native weight (`--torch_path`, or `{save_dir}/{weight}_{hidden}[_moe].pth` from the size flags; the model
-config comes from the `.json` the trainers write next to it, the size flags only fill in when it is absent), or a
-transformers folder (`--hf_path`, MiniMind or Llama). `--lora_path` merges an adapter into the base first.
+Input: a native weight (`--torch_path`, or the `--weight` weight in `--save_dir`, found as eval_llm.py finds it: the
+size flags name `{weight}_{hidden}[_moe].pth`, and without them the one `{weight}_*.pth` there is used; the model
+config comes from the `.json` the trainers write next to it), or a transformers folder (`--hf_path`, MiniMind or
+Llama). `--lora_path` merges an adapter into the base first. Loading is model/loading.py's: every .pth is checked
+against its CRC-32s, and a missing, damaged or mismatched input is one `error:` line, exit code 2.
 Output (`--to`), by default under `--save_dir`:
     minimind  {stem}-minimind/  config.json (auto_map), model_minimind.py, model.safetensors, tokenizer, generation_config
+              (the tokenizer runs no custom code: AutoTokenizer.from_pretrained(folder, trust_remote_code=False))
     llama     {stem}-llama/     LlamaForCausalLM, loads with no custom code (dense models only; YaRN -> rope_parameters)
     gguf      {stem}-gguf/{stem}.gguf + Modelfile   llama.cpp "llama" architecture, gpt2-style BPE tokenizer
     torch     {save_dir}/{save_weight}_{hidden}[_moe].pth + .json   fp16, the original's keys (both tied keys)
@@ -27,147 +30,14 @@ from contextlib import contextmanager
 
 import torch
 
-from model.model_lora import apply_lora, load_lora, merge_lora
-from model.model_minimind import YARN_ROPE_SCALING, MiniMindConfig, MiniMindForCausalLM
-from trainer.checkpoint import atomic_save, save_weights, weight_path
-from trainer.trainer_utils import OUT, ROOT, TOKENIZER_DIR
+from model.loading import (ROOT, TOKENIZER_DIR, TOKENIZER_FILES, LoadError, add_lora, add_size_args, find_weight,
+                           load_native, load_transformers, resolve_path, typed_sizes, weight_path)
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from trainer.checkpoint import atomic_save, save_weights
+from trainer.trainer_utils import cli
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 GENERATION = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-SIZE_FLAGS = {"hidden_size": 512, "num_hidden_layers": 8, "use_moe": 0}   # the original's defaults
-
-
-# ---- loading ----
-def load_config(path, hidden_size=None, num_hidden_layers=None, use_moe=None, **extra) -> MiniMindConfig:
-    """The config for weight file `path`: its `{stem}.json` if present (size flags that contradict it are an
-    error naming the file), else the size flags with the original's defaults."""
-    flags = {"hidden_size": hidden_size, "num_hidden_layers": num_hidden_layers, "use_moe": use_moe}
-    json_path = Path(path).with_suffix(".json")
-    if json_path.exists():
-        saved = json.loads(json_path.read_text(encoding="utf-8"))
-        for key, value in flags.items():
-            if value is not None and key in saved and (bool(value) if key == "use_moe" else value) != saved[key]:
-                raise ValueError(f"--{key} {value} contradicts {json_path} ({key}={saved[key]}); "
-                                 "drop the flag or point at the right weight file")
-        saved.update(extra)
-        return MiniMindConfig.from_dict(saved)
-    return sized_config(**flags, **extra)
-
-
-def sized_config(hidden_size=None, num_hidden_layers=None, use_moe=None, **extra) -> MiniMindConfig:
-    """A config from the size flags, None meaning the original's default (512 x 8, dense)."""
-    return MiniMindConfig(hidden_size=hidden_size or SIZE_FLAGS["hidden_size"],
-                          num_hidden_layers=num_hidden_layers or SIZE_FLAGS["num_hidden_layers"],
-                          use_moe=bool(use_moe if use_moe is not None else SIZE_FLAGS["use_moe"]), **extra)
-
-
-def find_weight(save_dir, weight: str, **sizes) -> Path:
-    """`{save_dir}/{weight}_{hidden}[_moe].pth` named by the size flags (defaults 512, dense), as eval_llm does."""
-    return weight_path(save_dir, weight, sized_config(**sizes))
-
-
-def load_state(model, state: dict, source) -> None:
-    """Strict load of `state` into `model`; any missing, unexpected or mis-shaped key is one error naming `source`."""
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    hint = "(check --hidden_size, --num_hidden_layers and --use_moe, or the .json next to the weight)"
-    if missing or unexpected:
-        moe_file, moe_model = any(".experts." in k for k in state), model.config.use_moe
-        kind = f" The file holds a {'MoE' if moe_file else 'dense'} model, the config a " \
-               f"{'MoE' if moe_model else 'dense'} one." if moe_file != moe_model else ""
-        raise ValueError(f"{source} does not fit this model:{kind} missing {missing[:4]}{'...' * (len(missing) > 4)}, "
-                         f"unexpected {unexpected[:4]}{'...' * (len(unexpected) > 4)} {hint}")
-    for key, value in state.items():
-        if own[key].shape != value.shape:
-            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects "
-                             f"{tuple(own[key].shape)} {hint}")
-    model.load_state_dict(state, strict=True)
-
-
-def load_native(path, lm_config: MiniMindConfig) -> MiniMindForCausalLM:
-    """A MiniMind model (fp32, eval mode) with the weights of native file `path`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weight file {path} not found (train it first, or pass --torch_path / --save_dir, "
-                                "--weight and the size flags that name it)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable weight file ({err.__class__.__name__}: {err})") from None
-    model = MiniMindForCausalLM(lm_config)
-    load_state(model, {k: v.float() for k, v in state.items()}, path)
-    return model.eval()
-
-
-def llama_to_minimind_config(cfg: dict, source) -> MiniMindConfig:
-    """A Llama config.json as a MiniMindConfig; anything MiniMind cannot express is an error."""
-    if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: this Llama uses biases or a non-SiLU activation, which MiniMind does not have")
-    heads = cfg["num_attention_heads"]
-    if cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads):
-        raise ValueError(f"{source}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "yarn"):
-        raise ValueError(f"{source}: rope type {rope_type!r} has no MiniMind equivalent")
-    scaling = None
-    if rope_type == "yarn":
-        scaling = {**YARN_ROPE_SCALING, **{k: rope[k] for k in YARN_ROPE_SCALING if k in rope and k != "type"}}
-    return MiniMindConfig(hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
-                          num_attention_heads=heads, num_key_value_heads=cfg.get("num_key_value_heads", heads),
-                          intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-                          max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-                          rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
-                          rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 1e6)),
-                          inference_rope_scaling=scaling is not None, rope_scaling=scaling,
-                          tie_word_embeddings=cfg.get("tie_word_embeddings", True),
-                          bos_token_id=cfg.get("bos_token_id", 1), eos_token_id=cfg.get("eos_token_id", 2))
-
-
-def load_hf_folder(folder) -> MiniMindForCausalLM:
-    """A MiniMind model from a transformers folder written by this script (MiniMind or Llama architecture).
-    The weights are read directly (no remote code runs)."""
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder / 'config.json'} not found: --hf_path must be a transformers model folder")
-    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if cfg.get("model_type") == "minimind":
-        for key in ("auto_map", "architectures", "dtype", "torch_dtype", "transformers_version"):
-            cfg.pop(key, None)
-        lm_config = MiniMindConfig.from_dict(cfg)
-    elif cfg.get("model_type") == "llama":
-        lm_config = llama_to_minimind_config(cfg, folder / "config.json")
-    else:
-        raise ValueError(f"{folder / 'config.json'}: model_type {cfg.get('model_type')!r}, expected 'minimind' or 'llama'")
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        state = {k: v for f in files for k, v in load_file(f).items()}
-    elif (folder / "pytorch_model.bin").is_file():  # the original exporter's format
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{folder}: no *.safetensors or pytorch_model.bin weight file")
-    if "lm_head.weight" not in state and lm_config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model = MiniMindForCausalLM(lm_config)
-    load_state(model, {k: v.float() for k, v in state.items()}, folder)
-    return model.eval()
-
-
-def merge_lora_file(model: MiniMindForCausalLM, lora_path) -> None:
-    """Fold the adapter in `lora_path` into `model` (rank read from the file)."""
-    lora_path = Path(lora_path)
-    if not lora_path.is_file():
-        raise FileNotFoundError(f"LoRA file {lora_path} not found (trainer/train_lora.py writes out/lora/...)")
-    ranks = {v.shape[0] for k, v in torch.load(lora_path, map_location="cpu", weights_only=True).items()
-             if k.endswith("lora.A.weight")}
-    if len(ranks) != 1:
-        raise ValueError(f"{lora_path}: expected LoRA A/B weights of one rank, found ranks {sorted(ranks)}")
-    apply_lora(model, rank=ranks.pop())
-    load_lora(model, lora_path)
-    merge_lora(model)
 
 
 # ---- writing ----
@@ -190,7 +60,7 @@ def copy_tokenizer(tokenizer_dir, out_dir: Path) -> None:
     tokenizer_dir = Path(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{tokenizer_dir / 'tokenizer.json'} not found (pass --tokenizer_path)")
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES + ("special_tokens_map.json",):
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, out_dir / name)
 
@@ -409,23 +279,24 @@ def write_modelfile(gguf_path: Path, temperature: float = 0.85, top_p: float = 0
 
 # ---- command line ----
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="MiniMind weight conversion (native .pth, transformers, GGUF)")
+    p = argparse.ArgumentParser(description="MiniMind weight conversion (native .pth, transformers, GGUF)",
+                                allow_abbrev=False)
     p.add_argument("--to", default="minimind", choices=["minimind", "llama", "gguf", "torch"],
                    help="output format: MiniMind transformers folder, stock Llama folder, GGUF + Ollama Modelfile, "
-                        "or a native .pth")
-    p.add_argument("--torch_path", default=None, help="native weight file; default {save_dir}/{weight}_{hidden}[_moe].pth")
+                        "or a native .pth (default: minimind)")
+    p.add_argument("--torch_path", default=None, help="native weight file; default: the {weight} weight in --save_dir, "
+                                                      "found as eval_llm.py finds it")
     p.add_argument("--hf_path", default=None, help="read a transformers folder (MiniMind or Llama) instead of a .pth")
-    p.add_argument("--save_dir", default=OUT, help="where native weights are read from and outputs go by default")
-    p.add_argument("--weight", default="full_sft", help="weight prefix of the input .pth")
+    p.add_argument("--save_dir", default="out", help="where native weights are read from and outputs go by default "
+                                                     "(default: out)")
+    p.add_argument("--weight", default="full_sft", help="weight prefix of the input .pth (default: full_sft)")
     p.add_argument("--save_weight", default=None,
                    help="prefix of the output .pth for --to torch (default: 'converted', or {weight}_{lora name})")
     p.add_argument("--lora_path", default=None, help="LoRA adapter file to merge into the base weight; none = no merge")
     p.add_argument("--out", default=None, help="output folder (minimind, llama), .gguf file or .pth file")
-    p.add_argument("--dtype", default="float16", choices=list(DTYPES), help="dtype of the written weights")
-    p.add_argument("--tokenizer_path", default=TOKENIZER_DIR, help="folder with tokenizer.json/tokenizer_config.json")
-    p.add_argument("--hidden_size", default=None, type=int, help="only used when the weight has no .json (default 512)")
-    p.add_argument("--num_hidden_layers", default=None, type=int, help="only used without a .json (default 8)")
-    p.add_argument("--use_moe", default=None, type=int, choices=[0, 1], help="only used without a .json (default 0)")
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES), help="dtype of the written weights (default: float16)")
+    p.add_argument("--tokenizer_path", default=str(TOKENIZER_DIR), help="folder with tokenizer.json/tokenizer_config.json")
+    add_size_args(p)
     p.add_argument("--inference_rope_scaling", action="store_true",
                    help="export with YaRN enabled (x16, 2048 -> 32768 positions); not for GGUF")
     return p
@@ -433,23 +304,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> Path:
     args = build_parser().parse_args(argv)
-    extra = {"inference_rope_scaling": True, "rope_scaling": dict(YARN_ROPE_SCALING)} \
-        if args.inference_rope_scaling else {}
-    sizes = dict(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=args.use_moe)
+    sizes, rope = typed_sizes(args), args.inference_rope_scaling
+    save_dir = resolve_path(args.save_dir)
     if args.hf_path:
-        source = Path(args.hf_path)
-        model = load_hf_folder(source)
-        if extra:
-            model.config.update(extra)
-            model.model.freqs_cos, model.model.freqs_sin = model.model.rope_tables()
+        source = resolve_path(args.hf_path)
+        model = load_transformers(source, rope)
+        if not isinstance(model, MiniMindForCausalLM):
+            raise LoadError(f"--hf_path {source}: model_type {model.config.model_type!r}, expected minimind or llama")
         stem = source.name
     else:
-        source = Path(args.torch_path) if args.torch_path else find_weight(args.save_dir, args.weight, **sizes)
-        model = load_native(source, load_config(source, **sizes, **extra))
+        source = resolve_path(args.torch_path) if args.torch_path else \
+            find_weight(save_dir, args.weight, sizes["hidden_size"], sizes["use_moe"])
+        model = load_native(source, **sizes, rope_scaling=rope)
         stem = source.stem
     if args.lora_path:
-        merge_lora_file(model, args.lora_path)
-        lora_name = Path(args.lora_path).stem.removesuffix(f"_{model.config.hidden_size}")
+        lora = add_lora(model, args.lora_path)
+        lora_name = lora.stem.removesuffix("_moe").removesuffix(f"_{model.config.hidden_size}")
         stem = f"{stem}-{lora_name}"
     cfg, dtype = model.config, DTYPES[args.dtype]
     if args.to == "torch":
@@ -457,15 +327,15 @@ def main(argv=None) -> Path:
             prefix = f"{args.weight}_{lora_name}" if args.lora_path and not args.hf_path else "converted"
         else:
             prefix = args.save_weight
-        out = Path(args.out) if args.out else weight_path(args.save_dir, prefix, cfg)
+        out = Path(args.out) if args.out else weight_path(save_dir, prefix, cfg)
         if out.resolve() == source.resolve():
             raise ValueError(f"refusing to overwrite the input {source}; pass --out or --save_weight")
         save_weights(model, out, cfg)   # fp16, the original's keys, + {stem}.json
     elif args.to == "gguf":
-        out = Path(args.out) if args.out else Path(args.save_dir) / f"{stem}-gguf" / f"{stem}.gguf"
+        out = Path(args.out) if args.out else save_dir / f"{stem}-gguf" / f"{stem}.gguf"
         export_gguf(model, out, args.tokenizer_path, dtype, name=stem)
     else:
-        out = Path(args.out) if args.out else Path(args.save_dir) / f"{stem}-{args.to}"
+        out = Path(args.out) if args.out else save_dir / f"{stem}-{args.to}"
         export = export_minimind if args.to == "minimind" else export_llama
         export(model, out, args.tokenizer_path, dtype)
     total, active = model.count_parameters()
@@ -475,4 +345,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,6 +1,6 @@
 """C-Eval / CMMLU-style multiple-choice evaluation of a MiniMind model on local CSV files.
 
-    python scripts/eval_bench.py --data_dir dataset/ceval-exam --weight full_sft        # native out/full_sft_512.pth
+    python scripts/eval_bench.py --data_dir dataset/ceval-exam --weight full_sft        # native out/full_sft_*.pth
     python scripts/eval_bench.py --data_dir dataset/cmmlu --split test --load_from out/full_sft_512-minimind
     python scripts/eval_bench.py --data_dir /tmp/bench --weight pretrain --hidden_size 64 --num_fewshot 2  # tiny
 
@@ -11,7 +11,9 @@ Nothing is downloaded: put the CSV files there yourself. Layouts found under --d
 Scoring is C-Eval's "answer-only" method: the prompt ends where the answer letter goes, and the prediction is
 whichever of the tokens A/B/C/D gets the highest next-token logit. --num_fewshot examples come from the dev split.
 --prompt chat wraps the question in the ChatML template (few-shot examples become earlier turns); plain is
-raw text, the default for --weight pretrain. Prints accuracy per subject and overall; writes nothing.
+raw text, the default for --weight pretrain. The model flags and loading are eval_llm.py's (model/loading.py).
+Prints accuracy per subject and overall; writes nothing. Bad data or a weight that cannot be loaded is one
+`error:` line, exit code 2.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
@@ -20,8 +22,8 @@ import warnings
 
 import torch
 
-from scripts.convert_model import find_weight, load_config, load_native, merge_lora_file
-from trainer.trainer_utils import OUT, TOKENIZER_DIR
+from model.loading import add_model_args, load_model
+from trainer.trainer_utils import cli
 
 LETTERS = ("A", "B", "C", "D")
 HEADER = "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n"   # C-Eval's official prompt
@@ -64,7 +66,8 @@ def format_question(q: dict, with_answer: bool = False) -> str:
     return text + q["answer"] if with_answer else text
 
 
-def build_prompt(tokenizer, subject: str, q: dict, shots: list, chat: bool) -> str:
+def question_prompt(tokenizer, subject: str, q: dict, shots: list, chat: bool) -> str:
+    """C-Eval's prompt for question `q`, ending where the answer letter goes (few-shot examples first)."""
     header = HEADER.format(subject=subject.replace("_", " "))
     if not chat:
         return header + "".join(format_question(s, True) + "\n\n" for s in shots) + format_question(q)
@@ -85,8 +88,8 @@ def letter_ids(tokenizer) -> list:
 
 # ---- scoring ----
 @torch.no_grad()
-def evaluate(model, tokenizer, subjects: dict, shots: dict = None, chat: bool = True, max_seq_len: int = 2048,
-             device: str = "cpu") -> dict:
+def score_choices(model, tokenizer, subjects: dict, shots: dict = None, chat: bool = True, max_seq_len: int = 2048,
+                  device: str = "cpu") -> dict:
     """subjects: {name: [question dicts]}, shots: {name: [dev question dicts]} ->
     {name: {"n", "correct", "acc"}} plus "_overall" (micro) and "_average" (macro)."""
     choices = torch.tensor(letter_ids(tokenizer), device=device)
@@ -94,7 +97,7 @@ def evaluate(model, tokenizer, subjects: dict, shots: dict = None, chat: bool = 
     for subject, questions in subjects.items():
         correct = 0
         for q in questions:
-            prompt = build_prompt(tokenizer, subject, q, (shots or {}).get(subject, []), chat)
+            prompt = question_prompt(tokenizer, subject, q, (shots or {}).get(subject, []), chat)
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             if not checked:  # the letter must be the very next token, not merged with the prompt's last one
                 if tokenizer(prompt + q["answer"], add_special_tokens=False)["input_ids"][:-1] != ids:
@@ -122,28 +125,9 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-# ---- model ----
-def load_model(args):
-    """(model, tokenizer) from a transformers folder (--load_from DIR with a config.json) or a native weight."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    source = Path(args.load_from)
-    if (source / "config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, local_files_only=True,
-                                                     dtype=torch.float32)
-        return model.eval().to(args.device), tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    sizes = dict(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=args.use_moe)
-    path = find_weight(args.save_dir, args.weight, **sizes)
-    extra = {"inference_rope_scaling": True} if args.inference_rope_scaling else {}
-    model = load_native(path, load_config(path, **sizes, **extra))
-    if args.lora_weight != "None":
-        merge_lora_file(model, Path(args.save_dir) / "lora" / f"{args.lora_weight}_{model.config.hidden_size}.pth")
-    return model.to(args.device), tokenizer
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="MiniMind C-Eval/CMMLU-style multiple-choice evaluation (local CSVs)")
+    p = argparse.ArgumentParser(description="MiniMind C-Eval/CMMLU-style multiple-choice evaluation (local CSVs)",
+                                allow_abbrev=False)
     p.add_argument("--data_dir", required=True, help="folder with the C-Eval or CMMLU CSV files")
     p.add_argument("--split", default="val", help="split to score (C-Eval: val, CMMLU: test)")
     p.add_argument("--num_fewshot", default=0, type=int, help="examples from the dev split put before each question")
@@ -152,16 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", default=None, help="comma-separated subset of subjects (default: all)")
     p.add_argument("--limit", default=0, type=int, help="questions per subject, 0 = all")
     p.add_argument("--max_seq_len", default=2048, type=int, help="prompt tokens kept (from the end)")
-    p.add_argument("--load_from", default=TOKENIZER_DIR,
-                   help="transformers folder (has config.json), or the tokenizer folder for a native weight")
-    p.add_argument("--save_dir", default=OUT, help="folder of native weights")
-    p.add_argument("--weight", default="full_sft", help="native weight prefix: {save_dir}/{weight}_{hidden}[_moe].pth")
-    p.add_argument("--lora_weight", default="None", help="LoRA name in {save_dir}/lora/, merged in; None = no LoRA")
-    p.add_argument("--hidden_size", default=None, type=int, help="only without the weight's .json (default 512)")
-    p.add_argument("--num_hidden_layers", default=None, type=int, help="only without the weight's .json (default 8)")
-    p.add_argument("--use_moe", default=None, type=int, choices=[0, 1], help="only without the .json (default 0)")
-    p.add_argument("--inference_rope_scaling", action="store_true", help="YaRN x16 (2048 -> 32768 positions)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_args(p)
     return p
 
 
@@ -182,13 +157,13 @@ def main(argv=None) -> dict:
         if missing := [s for s in subjects if s not in dev]:
             raise FileNotFoundError(f"--num_fewshot {args.num_fewshot}: no dev split for {missing} in {args.data_dir}")
         shots = {s: read_questions(dev[s])[: args.num_fewshot] for s in subjects}
-    model, tokenizer = load_model(args)
+    model, tokenizer, _ = load_model(args)
     chat = (args.prompt or ("plain" if args.weight == "pretrain" else "chat")) == "chat"
-    results = evaluate(model, tokenizer, questions, shots, chat, args.max_seq_len, args.device)
+    results = score_choices(model, tokenizer, questions, shots, chat, args.max_seq_len, args.device)
     print(f"{args.split} split, {args.num_fewshot}-shot, {'chat' if chat else 'plain'} prompt")
     print(format_table(results), flush=True)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,84 +1,51 @@
 """Scripted chat over the held-out demo questions: prints each answer and the accuracy.
 
     python scripts/eval_demo.py --weight full_sft                 # out/full_sft_<hidden>.pth + its .json config
-    python scripts/eval_demo.py --weight full_sft --lora_weight lora_identity --kinds identity
+    python scripts/eval_demo.py --weight full_sft --hidden_size 256 --lora_weight lora_identity --kinds identity
     python scripts/eval_demo.py --save_dir /tmp/run/out --weight dpo --show 5 --json results.json
-Questions come from dataset/demo/eval.jsonl (written by dataset/demo_data.py); answers are scored with
-dataset.demo_data.check_answer. Greedy decoding, batched with left padding. Writes nothing unless --json.
+The weight is found as everywhere else (model/loading.py): the size flags name `{weight}_{hidden}[_moe].pth`,
+and without them the one `{weight}_*.pth` in --save_dir is used. Questions come from dataset/demo/eval.jsonl
+(written by dataset/demo_data.py); answers are scored by dataset/scoring.py. Greedy decoding, batched with
+left padding. Writes nothing unless --json. A weight that cannot be loaded is one error line, exit code 2.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
 import json
-from collections import defaultdict
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_native(save_dir, weight: str, hidden_size: int = None, tokenizer_path=ROOT / "model", lora_weight=None,
-                device: str = "cpu"):
-    """A native weight `{save_dir}/{weight}_{hidden}[_moe].pth` with the config saved next to it, plus an
-    optional LoRA adapter `{save_dir}/lora/{lora_weight}_{hidden}.pth` merged in (scripts/inference_utils)."""
-    from scripts import inference_utils as iu
-    save_dir = Path(save_dir)
-    path = iu.find_native_weight(save_dir, weight, hidden_size or 0, 0, typed=hidden_size is not None)
-    model = iu.load_native(path)
-    if lora_weight:
-        iu.add_lora(model, lora_weight, save_dir)
-    return model.eval().to(device), iu.load_tokenizer(tokenizer_path)
+from dataset.scoring import evaluate
+from model.loading import (ROOT, TOKENIZER_DIR, add_lora, add_size_args, find_weight, load_native, load_tokenizer,
+                           resolve_path, typed_sizes)
+from trainer.trainer_utils import cli
 
 
-@torch.no_grad()
-def answer_all(model, tokenizer, questions, max_new_tokens: int = 48, batch_size: int = 16, system=None):
-    """Greedy answers to single-turn questions, in order."""
-    answers = []
-    device = next(model.parameters()).device
-    for i in range(0, len(questions), batch_size):
-        prompts = []
-        for q in questions[i:i + batch_size]:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
-            prompts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-        answers += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
-
-
-def evaluate(model, tokenizer, eval_path=ROOT / "dataset" / "demo" / "eval.jsonl", kinds=None, max_new_tokens=48):
-    """{'accuracy', 'by_kind': {kind: (right, total)}, 'rows': [...]} over the held-out questions."""
-    from dataset.demo_data import check_answer
-    rows = [json.loads(line) for line in open(eval_path, encoding="utf-8") if line.strip()]
-    if kinds:
-        rows = [r for r in rows if r["kind"] in kinds]
-    preds = answer_all(model, tokenizer, [r["question"] for r in rows], max_new_tokens)
-    by_kind = defaultdict(lambda: [0, 0])
-    for row, pred in zip(rows, preds):
-        row["prediction"], row["correct"] = pred, check_answer(pred, row["answer"])
-        by_kind[row["kind"]][0] += row["correct"]
-        by_kind[row["kind"]][1] += 1
-    right = sum(r["correct"] for r in rows)
-    return {"accuracy": right / max(len(rows), 1), "right": right, "total": len(rows),
-            "by_kind": {k: tuple(v) for k, v in sorted(by_kind.items())}, "rows": rows}
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Answer the held-out demo questions and report accuracy")
-    p.add_argument("--save_dir", type=str, default=str(ROOT / "out"))
-    p.add_argument("--weight", type=str, default="full_sft")
-    p.add_argument("--hidden_size", type=int, default=None, help="pick among several sizes (default: the only one)")
-    p.add_argument("--lora_weight", type=str, default=None, help="adapter name under {save_dir}/lora/")
-    p.add_argument("--tokenizer_path", type=str, default=str(ROOT / "model"))
-    p.add_argument("--eval_path", type=str, default=str(ROOT / "dataset" / "demo" / "eval.jsonl"))
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Answer the held-out demo questions and report accuracy",
+                                allow_abbrev=False)
+    p.add_argument("--save_dir", type=str, default="out", help="folder of the native weights (default: out)")
+    p.add_argument("--weight", type=str, default="full_sft", help="weight prefix (default: full_sft)")
+    add_size_args(p)
+    p.add_argument("--lora_weight", type=str, default=None, help="adapter name under {save_dir}/lora/, or a .pth path")
+    p.add_argument("--tokenizer_path", type=str, default=str(TOKENIZER_DIR), help="tokenizer folder (default: model/)")
+    p.add_argument("--eval_path", type=str, default=str(ROOT / "dataset" / "demo" / "eval.jsonl"),
+                   help="questions, one {\"question\", \"answer\", \"kind\"} per line")
     p.add_argument("--kinds", type=str, default=None, help="comma-separated question kinds (default: all)")
-    p.add_argument("--max_new_tokens", type=int, default=48)
+    p.add_argument("--max_new_tokens", type=int, default=48, help="most tokens per answer")
     p.add_argument("--show", type=int, default=12, help="how many question/answer pairs to print")
     p.add_argument("--json", type=str, default=None, help="also write the results here")
-    args = p.parse_args(argv)
-    model, tokenizer = load_native(args.save_dir, args.weight, args.hidden_size, args.tokenizer_path, args.lora_weight)
-    result = evaluate(model, tokenizer, args.eval_path, args.kinds.split(",") if args.kinds else None,
-                      args.max_new_tokens)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    sizes = typed_sizes(args)
+    save_dir = resolve_path(args.save_dir)
+    path = find_weight(save_dir, args.weight, sizes["hidden_size"], sizes["use_moe"])
+    model = load_native(path, **sizes)
+    if args.lora_weight:
+        add_lora(model, args.lora_weight, save_dir)
+    result = evaluate(model, load_tokenizer(args.tokenizer_path), resolve_path(args.eval_path),
+                      args.kinds.split(",") if args.kinds else None, args.max_new_tokens)
+    print(f"{path.name}" + (f" + LoRA {args.lora_weight}" if args.lora_weight else ""))
     for row in result["rows"][: args.show]:
         print(f"{'✓' if row['correct'] else '✗'} Q: {row['question']}\n  A: {row['prediction']}   (expected {row['answer']})")
     print("| kind | correct | total |\n|---|---|---|")
@@ -91,4 +58,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -9,7 +9,9 @@ pretrain corpus) is tokenised into one stream. For every length L the same --num
 windows of L tokens are scored twice, with the original RoPE tables and with YaRN x16; perplexity is
 exp(mean next-token loss over every position of the windows). A model trained on 512-token samples has never
 seen later positions, so the curve shows how each variant extrapolates. Writes the plot (--out, default
-images/rope_ppl.png) and prints the table. --weight none scores a randomly initialised model and labels the plot so.
+out/rope_ppl.png; README's images/rope_ppl.png is a committed copy of one run) and prints the table. --weight none
+scores a randomly initialised model and labels the plot so. The weight is found as eval_llm.py finds it
+(model/loading.py); a bad path or weight is one `error:` line, exit code 2.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
@@ -21,9 +23,10 @@ import textwrap
 
 import torch
 
-from model.model_minimind import MiniMindForCausalLM
-from scripts.convert_model import find_weight, load_config, load_native, sized_config
-from trainer.trainer_utils import DATA, OUT, ROOT, TOKENIZER_DIR
+from model.loading import (ROOT, TOKENIZER_DIR, add_size_args, find_weight, load_native, load_tokenizer, native_config,
+                           resolve_path, typed_sizes)
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from trainer.trainer_utils import cli
 
 
 def read_text(path) -> str:
@@ -64,22 +67,23 @@ def perplexity(model, tokens: torch.Tensor, length: int, num_windows: int, devic
 
 def load_pair(args):
     """(plain-RoPE model, YaRN model, label): the same weights under both position encodings."""
-    sizes = dict(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=args.use_moe)
     if args.weight == "none":
         torch.manual_seed(0)
-        cfg = sized_config(**sizes)
-        plain = MiniMindForCausalLM(cfg).eval()
-        yarn = MiniMindForCausalLM(sized_config(**sizes, inference_rope_scaling=True))
-        yarn.load_state_dict(plain.state_dict())
-        label = f"random init, untrained ({cfg.hidden_size}x{cfg.num_hidden_layers}) - illustration only"
-        return plain, yarn.eval(), label
-    path = find_weight(args.save_dir, args.weight, **sizes)
-    plain = load_native(path, load_config(path, **sizes))
-    yarn = load_native(path, load_config(path, **sizes, inference_rope_scaling=True))
-    return plain, yarn, f"{path.name} ({plain.count_parameters()[0] / 1e6:.1f}M params)"
+        sizes = dict(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe))
+        plain = MiniMindForCausalLM(MiniMindConfig(**sizes)).eval()
+        yarn = MiniMindForCausalLM(MiniMindConfig(**sizes, inference_rope_scaling=True))
+        label = f"random init, untrained ({args.hidden_size}x{args.num_hidden_layers}) - illustration only"
+    else:
+        sizes = typed_sizes(args)
+        path = find_weight(resolve_path(args.save_dir), args.weight, sizes["hidden_size"], sizes["use_moe"])
+        plain = load_native(path, **sizes)
+        yarn = MiniMindForCausalLM(native_config(path, **sizes, rope_scaling=True))
+        label = f"{path.name} ({plain.count_parameters()[0] / 1e6:.1f}M params)"
+    yarn.load_state_dict(plain.state_dict())
+    return plain, yarn.eval(), label
 
 
-def plot(rows: list, label: str, out, train_len: int = None) -> Path:
+def plot_perplexity(rows: list, label: str, out, train_len: int = None) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -108,44 +112,45 @@ def plot(rows: list, label: str, out, train_len: int = None) -> Path:
 
 
 def main(argv=None) -> list:
-    p = argparse.ArgumentParser(description="MiniMind perplexity vs context length, RoPE vs YaRN")
-    p.add_argument("--text_path", default=DATA / "demo" / "pretrain.jsonl", help=".jsonl or plain text file")
+    p = argparse.ArgumentParser(description="MiniMind perplexity vs context length, RoPE vs YaRN", allow_abbrev=False)
+    p.add_argument("--text_path", default=str(ROOT / "dataset" / "demo" / "pretrain.jsonl"),
+                   help=".jsonl or plain text file (default: the demo pretrain corpus)")
     p.add_argument("--lengths", default="256,512,1024,2048,4096,8192", help="comma-separated context lengths (tokens)")
     p.add_argument("--num_windows", default=4, type=int, help="windows of each length averaged over")
     p.add_argument("--train_len", default=512, type=int, help="training sample length marked on the plot; 0 = none")
-    p.add_argument("--out", default=ROOT / "images" / "rope_ppl.png", help="where the plot is written")
+    p.add_argument("--out", default=str(ROOT / "out" / "rope_ppl.png"), help="where the plot is written "
+                                                                              "(default: out/rope_ppl.png)")
     p.add_argument("--label", default="", help="extra text for the plot title (e.g. how the model was trained)")
-    p.add_argument("--tokenizer_path", default=TOKENIZER_DIR, help="tokenizer folder")
-    p.add_argument("--save_dir", default=OUT, help="folder of native weights")
+    p.add_argument("--tokenizer_path", default=str(TOKENIZER_DIR), help="tokenizer folder (default: model/)")
+    p.add_argument("--save_dir", default="out", help="folder of native weights (default: out)")
     p.add_argument("--weight", default="pretrain", help="weight prefix ({save_dir}/{weight}_{hidden}[_moe].pth); "
-                                                         "none = random init")
-    p.add_argument("--hidden_size", default=None, type=int, help="only without the weight's .json (default 512)")
-    p.add_argument("--num_hidden_layers", default=None, type=int, help="only without the weight's .json (default 8)")
-    p.add_argument("--use_moe", default=None, type=int, choices=[0, 1], help="only without the .json (default 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                                                         "none = random init (default: pretrain)")
+    add_size_args(p)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda (default when available) or cpu")
     args = p.parse_args(argv)
-    from transformers import AutoTokenizer
     lengths = sorted(int(n) for n in str(args.lengths).split(","))
-    tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer_path), local_files_only=True)
-    tokens = torch.tensor(tokenizer(read_text(args.text_path), add_special_tokens=False, verbose=False)["input_ids"])
+    tokenizer = load_tokenizer(args.tokenizer_path)
+    text_path = resolve_path(args.text_path)
+    tokens = torch.tensor(tokenizer(read_text(text_path), add_special_tokens=False, verbose=False)["input_ids"])
     need = lengths[-1] * args.num_windows
     if len(tokens) < need:
-        raise ValueError(f"{args.text_path} has {len(tokens)} tokens; {args.num_windows} windows of {lengths[-1]} "
+        raise ValueError(f"{text_path} has {len(tokens)} tokens; {args.num_windows} windows of {lengths[-1]} "
                          f"need {need} (lower --num_windows or --lengths, or use a longer text)")
     plain, yarn, label = load_pair(args)
     label = f"{label}; {args.label}" if args.label else label
     plain, yarn = plain.to(args.device), yarn.to(args.device)
     rows = []
-    print(f"{label}; {Path(args.text_path).name}, {args.num_windows} windows per length")
+    print(f"{label}; {text_path.name}, {args.num_windows} windows per length")
     print(f"{'length':>8}  {'ppl RoPE':>10}  {'ppl YaRN':>10}")
     for length in lengths:
         rows.append({"length": length, "rope": perplexity(plain, tokens, length, args.num_windows, args.device),
                      "yarn": perplexity(yarn, tokens, length, args.num_windows, args.device)})
         print(f"{length:>8}  {rows[-1]['rope']:>10.2f}  {rows[-1]['yarn']:>10.2f}", flush=True)
-    out = plot(rows, label, args.out, args.train_len or None)
+    out = plot_perplexity(rows, label, args.out, args.train_len or None)
     print(f"plot written to {out}")
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

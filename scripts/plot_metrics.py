@@ -1,7 +1,7 @@
 """Plot the metrics JSONL of training runs: loss, learning rate and tokens/s against the step.
 
     python scripts/plot_metrics.py out/pretrain_512_metrics.jsonl out/full_sft_512_metrics.jsonl \\
-        --out images/demo_curves.png
+        --out out/demo_curves.png
 Every stage appends one JSON line per log interval to `{save_dir}/{weight}_metrics.jsonl`; several
 files are drawn as successive runs on one shared step axis (a resumed run continues its file).
 Writes one PNG with three panels.
@@ -25,7 +25,7 @@ def read_metrics(path: Path) -> list:
     return rows
 
 
-def plot(paths: list, out: Path, title: str = "") -> Path:
+def plot_runs(paths: list, out: Path, title: str = "") -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -54,12 +54,14 @@ def plot(paths: list, out: Path, title: str = "") -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Plot loss / lr / tokens-per-second from metrics JSONL files")
+    p = argparse.ArgumentParser(description="Plot loss / lr / tokens-per-second from metrics JSONL files",
+                                allow_abbrev=False)
     p.add_argument("paths", nargs="+", help="metrics JSONL files, drawn in order")
-    p.add_argument("--out", type=str, default="images/metrics.png", help="output PNG")
-    p.add_argument("--title", type=str, default="")
+    p.add_argument("--out", type=str, default=str(Path(__file__).resolve().parents[1] / "out" / "metrics.png"),
+                   help="output PNG (default: out/metrics.png in the repo)")
+    p.add_argument("--title", type=str, default="", help="figure title (default: none)")
     args = p.parse_args(argv)
-    print(plot(args.paths, Path(args.out), args.title))
+    print(plot_runs(args.paths, Path(args.out), args.title))
 
 
 if __name__ == "__main__":

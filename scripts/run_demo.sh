@@ -2,7 +2,8 @@
 # The one-command demo (README command #1): a tokenizer check, pretraining, SFT and a LoRA adapter for a
 # small MiniMind on the built-in demo corpus, then a scripted chat on questions held out of training.
 # Offline, CPU only, about 10 minutes on 2 cores. Weights go to out/, resume files to checkpoints/,
-# curves to images/demo_loss.png. Afterwards: python eval_llm.py --weight full_sft
+# curves to out/demo_loss.png (README's images/demo_loss.png is a committed picture of one run).
+# Afterwards: python eval_llm.py --weight full_sft
 #
 # Every step is one command below. The DEMO_* variables exist so the test suite can run the same
 # script in seconds (tests/test_demo.py); leave them unset for the real demo.
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 DATA=${DEMO_DATA:-dataset/demo}                # demo corpus folder
 OUT=${DEMO_OUT:-out}                           # weights (+ .json configs, metrics)
 CKPT=${DEMO_CKPT:-checkpoints}                 # resume files
-PLOTS=${DEMO_PLOTS:-images}                    # loss curves
+PLOTS=${DEMO_PLOTS:-$OUT}                      # loss curves (run outputs stay under out/)
 SIZE=${DEMO_SIZE:-"--hidden_size 256 --num_hidden_layers 4"}   # 4.5M parameters: a CPU-sized MiniMind
 SCALE=${DEMO_SCALE:-1}                         # corpus size factor
 STEPS=${DEMO_MAX_STEPS:-0}                     # 0 = full epochs
@@ -34,16 +35,16 @@ python trainer/train_full_sft.py $RUN --save_dir "$OUT" --data_path "$DATA/sft.j
     --epochs 5 --batch_size 8 --learning_rate 1e-3 --max_seq_len 512
 
 # 5. The scripted chat: answers to the held-out questions, and the accuracy.
-python scripts/eval_demo.py --save_dir "$OUT" --weight full_sft --eval_path "$DATA/eval.jsonl" --show 12
+python scripts/eval_demo.py --save_dir "$OUT" --weight full_sft $SIZE --eval_path "$DATA/eval.jsonl" --show 12
 
 # 6. Post-training: a LoRA adapter (base weights frozen) that teaches the model its name.
-python scripts/eval_demo.py --save_dir "$OUT" --weight full_sft --eval_path "$DATA/eval.jsonl" --kinds identity --show 4
+python scripts/eval_demo.py --save_dir "$OUT" --weight full_sft $SIZE --eval_path "$DATA/eval.jsonl" --kinds identity --show 4
 python trainer/train_lora.py $RUN --save_dir "$OUT/lora" --from_dir "$OUT" --data_path "$DATA/lora_identity.jsonl" \
     --lora_name lora_identity --epochs 6 --batch_size 16 --learning_rate 2e-3 --save_interval 1000
-python scripts/eval_demo.py --save_dir "$OUT" --weight full_sft --lora_weight lora_identity \
+python scripts/eval_demo.py --save_dir "$OUT" --weight full_sft $SIZE --lora_weight lora_identity \
     --eval_path "$DATA/eval.jsonl" --kinds identity --show 4
 
 # 7. Loss, learning-rate and speed curves of pretraining then SFT.
 python scripts/plot_metrics.py "$OUT"/pretrain_*_metrics.jsonl "$OUT"/full_sft_*_metrics.jsonl --out "$PLOTS/demo_loss.png"
 
-echo "demo finished in $(( $(date +%s) - start )) s. Chat with it: python eval_llm.py --save_dir $OUT --weight full_sft"
+echo "demo finished in $(( $(date +%s) - start )) s. Chat with it: python eval_llm.py --save_dir $OUT --weight full_sft $SIZE"

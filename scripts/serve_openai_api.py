@@ -1,42 +1,65 @@
-"""An OpenAI-compatible chat server for MiniMind (FastAPI + uvicorn), for Open-WebUI, FastGPT,
-the openai package, scripts/chat_openai_api.py and scripts/web_demo.py.
+"""An OpenAI-compatible chat server for MiniMind (FastAPI + uvicorn) on the continuous-batching engine
+(model/engine.py), for Open-WebUI, FastGPT, the openai package, scripts/chat_openai_api.py and
+scripts/web_demo.py.
 
     python scripts/serve_openai_api.py                            # out/full_sft_512.pth on 127.0.0.1:8998
-    python scripts/serve_openai_api.py --load_from ../MiniMind2 --host 0.0.0.0 --api_key sk-local
-    python scripts/serve_openai_api.py --save_dir out --weight full_sft --device cpu   # tiny demo weights
+    MINIMIND_API_KEY=sk-local python scripts/serve_openai_api.py --load_from ../MiniMind2 --host 0.0.0.0
+    python scripts/serve_openai_api.py --save_dir out --weight full_sft --device cpu --max_batch 8   # tiny demo
 
-Endpoints: GET /v1/models and POST /v1/chat/completions (stream or not; messages, temperature,
-top_p, max_tokens / max_completion_tokens, stop, seed, tools, stream_options.include_usage and the
-extra field repetition_penalty). Output of reasoning models goes to `reasoning_content`; with
-`tools`, `<tool_call>` blocks become `tool_calls` (finish_reason "tool_calls"). Every error is an
-OpenAI-shaped JSON body with a 4xx code. One model serves one request at a time (a lock around
-generate), so concurrent requests queue and never mix. Model flags are those of eval_llm.py.
+Endpoints: GET /v1/models, POST /v1/chat/completions (stream or not; messages, temperature, top_p,
+max_tokens / max_completion_tokens, stop, seed, tools, tool_choice, stream_options.include_usage and
+the extra fields repetition_penalty and top_k), GET /health (200 when the engine runs, else 503) and
+GET /metrics (Prometheus text). Output of reasoning models goes to `reasoning_content`; with `tools`,
+`<tool_call>` blocks become `tool_calls` (finish_reason "tool_calls").
+
+Concurrent requests are decoded together, up to --max_batch at a time; up to --max_queue more wait,
+beyond that the answer is 429 with Retry-After. A client that disconnects, or a request older than
+--request_timeout, frees its slot at the next decode step. Every error is an OpenAI-shaped JSON body;
+bad requests get a 4xx, and no error leaves a keep-alive connection unusable (Connection: close is
+sent when the request body was not read). Model flags are those of eval_llm.py. Writes nothing.
 """
 import argparse
+import asyncio
+import hmac
+import ipaddress
 import json
+import os
 import sys
-import threading
 import time
+import traceback
 import uuid
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.inference_utils import (LoadError, OutputParser, TextStream, add_model_args, build_prompt,  # noqa: E402
-                                     load_model, sampling_kwargs)
+from model.chat_format import CONTROL_TOKENS, OutputParser, build_prompt, find_control_token  # noqa: E402
+from model.engine import Engine, PromptTooLong, QueueFull, SamplingParams  # noqa: E402
+from model.loading import LoadError, add_model_args, load_model  # noqa: E402
 
 ROLES = ("system", "user", "assistant", "tool")
-DEFAULTS = dict(temperature=0.7, top_p=0.92, max_tokens=8192)  # the original server's defaults
+DEFAULTS = dict(temperature=0.7, top_p=0.92, top_k=50)  # the original's; top_k 50 is transformers' sampling default
+OPTIONS = dict(max_batch=16, max_queue=64, request_timeout=300.0, default_max_tokens=2048, max_body_bytes=1 << 20,
+               prefill_chunk=512, host="127.0.0.1", allow_any_host=False)
+MAX_JSON_DEPTH = 64
+NOT_RENDERED = ("tool_call_id", "id")  # message fields the chat template ignores
+API_KEY_ENV = "MINIMIND_API_KEY"
 
 
 class APIError(Exception):
     """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}} with `status`."""
 
-    def __init__(self, status: int, message: str, param=None, code=None, type_="invalid_request_error"):
+    def __init__(self, status: int, message: str, param=None, code=None, type_="invalid_request_error",
+                 headers=None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was read."""
 
 
 # ---- request validation ----
@@ -68,6 +91,65 @@ def _text(content, where: str, allow_none: bool):
                    "invalid_type")
 
 
+def _bad_type(name: str, what: str):
+    return APIError(400, f"'{name}' must be {what}", name, "invalid_type")
+
+
+def _tool_calls(calls, where: str):
+    """An assistant message's tool_calls: [{"function": {"name": str, "arguments": str | object}}] (the
+    function fields may also sit at the top level, as the chat template accepts)."""
+    if calls is None:
+        return None
+    ok = isinstance(calls, list)
+    for call in calls if ok else []:
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        ok = ok and isinstance(fn, dict) and isinstance(fn.get("name"), str) and \
+            isinstance(fn.get("arguments", ""), (str, dict))
+    if not ok:
+        raise APIError(400, f"{where}.tool_calls must be a list of {{\"function\": {{\"name\": string, "
+                            "\"arguments\": string or object}}}}", where + ".tool_calls", "invalid_type")
+    return calls or None
+
+
+def _tools(body):
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is not None and (not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) and isinstance(t["function"].get("description", ""), str)
+            and isinstance(t["function"].get("parameters", {}), dict) for t in tools)):
+        raise _bad_type("tools", 'a list of {"type": "function", "function": {"name": string, "description": '
+                                 'string, "parameters": object}}')
+    named = isinstance(choice, dict) and choice.get("type") == "function" and isinstance(
+        choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)
+    if choice is not None and choice not in ("none", "auto", "required") and not named:
+        raise _bad_type("tool_choice", '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+    return None if choice == "none" or not tools else tools
+
+
+def _unsupported(body):
+    """Fields whose garbage used to pass: their type is checked; what this server cannot do is a 400."""
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise _bad_type("model", "a string")
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+            raise _bad_type("response_format", 'an object like {"type": "text"}')
+        if fmt["type"] != "text":
+            raise APIError(400, f"response_format {fmt['type']!r} is not supported (only \"text\")",
+                           "response_format", "unsupported_value")
+    if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):
+        raise _bad_type("logprobs", "a boolean")
+    if body.get("logprobs"):
+        raise APIError(400, "logprobs are not supported", "logprobs", "unsupported_value")
+    top = body.get("top_logprobs")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20):
+        raise _bad_type("top_logprobs", "an integer in [0, 20]")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False),
+                                                                             (bool, type(None)))):
+        raise _bad_type("stream_options", 'an object like {"include_usage": true}')
+
+
 def parse_request(body, context: int) -> dict:
     """Validate a chat completion request; returns the generation settings or raises APIError (400)."""
     if not isinstance(body, dict):
@@ -84,18 +166,11 @@ def parse_request(body, context: int) -> dict:
         if role not in ROLES:
             raise APIError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {msg.get('role')!r}",
                            where + ".role", "invalid_value")
-        tool_calls = msg.get("tool_calls") if role == "assistant" else None
-        if tool_calls is not None and not (isinstance(tool_calls, list) and all(
-                isinstance(c, dict) and isinstance((c.get("function") or c).get("name"), str) for c in tool_calls)):
-            raise APIError(400, f"{where}.tool_calls must be a list of function calls", where + ".tool_calls",
-                           "invalid_type")
+        tool_calls = _tool_calls(msg.get("tool_calls"), where) if role == "assistant" else None
         content = _text(msg.get("content"), where, allow_none=role == "assistant")
         clean.append({"role": role, "content": content or ""} | ({"tool_calls": tool_calls} if tool_calls else {}))
-    tools = body.get("tools") or None
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise APIError(400, "'tools' must be a list of objects", "tools", "invalid_type")
-    if body.get("tool_choice") == "none":
-        tools = None
+    tools = _tools(body)
+    _unsupported(body)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
@@ -106,43 +181,51 @@ def parse_request(body, context: int) -> dict:
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be a boolean", "stream", "invalid_type")
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise APIError(400, "'seed' must be an integer", "seed", "invalid_type")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -2 ** 63 <= seed < 2 ** 64):
+        raise APIError(400, f"'seed' must be an integer in [-2**63, 2**64), got {seed!r}", "seed", "invalid_value")
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    options = body.get("stream_options") or {}
     return dict(
-        messages=clean, tools=tools, stop=[s for s in stop or [] if s], stream=stream, seed=seed,
-        include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+        messages=clean, tools=tools, stop=tuple(s for s in stop or [] if s), stream=stream, seed=seed,
+        include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
         temperature=_number(body, "temperature", 0, 2, DEFAULTS["temperature"]),
         top_p=_number(body, "top_p", 0, 1, DEFAULTS["top_p"], low_open=True),
+        top_k=_number(body, "top_k", 0, None, DEFAULTS["top_k"], integer=True),
         repetition_penalty=_number(body, "repetition_penalty", 0, 2, 1.0, low_open=True),
-        max_tokens=_number(body, max_name, 1, context, min(DEFAULTS["max_tokens"], context), integer=True))
+        max_tokens=_number(body, max_name, 1, context, None, integer=True))
 
 
-# ---- output ----
-class StopMatcher:
-    """Cut the generated text at the first stop string; text that may be a stop string's beginning waits."""
+def scan_strings(body, control_tokens) -> int:
+    """Walk the parsed body once (no recursion): refuse nesting deeper than MAX_JSON_DEPTH, a lone
+    UTF-16 surrogate anywhere (it cannot be encoded), and a ChatML control token in a value inside
+    `messages` or `tools` (it would become a real special token, e.g. a forged system turn). Returns
+    the UTF-8 size of the values the chat template renders (messages and tools)."""
+    size, stack = 0, [(body, "", 0, False)]
+    while stack:
+        value, path, depth, rendered = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep", None, "invalid_json")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, path, depth + 1, False))
+                inside = (rendered or (depth == 0 and key in ("messages", "tools"))) and key not in NOT_RENDERED
+                stack.append((item, f"{path}.{key}" if path else key, depth + 1, inside))
+        elif isinstance(value, list):
+            stack += [(item, f"{path}[{i}]", depth + 1, rendered) for i, item in enumerate(value)]
+        elif isinstance(value, str):
+            try:
+                encoded = value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, f"{path or 'a key'} holds a lone UTF-16 surrogate, which is not text",
+                               path or None, "invalid_value") from None
+            token = find_control_token(value, control_tokens) if rendered else None
+            if token:
+                raise APIError(400, f"{path} contains the ChatML control token {token}, which may not appear in "
+                                    "message text", path, "invalid_value")
+            size += len(encoded) if rendered else 0
+    return size
 
-    def __init__(self, stops):
-        self.stops, self.buf, self.stopped = stops, "", False
 
-    def feed(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        self.buf += text
-        hits = [self.buf.find(s) for s in self.stops if s in self.buf]
-        if hits:
-            out, self.buf, self.stopped = self.buf[:min(hits)], "", True
-            return out
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.buf.endswith(s[:k])), default=0)
-        out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
-        return out
-
-    def finish(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
-
-
+# ---- one answer ----
 def tool_call_json(call: dict) -> dict:
     args = call["arguments"]
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
@@ -150,86 +233,168 @@ def tool_call_json(call: dict) -> dict:
                          "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}}
 
 
-class Completion:
-    """One request's generation: yields output events, then knows finish_reason and usage."""
+class Job:
+    """One request's answer: turns the engine's text pieces into output events, then knows
+    finish_reason and usage."""
 
-    def __init__(self, model, tokenizer, lock, req: dict, context: int):
-        self.tokenizer, self.req = tokenizer, req
-        try:
-            prompt = build_prompt(tokenizer, req["messages"], tools=req["tools"])
-        except Exception as err:  # a template error is the request's fault (e.g. a message it cannot render)
-            raise APIError(400, f"the messages cannot be rendered with the chat template: {err}", "messages") from None
-        self.input_ids = tokenizer(prompt, return_tensors="pt").input_ids
-        self.prompt_tokens = self.input_ids.shape[1]
-        if self.prompt_tokens >= context:
-            raise APIError(400, f"the prompt has {self.prompt_tokens} tokens; this model's context is {context} "
-                                "tokens (prompt + completion). Shorten the messages.", "messages",
-                           "context_length_exceeded")
-        self.max_new = min(req["max_tokens"], context - self.prompt_tokens)
-        self.model, self.lock, self.stream = model, lock, None
-        self.stop = StopMatcher(req["stop"])
+    def __init__(self, req: dict, handle):
+        self.req, self.handle = req, handle
         self.parser = OutputParser(tools=bool(req["tools"]))
         self.tool_calls = []
 
-    def events(self):
-        self.stream = TextStream(self.model, self.tokenizer, self.input_ids.to(self.model.device), self.max_new,
-                                 lock=self.lock, seed=self.req["seed"],
-                                 **sampling_kwargs(self.req["temperature"], self.req["top_p"],
-                                                   self.req["repetition_penalty"]))
-        try:
-            for piece in self.stream:
-                yield from self._parsed(self.parser.feed(self.stop.feed(piece)))
-                if self.stop.stopped:
-                    break
-            yield from self._parsed(self.parser.feed(self.stop.finish()) + self.parser.finish())
-        finally:
-            self.stream.close()
+    def feed(self, piece: str) -> list:
+        return self._parsed(self.parser.feed(piece))
 
-    def close(self):
-        if self.stream is not None:
-            self.stream.close()
+    def finish(self) -> list:
+        return self._parsed(self.parser.finish())
 
-    def _parsed(self, events):
+    def _parsed(self, events) -> list:
+        out = []
         for kind, value in events:
             if kind == "tool_call":
                 value = tool_call_json(value)
                 self.tool_calls.append(value)
-            yield kind, value
+            out.append((kind, value))
+        return out
+
+    def failure(self):
+        """The APIError of an answer that did not finish normally, else None."""
+        reason, handle = self.handle.finish_reason, self.handle
+        if reason == "error":
+            return APIError(500, f"generation failed: {handle.error}", type_="server_error")
+        if reason == "timeout":
+            return APIError(504, f"the request took longer than the server's --request_timeout "
+                                 f"({handle.params.timeout:g} s)", code="request_timeout", type_="timeout_error")
+        if reason == "cancelled":
+            return APIError(503, "the request was cancelled (the client left, or the server is shutting down)",
+                            type_="server_error")
+        return None
 
     def finish_reason(self) -> str:
         if self.tool_calls:
             return "tool_calls"
-        ids = self.stream.output_ids
-        if not self.stop.stopped and len(ids) >= self.max_new and ids[-1].item() != self.tokenizer.eos_token_id:
-            return "length"
-        return "stop"
+        return "length" if self.handle.finish_reason == "length" else "stop"
 
     def usage(self) -> dict:
-        ids = self.stream.output_ids
-        n = len(ids) - int(len(ids) > 0 and ids[-1].item() == self.tokenizer.eos_token_id)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+        p, n = self.handle.prompt_tokens, self.handle.completion_tokens
+        return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
 
 
 # ---- app ----
-def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None, max_seq_len: int = 8192):
-    """The FastAPI app serving `model` (tests build it around a tiny in-memory model)."""
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+def json_response(status: int, body: dict, headers=None):
+    """(start, body) ASGI messages of a JSON response."""
+    raw = json.dumps(body, ensure_ascii=False).encode("utf-8")
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    head += [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in (headers or {}).items()]
+    return ({"type": "http.response.start", "status": status, "headers": head},
+            {"type": "http.response.body", "body": raw})
+
+
+class Guard:
+    """The outermost ASGI layer: Host, content type and API key checks before anything is read; a count
+    of responses by path and status for /metrics; and no exception ever reaches uvicorn, which would
+    drop the keep-alive connection without saying so."""
+
+    def __init__(self, app, api_key: str, host: str, allow_any_host: bool):
+        self.app, self.api_key = app, api_key
+        self.bound_host, self.check_host = host.lower(), not api_key and not allow_any_host
+        self.responses = Counter()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = None
+
+        async def tracked(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refused = self.refuse(scope)
+            if refused is not None:
+                for message in json_response(refused.status, refused.body(), refused.headers | {"Connection": "close"}):
+                    await tracked(message)
+            else:
+                await self.app(scope, receive, tracked)
+        except Exception as err:
+            if status is None:  # nothing sent yet: answer here
+                body = APIError(500, f"{type(err).__name__}: {err}", type_="server_error").body()
+                for message in json_response(500, body, {"Connection": "close"}):
+                    await tracked(message)
+            else:  # a stream broke after its headers: the event loop goes on; the bug shows in the log
+                traceback.print_exc(file=sys.stderr)
+        finally:
+            path = scope["path"] if scope["path"] in ("/v1/chat/completions", "/v1/models", "/health",
+                                                      "/metrics") else "other"
+            self.responses[(path, status or 499)] += 1  # 499: the client left before an answer
+
+    def refuse(self, scope):
+        """An APIError for a request refused on its headers alone, else None."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.check_host and not self.host_ok(headers.get("host", "")):
+            return APIError(403, f"Host {headers.get('host', '')!r} is not this server's address; a web page may be "
+                                 "driving it (DNS rebinding). Start the server with --allow_any_host or --api_key "
+                                 "to accept it.", code="invalid_host", type_="permission_error")
+        if self.api_key and scope["path"] != "/health":
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                return APIError(401, "Incorrect API key provided (send it as 'Authorization: Bearer <key>')",
+                                code="invalid_api_key", type_="authentication_error")
+        if not self.api_key and scope["method"] == "POST":
+            media = headers.get("content-type", "").split(";")[0].strip().lower()
+            if media != "application/json":
+                return APIError(415, f"Content-Type must be application/json, got {media or 'none'!r}",
+                                code="unsupported_media_type")
+        return None
+
+    def host_ok(self, host: str) -> bool:
+        name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+        name = name.lower()
+        if name in ("localhost", self.bound_host):
+            return True
+        try:
+            ipaddress.ip_address(name)
+            return True  # an address, not a name an attacker's DNS could point here
+        except ValueError:
+            return False
+
+
+def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None, max_seq_len: int = 8192,
+               **options):
+    """The ASGI app serving `model` (tests build it around a tiny in-memory model). options: OPTIONS."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
+    from starlette.background import BackgroundTask
+    from starlette.requests import ClientDisconnect
 
-    def check_key(request: Request):
-        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            raise APIError(401, "Incorrect API key provided (send it as 'Authorization: Bearer <key>')",
-                           code="invalid_api_key")
-
-    app = FastAPI(title="MiniMind OpenAI-compatible API", dependencies=[Depends(check_key)])
-    lock = threading.Lock()
+    opt = OPTIONS | options
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise TypeError(f"create_app: unknown options {sorted(unknown)}")
     context = min(max_seq_len, model.config.max_position_embeddings)
+    engine = Engine(model, tokenizer, max_batch=opt["max_batch"], max_queue=opt["max_queue"], max_seq_len=context,
+                    prefill_chunk=opt["prefill_chunk"])
+    control_tokens = tuple(tokenizer.all_special_tokens) or CONTROL_TOKENS
+    # no token covers more UTF-8 bytes than this, so a text of B bytes needs at least B / this many tokens
+    bytes_per_token = max(len(tokenizer.decode([i]).encode("utf-8")) for i in range(len(tokenizer)))
     created = int(time.time())
 
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await run_in_threadpool(engine.close)
+
+    app = FastAPI(title="MiniMind OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+
     def error(err: APIError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(APIError)
     async def api_error(request, err: APIError):
@@ -248,23 +413,117 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
                                             "owned_by": "minimind"}]}
 
+    @app.get("/health")
+    async def health():
+        ok = engine.alive
+        return JSONResponse({"status": "ok" if ok else "unavailable", "model": model_id, "active": engine.active,
+                             "queue": engine.queue_length, "max_batch": engine.max_batch}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        lines = engine.prometheus() + ["# HELP minimind_http_responses_total HTTP responses by path and status.",
+                                       "# TYPE minimind_http_responses_total counter"]
+        lines += [f'minimind_http_responses_total{{path="{p}",status="{s}"}} {n}'
+                  for (p, s), n in sorted(guard.responses.items())]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    async def read_body(request: Request) -> bytes:
+        """The body, refused (413, connection closed) as soon as it is known to exceed --max_body_bytes."""
+        limit, declared = opt["max_body_bytes"], request.headers.get("content-length")
+        too_big = APIError(413, f"the request body exceeds {limit} bytes (--max_body_bytes)", None,
+                           "request_too_large", headers={"Connection": "close"})
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise too_big if declared.isdigit() else APIError(400, "invalid Content-Length", headers={"Connection": "close"})
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_big
+                chunks.append(chunk)
+        except ClientDisconnect:
+            client = request.client
+            print(f"serve_openai_api.py: {client.host if client else 'a client'} disconnected during the upload "
+                  f"({size} of {declared or '?'} bytes read)", file=sys.stderr, flush=True)
+            raise ClientGone() from None
+        return b"".join(chunks)
+
+    def prepare(req: dict, text_bytes: int) -> list:
+        """Prompt token ids; the context is checked before the whole prompt is tokenized."""
+        if text_bytes // bytes_per_token >= context:
+            raise APIError(400, f"the messages hold at least {text_bytes // bytes_per_token} tokens "
+                                f"({text_bytes} bytes); this model's context is {context} tokens (prompt + "
+                                "completion). Shorten the messages.", "messages", "context_length_exceeded")
+        try:
+            prompt = build_prompt(tokenizer, req["messages"], tools=req["tools"])
+        except Exception as err:  # a template error is the request's fault (e.g. a message it cannot render)
+            raise APIError(400, f"the messages cannot be rendered with the chat template: {err}", "messages") from None
+        ids = tokenizer(prompt).input_ids
+        if len(ids) >= context:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {context} tokens "
+                                "(prompt + completion). Shorten the messages.", "messages", "context_length_exceeded")
+        return ids
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            body = json.loads(await request.body())
-        except ValueError as err:
-            raise APIError(400, f"the request body is not valid JSON: {err}", None, "invalid_json") from None
+            raw = await read_body(request)
+        except ClientGone:
+            return Response(status_code=400)  # nobody reads it
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+            why = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+            raise APIError(400, f"the request body is not valid UTF-8 JSON: {why}", None, "invalid_json") from None
+        text_bytes = scan_strings(body, control_tokens)
         req = parse_request(body, context)
-        job = await run_in_threadpool(Completion, model, tokenizer, lock, req, context)
+        if engine.queue_length >= engine.max_queue:
+            raise busy()
+        ids = await run_in_threadpool(prepare, req, text_bytes)
+        max_tokens = req["max_tokens"] or opt["default_max_tokens"]
+        params = SamplingParams(max_tokens=max_tokens, temperature=req["temperature"], top_p=req["top_p"],
+                                top_k=req["top_k"], repetition_penalty=req["repetition_penalty"], seed=req["seed"],
+                                stop=req["stop"], timeout=opt["request_timeout"] or None)
+        try:
+            handle = engine.submit(ids, params)
+        except QueueFull:
+            raise busy() from None
+        except PromptTooLong as err:
+            raise APIError(400, str(err), "messages", "context_length_exceeded") from None
+        job = Job(req, handle)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
         if req["stream"]:
+            # the background task also frees the slot when the client leaves before the stream starts
             return StreamingResponse(sse(job, head), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await run_in_threadpool(whole, job, head)
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(handle.cancel))
+        return await whole(job, head, request)
 
-    def whole(job: Completion, head: dict) -> dict:
+    def busy():
+        return APIError(429, f"the server is busy: {engine.max_batch} requests are running and {engine.max_queue} "
+                             "waiting (--max_queue); retry later", code="queue_full", type_="rate_limit_error",
+                        headers={"Retry-After": "1"})
+
+    async def whole(job: Job, head: dict, request: Request):
+        async def watch():  # the body is read: the next message is the client leaving
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.handle.cancel()
+
+        watcher = asyncio.ensure_future(watch())
         parts = {"reasoning": [], "content": []}
-        for kind, value in job.events():
+        try:
+            async for piece in job.handle.astream():
+                for kind, value in job.feed(piece):
+                    if kind != "tool_call":
+                        parts[kind].append(value)
+        finally:
+            watcher.cancel()
+            job.handle.cancel()
+        failure = job.failure()
+        if failure is not None:
+            raise failure
+        for kind, value in job.finish():
             if kind != "tool_call":
                 parts[kind].append(value)
         message = {"role": "assistant", "content": "".join(parts["content"]) or (None if job.tool_calls else "")}
@@ -276,30 +535,40 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
             {"index": 0, "message": message, "logprobs": None, "finish_reason": job.finish_reason()}],
             "usage": job.usage()}
 
-    async def sse(job: Completion, head: dict):
+    async def sse(job: Job, head: dict):
         def chunk(delta=None, finish_reason=None, **extra):
             choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
                                                  "finish_reason": finish_reason}]
             data = head | {"object": "chat.completion.chunk", "system_fingerprint": None, "choices": choices} | extra
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-        yield chunk({"role": "assistant", "content": ""})
-        try:
-            async for kind, value in iterate_in_threadpool(job.events()):
+        def events(items):
+            for kind, value in items:
                 if kind == "tool_call":
                     yield chunk({"tool_calls": [{"index": len(job.tool_calls) - 1} | value]})
                 else:
                     yield chunk({"reasoning_content" if kind == "reasoning" else "content": value})
+
+        yield chunk({"role": "assistant", "content": ""})
+        try:  # the client leaving cancels this generator: finally frees the slot
+            async for piece in job.handle.astream():
+                for text in events(job.feed(piece)):
+                    yield text
+        finally:
+            job.handle.cancel()
+        failure = job.failure()
+        if failure is not None:  # headers are sent: the error travels as an event, then the stream ends
+            yield f"data: {json.dumps(failure.body(), ensure_ascii=False)}\n\n"
+        else:
+            for text in events(job.finish()):
+                yield text
             yield chunk({}, job.finish_reason())
             if job.req["include_usage"]:
                 yield chunk(None, usage=job.usage())
-        except Exception as err:  # headers are sent: the error travels as an event, then the stream ends
-            yield f"data: {json.dumps(APIError(500, f'{type(err).__name__}: {err}', type_='server_error').body())}\n\n"
-        finally:  # also when the client went away: stop generating for it
-            job.close()
         yield "data: [DONE]\n\n"
 
-    return app
+    guard = Guard(app, api_key, opt["host"], opt["allow_any_host"])
+    return guard
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,15 +577,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_seq_len", type=int, default=8192,
                    help="context accepted per request in tokens (prompt + completion; capped by the model's "
                         "max_position_embeddings)")
-    p.add_argument("--host", type=str, default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
+    p.add_argument("--host", type=str, default=OPTIONS["host"], help="address to listen on (0.0.0.0 = every interface)")
     p.add_argument("--port", type=int, default=8998)
-    p.add_argument("--api_key", type=str, default=None, help="require 'Authorization: Bearer KEY' (default: open)")
+    p.add_argument("--api_key", type=str, default=None,
+                   help=f"require 'Authorization: Bearer KEY' (default: the {API_KEY_ENV} environment variable, "
+                        "which keeps the key out of `ps`; unset = open)")
     p.add_argument("--model_id", type=str, default="minimind", help="the model id listed by /v1/models")
+    p.add_argument("--max_batch", type=int, default=OPTIONS["max_batch"],
+                   help="requests decoded together (KV-cache slots); 1 = one at a time")
+    p.add_argument("--max_queue", type=int, default=OPTIONS["max_queue"],
+                   help="requests that may wait for a slot; more get 429 with Retry-After")
+    p.add_argument("--request_timeout", type=float, default=OPTIONS["request_timeout"],
+                   help="seconds a request may take from arrival to its last token (queue included); 0 = no limit")
+    p.add_argument("--default_max_tokens", type=int, default=OPTIONS["default_max_tokens"],
+                   help="completion tokens when a request sets no max_tokens")
+    p.add_argument("--max_body_bytes", type=int, default=OPTIONS["max_body_bytes"],
+                   help="largest request body accepted, in bytes (413 beyond)")
+    p.add_argument("--prefill_chunk", type=int, default=OPTIONS["prefill_chunk"],
+                   help="prompt tokens prefilled per step (longer prompts are split, so running streams keep going)")
+    p.add_argument("--allow_any_host", action="store_true",
+                   help="without an API key, accept any Host header (by default only addresses, localhost and "
+                        "--host, against DNS rebinding)")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    for flag in ("max_batch", "max_queue", "max_body_bytes", "prefill_chunk", "default_max_tokens"):
+        if getattr(args, flag) < 1:
+            sys.exit(f"serve_openai_api.py: --{flag} must be >= 1")
     try:
         import uvicorn
     except ImportError:
@@ -325,8 +614,13 @@ def main(argv=None):
         model, tokenizer, _ = load_model(args)
     except LoadError as err:
         sys.exit(f"serve_openai_api.py: {err}")
-    app = create_app(model, tokenizer, args.model_id, args.api_key, args.max_seq_len)
-    print(f"serving {args.model_id} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    app = create_app(model, tokenizer, args.model_id, api_key, args.max_seq_len, max_batch=args.max_batch,
+                     max_queue=args.max_queue, request_timeout=args.request_timeout, host=args.host,
+                     default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_bytes,
+                     prefill_chunk=args.prefill_chunk, allow_any_host=args.allow_any_host)
+    print(f"serving {args.model_id} at http://{args.host}:{args.port}/v1 (max_batch {args.max_batch})",
+          file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -23,10 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import streamlit as st  # noqa: E402
 
-from scripts.inference_utils import (LoadError, OutputParser, TextStream, add_model_args, build_prompt,  # noqa: E402
-                                     find_native_weight, is_transformers_folder, load_model, resolve_path,
-                                     sampling_kwargs)
-from trainer.trainer_utils import ROOT, setup_seed  # noqa: E402
+from model.chat_format import OutputParser, build_prompt  # noqa: E402
+from model.engine import TextStream, sampling_kwargs  # noqa: E402
+from model.loading import (ROOT, LoadError, add_model_args, find_weight, is_transformers_folder,  # noqa: E402
+                           load_model, resolve_path, typed_sizes)
+from trainer.trainer_utils import setup_seed  # noqa: E402
 
 REASONING = "Reasoning (click to expand)"
 
@@ -48,8 +49,8 @@ def find_models(args) -> dict:
         found[source.stem if source.is_file() else source.name] = source
     save_dir = resolve_path(args.save_dir)
     try:  # the weight the flags name, even without a .json config
-        named = find_native_weight(save_dir, args.weight, args.hidden_size, args.use_moe,
-                                   typed=bool({"hidden_size", "use_moe"} & args.typed))
+        sizes = typed_sizes(args)
+        named = find_weight(save_dir, args.weight, sizes["hidden_size"], sizes["use_moe"])
         found[named.stem] = named
     except LoadError:
         pass

@@ -56,3 +56,44 @@ def tiny_train_args(tmp: Path, data: Path, **extra) -> list:
              "save_dir": tmp / "out", "checkpoint_dir": tmp / "ckpt", "tokenizer_path": tokenizer_dir(),
              "data_path": data, "num_workers": 0, "log_interval": 1, "save_interval": 1000, **extra}
     return to_argv(flags)
+
+
+# ---- launching several processes (torchrun, deepspeed, two "machines") ----
+def free_port() -> int:
+    """A TCP port nobody listens on now (tests run beside other jobs: never a fixed port)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env() -> dict:
+    """One thread per rank (2 ranks on 2 cores) and the repository importable from any launcher."""
+    import os
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def dist_probe_argv(tmp: Path, data: Path, **extra) -> list:
+    """tests/dist_probe.py running trainer/train_pretrain.py with tiny flags, all files under tmp."""
+    return [str(ROOT / "tests" / "dist_probe.py"), str(tmp), str(ROOT / "trainer" / "train_pretrain.py"),
+            *tiny_train_args(tmp, data, **extra)]
+
+
+def check_two_ranks(tmp: Path, rows_per_rank: int = None, all_samples: int = None) -> None:
+    """What every 2-process launch must give (from the rank{0,1}.json that dist_probe wrote): each rank
+    trained on its own samples (`rows_per_rank` each; packed: together all `all_samples`, at most one row
+    repeated to even the ranks out), both ended with identical weights, only rank 0 wrote files."""
+    import json
+    r0, r1 = (json.loads((tmp / f"rank{r}.json").read_text()) for r in (0, 1))
+    if rows_per_rank is not None:
+        assert len(r0["rows"]) == len(r1["rows"]) == rows_per_rank
+        assert not set(r0["rows"]) & set(r1["rows"])                        # different samples on each rank
+    else:
+        assert len(set(r0["rows"]) | set(r1["rows"])) == all_samples          # every sample trained
+        assert len(set(r0["rows"]) & set(r1["rows"])) <= 12                   # no more than one repeated row
+    assert r0["checksum"] == r1["checksum"] and r0["first"] == r1["first"]  # identical weights after all-reduce
+
+    def outputs(r):
+        return {Path(p).name for p in r["writes"] if Path(p).parent in (tmp / "out", tmp / "ckpt")}
+    assert outputs(r1) == set()
+    assert {"pretrain_64.pth", "pretrain_64.json", "pretrain_64_resume.pth"} <= outputs(r0)

@@ -10,6 +10,7 @@ installed, llama.cpp itself (slow). Clear errors for missing or mismatched weigh
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 
 from model.model_lora import apply_lora, save_lora
 from model.model_minimind import YARN_ROPE_SCALING, MiniMindForCausalLM, precompute_freqs_cis
-from scripts.convert_model import (load_config, load_native, main, permute_rope_rows, unpermute_rope_rows,
-                                   write_modelfile)
+from model.loading import load_native
+from scripts.convert_model import main, permute_rope_rows, unpermute_rope_rows, write_modelfile
 from tests.conftest import ROOT, tiny_config, tokenizer_dir
 from trainer.checkpoint import save_weights
 
@@ -52,7 +53,7 @@ def convert(*flags) -> Path:
 def native(tmp_path_factory):
     """(weight path, fp32 model holding exactly the fp16 file's values)."""
     path = make_weight(tmp_path_factory.mktemp("native"))
-    return path, load_native(path, load_config(path))
+    return path, load_native(path)
 
 
 # ---- MiniMind-architecture transformers folder ----
@@ -118,7 +119,7 @@ def test_minimind_folder_round_trips_to_native_fp16(native, tmp_path):
 
 def test_moe_exports_to_minimind_but_not_llama_or_gguf(tmp_path):
     path = make_weight(tmp_path, use_moe=True)
-    model = load_native(path, load_config(path))
+    model = load_native(path)
     folder = convert("--torch_path", path, "--to", "minimind", "--dtype", "float32", "--out", tmp_path / "moe")
     from transformers import AutoModelForCausalLM
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -144,8 +145,7 @@ def test_llama_export_matches_transformers_llama(native, tmp_path, yarn):
     if yarn:
         assert (rope["factor"], rope["original_max_position_embeddings"], rope["attention_factor"]) == (16, 2048, 1.0)
     llama = LlamaForCausalLM.from_pretrained(folder).eval()
-    extra = {"inference_rope_scaling": True} if yarn else {}
-    ours = load_native(path, load_config(path, **extra))
+    ours = load_native(path, rope_scaling=yarn)
     assert (ours.config.rope_scaling is not None) == yarn
     ids = torch.randint(3, 6400, (1, 600), generator=torch.Generator().manual_seed(1))
     assert (logits(llama, ids) - logits(ours, ids)).abs().max() <= 1e-4
@@ -173,7 +173,7 @@ def test_yarn_matches_transformers_yarn_frequencies(head_dim):
 def test_lora_merge_into_native_and_export(native, tmp_path):
     path, base = native
     torch.manual_seed(3)
-    adapted = load_native(path, load_config(path))
+    adapted = load_native(path)
     apply_lora(adapted, rank=4)
     with torch.no_grad():
         for name, p in adapted.named_parameters():
@@ -192,7 +192,7 @@ def test_lora_merge_into_native_and_export(native, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert (logits(loaded) - logits(adapted)).abs().max() <= 1e-5
     assert (logits(loaded) - logits(base)).abs().max() > 1e-3   # the adapter really changed the model
-    reloaded = load_native(merged, load_config(merged))          # fp16-rounded merge
+    reloaded = load_native(merged)                             # fp16-rounded merge
     assert (logits(reloaded) - logits(adapted)).abs().max() <= 1e-2
 
 
@@ -413,17 +413,61 @@ def test_clear_errors(native, tmp_path):
         convert("--save_dir", tmp_path, "--weight", "pretrain", "--to", "torch")
     with pytest.raises(ValueError, match=r"--hidden_size 512 contradicts .*full_sft_64.json"):
         convert("--torch_path", path, "--hidden_size", "512")
-    bare = tmp_path / "bare" / "full_sft_64.pth"                         # no .json: the size flags decide
+    bare = tmp_path / "bare" / "full_sft_64.pth"                         # no .json: name and size flags decide
     bare.parent.mkdir()
     shutil.copy(path, bare)
     with pytest.raises(ValueError, match=r"full_sft_64.pth.*(missing|shape)"):
-        convert("--torch_path", bare, "--to", "torch", "--out", tmp_path / "x.pth")   # default 512 x 8
+        convert("--torch_path", bare, "--to", "torch", "--out", tmp_path / "x.pth")   # default 8 layers
     moe = make_weight(tmp_path / "moe", use_moe=True)
     moe.with_suffix(".json").unlink()
-    with pytest.raises(ValueError, match=r"full_sft_64_moe.pth.*file holds a MoE model, the config a dense one"):
-        convert("--torch_path", moe, "--hidden_size", "64", "--num_hidden_layers", "2", "--to", "torch",
-                "--out", tmp_path / "y.pth")
+    renamed = moe.with_name("mystery_64.pth")                            # the name no longer says _moe
+    moe.rename(renamed)
+    with pytest.raises(ValueError, match=r"mystery_64.pth.*file holds a MoE model, the config a dense one"):
+        convert("--torch_path", renamed, "--num_hidden_layers", "2", "--to", "torch", "--out", tmp_path / "y.pth")
     with pytest.raises(ValueError, match="refusing to overwrite"):
         convert("--torch_path", path, "--to", "torch", "--out", path)
     with pytest.raises(FileNotFoundError, match="config.json"):
         convert("--hf_path", tmp_path / "nowhere", "--to", "torch")
+
+
+def test_weight_is_found_as_the_chat_finds_it_and_errors_are_one_line(tmp_path):
+    """Issue 21 item 3: `convert_model.py --weight full_sft` after the demo (only full_sft_256 there) converts
+    that weight, as eval_llm.py and the server find it; several sizes or none are one `error:` line, exit 2."""
+    out = tmp_path / "out"
+    path = make_weight(out)                                              # full_sft_64.pth, the only one
+    folder = convert("--save_dir", out, "--weight", "full_sft", "--dtype", "float32")
+    assert folder == out / "full_sft_64-minimind" and (folder / "model.safetensors").is_file()
+    make_weight(out, hidden_size=128)
+    script = [sys.executable, str(ROOT / "scripts" / "convert_model.py"), "--save_dir", str(out)]
+    cases = [([], r"several full_sft weights: full_sft_128\.pth \(--hidden_size 128 --num_hidden_layers 2\), "
+                  r"full_sft_64\.pth"),
+             (["--weight", "dpo"], r"dpo_512\.pth not found: it is written by trainer/train_dpo\.py"),
+             (["--torch_path", str(path.with_name("nope.pth"))], r"nope\.pth not found")]
+    for flags, message in cases:
+        run = subprocess.run(script + flags, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert run.returncode == 2 and run.stdout == "", run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1 and re.match(r"error: .*" + message, run.stderr), run.stderr
+
+
+def test_exported_tokenizer_loads_without_custom_code_or_question(native, tmp_path):
+    """Issue 21 item 5: the exported folder's tokenizer loads in a fresh process with trust_remote_code=False (and
+    as PreTrainedTokenizerFast): no "Do you wish to run the custom code?" question, no custom code imported."""
+    path, _ = native
+    folder = convert("--torch_path", path, "--out", tmp_path / "export")
+    probe = textwrap.dedent("""
+        import sys
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+        auto = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=False)
+        fast = PreTrainedTokenizerFast.from_pretrained(sys.argv[1])
+        chat = [{"role": "user", "content": "你好"}]
+        same = auto.apply_chat_template(chat, tokenize=False) == fast.apply_chat_template(chat, tokenize=False)
+        print(auto.eos_token, fast.eos_token, auto("你好").input_ids == fast("你好").input_ids, same,
+              [m for m in sys.modules if m.startswith("transformers_modules")])
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-I", "-c", probe, str(folder)], stdin=subprocess.DEVNULL, cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["<|im_end|>", "<|im_end|>", "True", "True", "[]"]
+    assert "custom code" not in run.stdout + run.stderr

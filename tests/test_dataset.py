@@ -17,7 +17,8 @@ from hypothesis import given, settings, strategies as st
 from torch.utils.data import DataLoader
 
 from dataset.lm_dataset import (DPODataset, JsonlIndex, PretrainDataset, RLAIFDataset, SFTDataset,
-                                assistant_loss_mask, dpo_collate, pad_collate, read_jsonl, _scan_lines)
+                                assistant_loss_mask, dpo_collate, pack_collate, pad_collate, read_jsonl,
+                                _scan_lines)
 
 GOLDENS = Path(__file__).resolve().parent / "goldens"
 UPSTREAM_TOKENIZER = GOLDENS / "upstream_tokenizer"
@@ -178,7 +179,8 @@ def test_pad_collate_gives_the_same_loss_as_padding_to_max(tmp_path, upstream_to
     losses = []
     for pad_to_max in (False, True):
         ds = SFTDataset(path, upstream_tokenizer, max_length=gold["max_length"], pad_to_max=pad_to_max)
-        X, Y, mask = pad_collate([ds[i] for i in range(len(ds))])
+        batch = pad_collate([ds[i] for i in range(len(ds))])
+        X, Y, mask = batch["input_ids"], batch["labels"], batch["loss_mask"]
         assert X.dtype == Y.dtype == mask.dtype == torch.long
         with torch.no_grad():
             ce = F.cross_entropy(model(X).logits.transpose(1, 2), Y, reduction="none")
@@ -189,9 +191,21 @@ def test_pad_collate_gives_the_same_loss_as_padding_to_max(tmp_path, upstream_to
 def test_pad_collate_pads_to_the_longest_sample():
     a = (torch.tensor([1, 2, 3]), torch.tensor([2, 3, 4]), torch.tensor([1, 1, 1]))
     b = (torch.tensor([7]), torch.tensor([8]), torch.tensor([1]))
-    X, Y, mask = pad_collate([a, b])
-    assert X.tolist() == [[1, 2, 3], [7, 0, 0]] and Y.tolist() == [[2, 3, 4], [8, 0, 0]]
-    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    batch = pad_collate([a, b])
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [7, 0, 0]] and batch["labels"].tolist() == [[2, 3, 4], [8, 0, 0]]
+    assert batch["loss_mask"].tolist() == [[1, 1, 1], [1, 0, 0]] and batch["tokens"] == 4
+
+
+def test_pack_collate_lays_samples_end_to_end_with_restarting_positions():
+    a = (torch.tensor([1, 2, 3]), torch.tensor([2, 3, 4]), torch.tensor([0, 1, 1]))
+    b = (torch.tensor([7]), torch.tensor([8]), torch.tensor([1]))
+    batch = pack_collate([[a, b], [b]], length=6)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 7, 0, 0], [7, 0, 0, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[2, 3, 4, 8, 0, 0], [8, 0, 0, 0, 0, 0]]     # each sample keeps its targets
+    assert batch["loss_mask"].tolist() == [[0, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1], [0, 0, 1, 2, 3, 4]]
+    assert batch["tokens"] == 5
+    assert pack_collate([[a, b], [b]])["input_ids"].shape == (2, 4)                  # default: the longest row
 
 
 def test_dpo_collate_gives_chosen_and_rejected_one_length(tmp_path, tokenizer):
@@ -203,9 +217,10 @@ def test_dpo_collate_gives_chosen_and_rejected_one_length(tmp_path, tokenizer):
                                                          pair("好", "不知道不知道不知道。")]), tokenizer)
     samples = [ds[0], ds[1]]
     batch = dpo_collate(samples)
-    assert set(batch) == {"x_chosen", "y_chosen", "mask_chosen", "x_rejected", "y_rejected", "mask_rejected"}
+    assert set(batch) == {"x_chosen", "y_chosen", "mask_chosen", "x_rejected", "y_rejected", "mask_rejected", "tokens"}
     longest = max(len(s[k]) for s in samples for k in ("x_chosen", "x_rejected"))
-    assert {tuple(v.shape) for v in batch.values()} == {(2, longest)}
+    assert {tuple(v.shape) for v in batch.values() if torch.is_tensor(v)} == {(2, longest)}
+    assert batch["tokens"] == sum(len(s["x_chosen"]) + len(s["x_rejected"]) for s in samples)
     for i, s in enumerate(samples):
         for key, value in s.items():
             assert batch[key][i, :len(value)].tolist() == value.tolist()
@@ -255,7 +270,7 @@ def test_dataloader_workers_read_through_their_own_file_handle(tmp_path, tokeniz
     ds = PretrainDataset(write_jsonl(tmp_path / "p.jsonl", rows), tokenizer)
     expected = [ds[i] for i in range(len(ds))]  # the parent opens its handle before the fork
     loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=pad_collate)
-    got = [sample for X, Y, mask in loader for sample in zip(X, Y, mask)]
+    got = [sample for b in loader for sample in zip(b["input_ids"], b["labels"], b["loss_mask"])]
     assert len(got) == len(expected)
     for (x, y, m), (ex, ey, em) in zip(got, expected):
         n = len(ex)
@@ -359,13 +374,16 @@ def test_rlaif_prompt_answer_and_reference(tmp_path, tokenizer):
             {"conversations": [{"content": "Q1"}, {"content": "A1"}, {"content": "Q2"}, {"content": "无"}]}]
     ds = RLAIFDataset(write_jsonl(tmp_path / "rl.jsonl", rows), tokenizer)
     first, second = ds[0], ds[1]
-    assert first == {"prompt": first["prompt"], "answer": "无", "reference": "2"}
+    assert first == {"prompt": first["prompt"], "answer": "无", "reference": "2",
+                     "messages": [{"role": "user", "content": "1+1=?"}]}
+    assert [m["role"] for m in second["messages"]] == ["user", "assistant", "user"]
     assert first["prompt"].startswith("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n")
     assert first["prompt"].endswith("<|im_start|>user\n1+1=?<|im_end|>\n<|im_start|>assistant\n")
     assert second["reference"] == "" and "<|im_start|>assistant\nA1<|im_end|>" in second["prompt"]
     assert second["prompt"].endswith("Q2<|im_end|>\n<|im_start|>assistant\n")
-    batch = next(iter(DataLoader(ds, batch_size=2)))
-    assert batch["reference"] == ["2", ""]
+    from trainer.rl_utils import rl_collate
+    batch = next(iter(DataLoader(ds, batch_size=2, collate_fn=rl_collate)))
+    assert batch["reference"] == ["2", ""] and len(batch["messages"][1]) == 3
 
 
 @pytest.mark.parametrize("bad,reason", [

@@ -1,5 +1,6 @@
 """dataset/demo_data.py: deterministic files in the original jsonl formats, held-out eval questions that are
-really held out, answers that check_answer accepts (and wrong ones it rejects), and a fast small scale."""
+really held out, answers that dataset.scoring.check_answer accepts (and wrong ones it rejects), and a fast small
+scale. The scorer's own rules are tested in test_scoring.py."""
 import json
 import re
 import time
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dataset import demo_data as dd
+from dataset.scoring import check_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["pretrain", "sft", "dpo", "rlaif", "rlaif_units", "r1", "lora_identity", "lora_domain", "eval",
@@ -228,9 +230,9 @@ def test_eval_answers_checkable_against_reference_sentences():
             for make in makers:
                 for heldout in (False, True) if make is not dd.qa_identity else (True,):  # eval asks the name only
                     qa = make(rng, lang, heldout=heldout)
-                    assert dd.check_answer(qa["a"], qa["key"]), qa
+                    assert check_answer(qa["a"], qa["key"]), qa
                     if make is not dd.qa_identity:
-                        assert not dd.check_answer(dd.wrong_answer(rng, qa, lang), qa["key"]), qa
+                        assert not check_answer(dd.wrong_answer(rng, qa, lang), qa["key"]), qa
 
 
 def test_no_answer_passes_for_another():
@@ -239,7 +241,7 @@ def test_no_answer_passes_for_another():
         for kind, (table, field, _, _) in kinds.items():
             for lang in ("zh", "en"):
                 keys = sorted({str(r[lang][field]) for r in dd.TABLES[table]})
-                clashes = [(a, b) for a in keys for b in keys if a != b and dd.check_answer(b, a)]
+                clashes = [(a, b) for a in keys for b in keys if a != b and check_answer(b, a)]
                 assert clashes == [], (kind, lang)
 
 
@@ -255,24 +257,5 @@ def test_rlaif_answers_match_their_questions(full):
         q = row["conversations"][0]["content"]
         if q in sft_answers:
             matched += 1
-            assert dd.check_answer(sft_answers[q], row["answer"]), (q, sft_answers[q], row["answer"])
+            assert check_answer(sft_answers[q], row["answer"]), (q, sft_answers[q], row["answer"])
     assert matched > 100
-
-
-@pytest.mark.parametrize("pred,answer,ok", [
-    ("3+5=8。", "8", True), ("3 + 5 = 8.", "8", True), ("8", "8", True), ("答案是 8.0", "8", True),
-    ("3+5=9。", "8", False), ("18", "8", False), ("没有数字", "8", False), ("3+5=8，不对，是9", "8", False),
-    ("法国的首都是巴黎。", "巴黎", True), ("巴黎", "巴黎", True), ("法国的首都是柏林。", "巴黎", False),
-    ("巴黎是法国的首都。", "巴黎", False),
-    ("The capital of France is Paris.", "Paris", True), ("the capital of france is PARIS !", "Paris", True),
-    ("A camel lives in the desert.", "the desert", True), ("A camel lives in a desert.", "the desert", False),
-    ("From smallest to largest: 2, 5, 9.", "2, 5, 9", True), ("从小到大排序后是：2、5、9。", "2, 5, 9", True),
-    ("From smallest to largest: 2, 5, 19.", "2, 5, 9", False), ("12, 5, 9", "2, 5, 9", False),
-    ("3千米等于3000米。", "3000", True), ("The chemical symbol for oxygen is O.", "O", True),
-    ("The chemical symbol for oxygen is Os.", "O", False), ("我的名字是MiniMind。", "MiniMind", True),
-    ("<think>\n3加5等于8。\n</think>\n<answer>\n3+5=8。\n</answer>", "8", True),
-    ("<think>\n答案是8\n</think>\n<answer>\n3+5=9。\n</answer>", "8", False),
-    ("<think>\n想一想\n</think>\n巴黎", "巴黎", True), ("", "8", False), ("anything", "", False),
-])
-def test_check_answer(pred, answer, ok):
-    assert dd.check_answer(pred, answer) is ok

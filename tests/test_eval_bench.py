@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from scripts.eval_bench import (LETTERS, build_prompt, evaluate, find_subjects, format_table, letter_ids, main,
-                                read_questions)
+from scripts.eval_bench import (LETTERS, find_subjects, format_table, letter_ids, main, question_prompt, read_questions,
+                                score_choices)
 from tests.conftest import tokenizer_dir
 from tests.test_convert import convert, make_weight
 
@@ -101,23 +101,23 @@ def test_bad_rows_are_errors_naming_file_and_line(tmp_path):
 def test_scoring_with_known_answers(ceval, tok, chat):
     subjects = {s: read_questions(p) for s, p in find_subjects(ceval, "val").items()}
     only_b = {"all_b": [dict(q, answer="B") for q in subjects["computer_network"]]}
-    assert evaluate(FavourLetter(tok, "B"), tok, only_b, chat=chat)["_overall"]["acc"] == 1.0
-    assert evaluate(FavourLetter(tok, "A"), tok, only_b, chat=chat)["_overall"]["acc"] == 0.0
-    res = evaluate(FavourLetter(tok, "B"), tok, subjects, chat=chat)        # answers ABCD and BBAC
+    assert score_choices(FavourLetter(tok, "B"), tok, only_b, chat=chat)["_overall"]["acc"] == 1.0
+    assert score_choices(FavourLetter(tok, "A"), tok, only_b, chat=chat)["_overall"]["acc"] == 0.0
+    res = score_choices(FavourLetter(tok, "B"), tok, subjects, chat=chat)        # answers ABCD and BBAC
     assert res["computer_network"]["correct"] == 1 and res["high_school_physics"]["correct"] == 2
     assert res["_overall"] == {"n": 8, "correct": 3, "acc": 3 / 8} and res["_average"]["acc"] == (0.25 + 0.5) / 2
     answers = {i: a for i, a in enumerate("ABCD")}
-    assert evaluate(Oracle(tok, answers), tok, {"computer_network": subjects["computer_network"]},
+    assert score_choices(Oracle(tok, answers), tok, {"computer_network": subjects["computer_network"]},
                     chat=chat)["_overall"]["acc"] == 1.0
 
 
 def test_prompts(ceval, tok):
     q = read_questions(ceval / "val" / "computer_network_val.csv")[1]
     shots = read_questions(ceval / "dev" / "computer_network_dev.csv")[:2]
-    plain = build_prompt(tok, "computer_network", q, shots, chat=False)
+    plain = question_prompt(tok, "computer_network", q, shots, chat=False)
     assert plain.startswith("以下是中国关于computer network考试的单项选择题，请选出其中的正确答案。\n\n第10题")
     assert plain.endswith("第1题：1+1等于几？\nA. 2\nB. 3\nC. 4\nD. 5\n答案：") and "答案：D\n\n第11题" in plain
-    chat = build_prompt(tok, "computer_network", q, shots, chat=True)
+    chat = question_prompt(tok, "computer_network", q, shots, chat=True)
     assert chat.endswith("D. 5\n答案：<|im_end|>\n<|im_start|>assistant\n")
     assert "<|im_start|>assistant\nD<|im_end|>" in chat and chat.count("<|im_start|>user") == 3
     ids = tok(chat, add_special_tokens=False)["input_ids"]
@@ -191,8 +191,8 @@ def test_lm_eval_harness_offline_on_exported_folder(tmp_path):
     theirs_acc = results["results"]["minimind_tiny_mc"]["acc,none"]
     samples = [json.loads(line) for line in next((tmp_path / "results").rglob("samples_*.jsonl")).open()]
 
-    from scripts.convert_model import load_config, load_native
-    model = load_native(weight, load_config(weight))
+    from model.loading import load_native
+    model = load_native(weight)
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     correct = 0
     for doc in docs:

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from model.model_minimind import MiniMindForCausalLM
-from scripts.convert_model import load_config, load_native, main
+from model.loading import load_native
+from scripts.convert_model import main
 from tests.conftest import tiny_config, tokenizer_dir
 from trainer.checkpoint import save_weights
 
@@ -65,7 +66,7 @@ def exported(tmp_path_factory):
         model = representable_model(use_moe=kind == "moe")
         weight = root / f"full_sft_64{'_moe' if kind == 'moe' else ''}.pth"
         save_weights(model, weight, model.config)              # as the trainers save: fp16 .pth + .json
-        natives[kind] = load_native(weight, load_config(weight))
+        natives[kind] = load_native(weight)
     iso = root / "iso"
     iso.mkdir()
     for kind, dtype in EXPORTS:

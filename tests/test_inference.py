@@ -1,19 +1,23 @@
 """eval_llm.py and the shared inference helpers: loading by what a path is, piped stdin, LoRA,
-transformers folders, clear errors, greedy determinism, and the <think>/<tool_call> parser."""
+transformers folders, clear errors, greedy determinism, Ctrl-C in a terminal (pty), the bilingual menu, the
+one-shot answer cap, and the <think>/<tool_call> parser."""
 import argparse
 import functools
 import io
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import eval_llm
-from scripts.inference_utils import (LoadError, OutputParser, add_model_args, build_prompt, load_model, load_native,
-                                     load_tokenizer, parse_output)
+from model.chat_format import OutputParser, build_prompt, parse_output
+from model.loading import LoadError, add_model_args, load_model, load_native, load_tokenizer, weight_path
 from tests.conftest import ROOT, tiny_config, tokenizer_dir
-from trainer.checkpoint import save_weights, weight_path
+from trainer.checkpoint import save_weights
 
 QUESTIONS = ["你好", "1+1等于几？"]
 
@@ -198,6 +202,92 @@ def test_preset_mode_and_pretrain_prompt(native, monkeypatch, capsys):
                    stdin="")
     assert len(out) == len(eval_llm.PRESET_QUESTIONS) == 8
     assert build_prompt(tokenizer, [{"role": "user", "content": "你好"}], raw=True) == "<|im_start|>你好"
+
+
+class Pty:
+    """A child process on a pseudo-terminal (stdin and stdout are ttys, as in a real chat)."""
+
+    def __init__(self, argv, cwd):
+        import pty
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, close_fds=True,
+                                     env={**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"})
+        os.close(slave)
+        self.out = ""
+
+    def read_until(self, text, start=0, timeout=120):
+        """Read output until `text` appears after position `start`; returns the position after it."""
+        import select
+        deadline = time.time() + timeout
+        while text not in self.out[start:]:
+            assert time.time() < deadline and self.proc.poll() is None, f"waiting for {text!r}:\n{self.out[-2000:]}"
+            if select.select([self.master], [], [], 0.05)[0]:
+                try:
+                    self.out += os.read(self.master, 65536).decode("utf-8", "replace")
+                except OSError:   # the child closed the terminal
+                    break
+        return self.out.index(text, start) + len(text)
+
+    def finish(self, timeout=60):
+        """Wait for the exit (reading what is still written), then return the exit code."""
+        import select
+        deadline = time.time() + timeout
+        while self.proc.poll() is None and time.time() < deadline:
+            if select.select([self.master], [], [], 0.05)[0]:
+                try:
+                    self.out += os.read(self.master, 65536).decode("utf-8", "replace")
+                except OSError:
+                    break
+        code = self.proc.wait(max(deadline - time.time(), 1))
+        os.close(self.master)
+        return code
+
+
+def test_ctrl_c_stops_the_answer_and_a_second_one_quits_cleanly(native, tmp_path):
+    """Issue 21 item 4: Ctrl-C while an answer streams ends that answer only (before: a KeyboardInterrupt
+    traceback, then "terminate called without an active exception" / Aborted); Ctrl-C at the prompt quits."""
+    path, model, tokenizer = native
+    ids = tokenizer(build_prompt(tokenizer, [{"role": "user", "content": QUESTIONS[0]}]), return_tensors="pt").input_ids
+    long = model.generate(ids, max_new_tokens=256, do_sample=False, pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:]
+    assert tokenizer.eos_token_id not in long.tolist()   # the greedy answer is still streaming when Ctrl-C comes
+    chat = Pty([sys.executable, str(ROOT / "eval_llm.py"), "--save_dir", str(path.parent), "--tokenizer_path",
+                str(tokenizer_dir()), "--device", "cpu", "--mode", "1", "--temperature", "0",
+                "--repetition_penalty", "1.0"], cwd=tmp_path)
+    at = chat.read_until("👶: ")
+    os.write(chat.master, (QUESTIONS[0] + "\n").encode())
+    at = chat.read_until("🤖️: ", at)
+    chat.read_until(parse_output(tokenizer.decode(long, skip_special_tokens=True))["content"][:1], at)   # streaming
+    os.kill(chat.proc.pid, signal.SIGINT)
+    at = chat.read_until("stopped", at)
+    at = chat.read_until("👶: ", at)                      # the chat goes on
+    time.sleep(0.5)   # input() prints its prompt before it blocks: a signal in between waits for a key press
+    os.kill(chat.proc.pid, signal.SIGINT)
+    code = chat.finish()
+    assert code in (0, 130), chat.out
+    for bad in ("Traceback", "KeyboardInterrupt", "terminate called", "Aborted"):
+        assert bad not in chat.out, chat.out
+
+
+def test_chat_menu_is_bilingual_and_says_how_to_quit(monkeypatch, capsys):
+    prompts = []
+    monkeypatch.setattr("builtins.input", lambda text="": prompts.append(text) or "")
+    args = eval_llm.build_parser().parse_args([])
+    assert list(eval_llm.questions(args, interactive=True)) == []   # menu: chat; then an empty line quits
+    menu = prompts[0]
+    assert "自动测试" in menu and "preset questions" in menu and "手动输入" in menu and "empty line quits" in menu
+    assert "empty line" in capsys.readouterr().out and prompts[1] == "👶: "
+
+
+def test_one_shot_prompt_caps_the_answer_unless_typed(native, monkeypatch, capsys):
+    seen = []
+    real = eval_llm.TextStream
+    monkeypatch.setattr(eval_llm, "TextStream",   # record the cap, generate 2 tokens
+                        lambda model, tok, ids, cap, **kw: seen.append(cap) or real(model, tok, ids, 2, **kw))
+    base = ["--save_dir", str(native[0].parent), "--temperature", "0"]
+    run_main(monkeypatch, capsys, base + ["--prompt", "你好"], stdin="")
+    run_main(monkeypatch, capsys, base + ["--prompt", "你好", "--max_new_tokens", "3"], stdin="")
+    run_main(monkeypatch, capsys, base, stdin="你好\n")
+    assert seen == [eval_llm.ONE_SHOT_TOKENS, 3, 8192] and eval_llm.ONE_SHOT_TOKENS == 512
 
 
 def test_cli_flags_keep_original_defaults():

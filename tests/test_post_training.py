@@ -213,3 +213,32 @@ def test_reason_runs(chain):
     path, loss = train_reason.main(tiny_train_args(tmp, data["r1"], learning_rate=2e-3, epochs=2))
     assert path.name == "reason_64.pth" and path.exists() and math.isfinite(loss)
     assert decreasing_on_average(losses(tmp / "out", "reason_64"))
+
+
+# ---- exact resume through the one loop, for every supervised stage after pretraining ----
+STAGES = {  # stage -> (module, data key, weight file prefix, flags)
+    "full_sft": (train_full_sft, "sft", "full_sft", {}),
+    "lora": (train_lora, "identity", "lora_identity", dict(lora_name="lora_identity")),
+    "dpo": (train_dpo, "dpo", "dpo", dict(learning_rate=1e-4)),
+    "distillation": (train_distillation, "sft", "full_dist", dict(student_hidden_size=64, student_num_layers=2,
+                                                                  teacher_hidden_size=64, teacher_num_layers=2)),
+    "reason": (train_reason, "r1", "reason", dict(from_weight="full_sft")),
+}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_resumes_exactly(chain, tmp_path, stage):
+    """A run stopped at an optimizer-step boundary and resumed equals the uninterrupted run, bit for bit."""
+    tmp, data = chain
+    module, key, prefix, flags = STAGES[stage]
+    flags = {**dict(from_dir=tmp / "out", accumulation_steps=2, batch_size=2, learning_rate=1e-3), **flags}
+    out = lambda run: tmp_path / run / ("out/lora" if stage == "lora" else "out")
+    args = lambda run, **extra: tiny_train_args(tmp_path / run, data[key], **{**flags, **extra}) + (
+        ["--save_dir", str(out(run))] if stage == "lora" else [])
+    full_path, _ = module.main(args("full", max_steps=8))
+    module.main(args("cut", max_steps=4))
+    module.main(args("cut", max_steps=8, from_resume=1))
+    a, b = torch.load(full_path), torch.load(out("cut") / full_path.name)
+    assert full_path.name.startswith(prefix) and all(torch.equal(a[k], b[k]) for k in a)
+    full_log, cut_log = (losses(out(run), full_path.stem) for run in ("full", "cut"))
+    assert len(full_log) == 8 and full_log == cut_log

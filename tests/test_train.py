@@ -1,14 +1,16 @@
-"""Pretrain and SFT end to end on CPU: outputs, exact resume, accumulation, kill safety, launch forms."""
+"""The one loop end to end on CPU (pretrain and SFT): outputs, exact resume (packed and not), accumulation,
+kill safety, launch forms, and nothing lost: resume without a file, non-finite losses, finished runs, Ctrl-C."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
-from tests.conftest import ROOT, tiny_train_args, write_tiny_corpus
+from tests.conftest import (ROOT, check_two_ranks, dist_probe_argv, free_port, launcher_env, tiny_train_args,
+                            write_tiny_corpus)
 from trainer import train_full_sft, train_pretrain
 
 
@@ -39,14 +41,18 @@ def math_finite(x):
     return x == x and abs(x) != float("inf")
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    """Stop after k micro-batches, resume with --from_resume 1: same losses and bit-identical weights."""
+@pytest.mark.parametrize("packing", [0, 1])
+def test_resume_equals_uninterrupted(tmp_path, packing):
+    """Stop in epoch 2, resume with --from_resume 1: same losses and bit-identical weights."""
     data = write_tiny_corpus(tmp_path / "data", n=64)
-    common = dict(accumulation_steps=2, epochs=2, learning_rate=1e-3, batch_size=4)   # 16 steps per epoch
+    common = dict(accumulation_steps=2, epochs=2, learning_rate=1e-3, batch_size=4, packing=packing)
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     train_pretrain.main(tiny_train_args(full_dir, data["pretrain"], **common))
-    # interrupted at step 22 (epoch 2, step 6): the save at the last step before the stop is the resume point
-    train_pretrain.main(tiny_train_args(cut_dir, data["pretrain"], max_steps=22, **common))
+    full_log = {(r["epoch"], r["step"]): r["loss"] for r in metrics(full_dir / "out" / "pretrain_64_metrics.jsonl")}
+    iters = max(step for epoch, step in full_log if epoch == 1)
+    assert iters == (16 if not packing else iters) and (iters < 16) == bool(packing)   # packed rows: fewer steps
+    # stopped 6 micro-batches into epoch 2, at an optimizer-step boundary: the resume point
+    train_pretrain.main(tiny_train_args(cut_dir, data["pretrain"], max_steps=iters + 6, **common))
     cut = torch.load(cut_dir / "ckpt" / "pretrain_64_resume.pth", weights_only=False)
     assert (cut["epoch"], cut["step"]) == (1, 6)
     train_pretrain.main(tiny_train_args(cut_dir, data["pretrain"], from_resume=1, **common))
@@ -55,9 +61,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     ra, rb = torch.load(full_dir / "ckpt" / "pretrain_64_resume.pth", weights_only=False), \
         torch.load(cut_dir / "ckpt" / "pretrain_64_resume.pth", weights_only=False)
     assert all(torch.equal(ra["model"][k], rb["model"][k]) for k in ra["model"])
-    full_log = {(r["epoch"], r["step"]): r["loss"] for r in metrics(full_dir / "out" / "pretrain_64_metrics.jsonl")}
     cut_log = {(r["epoch"], r["step"]): r["loss"] for r in metrics(cut_dir / "out" / "pretrain_64_metrics.jsonl")}
-    assert len(full_log) == 16 and full_log == cut_log
+    assert len(full_log) == 2 * iters and full_log == cut_log
 
 
 def test_accumulation_steps_and_epoch_flush(tmp_path, monkeypatch):
@@ -71,15 +76,15 @@ def test_accumulation_steps_and_epoch_flush(tmp_path, monkeypatch):
         return real_step(self, *a, **k)
 
     seen = []
-    real_loss = train_pretrain.lm_loss
+    real_loss = train_pretrain.pretrain_loss
 
     def counting_loss(model, batch):
         seen.append(1)
         return real_loss(model, batch)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
-    monkeypatch.setattr(train_pretrain, "lm_loss", counting_loss)
-    train_pretrain.main(tiny_train_args(tmp_path, data["pretrain"], accumulation_steps=2, epochs=1))
+    monkeypatch.setattr(train_pretrain, "pretrain_loss", counting_loss)
+    train_pretrain.main(tiny_train_args(tmp_path, data["pretrain"], accumulation_steps=2, epochs=1, packing=0))
     assert steps == [2, 4, 5]
 
 
@@ -104,51 +109,38 @@ def test_killed_run_never_leaves_a_corrupt_file(tmp_path):
 
 def test_runs_from_any_working_directory(tmp_path):
     data = write_tiny_corpus(tmp_path / "data", n=16)
-    args = tiny_train_args(tmp_path, data["pretrain"], max_steps=2)
+    args = tiny_train_args(tmp_path, data["pretrain"], max_steps=2, packing=0)
     for cwd, script in ((ROOT / "trainer", "train_pretrain.py"), (tmp_path, str(ROOT / "trainer" / "train_pretrain.py"))):
         res = subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
-        assert "Epoch:[1/1](2/4)" in res.stdout
+        assert "Epoch:[1/1](2/2)" in res.stdout      # --max_steps 2 of 4 steps
     assert (tmp_path / "out" / "pretrain_64.pth").exists()
     assert not (ROOT / "trainer" / "out").exists()
 
 
-DDP_PROBE = r'''
-import sys, json, os; sys.path.insert(0, sys.argv[1])
-import torch, torch.distributed as dist
-from trainer.trainer_utils import *
-from dataset.lm_dataset import PretrainDataset
-from trainer.trainer_utils import lm_loss
-args = build_parser("probe").parse_args(sys.argv[3:])
-run = init_run(args)
-lm_config, ckp = init_config(args)
-model, tok = init_model(lm_config, "none", args.tokenizer_path, args.save_dir, run.device)
-ds = PretrainDataset(args.data_path, tok, max_length=args.max_seq_len)
-seen = []
-def loss_fn(model, batch):
-    seen.append(batch[0][:, :4].tolist())
-    return lm_loss(model, batch)
-opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-model = wrap_ddp(model, run)
-train(run, args, model, opt, ds, loss_fn, init_tracker(args), lm_config, restore(None, model, opt))
-flat = torch.cat([p.detach().flatten() for p in unwrap(model).parameters()])
-json.dump({"seen": seen, "checksum": flat.double().sum().item(), "first": flat[:50].tolist()},
-          open(os.path.join(sys.argv[2], f"rank{run.rank}.json"), "w"))
-'''
-
-
-def test_torchrun_two_processes_on_cpu(tmp_path):
+@pytest.mark.parametrize("packing", [0, 1])
+def test_torchrun_two_processes_on_cpu(tmp_path, packing):
     data = write_tiny_corpus(tmp_path / "data", n=32)
-    probe = tmp_path / "probe.py"
-    probe.write_text(DDP_PROBE)
-    args = tiny_train_args(tmp_path, data["pretrain"], accumulation_steps=1, epochs=1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29517", str(probe), str(ROOT), str(tmp_path), *args],
-                         capture_output=True, text=True, timeout=600, env=env)
+                          str(free_port()), *dist_probe_argv(tmp_path, data["pretrain"], accumulation_steps=1,
+                                                             packing=packing)],
+                         capture_output=True, text=True, timeout=600, env=launcher_env())
     assert res.returncode == 0, res.stderr[-3000:]
-    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))
-    assert len(r0["seen"]) == len(r1["seen"]) == 4          # 32 samples / (2 ranks * 4 per batch)
-    assert r0["seen"] != r1["seen"]                          # different samples on each rank
-    assert r0["checksum"] == r1["checksum"] and r0["first"] == r1["first"]   # identical weights after all-reduce
-    assert (tmp_path / "out" / "pretrain_64.pth").exists()  # written by rank 0
+    assert "FutureWarning" not in res.stderr
+    # unpacked: 32 samples / 2 ranks, 4 steps of 4 each; packed: each rank its own rows, every sample trained
+    check_two_ranks(tmp_path, rows_per_rank=None if packing else 16, all_samples=32 if packing else None)
+
+
+@pytest.mark.slow
+def test_compiled_run_saves_plain_keys_and_resumes_exactly(tmp_path):
+    """--use_compile 1: weights and resume files carry no `_orig_mod.`, and a resumed compiled run equals the
+    uninterrupted compiled run. (slow: torch.compile on CPU takes about a minute per process)"""
+    data = write_tiny_corpus(tmp_path / "data", n=48)
+    common = dict(use_compile=1, accumulation_steps=2, batch_size=4)
+    train_pretrain.main(tiny_train_args(tmp_path / "full", data["pretrain"], max_steps=6, **common))
+    train_pretrain.main(tiny_train_args(tmp_path / "cut", data["pretrain"], max_steps=4, **common))
+    train_pretrain.main(tiny_train_args(tmp_path / "cut", data["pretrain"], max_steps=6, from_resume=1, **common))
+    a, b = (torch.load(tmp_path / run / "out" / "pretrain_64.pth") for run in ("full", "cut"))
+    resume = torch.load(tmp_path / "cut" / "ckpt" / "pretrain_64_resume.pth", weights_only=False)
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in list(a) + list(resume["model"]))
+    assert all(torch.equal(a[k], b[k]) for k in a)

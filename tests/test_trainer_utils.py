@@ -1,4 +1,5 @@
-"""trainer_utils / checkpoint: schedule, names, atomic writes, resume bookkeeping, data order, flags."""
+"""trainer_utils / checkpoint / data_order: schedule, names, atomic writes, resume bookkeeping, batch order
+(shuffled, grouped, packed), flags, precision, one-line errors."""
 import math
 import os
 
@@ -8,8 +9,12 @@ import torch.nn.functional as F
 
 from tests.conftest import ROOT, tiny_config
 from trainer import checkpoint
-from trainer.trainer_utils import (OUT, SkipBatchSampler, build_parser, get_lr, init_run, lm_checkpoint,
-                                   load_weights, masked_cross_entropy, resolve_data, save_weights, weight_path)
+from model.loading import load_weights
+from trainer.checkpoint import lm_checkpoint, save_weights, weight_path
+from trainer.data_order import best_fit, packed_batches, shuffled_batches
+from trainer.loop import get_lr
+from trainer.trainer_utils import (OUT, build_parser, choose_dtype, init_run, masked_cross_entropy, one_line,
+                                   resolve_data)
 
 
 def test_get_lr_reference_values():
@@ -97,24 +102,48 @@ def test_resume_step_rescaled_by_world_size(tmp_path, capsys):
     assert lm_checkpoint(cfg, "missing", save_dir=tmp_path) is None
 
 
-def test_skip_batch_sampler_order_skip_and_ranks():
-    full = list(SkipBatchSampler(50, 4, epoch=0))
+def test_shuffled_batches_order_and_ranks():
+    full = shuffled_batches(50, 4, epoch=0)
     assert len(full) == 13 and sorted(sum(full, [])) == list(range(50))
-    assert list(SkipBatchSampler(50, 4, epoch=0, skip_batches=5)) == full[5:]      # exactly `step` batches skipped
-    assert list(SkipBatchSampler(50, 4, epoch=1)) != full                          # a new order every epoch
-    r0 = sum(SkipBatchSampler(50, 4, epoch=0, rank=0, world_size=2), [])
-    r1 = sum(SkipBatchSampler(50, 4, epoch=0, rank=1, world_size=2), [])
+    assert shuffled_batches(50, 4, epoch=0) == full                                 # depends only on (seed, epoch)
+    assert shuffled_batches(50, 4, epoch=1) != full                                 # a new order every epoch
+    r0 = sum(shuffled_batches(50, 4, epoch=0, rank=0, world_size=2), [])
+    r1 = sum(shuffled_batches(50, 4, epoch=0, rank=1, world_size=2), [])
     assert len(r0) == len(r1) == 25 and set(r0) | set(r1) == set(range(50)) and not set(r0) & set(r1)
     lengths = [i % 7 for i in range(64)]
-    grouped = list(SkipBatchSampler(64, 8, epoch=0, lengths=lengths))
+    grouped = shuffled_batches(64, 8, epoch=0, lengths=lengths)
     assert sorted(sum(grouped, [])) == list(range(64))
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in grouped)
     assert spread < sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in full[:8] if b)
 
 
+def test_best_fit_rows_hold_every_sample_once_within_capacity():
+    import random
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 63) for _ in range(500)]
+    rows = best_fit(list(range(500)), lengths, capacity=63, window=128)
+    assert sorted(i for row in rows for i in row) == list(range(500))
+    assert all(sum(lengths[i] for i in row) <= 63 for row in rows)
+    # best fit fills rows: at most one row per window is less than half full
+    assert sum(sum(lengths[i] for i in row) < 32 for row in rows) <= 4
+    assert len(rows) <= sum(lengths) / 63 * 1.1 + 4
+    # a sample longer than the row is truncated there (the dataset truncates it the same way)
+    assert best_fit([0, 1], [100, 5], capacity=63) == [[0], [1]]
+
+
+def test_packed_batches_depend_on_seed_epoch_and_split_ranks():
+    lengths = [(i * 7) % 30 + 1 for i in range(200)]
+    a = packed_batches(lengths, 31, batch_size=4, epoch=0)
+    assert a == packed_batches(lengths, 31, batch_size=4, epoch=0) and a != packed_batches(lengths, 31, 4, epoch=1)
+    assert sorted(i for batch in a for row in batch for i in row) == list(range(200))
+    ranks = [packed_batches(lengths, 31, 4, epoch=0, rank=r, world_size=2) for r in (0, 1)]
+    rows = [[tuple(row) for batch in plan for row in batch] for plan in ranks]
+    assert len(rows[0]) == len(rows[1]) and not set(rows[0]) & set(rows[1]) - set(rows[0][:1])
+
+
 def test_parser_has_upstream_flags_and_defaults():
     args = build_parser("t").parse_args(["--local_rank=1"])   # the deepspeed launcher appends this
-    expected = dict(save_weight="pretrain", epochs=1, batch_size=32, learning_rate=5e-4, dtype="bfloat16",
+    expected = dict(save_weight="pretrain", epochs=1, batch_size=32, learning_rate=5e-4, dtype="auto",
                     num_workers=1, accumulation_steps=8, grad_clip=1.0, log_interval=100, save_interval=100,
                     hidden_size=512, num_hidden_layers=8, max_seq_len=512, use_moe=0, from_weight="none",
                     from_resume=0, use_wandb=False, wandb_project="MiniMind-Pretrain")
@@ -123,15 +152,85 @@ def test_parser_has_upstream_flags_and_defaults():
     assert args.save_dir == str(OUT) and args.checkpoint_dir == str(ROOT / "checkpoints")
     with pytest.raises(SystemExit):
         build_parser("t").parse_args(["--use_moe", "2"])
+    with pytest.raises(SystemExit):
+        build_parser("t").parse_args(["--max_step", "3"])       # no silent abbreviations
+    assert build_parser("t", packing=1).parse_args([]).packing == 1 and not hasattr(args, "packing")
 
 
-def test_cpu_precision_defaults():
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    import trainer.trainer_utils as tu
+    monkeypatch.setattr(tu, "cpu_has_bf16_units", lambda: False)
     run = init_run(build_parser("t").parse_args(["--device", "cpu"]))
     assert run.dtype == torch.float32 and not run.scaler.is_enabled()
+    monkeypatch.setattr(tu, "cpu_has_bf16_units", lambda: True)
+    assert choose_dtype("auto", "cpu")[0] == torch.bfloat16
+    assert choose_dtype("float32", "cpu")[0] == torch.float32         # an explicit --dtype always wins
+    with pytest.raises(ValueError, match="float16 needs a GPU"):
+        choose_dtype("float16", "cpu")
     run = init_run(build_parser("t").parse_args(["--device", "cpu", "--dtype", "bfloat16"]))
     assert run.dtype == torch.bfloat16
     with run.autocast_ctx:
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
+    import builtins
+    import trainer.trainer_utils as tu
+    real_open = builtins.open
+    for flags, expected in (("fpu sse avx2", False), ("fpu avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True)):
+        fake = tmp_path / "cpuinfo"
+        fake.write_text(f"processor : 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(fake if p == "/proc/cpuinfo" else p, *a, **k))
+        assert tu.cpu_has_bf16_units() is expected
+        monkeypatch.setattr(builtins, "open", real_open)
+
+
+def test_stale_temp_files_of_a_killed_save_are_removed(tmp_path):
+    import subprocess
+    import sys
+    target = tmp_path / "w.pth"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".w.pth.{dead.stdout.strip()}.abc123.tmp"      # left by a writer that was killed
+    stale.write_bytes(b"x" * 1000)
+    alive = tmp_path / f".w.pth.{os.getppid()}.def456.tmp"             # a live writer's file is kept
+    alive.write_bytes(b"y")
+    checkpoint.atomic_save({"a": torch.ones(1)}, target)
+    assert not stale.exists() and alive.exists() and target.exists()
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())   # not the 0600 of a temp file
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_corrupted_or_truncated_files_are_one_clear_error(tmp_path):
+    from model.model_minimind import MiniMindForCausalLM
+    cfg = tiny_config()
+    model = MiniMindForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters())
+    resume = lm_checkpoint(cfg, "pretrain", model=model, optimizer=opt, epoch=0, step=3, save_dir=tmp_path)
+    weights = save_weights(model, weight_path(tmp_path, "pretrain", cfg), cfg)
+    for path in (resume, weights):
+        data = bytearray(path.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 4096] = os.urandom(4096)
+        path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{resume}.*corrupted"):
+        lm_checkpoint(cfg, "pretrain", save_dir=tmp_path)
+    with pytest.raises(ValueError, match=f"{weights}.*corrupted"):
+        load_weights(MiniMindForCausalLM(cfg), weights)
+    weights.write_bytes(weights.read_bytes()[:5000])                      # truncated
+    with pytest.raises(ValueError, match="corrupted .damaged or truncated"):
+        load_weights(MiniMindForCausalLM(cfg), weights)
+
+
+def test_one_line_keeps_the_file_and_line_of_a_dataloader_worker_error():
+    err = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                     '  File "x.py", line 3, in f\n    raise ValueError(msg)\nValueError: data.jsonl:7: bad JSON: x\n')
+    assert one_line(err) == "data.jsonl:7: bad JSON: x"
+    assert one_line(OSError(28, "No space left on device", "out/w.pth")) == "out/w.pth: No space left on device"
 
 
 def test_resolve_data_falls_back_to_demo(tmp_path, monkeypatch):
@@ -150,7 +249,7 @@ def test_resolve_data_falls_back_to_demo(tmp_path, monkeypatch):
 
 def test_tracker_missing_package_is_one_warning(monkeypatch):
     import builtins
-    from trainer.trainer_utils import init_tracker
+    from trainer.tracking import init_tracker
     real_import = builtins.__import__
 
     def no_trackers(name, *a, **k):
@@ -166,3 +265,16 @@ def test_tracker_missing_package_is_one_warning(monkeypatch):
         run.log({"loss": 1.0})   # a no-op tracker: the loop never needs `if wandb:`
         run.finish()
     assert init_tracker(build_parser("t").parse_args([])).id is None
+
+
+def test_no_command_accepts_abbreviated_flags():
+    """One behaviour everywhere: `--max_step` is an error, not a silent `--max_steps` (argparse allow_abbrev=False)."""
+    import re
+    offenders = []
+    for path in ROOT.glob("**/*.py"):
+        if ".git" in path.parts or "tests" in path.parts:
+            continue
+        for call in re.findall(r"ArgumentParser\((?:[^()]|\([^()]*\))*\)", path.read_text(encoding="utf-8")):
+            if "allow_abbrev=False" not in call:
+                offenders.append(f"{path.relative_to(ROOT)}: {call[:60]}")
+    assert not offenders, offenders

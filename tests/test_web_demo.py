@@ -1,6 +1,6 @@
 """scripts/web_demo.py through streamlit's AppTest (a tiny model, a scripted reasoning model, API mode
-against the real server), and a slow end-to-end check in headless Chromium that also writes
-images/web_demo.png."""
+against the real server), `streamlit run` with usage statistics off by the app's own config, and a slow
+end-to-end check in headless Chromium (WEB_DEMO_SCREENSHOT=images/web_demo.png refreshes README's picture)."""
 import base64
 import html
 import json
@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-import scripts.inference_utils as inference_utils  # noqa: E402
+from model import loading  # noqa: E402
+from model.chat_format import build_prompt, parse_output  # noqa: E402
 from tests.conftest import ROOT, tiny_config, tokenizer_dir  # noqa: E402
 from tests.test_inference import QUESTIONS, talkative_seed  # noqa: E402
 from tests.test_serve import ScriptedModel, free_port, serving  # noqa: E402
@@ -37,12 +39,12 @@ def weight(tmp_path_factory):
 
 def expected_answer(weight, prompt, max_new_tokens=8, history=()):
     """The greedy answer with the page's default repetition penalty, computed directly."""
-    model, tokenizer = inference_utils.load_native(weight).eval(), inference_utils.load_tokenizer(tokenizer_dir())
+    model, tokenizer = loading.load_native(weight), loading.load_tokenizer(tokenizer_dir())
     messages = [*history, {"role": "user", "content": prompt}]
-    ids = tokenizer(inference_utils.build_prompt(tokenizer, messages), return_tensors="pt").input_ids
+    ids = tokenizer(build_prompt(tokenizer, messages), return_tensors="pt").input_ids
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          repetition_penalty=1.1, pad_token_id=0, eos_token_id=2)
-    return inference_utils.parse_output(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))["content"]
+    return parse_output(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))["content"]
 
 
 def app(monkeypatch, *flags) -> AppTest:
@@ -83,9 +85,9 @@ def test_query_param_prompt_is_answered_on_load(weight, monkeypatch):
 
 
 def test_reasoning_is_collapsible_and_history_is_sent_not_cut(tmp_path, monkeypatch):
-    tokenizer = inference_utils.load_tokenizer(tokenizer_dir())
+    tokenizer = loading.load_tokenizer(tokenizer_dir())
     model = ScriptedModel(tokenizer, "<think>\n先想一想。\n</think>\n<answer>\n是蓝色的。\n</answer>")
-    monkeypatch.setattr(inference_utils, "load_model", lambda args: (model, tokenizer, "scripted reasoning model"))
+    monkeypatch.setattr(loading, "load_model", lambda args: (model, tokenizer, "scripted reasoning model"))
     fake = tmp_path / "reason_64.pth"
     fake.write_bytes(b"")
     at = app(monkeypatch, "--load_from", fake, "--max_new_tokens", "64")
@@ -101,7 +103,7 @@ def test_reasoning_is_collapsible_and_history_is_sent_not_cut(tmp_path, monkeypa
 
 def test_api_mode_talks_to_the_server(weight, monkeypatch):
     from scripts.serve_openai_api import create_app
-    model, tokenizer = inference_utils.load_native(weight).eval(), inference_utils.load_tokenizer(tokenizer_dir())
+    model, tokenizer = loading.load_native(weight), loading.load_tokenizer(tokenizer_dir())
     with serving(create_app(model, tokenizer)) as url:
         at = app(monkeypatch, "--api_url", url, "--load_from", weight)
         at.sidebar.radio[0].set_value("API").run()
@@ -124,6 +126,25 @@ def test_no_model_and_bad_path_are_messages_not_crashes(tmp_path, monkeypatch):
     assert not at.exception and "no such file or folder" in at.error[0].value
     at.sidebar.radio[0].set_value("API").run()
     assert at.sidebar.text_input[0].value == "http://127.0.0.1:8998/v1"  # the server's port (the original had 8000)
+
+
+def test_streamlit_run_collects_no_usage_statistics(tmp_path):
+    """Issue 21 item 7: the app's own .streamlit/config.toml (next to web_demo.py) turns usage statistics off, so
+    `streamlit run scripts/web_demo.py` from any directory neither sends them nor announces them."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
+                             "--server.port", str(port), "--server.address", "127.0.0.1"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: get(f"http://127.0.0.1:{port}/_stcore/health") == "ok", 90, "streamlit to be healthy")
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    # Streamlit announces the collection whenever the option is not set by a config file or flag
+    assert "URL: http://127.0.0.1" in out and "usage statistics" not in out.lower(), out
+    import tomllib
+    config = tomllib.loads((APP.parent / ".streamlit" / "config.toml").read_text(encoding="utf-8"))
+    assert config["browser"]["gatherUsageStats"] is False
 
 
 class DevTools:
@@ -167,7 +188,7 @@ def get(url):
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_page_in_headless_chromium(weight, tmp_path):
     """`streamlit run` from another cwd, opened in headless Chromium with ?prompt=...: the page shows
-    the question and the model's answer; the screenshot goes to images/web_demo.png."""
+    the question and the model's answer; the screenshot goes to $WEB_DEMO_SCREENSHOT (default: the temp dir)."""
     connect = pytest.importorskip("websockets.sync.client").connect
     port, devtools_port = free_port(), free_port()
     prompt = QUESTIONS[0]
@@ -212,6 +233,6 @@ def check_page_and_screenshot(page: DevTools, url: str, answer: str, prompt: str
     time.sleep(0.5)  # let the last repaint land
     png = base64.b64decode(page("Page.captureScreenshot", format="png")["data"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    target = Path(os.environ.get("WEB_DEMO_SCREENSHOT", ROOT / "images" / "web_demo.png"))
+    target = Path(os.environ.get("WEB_DEMO_SCREENSHOT", Path(tempfile.gettempdir()) / "web_demo.png"))
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(png)

@@ -1,16 +1,21 @@
-"""Progress lines, metrics files and experiment tracking for every stage (logging on rank 0 only).
+"""Progress lines and metrics files for every stage (rank 0 only).
 
-    Epoch:[1/2](300/1200) loss:2.3451 lr:0.00050000 tok/s:12,345 eta:3.2min     # one line per --log_interval
-    out/{stage}_{hidden}[_moe]_metrics.jsonl                                     # the same numbers, for plots
---use_wandb logs to swanlab (default, local mode) or wandb (--tracker wandb, offline); a missing package or
-no network is one warning and a no-op tracker.
+    Epoch:[1/2](300/1200) loss:2.3451 lr:0.00050000 tok/s:12,345 pad:4% mfu:31% eta:3.2min    # every --log_interval
+    out/{stage}_{hidden}[_moe]_metrics.jsonl                                                   # the same numbers
+
+tok/s counts useful (non-padding) tokens of all ranks; pad is the share of padding positions in the
+batches; eta is the whole run's (all epochs, honouring --max_steps). MFU, model FLOPs utilisation, is
+6 * parameters * useful tokens/s over the device's peak: a table for common GPUs, and on CPU a short
+matmul measured once and cached (~/.cache/minimind, or $MINIMIND_CACHE). The attention FLOPs (~4% of the
+total at 512 tokens for the 26M model) are left out, so MFU is slightly underestimated.
 """
 import json
 import os
+import platform
 import time
-import warnings
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from trainer.checkpoint import weight_path
@@ -25,69 +30,147 @@ def Logger(content) -> None:
         print(content, flush=True)
 
 
-class _NoTracker:
-    id = None
-
-    def log(self, *_, **__):
-        pass
-
-    def finish(self):
-        pass
+# dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, and their fp32 (non-tensor-core) peaks
+GPU_PEAK = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "H800": (989e12, 67e12), "A100": (312e12, 19.5e12),
+            "A800": (312e12, 19.5e12), "L40S": (362e12, 91.6e12), "L40": (181e12, 90.5e12), "L4": (121e12, 30.3e12),
+            "A10G": (70e12, 31.2e12), "A10": (125e12, 31.2e12), "RTX 4090": (165e12, 82.6e12),
+            "RTX 3090": (71e12, 35.6e12), "V100": (125e12, 15.7e12), "T4": (65e12, 8.1e12)}
 
 
-def init_tracker(args, ckp=None, run_name: str = None):
-    """4. a swanlab/wandb run (continued on resume), or a no-op with the same .log/.finish."""
-    if not args.use_wandb or not is_main_process():
-        return _NoTracker()
-    run_id = (ckp or {}).get("wandb_id")
-    name = run_name or f"{args.wandb_project}-Epoch-{args.epochs}-BatchSize-{args.batch_size}-LR-{args.learning_rate}"
+def device_peak_flops(run) -> float:
+    """Peak FLOP/s of this device in the training dtype; 0 when unknown."""
+    if run.device_type == "cuda":
+        name = torch.cuda.get_device_name(run.device)
+        for key, (half, single) in GPU_PEAK.items():
+            if key in name:
+                return half if run.dtype != torch.float32 else single
+        return 0.0
+    if run.device_type == "cpu":
+        return cpu_peak_flops(run.dtype)
+    return 0.0
+
+
+def cpu_peak_flops(dtype=torch.float32) -> float:
+    """A measured matmul rate of this CPU with the current thread count, cached per CPU model."""
+    cache = Path(os.environ.get("MINIMIND_CACHE", Path.home() / ".cache" / "minimind")) / "cpu_peak.json"
+    key = f"{_cpu_model()}|{dtype}|{torch.get_num_threads()}|{torch.__version__}"
     try:
-        if args.tracker == "swanlab":
-            import swanlab
-            mode = os.environ.get("SWANLAB_MODE", "local" if not os.environ.get("SWANLAB_API_KEY") else "cloud")
-            run = swanlab.init(project=args.wandb_project, experiment_name=name, id=run_id,
-                               resume="must" if run_id else None, mode=mode, logdir=str(Path(args.save_dir) / "swanlog"))
-            run.id = getattr(run, "id", None) or swanlab.get_run().id
-        else:
-            import wandb
-            os.environ.setdefault("WANDB_MODE", "offline")
-            run = wandb.init(project=args.wandb_project, name=name, id=run_id, resume="must" if run_id else None,
-                             dir=args.save_dir)
-        return run
-    except Exception as err:  # a missing package or no network must not stop training
-        warnings.warn(f"--use_wandb: {args.tracker} unavailable ({err.__class__.__name__}: {err}); not tracking")
-        return _NoTracker()
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        n = 1024
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        t0, runs = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 0.25:
+            a @ b
+            runs += 1
+        known[key] = 2 * n ** 3 * runs / (time.perf_counter() - t0)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(known, indent=1))
+        except OSError:
+            pass
+    return known[key]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_description() -> str:
+    """The CPU model and its bf16 matrix-unit flags, as every benchmark names the machine it measured:
+    e.g. 'AMD EPYC (no avx512_bf16/amx_bf16)'."""
+    try:
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    except OSError:
+        flags = []
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{_cpu_model()} ({', '.join(bf16) if bf16 else 'no avx512_bf16/amx_bf16'})"
 
 
 class Progress:
-    """One line per log interval: `Epoch:[1/2](300/1200) loss:2.3451 lr:0.00050000 tok/s:12,345 eta:3.2min`,
-    the same numbers appended as JSON to `{save_dir}/{weight}_metrics.jsonl`."""
+    """Accumulates what the step functions report and prints one line per --log_interval micro-batches,
+    appending the same numbers as JSON to `{save_dir}/{weight}_metrics.jsonl`."""
 
-    def __init__(self, args, lm_config, epoch: int, iters: int, start_step: int, tracker):
-        self.args, self.epoch, self.iters, self.tracker = args, epoch, iters, tracker
-        self.t0, self.start_step, self.tokens = time.time(), start_step, 0
-        self.window_t, self.window_tokens = time.time(), 0
+    def __init__(self, args, lm_config, run, tracker, iters: list, end: int, done: int):
+        self.args, self.run, self.tracker, self.iters, self.end = args, run, tracker, iters, end
+        self.done0, self.done = done, done
+        self.t0 = self.window_t = time.time()
+        self.losses, self.extra, self.tokens, self.positions, self.total_tokens = [], {}, 0, 0, 0
+        self.skipped = 0
+        total, active = lm_config_params(lm_config)
+        self.flops_per_token = 6 * active
+        self.peak = device_peak_flops(run) if is_main_process() else 0.0
         name = weight_path(args.save_dir, args.save_weight, lm_config).stem
         self.metrics_path = Path(args.save_dir) / f"{name}_metrics.jsonl"
-        if epoch == 0 and start_step == 0 and not args.from_resume and is_main_process():
+        if done == 0 and not args.from_resume and is_main_process():
             self.metrics_path.unlink(missing_ok=True)      # a fresh run starts a fresh file; a resumed one appends
 
-    def add_tokens(self, n: int):
-        self.tokens += n
-        self.window_tokens += n
+    def add(self, loss: torch.Tensor, stats: dict):
+        """One micro-batch: its loss (a 0-dim tensor, read only when logging) and its step function's stats."""
+        stats = dict(stats)
+        tokens = int(stats.pop("tokens", 0))
+        self.tokens += tokens
+        self.total_tokens += tokens
+        self.positions += int(stats.pop("positions", tokens))
+        self.losses.append(loss)
+        for k, v in stats.items():
+            self.extra.setdefault(k, []).append(float(v))
+        self.done += 1
 
-    def log(self, step: int, loss: float, lr: float, **extra):
+    def log(self, epoch: int, step: int, lr: float) -> float:
+        """Print and record the window since the last line; returns its mean loss."""
         now = time.time()
-        tok_s = self.window_tokens / max(now - self.window_t, 1e-9)
-        done = step - self.start_step
-        eta_min = (now - self.t0) / max(done, 1) * (self.iters - step) / 60
-        self.window_t, self.window_tokens = now, 0
+        loss = torch.stack(self.losses).float().mean().item() if self.losses else float("nan")
+        world = self.run.world_size
+        tok_s = self.tokens * world / max(now - self.window_t, 1e-9)
+        pad = 1 - self.tokens / self.positions if self.positions else 0.0
+        mfu = self.flops_per_token * tok_s / world / self.peak if self.peak else None
+        eta_min = (now - self.t0) / max(self.done - self.done0, 1) * (self.end - self.done) / 60
+        extra = {k: sum(v) / len(v) for k, v in self.extra.items()}
+        self.losses, self.extra, self.tokens, self.positions, self.window_t = [], {}, 0, 0, now
         extras = "".join(f" {k}:{v:.4f}" for k, v in extra.items())
-        Logger(f"Epoch:[{self.epoch + 1}/{self.args.epochs}]({step}/{self.iters}) loss:{loss:.4f}{extras} "
-               f"lr:{lr:.8f} tok/s:{tok_s:,.0f} eta:{eta_min:.1f}min")
-        record = {"epoch": self.epoch + 1, "step": step, "iters": self.iters, "loss": loss, "lr": lr,
-                  "tok_s": tok_s, "tokens": self.tokens, "time": now, **extra}
-        self.tracker.log({"loss": loss, "lr": lr, "tok_s": tok_s, **extra})
+        mfu_text = f" mfu:{100 * mfu:.1f}%" if mfu is not None else ""
+        shown_total = min(self.iters[epoch], self.end - sum(self.iters[:epoch]))    # honours --max_steps
+        Logger(f"Epoch:[{epoch + 1}/{self.args.epochs}]({step}/{shown_total}) loss:{loss:.4f}{extras} "
+               f"lr:{lr:.8f} tok/s:{tok_s:,.0f} pad:{100 * pad:.0f}%{mfu_text} eta:{eta_min:.1f}min")
+        record = {"epoch": epoch + 1, "step": step, "iters": self.iters[epoch], "global_step": self.done,
+                  "loss": loss, "lr": lr, "tok_s": tok_s, "pad": pad, "mfu": mfu, "eta_min": eta_min,
+                  "tokens": self.total_tokens * world, "time": now, **extra}
+        self.tracker.log({"loss": loss, "lr": lr, "tok_s": tok_s, "pad": pad, **({"mfu": mfu} if mfu else {}), **extra},
+                         step=self.done)    # the global step: a resumed run continues the same x axis
         if is_main_process():
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        return loss
+
+    def summary(self) -> str:
+        minutes = (time.time() - self.t0) / 60
+        skipped = f", {self.skipped} non-finite steps skipped" if self.skipped else ""
+        return f"{self.done - self.done0} steps in {minutes:.1f} min{skipped}"
+
+
+def lm_config_params(cfg) -> tuple[int, int]:
+    """(total, active) parameters of a MiniMind config, computed without building the model: the
+    embedding is tied to the LM head and counted once; MoE counts the experts a token uses as active."""
+    h, inter, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    attn = 2 * h * h + 2 * h * kv
+    ffn = 3 * h * inter
+    norms = 2 * h
+    if getattr(cfg, "use_moe", False):
+        experts = cfg.n_routed_experts + cfg.n_shared_experts
+        per_layer = attn + experts * ffn + cfg.n_routed_experts * h + norms
+        active_layer = attn + (cfg.num_experts_per_tok + cfg.n_shared_experts) * ffn + cfg.n_routed_experts * h + norms
+    else:
+        per_layer = active_layer = attn + ffn + norms
+    base = vocab * h + h
+    return base + layers * per_layer, base + layers * active_layer

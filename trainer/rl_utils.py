@@ -1,5 +1,6 @@
 """Helpers shared by the preference and RL stages (DPO, PPO, GRPO, SPO), written once: per-token
-log-probs, rollouts, rewards, the RL flags and the RL training loop.
+log-probs, rollouts, rewards, the RL flags, the prompts and the optimizer with the original's RL schedule.
+The loop is trainer/loop.py, as for every stage; an RL stage's step function does rollout, reward and loss.
 
     roll = rollout(policy, tokenizer, prompts, args, num_return_sequences=G)    # left-padded, KV cache
     logp, aux = completion_logps(policy, roll)       # (N, R) log-probs of the sampled tokens, masks honoured
@@ -10,19 +11,16 @@ completion starts at column P, then R sampled columns. `completion_mask` (N, R) 
 including the first EOS; after it generate() writes pad tokens. Every forward pass over a rollout
 passes `attention_mask` (the original omitted it in GRPO/SPO, so left pads were attended).
 """
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from trainer.trainer_utils import (ROOT, Progress, _rng_state, epoch_loader, init_config, init_model, init_run,
-                                   init_tracker, is_main_process,
-                                   lm_checkpoint, save_weights, unwrap, weight_path)
+from dataset.scoring import ANSWER_PART, answer_correct, format_reward
+from trainer.loop import unwrap
+from trainer.trainer_utils import ROOT, resolve_data
 
 ASSISTANT_START = "<|im_start|>assistant\n"   # what a chat-templated prompt with add_generation_prompt ends with
 
@@ -135,50 +133,12 @@ def completion_logps(model, roll: Rollout):
 
 
 # ---- prompts ----
-class PromptDataset(Dataset):
-    """RLAIFDataset rows plus the chat turns before the answer as structured messages, so that the
-    reward model gets the conversation itself, not a regex parse of the templated prompt (upstream)."""
-
-    def __init__(self, rlaif):
-        self.ds = rlaif
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        item = self.ds[i]
-        conv = self.ds.rows.read(int(i))["conversations"][:-1]
-        item["messages"] = [{"role": "user" if k % 2 == 0 else "assistant", "content": m["content"]}
-                            for k, m in enumerate(conv)]
-        return item
-
-
 def rl_collate(batch):
     """A list of prompt dicts -> a dict of lists (prompts, references, messages)."""
     return {key: [sample[key] for sample in batch] for key in batch[0]}
 
 
 # ---- rewards ----
-TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-_FORMAT = [re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.S),
-           re.compile(r"^<think>\n.*?\n</think>\n\n<answer>\n.*?\n</answer>$", re.S)]
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
-
-
-def format_reward(text: str) -> float:
-    """The original's reasoning-format reward (spec 6.8): +0.5 for the full think/answer layout,
-    +0.25 for each of the four tags that appears exactly once."""
-    reward = 0.5 if any(p.match(text) for p in _FORMAT) else 0.0
-    return reward + 0.25 * sum(text.count(tag) == 1 for tag in TAGS)
-
-
-def answer_correct(text: str, reference: str) -> bool:
-    """Verifiable reward: the response (its <answer> part if any) matches the reference, numbers by value,
-    text by its ending (dataset.demo_data.check_answer); an empty reference is never matched."""
-    from dataset.demo_data import check_answer
-    return bool(reference) and check_answer(text, reference)
-
-
 class RewardModel:
     """A local reward model directory: InternLM2-style remote code with get_score(tokenizer, messages)
     (the original's internlm2-1_8b-reward), or any AutoModelForSequenceClassification with one label."""
@@ -249,7 +209,7 @@ class Rewards:
             scores = self.model.score([m + [{"role": "assistant", "content": r}] for m, r in zip(messages, responses)])
             scores = scores.clamp(-3, 3)
             if self.reasoning:
-                found = [(i, a.group(1).strip()) for i, a in enumerate(map(_ANSWER.search, responses)) if a]
+                found = [(i, a.group(1).strip()) for i, a in enumerate(map(ANSWER_PART.search, responses)) if a]
                 if found:
                     idx = torch.tensor([i for i, _ in found])
                     answer = self.model.score([messages[i] + [{"role": "assistant", "content": a}] for i, a in found])
@@ -273,16 +233,14 @@ def add_rl_args(parser, **defaults):
                         help="model = reward model (original); rule = verifiable answer vs the row's \"answer\"; mixed = sum")
     parser.add_argument("--rule_weight", type=float, default=1.0, help="reward for a correct answer (rule, mixed)")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the rollouts")
-    # the original trains RL in fp32 everywhere; --dtype bfloat16/float16 turns autocast on
-    parser.set_defaults(dtype="float32", **defaults)
+    parser.set_defaults(**defaults)
     return parser
 
 
-def rl_data(args, tokenizer):
+def rl_prompts(args, tokenizer):
     """The stage's prompts: --data_path (dataset/rlaif-mini.jsonl, or the demo prompts when absent)."""
     from dataset.lm_dataset import RLAIFDataset
-    from trainer.trainer_utils import resolve_data
-    return PromptDataset(RLAIFDataset(resolve_data(args), tokenizer, skip_bad_lines=bool(args.skip_bad_lines)))
+    return RLAIFDataset(resolve_data(args), tokenizer, skip_bad_lines=bool(args.skip_bad_lines))
 
 
 def base_weight(args) -> str:
@@ -294,119 +252,10 @@ def frozen(model):
     return model.eval().requires_grad_(False)
 
 
-@dataclass
-class RLStage:
-    args: object
-    run: object
-    lm_config: object
-    ckp: object               # resume data, None when fresh
-    tracker: object
-    policy: torch.nn.Module   # trainable, loaded from base_weight(args)
-    ref_model: torch.nn.Module  # a frozen copy of the same weight
-    tokenizer: object
-    rewards: "Rewards"
-    prompts: Dataset
-
-    def load(self):
-        """One more model with the policy's starting weights (old actor, critic body)."""
-        a = self.args
-        return init_model(self.lm_config, base_weight(a), a.tokenizer_path, a.from_dir or a.save_dir, self.run.device)[0]
-
-
-def init_rl_stage(args, name: str) -> RLStage:
-    """Steps 1-5 shared by PPO, GRPO and SPO: distributed/device/seed, config + resume data, tracker,
-    the policy and a frozen reference (both from base_weight(args)), the reward and the prompts."""
-    run = init_run(args)
-    lm_config, ckp = init_config(args)
-    tracker = init_tracker(args, ckp, f"MiniMind-{name}-Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
-    policy, tokenizer = init_model(lm_config, base_weight(args), args.tokenizer_path, args.from_dir or args.save_dir,
-                                   run.device)
-    stage = RLStage(args, run, lm_config, ckp, tracker, policy, None, tokenizer,
-                    Rewards(args.reward, bool(args.reasoning), args.rule_weight, args.reward_model_path, run.device),
-                    rl_data(args, tokenizer))
-    stage.ref_model = frozen(stage.load())
-    return stage
-
-
-def adamw_cosine(params, args, stage: RLStage, lr: float):
-    """AdamW at `lr` with the original's RL cosine schedule: (optimizer, scheduler)."""
+def adamw_cosine(params, args, run, num_prompts: int, lr: float):
+    """AdamW at `lr` with the original's RL schedule: (optimizer, CosineAnnealingLR over (iters // accum) * epochs
+    optimizer steps down to lr / 10, where iters = this rank's batches per epoch)."""
     optimizer = torch.optim.AdamW(params, lr=lr)
-    return optimizer, cosine_scheduler(optimizer, args, stage.run, len(stage.prompts), lr)
-
-
-def optimizer_step(run, optimizer, params, grad_clip: float, scale: float = 1.0):
-    """Unscale, (rescale a partial accumulation window), clip, step and zero one optimizer."""
-    run.scaler.unscale_(optimizer)
-    if scale != 1.0:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    run.scaler.step(optimizer)
-    optimizer.zero_grad(set_to_none=True)
-
-
-def cosine_scheduler(optimizer, args, run, num_prompts: int, lr: float):
-    """The original's RL schedule: CosineAnnealingLR over (iters // accum) * epochs optimizer steps down
-    to lr / 10, where iters = this rank's batches per epoch."""
     iters = -(-num_prompts // (args.batch_size * run.world_size))
     t_max = max(1, (iters // args.accumulation_steps) * args.epochs)
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max, eta_min=lr / 10)
-
-
-def train_rl(run, args, lm_config, dataset, step_fn, policy, optimizers, tracker, start, state=None):
-    """8. The RL epoch loop shared by PPO, GRPO and SPO.
-
-    step_fn(batch, step) does the stage's work for one batch of prompts (rollout, rewards, loss,
-    `run.scaler.scale(loss / accumulation_steps).backward()`) and returns floats to log: "loss",
-    optionally "tokens" (generated tokens) and anything else. The loop steps every (optimizer,
-    scheduler, params) in `optimizers` each --accumulation_steps batches (and at the last step),
-    logs one progress line per --log_interval, and saves on optimizer-step boundaries: the policy's
-    weights, plus the resume file with `state` (critic, old actor, value tracker, ...).
-    Returns (path of the saved weight, last loss)."""
-    accum, last_loss = args.accumulation_steps, float("nan")
-    for epoch in range(start.epoch, args.epochs):
-        loader, iters = epoch_loader(dataset, args, epoch, start, run, collate_fn=rl_collate)
-        if args.max_steps and epoch * iters >= args.max_steps:
-            break
-        start_step = start.step if epoch == start.epoch else 0
-        progress, pending_save = Progress(args, lm_config, epoch, iters, start_step, tracker), False
-        rng = torch.get_rng_state()      # a DataLoader iterator draws its seed from the global RNG, which
-        batches = iter(loader)           # would shift the rollout samples of a resumed run by one draw
-        torch.set_rng_state(rng)
-        for step, batch in enumerate(batches, start=start_step + 1):
-            stats = step_fn(batch, step)
-            last = step == iters or bool(args.max_steps and epoch * iters + step >= args.max_steps)
-            pending_save |= step % args.save_interval == 0 or last
-            lr = optimizers[0][0].param_groups[0]["lr"]
-            if step % accum == 0 or last:
-                for optimizer, scheduler, params in optimizers:
-                    optimizer_step(run, optimizer, params, args.grad_clip, accum / (step % accum or accum))
-                    scheduler.step()
-                run.scaler.update()
-                if pending_save:
-                    save_rl(args, lm_config, policy, optimizers, epoch, step, tracker, state)
-                    pending_save = False
-            last_loss = stats.pop("loss")
-            progress.add_tokens(int(stats.pop("tokens", 0)))
-            if step % args.log_interval == 0 or last:
-                progress.log(step, last_loss, lr, **stats)
-            if last:
-                break
-    tracker.finish()
-    return weight_path(args.save_dir, args.save_weight, lm_config), last_loss
-
-
-def save_rl(args, lm_config, policy, optimizers, epoch, step, tracker, state=None):
-    """The policy's fp16 weights (out/) and the resume file with the policy's optimizer and scheduler
-    under the original's keys, plus `state` (e.g. critic_model, critic_optimizer, old_actor)."""
-    if is_main_process():
-        raw = unwrap(policy)
-        save_weights(raw, weight_path(args.save_dir, args.save_weight, lm_config), lm_config)
-        extra = {k: unwrap(v) if isinstance(v, torch.nn.Module) else v for k, v in (state or {}).items()}
-        lm_checkpoint(lm_config, args.save_weight, model=raw, optimizer=optimizers[0][0], epoch=epoch, step=step,
-                      wandb=tracker, save_dir=args.checkpoint_dir, scheduler=optimizers[0][1], rng=_rng_state(),
-                      **extra)
-    if dist.is_initialized():
-        dist.barrier()
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max, eta_min=lr / 10)

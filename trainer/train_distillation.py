@@ -16,8 +16,10 @@ import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
 from model.model_minimind import MiniMindConfig
-from trainer.trainer_utils import (cli, DATA, Logger, build_parser, fit, init_model, init_stage, masked_cross_entropy,
-                                   data_kwargs, resolve_data)
+from trainer.loop import train_loop
+from trainer.tracking import init_tracker
+from trainer.trainer_utils import (DATA, batch_stats, build_parser, cli, data_kwargs, init_config, init_model, init_run,
+                                   masked_cross_entropy, resolve_data, restore, wrap_model)
 
 
 def distillation_loss(student_logits, teacher_logits, targets, loss_mask, alpha: float, temperature: float):
@@ -34,11 +36,21 @@ def distillation_loss(student_logits, teacher_logits, targets, loss_mask, alpha:
     return alpha * ce + (1 - alpha) * kd, ce, kd
 
 
+def distill_step(student, teacher, batch, alpha: float, temperature: float):
+    """The student's distillation loss on one batch (+ its MoE aux loss); the teacher runs without a graph."""
+    position_ids = batch.get("position_ids")
+    out = student(batch["input_ids"], position_ids=position_ids)
+    with torch.no_grad():
+        teacher_logits = teacher(batch["input_ids"], position_ids=position_ids).logits
+    loss, ce, kd = distillation_loss(out.logits, teacher_logits, batch["labels"], batch["loss_mask"], alpha, temperature)
+    return loss + out.aux_loss, {"ce": ce.item(), "distill": kd.item(), **batch_stats(batch)}
+
+
 def main(argv=None):
     parser = build_parser("MiniMind Knowledge Distillation", save_weight="full_dist", epochs=6, batch_size=32,
                           learning_rate=5e-6, accumulation_steps=1, max_seq_len=512, from_weight="full_sft",
                           data_path=DATA / "sft_mini_512.jsonl", demo_data="sft.jsonl",
-                          wandb_project="MiniMind-Distillation")
+                          wandb_project="MiniMind-Distillation", packing=1)
     parser.add_argument("--student_hidden_size", type=int, default=512)
     parser.add_argument("--student_num_layers", type=int, default=8)
     parser.add_argument("--teacher_hidden_size", type=int, default=768)
@@ -52,28 +64,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.hidden_size, args.num_hidden_layers = args.student_hidden_size, args.student_num_layers
     args.from_weight = args.from_student_weight
-    run_name = (f"MiniMind-Distill-S{args.student_hidden_size}T{args.teacher_hidden_size}-Epoch-{args.epochs}-"
-                f"BS-{args.batch_size}-LR-{args.learning_rate}")
-    run, lm_config, ckp, tracker, model, tokenizer = init_stage(args, run_name)   # 1-5. with the student
-    teacher_moe = args.use_moe if args.teacher_use_moe is None else args.teacher_use_moe
+    run = init_run(args)                                              # 1. distributed, device, seed, precision
+    lm_config, ckp = init_config(args)                                # 2. student config + resume state
+    tracker = init_tracker(args, ckp, f"MiniMind-Distill-S{args.student_hidden_size}T{args.teacher_hidden_size}-"
+                                      f"Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")  # 3.
+    model, tokenizer = init_model(lm_config, args, run.device, stage="student")      # 4. student and teacher
     teacher_config = MiniMindConfig(hidden_size=args.teacher_hidden_size, num_hidden_layers=args.teacher_num_layers,
-                                    use_moe=bool(teacher_moe))
-    Logger("teacher:")
-    teacher, _ = init_model(teacher_config, args.from_teacher_weight, args.tokenizer_path,
-                            args.from_dir or args.save_dir, run.device)
+                                    use_moe=bool(args.use_moe if args.teacher_use_moe is None else args.teacher_use_moe))
+    teacher, _ = init_model(teacher_config, args, run.device, args.from_teacher_weight, stage="teacher")
     teacher.eval().requires_grad_(False)
-    train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))
-
-    def loss_fn(model, batch):
-        X, Y, loss_mask = batch
-        out = model(X)
-        with torch.no_grad():
-            teacher_logits = teacher(X).logits
-        loss, ce, kd = distillation_loss(out.logits, teacher_logits, Y, loss_mask, args.alpha, args.temperature)
-        return loss + out.aux_loss, {"ce": ce.item(), "distill": kd.item()}
-
+    train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))        # 5. data and optimizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    return fit(run, args, model, optimizer, train_ds, loss_fn, tracker, lm_config, ckp)   # 6-8. resume, DDP, train
+    start = restore(ckp, model, optimizer, run.scaler)                # 6. resume
+    model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
+    return train_loop(run, args, model, [optimizer], train_ds,        # 8. train
+                      lambda batch: distill_step(model, teacher, batch, args.alpha, args.temperature),
+                      lm_config=lm_config, tracker=tracker, start=start)
 
 
 if __name__ == "__main__":

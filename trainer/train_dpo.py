@@ -17,7 +17,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from dataset.lm_dataset import DPODataset, dpo_collate
 from trainer.rl_utils import sequence_logps, token_logps
-from trainer.trainer_utils import cli, DATA, Logger, build_parser, fit, init_model, init_stage, data_kwargs, resolve_data
+from trainer.loop import train_loop
+from trainer.tracking import init_tracker
+from trainer.trainer_utils import (DATA, Logger, build_parser, cli, data_kwargs, init_config, init_model, init_run,
+                                   resolve_data, restore, wrap_model)
 
 
 def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float):
@@ -56,6 +59,7 @@ class WithReferenceLogps(Dataset):
 
 
 def cached_collate(batch):
+    """dpo_collate plus the cached reference log-probs of each pair."""
     out = dpo_collate([{k: v for k, v in s.items() if not k.startswith("ref_")} for s in batch])
     return {**out, "ref_chosen": torch.stack([s["ref_chosen"] for s in batch]),
             "ref_rejected": torch.stack([s["ref_rejected"] for s in batch])}
@@ -67,11 +71,24 @@ def cache_reference(ref_model, ds, args, run):
     chosen, rejected = [], []
     loader = DataLoader(ds, batch_size=args.batch_size, collate_fn=dpo_collate, num_workers=args.num_workers)
     for batch in loader:
-        batch = {k: v.to(run.device) for k, v in batch.items()}
+        batch = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with run.autocast_ctx:
             c, r, _ = pair_logps(ref_model, batch, args.logp_reduction)
         chosen.append(c.float().cpu()), rejected.append(r.float().cpu())
     return torch.cat(chosen), torch.cat(rejected)
+
+
+def dpo_step(model, ref_model, batch, beta: float, reduction: str):
+    """The DPO loss of one batch of pairs (+ the policy's MoE aux loss); the reference log-probs come from the
+    frozen reference model, or from the batch when they were cached (--ref_cache 1)."""
+    pol_c, pol_r, aux = pair_logps(model, batch, reduction)
+    if ref_model is None:
+        ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
+    else:
+        with torch.no_grad():
+            ref_c, ref_r, _ = pair_logps(ref_model, batch, reduction)
+    loss, stats = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta)
+    return loss + aux, {**stats, "tokens": batch["tokens"], "positions": 2 * batch["x_chosen"].numel()}
 
 
 def main(argv=None):
@@ -84,30 +101,23 @@ def main(argv=None):
     parser.add_argument("--ref_cache", type=int, default=0, choices=[0, 1],
                         help="1 = precompute reference log-probs once and free the reference model")
     args = parser.parse_args(argv)
-    run, lm_config, ckp, tracker, model, tokenizer = init_stage(args)     # 1-5. run, config, tracker, policy
-    ref_model, _ = init_model(lm_config, args.from_weight, args.tokenizer_path, args.from_dir or args.save_dir,
-                              run.device)
+    run = init_run(args)                                              # 1. distributed, device, seed, precision
+    lm_config, ckp = init_config(args)                                # 2. model config + resume state
+    tracker = init_tracker(args, ckp)                                 # 3. swanlab/wandb, or a no-op
+    model, tokenizer = init_model(lm_config, args, run.device, stage="policy")       # 4. policy and reference
+    ref_model, _ = init_model(lm_config, args, run.device, stage="reference")
     ref_model.eval().requires_grad_(False)
-    train_ds = DPODataset(resolve_data(args), tokenizer, **data_kwargs(args))
-    collate = dpo_collate
+    train_ds, collate = DPODataset(resolve_data(args), tokenizer, **data_kwargs(args)), dpo_collate   # 5. data
     if args.ref_cache:
         train_ds = WithReferenceLogps(train_ds, *cache_reference(ref_model, train_ds, args, run))
         ref_model, collate = None, cached_collate
         Logger(f"cached reference log-probs for {len(train_ds)} pairs; reference model freed")
-
-    def loss_fn(model, batch):
-        pol_c, pol_r, aux = pair_logps(model, batch, args.logp_reduction)
-        if ref_model is None:
-            ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
-        else:
-            with torch.no_grad():
-                ref_c, ref_r, _ = pair_logps(ref_model, batch, args.logp_reduction)
-        loss, stats = dpo_loss(pol_c, pol_r, ref_c, ref_r, args.beta)
-        return loss + aux, stats
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    return fit(run, args, model, optimizer, train_ds, loss_fn, tracker, lm_config, ckp,   # 6-8. resume, DDP, train
-               collate_fn=collate)
+    start = restore(ckp, model, optimizer, run.scaler)                # 6. resume
+    model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
+    return train_loop(run, args, model, [optimizer], train_ds,        # 8. train
+                      lambda batch: dpo_step(model, ref_model, batch, args.beta, args.logp_reduction),
+                      lm_config=lm_config, tracker=tracker, start=start, collate_fn=collate)
 
 
 if __name__ == "__main__":

@@ -6,24 +6,43 @@
         --data_path dataset/demo/sft.jsonl --max_steps 20   # tiny CPU run, seconds
 Reads dataset/sft_mini_512.jsonl (the built-in demo corpus when absent) and out/pretrain_<hidden>.pth.
 Writes out/full_sft_<hidden>[_moe].pth (+ .json config) and checkpoints/full_sft_<hidden>[_moe]_resume.pth.
+
+A jsonl line becomes a sample in dataset/lm_dataset.py (SFTDataset: chat template, then a loss mask that
+is 1 on the assistant's tokens only); trainer/loop.py batches samples (packed rows by default), calls
+sft_loss below on each batch and steps the optimizer; the model is model/model_minimind.py.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from dataset.lm_dataset import SFTDataset
-from trainer.trainer_utils import cli, DATA, build_parser, fit, init_stage, lm_loss, data_kwargs, resolve_data
+from trainer.loop import train_loop
+from trainer.tracking import init_tracker
+from trainer.trainer_utils import (DATA, batch_stats, build_parser, cli, data_kwargs, init_config, init_model, init_run,
+                                   masked_cross_entropy, resolve_data, restore, wrap_model)
+
+
+def sft_loss(model, batch):
+    """Cross-entropy on the assistant's tokens only (loss_mask), plus the MoE load-balancing loss."""
+    out = model(batch["input_ids"], position_ids=batch.get("position_ids"))
+    loss = masked_cross_entropy(out.logits, batch["labels"], batch["loss_mask"]) + out.aux_loss
+    return loss, batch_stats(batch)
 
 
 def main(argv=None):
     args = build_parser("MiniMind Full SFT", save_weight="full_sft", epochs=2, batch_size=16, learning_rate=5e-7,
                         accumulation_steps=1, max_seq_len=512, from_weight="pretrain",
                         data_path=DATA / "sft_mini_512.jsonl", demo_data="sft.jsonl",
-                        wandb_project="MiniMind-Full-SFT").parse_args(argv)
-    run, lm_config, ckp, tracker, model, tokenizer = init_stage(args)     # 1-5. run, config, tracker, model
-    train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))
+                        wandb_project="MiniMind-Full-SFT", packing=1).parse_args(argv)
+    run = init_run(args)                                              # 1. distributed, device, seed, precision
+    lm_config, ckp = init_config(args)                                # 2. model config + resume state
+    tracker = init_tracker(args, ckp)                                 # 3. swanlab/wandb, or a no-op
+    model, tokenizer = init_model(lm_config, args, run.device)        # 4. the pretrained model + tokenizer
+    train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))        # 5. data and optimizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    # 6-8. resume, DDP, train on lm_loss: cross-entropy on assistant tokens only (+ MoE aux loss)
-    return fit(run, args, model, optimizer, train_ds, lm_loss, tracker, lm_config, ckp)
+    start = restore(ckp, model, optimizer, run.scaler)                # 6. resume
+    model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
+    return train_loop(run, args, model, [optimizer], train_ds,        # 8. train
+                      lambda batch: sft_loss(model, batch), lm_config=lm_config, tracker=tracker, start=start)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,11 @@ cut at --max_gen_len without an EOS.
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
-from trainer.rl_utils import (adamw_cosine, add_rl_args, completion_logps, init_rl_stage, k3_kl, masked_mean,
-                              optimizer_step, rollout, train_rl)
-from trainer.trainer_utils import cli, DATA, build_parser, restore, unwrap, wrap_ddp
+from trainer.loop import optimizer_step, train_loop
+from trainer.rl_utils import (Rewards, adamw_cosine, add_rl_args, base_weight, completion_logps, frozen, k3_kl,
+                              masked_mean, rl_collate, rl_prompts, rollout)
+from trainer.tracking import init_tracker
+from trainer.trainer_utils import DATA, build_parser, cli, init_config, init_model, init_run, restore, wrap_model
 
 
 def group_advantages(rewards: torch.Tensor, group: int, batch_norm: bool = True, eps: float = 1e-4,
@@ -48,6 +50,32 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, beta: float, clip_eps: float)
     return loss, masked_mean(kl, mask).detach(), clipped.detach()
 
 
+def grpo_step(model, ref_model, optimizer, run, args, tokenizer, reward_fn, batch):
+    """One batch of prompts: G sampled answers each, rewards, group advantages and the GRPO loss, returned for the
+    loop to back-propagate. With --num_iterations N > 1 the same rollout first takes N - 1 optimizer steps here."""
+    group = args.num_generations
+    roll = rollout(model, tokenizer, batch["prompt"], args, group, run.autocast_ctx)
+    rep = lambda xs: [x for x in xs for _ in range(group)]
+    rewards, stats = reward_fn(rep(batch["messages"]), roll.texts, rep(batch["reference"]))
+    adv = group_advantages(rewards, group, bool(args.batch_adv_norm)).to(run.device)
+    mask = roll.completion_mask.float()
+    with torch.no_grad():
+        ref_logp = completion_logps(ref_model, roll)[0]
+        old_logp = completion_logps(model, roll)[0] if args.num_iterations > 1 else None
+    for it in range(args.num_iterations):
+        logp, aux = completion_logps(model, roll)
+        loss, kl, clip_frac = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp,
+                                        adv, mask, args.beta, args.clip_epsilon)
+        loss = loss + aux
+        if it < args.num_iterations - 1:   # reuse the rollout: step now; the loop steps on the last iteration's loss
+            run.scaler.scale(loss).backward()
+            optimizer_step(run, [optimizer], args.grad_clip)
+    r = rewards.view(-1, group)
+    return loss, {**stats, "kl": kl.item(), "zero_std": (r.max(1).values == r.min(1).values).float().mean().item(),
+                  "truncated": roll.clipped.float().mean().item(), "resp_len": roll.lengths.float().mean().item(),
+                  "ratio_clip": clip_frac.item(), "tokens": int(roll.lengths.sum())}
+
+
 def main(argv=None):
     parser = build_parser("MiniMind GRPO", save_weight="grpo", epochs=1, batch_size=2, learning_rate=8e-8,
                           accumulation_steps=1, log_interval=1, save_interval=10, max_seq_len=66,
@@ -65,40 +93,19 @@ def main(argv=None):
         raise ValueError("--num_generations must be at least 2 (the group baseline needs two answers)")
     if args.num_iterations > 1 and args.accumulation_steps > 1:
         raise ValueError("--num_iterations > 1 takes one optimizer step per iteration: use --accumulation_steps 1")
-    st = init_rl_stage(args, "GRPO")                       # 1-5. run, config, tracker, policy, reference, reward, prompts
-    run, model, ref_model, tokenizer, reward_fn, prompts = st.run, st.policy, st.ref_model, st.tokenizer, st.rewards, st.prompts
-    optimizer, scheduler = adamw_cosine(model.parameters(), args, st, args.learning_rate)
-    start = restore(st.ckp, model, optimizer, run.scaler, scheduler=scheduler)   # 6. resume
-    model = wrap_ddp(model, run)                           # 7. DDP
-    params, group = list(unwrap(model).parameters()), args.num_generations
-
-    def grpo_step(batch, step):
-        roll = rollout(model, tokenizer, batch["prompt"], args, group, run.autocast_ctx)
-        rep = lambda xs: [x for x in xs for _ in range(group)]
-        rewards, stats = reward_fn(rep(batch["messages"]), roll.texts, rep(batch["reference"]))
-        adv = group_advantages(rewards, group, bool(args.batch_adv_norm)).to(run.device)
-        mask = roll.completion_mask.float()
-        with torch.no_grad(), run.autocast_ctx:
-            ref_logp = completion_logps(ref_model, roll)[0]
-            old_logp = completion_logps(model, roll)[0] if args.num_iterations > 1 else None
-        for it in range(args.num_iterations):
-            if it:  # reuse the rollout: step now, the loop steps after the last iteration
-                optimizer_step(run, optimizer, params, args.grad_clip)
-                run.scaler.update()
-            with run.autocast_ctx:
-                logp, aux = completion_logps(model, roll)
-                loss, kl, clip_frac = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp,
-                                                adv, mask, args.beta, args.clip_epsilon)
-                loss = loss + aux
-            run.scaler.scale(loss / args.accumulation_steps).backward()
-        r = rewards.view(-1, group)
-        return {"loss": loss.item(), **stats, "kl": kl.item(), "zero_std": (r.max(1).values == r.min(1).values)
-                .float().mean().item(), "truncated": roll.clipped.float().mean().item(),
-                "resp_len": roll.lengths.float().mean().item(), "ratio_clip": clip_frac.item(),
-                "tokens": int(roll.lengths.sum())}
-
-    return train_rl(run, args, st.lm_config, prompts, grpo_step, model, [(optimizer, scheduler, params)],  # 8. train
-                    st.tracker, start)
+    run = init_run(args)                                              # 1. distributed, device, seed, precision
+    lm_config, ckp = init_config(args)                                # 2. model config + resume state
+    tracker = init_tracker(args, ckp, f"MiniMind-GRPO-Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
+    model, tokenizer = init_model(lm_config, args, run.device, base_weight(args), stage="policy")   # 4. models
+    ref_model = frozen(init_model(lm_config, args, run.device, base_weight(args), stage="reference")[0])
+    reward_fn = Rewards(args.reward, bool(args.reasoning), args.rule_weight, args.reward_model_path, run.device)
+    prompts = rl_prompts(args, tokenizer)                             # 5. prompts and optimizer
+    optimizer, scheduler = adamw_cosine(model.parameters(), args, run, len(prompts), args.learning_rate)
+    start = restore(ckp, model, optimizer, run.scaler, scheduler=scheduler)     # 6. resume
+    model = wrap_model(model, run, args, rollouts=True)               # 7. DDP
+    return train_loop(run, args, model, [optimizer], prompts,         # 8. train
+                      lambda batch: grpo_step(model, ref_model, optimizer, run, args, tokenizer, reward_fn, batch),
+                      lm_config=lm_config, tracker=tracker, start=start, collate_fn=rl_collate, schedulers=[scheduler])
 
 
 if __name__ == "__main__":

@@ -14,36 +14,49 @@ import torch
 
 from dataset.lm_dataset import SFTDataset
 from model.model_lora import apply_lora, freeze_non_lora, lora_parameters, save_lora
-from trainer.trainer_utils import (cli, DATA, OUT, Logger, build_parser, data_kwargs, fit, init_stage, lm_loss, resolve_data,
-                                   weight_path)
+from trainer.loop import train_loop
+from trainer.tracking import init_tracker
+from trainer.trainer_utils import (DATA, OUT, Logger, batch_stats, build_parser, cli, data_kwargs, init_config,
+                                   init_model, init_run, masked_cross_entropy, resolve_data, restore, weight_path,
+                                   wrap_model)
+
+
+def lora_loss(model, batch):
+    """The SFT loss (assistant tokens only); gradients reach only the adapters."""
+    out = model(batch["input_ids"], position_ids=batch.get("position_ids"))
+    loss = masked_cross_entropy(out.logits, batch["labels"], batch["loss_mask"]) + out.aux_loss
+    return loss, batch_stats(batch)
 
 
 def main(argv=None):
     parser = build_parser("MiniMind LoRA Fine-tuning", save_dir=OUT / "lora", from_dir=OUT, epochs=50, batch_size=32,
                           learning_rate=1e-4, accumulation_steps=1, log_interval=10, save_interval=1, max_seq_len=512,
                           from_weight="full_sft", data_path=DATA / "lora_identity.jsonl",
-                          demo_data="lora_identity.jsonl", wandb_project="MiniMind-LoRA")
+                          demo_data="lora_identity.jsonl", wandb_project="MiniMind-LoRA", packing=1)
     parser.add_argument("--lora_name", type=str, default="lora_identity", help="adapter name (file prefix)")
     parser.add_argument("--lora_rank", type=int, default=8, help="rank of each adapter")
     args = parser.parse_args(argv)
+    if args.fsdp:
+        raise ValueError("--fsdp 1 is for full-parameter stages; LoRA trains small adapters on a frozen model: use DDP")
     args.save_weight = args.lora_name
-    run_name = f"MiniMind-LoRA-{args.lora_name}-Epoch-{args.epochs}-BatchSize-{args.batch_size}-LR-{args.learning_rate}"
-    run, lm_config, ckp, tracker, model, tokenizer = init_stage(args, run_name)   # 1-5. run, config, tracker, model
-    apply_lora(model, rank=args.lora_rank)                 # adapters on the square layers; the base is frozen
-    freeze_non_lora(model)
+    run = init_run(args)                                              # 1. distributed, device, seed, precision
+    lm_config, ckp = init_config(args)                                # 2. model config + resume state
+    tracker = init_tracker(args, ckp, f"MiniMind-LoRA-{args.lora_name}-Epoch-{args.epochs}-"
+                                      f"BatchSize-{args.batch_size}-LR-{args.learning_rate}")   # 3. tracking
+    model, tokenizer = init_model(lm_config, args, run.device, stage="base model")   # 4. the full_sft model
+    apply_lora(model, rank=args.lora_rank)                            # + adapters on the square layers;
+    freeze_non_lora(model)                                            #   the base is frozen
     params = lora_parameters(model)
     total, lora = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in params)
-    Logger(f"LLM params: {total / 1e6:.3f}M, LoRA params: {lora / 1e6:.3f}M ({100 * lora / total:.2f}%)")
-    train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))
+    Logger(f"LoRA params: {lora / 1e6:.3f}M of {total / 1e6:.3f}M ({100 * lora / total:.2f}%)")
+    train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))        # 5. data and optimizer
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
+    start = restore(ckp, model, optimizer, run.scaler)                # 6. resume (the full model with adapters)
+    model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
     save_path = weight_path(args.save_dir, args.lora_name, lm_config)
-
-    def save_adapter(raw_model):
-        save_lora(raw_model, save_path)
-
-    # 6-8. resume (the full model incl. adapters), DDP, train: SFT loss, clipping and saving only the adapters
-    _, loss = fit(run, args, model, optimizer, train_ds, lm_loss, tracker, lm_config, ckp, params=params,
-                  save_fn=save_adapter)
+    _, loss = train_loop(run, args, model, [optimizer], train_ds,     # 8. train, saving only the adapters
+                         lambda batch: lora_loss(model, batch), lm_config=lm_config, tracker=tracker, start=start,
+                         save_fn=lambda raw: save_lora(raw, save_path))
     return save_path, loss
 
 

@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.rl_utils import (adamw_cosine, add_rl_args, completion_logps, frozen, init_rl_stage, k3_kl, masked_mean,
-                              rollout, train_rl)
-from trainer.trainer_utils import cli, DATA, build_parser, restore, unwrap, wrap_ddp
+from trainer.loop import train_loop, unwrap
+from trainer.rl_utils import (Rewards, adamw_cosine, add_rl_args, base_weight, completion_logps, frozen, k3_kl,
+                              masked_mean, rl_collate, rl_prompts, rollout)
+from trainer.tracking import init_tracker
+from trainer.trainer_utils import DATA, build_parser, cli, init_config, init_model, init_run, restore, wrap_model
 
 
 class CriticModel(nn.Module):
@@ -80,6 +82,30 @@ def ppo_losses(args, logp, old_logp, ref_logp, values, rewards, roll):
     return policy, F.mse_loss(v, rewards), (seq(logp) - seq(ref_logp)).mean(), adv.mean()
 
 
+def ppo_step(actor, critic, old_actor, ref_model, run, args, tokenizer, reward_fn, batch):
+    """One batch of prompts: a sampled answer each, its reward, the critic's values and the PPO loss (policy +
+    value + KL), returned for the loop to back-propagate into the actor and the critic."""
+    roll = rollout(actor, tokenizer, batch["prompt"], args, 1, run.autocast_ctx)
+    rewards, stats = reward_fn(batch["messages"], roll.texts, batch["reference"])
+    rewards = rewards.to(run.device)
+    with torch.no_grad():
+        old_logp, ref_logp = completion_logps(old_actor, roll)[0], completion_logps(ref_model, roll)[0]
+    logp, aux = completion_logps(actor, roll)
+    values, critic_aux = critic(roll.sequences, roll.attention_mask)
+    policy, value, kl_ref, adv = ppo_losses(args, logp, old_logp, ref_logp, values.float(), rewards, roll)
+    loss = policy + args.vf_coef * value + args.kl_coef * kl_ref + aux + critic_aux
+    kl_old = ((logp.detach() - old_logp) * roll.completion_mask).sum(1).mean()
+    return loss, {**stats, "policy_loss": policy.item(), "value_loss": value.item(), "kl": kl_old.item(),
+                  "kl_ref": kl_ref.item(), "advantage": adv.item(), "resp_len": roll.lengths.float().mean().item(),
+                  "tokens": int(roll.lengths.sum())}
+
+
+def optimizer_steps(optimizer) -> int:
+    """Optimizer steps taken so far (AdamW's own count, so it survives a resume)."""
+    state = next(iter(optimizer.state.values()), {})
+    return int(state.get("step", 0))
+
+
 def main(argv=None):
     parser = build_parser("MiniMind PPO", save_weight="ppo_actor", epochs=1, batch_size=2, learning_rate=8e-8,
                           accumulation_steps=1, log_interval=1, save_interval=10, max_seq_len=66,
@@ -89,45 +115,39 @@ def main(argv=None):
     parser.add_argument("--clip_epsilon", type=float, default=0.1, help="ratio clip range")
     parser.add_argument("--vf_coef", type=float, default=0.5, help="weight of the critic's value loss")
     parser.add_argument("--kl_coef", type=float, default=0.02, help="weight of the KL penalty to the reference")
-    parser.add_argument("--update_old_actor_freq", type=int, default=4, help="steps between old-actor refreshes")
+    parser.add_argument("--update_old_actor_freq", type=int, default=4, help="optimizer steps between old-actor refreshes")
     parser.add_argument("--advantage", type=str, default="gae", choices=["gae", "sequence"],
                         help="gae = token-level values and GAE (README); sequence = the original code's r - V(answer)")
     parser.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
     parser.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
     args = parser.parse_args(argv)
-    st = init_rl_stage(args, "PPO")                        # 1-5. run, config, tracker, actor, reference, reward, prompts
-    run, actor, ref_model, tokenizer, reward_fn, prompts = st.run, st.policy, st.ref_model, st.tokenizer, st.rewards, st.prompts
-    old_actor, critic = frozen(st.load()), CriticModel(st.load().model).to(run.device)   # + old actor, critic
-    actor_opt, actor_sched = adamw_cosine(actor.parameters(), args, st, args.learning_rate)
-    critic_opt, critic_sched = adamw_cosine(critic.parameters(), args, st, args.critic_learning_rate)
+    run = init_run(args)                                              # 1. distributed, device, seed, precision
+    lm_config, ckp = init_config(args)                                # 2. model config + resume state
+    tracker = init_tracker(args, ckp, f"MiniMind-PPO-Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
+    load = lambda stage: init_model(lm_config, args, run.device, base_weight(args), stage=stage)   # 4. models:
+    actor, tokenizer = load("actor")                                  # actor, old actor, reference, critic
+    old_actor, ref_model = frozen(load("old actor")[0]), frozen(load("reference")[0])
+    critic = CriticModel(load("critic body")[0].model).to(run.device)
+    reward_fn = Rewards(args.reward, bool(args.reasoning), args.rule_weight, args.reward_model_path, run.device)
+    prompts = rl_prompts(args, tokenizer)                             # 5. prompts and optimizers
+    actor_opt, actor_sched = adamw_cosine(actor.parameters(), args, run, len(prompts), args.learning_rate)
+    critic_opt, critic_sched = adamw_cosine(critic.parameters(), args, run, len(prompts), args.critic_learning_rate)
     state = {"critic_model": critic, "critic_optimizer": critic_opt, "critic_scheduler": critic_sched,
              "old_actor": old_actor}
-    start = restore(st.ckp, actor, actor_opt, run.scaler, scheduler=actor_sched, **state)   # 6. resume
-    actor, critic = wrap_ddp(actor, run), wrap_ddp(critic, run)                      # 7. DDP
+    start = restore(ckp, actor, actor_opt, run.scaler, scheduler=actor_sched, **state)   # 6. resume
+    actor, critic = (wrap_model(m, run, args, rollouts=True) for m in (actor, critic))    # 7. DDP
+    refreshed = [None]
 
-    def ppo_step(batch, step):
-        if step > 1 and (step - 1) % args.update_old_actor_freq == 0:   # after every freq-th update
+    def step(batch):
+        n = optimizer_steps(actor_opt)
+        if n and n % args.update_old_actor_freq == 0 and refreshed[0] != n:   # after every freq-th update
             old_actor.load_state_dict(unwrap(actor).state_dict())
-        roll = rollout(actor, tokenizer, batch["prompt"], args, 1, run.autocast_ctx)
-        rewards, stats = reward_fn(batch["messages"], roll.texts, batch["reference"])
-        rewards = rewards.to(run.device)
-        with torch.no_grad(), run.autocast_ctx:
-            old_logp, ref_logp = completion_logps(old_actor, roll)[0], completion_logps(ref_model, roll)[0]
-        with run.autocast_ctx:
-            logp, aux = completion_logps(actor, roll)
-            values, critic_aux = critic(roll.sequences, roll.attention_mask)
-            policy, value, kl_ref, adv = ppo_losses(args, logp, old_logp, ref_logp, values.float(), rewards, roll)
-            loss = policy + args.vf_coef * value + args.kl_coef * kl_ref + aux + critic_aux
-        run.scaler.scale(loss / args.accumulation_steps).backward()
-        kl_old = ((logp.detach() - old_logp) * roll.completion_mask).sum(1).mean()
-        return {"loss": loss.item(), **stats, "policy_loss": policy.item(), "value_loss": value.item(),
-                "kl": kl_old.item(), "kl_ref": kl_ref.item(), "advantage": adv.item(),
-                "resp_len": roll.lengths.float().mean().item(), "critic_lr": critic_opt.param_groups[0]["lr"],
-                "tokens": int(roll.lengths.sum())}
+            refreshed[0] = n
+        return ppo_step(actor, critic, old_actor, ref_model, run, args, tokenizer, reward_fn, batch)
 
-    optimizers = [(actor_opt, actor_sched, list(unwrap(actor).parameters())),
-                  (critic_opt, critic_sched, list(unwrap(critic).parameters()))]
-    return train_rl(run, args, st.lm_config, prompts, ppo_step, actor, optimizers, st.tracker, start, state)  # 8. train
+    return train_loop(run, args, actor, [actor_opt, critic_opt], prompts, step,   # 8. train
+                      lm_config=lm_config, tracker=tracker, start=start, collate_fn=rl_collate,
+                      schedulers=[actor_sched, critic_sched], state=state)
 
 
 if __name__ == "__main__":

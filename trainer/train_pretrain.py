@@ -6,24 +6,42 @@
         --data_path dataset/demo/pretrain.jsonl --max_steps 20   # tiny CPU run, seconds
 Reads dataset/pretrain_hq.jsonl (the built-in demo corpus when that file is absent).
 Writes out/pretrain_<hidden>[_moe].pth (+ .json config) and checkpoints/pretrain_<hidden>[_moe]_resume.pth.
+
+Samples are packed (--packing 1): several texts share a row of max_seq_len tokens, each attending only to
+itself, so almost no position is padding; --packing 0 gives the original's one text per row.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from dataset.lm_dataset import PretrainDataset
-from trainer.trainer_utils import cli, DATA, build_parser, fit, init_stage, lm_loss, data_kwargs, resolve_data
+from trainer.loop import train_loop
+from trainer.tracking import init_tracker
+from trainer.trainer_utils import (DATA, batch_stats, build_parser, cli, data_kwargs, init_config, init_model, init_run,
+                                   masked_cross_entropy, resolve_data, restore, wrap_model)
+
+
+def pretrain_loss(model, batch):
+    """Cross-entropy on every real token (the loss mask is 0 only on padding), plus the MoE load-balancing loss."""
+    out = model(batch["input_ids"], position_ids=batch.get("position_ids"))
+    loss = masked_cross_entropy(out.logits, batch["labels"], batch["loss_mask"]) + out.aux_loss
+    return loss, batch_stats(batch)
 
 
 def main(argv=None):
     args = build_parser("MiniMind Pretraining", save_weight="pretrain", epochs=1, batch_size=32,
                         learning_rate=5e-4, accumulation_steps=8, max_seq_len=512, from_weight="none",
                         data_path=DATA / "pretrain_hq.jsonl", demo_data="pretrain.jsonl",
-                        wandb_project="MiniMind-Pretrain").parse_args(argv)
-    run, lm_config, ckp, tracker, model, tokenizer = init_stage(args)     # 1-5. run, config, tracker, model
-    train_ds = PretrainDataset(resolve_data(args), tokenizer, **data_kwargs(args))
+                        wandb_project="MiniMind-Pretrain", packing=1).parse_args(argv)
+    run = init_run(args)                                              # 1. distributed, device, seed, precision
+    lm_config, ckp = init_config(args)                                # 2. model config + resume state
+    tracker = init_tracker(args, ckp)                                 # 3. swanlab/wandb, or a no-op
+    model, tokenizer = init_model(lm_config, args, run.device)        # 4. the model (random init) + tokenizer
+    train_ds = PretrainDataset(resolve_data(args), tokenizer, **data_kwargs(args))   # 5. data and optimizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    # 6-8. resume, DDP, train on lm_loss: cross-entropy on every real token (+ MoE aux loss)
-    return fit(run, args, model, optimizer, train_ds, lm_loss, tracker, lm_config, ckp)
+    start = restore(ckp, model, optimizer, run.scaler)                # 6. resume
+    model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
+    return train_loop(run, args, model, [optimizer], train_ds,        # 8. train
+                      lambda batch: pretrain_loss(model, batch), lm_config=lm_config, tracker=tracker, start=start)
 
 
 if __name__ == "__main__":

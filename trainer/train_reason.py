@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
-from trainer.trainer_utils import cli, DATA, build_parser, fit, init_stage, data_kwargs, resolve_data
-
-TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-
+from dataset.scoring import TAGS
+from trainer.loop import train_loop
+from trainer.tracking import init_tracker
+from trainer.trainer_utils import (DATA, batch_stats, build_parser, cli, data_kwargs, init_config, init_model, init_run,
+                                   resolve_data, restore, wrap_model)
 
 def tag_weights(targets: torch.Tensor, loss_mask: torch.Tensor, tag_ids, weight: float) -> torch.Tensor:
     """loss_mask with `weight` on every position that belongs to a complete, supervised tag sequence."""
@@ -36,29 +37,37 @@ def tag_weights(targets: torch.Tensor, loss_mask: torch.Tensor, tag_ids, weight:
     return weights
 
 
+def reason_loss(model, batch, tag_ids, tag_weight: float):
+    """Cross-entropy on supervised tokens with `tag_weight` on the think/answer tags, normalised by the
+    unweighted count of supervised tokens (as the original); plus the MoE load-balancing loss."""
+    out = model(batch["input_ids"], position_ids=batch.get("position_ids"))
+    targets, loss_mask = batch["labels"], batch["loss_mask"]
+    weights = tag_weights(targets, loss_mask, tag_ids, tag_weight).reshape(-1)
+    keep = weights > 0                                     # only supervised rows reach the softmax
+    ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1])[keep].float(), targets.reshape(-1)[keep],
+                         reduction="none")
+    return (ce * weights[keep]).sum() / loss_mask.sum().clamp_min(1) + out.aux_loss, batch_stats(batch)
+
+
 def main(argv=None):
     parser = build_parser("MiniMind Reasoning Distillation", save_weight="reason", epochs=1, batch_size=8,
                           learning_rate=1e-6, accumulation_steps=1, max_seq_len=1024, from_weight="dpo",
                           data_path=DATA / "r1_mix_1024.jsonl", demo_data="r1.jsonl",
-                          wandb_project="MiniMind-Reasoning")
+                          wandb_project="MiniMind-Reasoning", packing=1)
     parser.add_argument("--tag_weight", type=float, default=10.0, help="loss weight of the think/answer tag tokens")
     args = parser.parse_args(argv)
-    run, lm_config, ckp, tracker, model, tokenizer = init_stage(args)     # 1-5. run, config, tracker, model
+    run = init_run(args)                                              # 1. distributed, device, seed, precision
+    lm_config, ckp = init_config(args)                                # 2. model config + resume state
+    tracker = init_tracker(args, ckp)                                 # 3. swanlab/wandb, or a no-op
+    model, tokenizer = init_model(lm_config, args, run.device)        # 4. the dpo model + tokenizer
     tag_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in TAGS]
-    train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))
-
-    def reason_loss(model, batch):
-        """Weighted CE over supervised tokens, normalised by the unweighted token count (as the original)."""
-        X, Y, loss_mask = batch
-        out = model(X)
-        weights = tag_weights(Y, loss_mask, tag_ids, args.tag_weight).reshape(-1)
-        keep = weights > 0                                 # only supervised rows reach the softmax
-        ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1])[keep].float(), Y.reshape(-1)[keep],
-                             reduction="none")
-        return (ce * weights[keep]).sum() / loss_mask.sum().clamp_min(1) + out.aux_loss
-
+    train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))        # 5. data and optimizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    return fit(run, args, model, optimizer, train_ds, reason_loss, tracker, lm_config, ckp)   # 6-8. resume, DDP, train
+    start = restore(ckp, model, optimizer, run.scaler)                # 6. resume
+    model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
+    return train_loop(run, args, model, [optimizer], train_ds,        # 8. train
+                      lambda batch: reason_loss(model, batch, tag_ids, args.tag_weight), lm_config=lm_config,
+                      tracker=tracker, start=start)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,11 @@ real range is used ([-3, 3] for the reward model alone, as the original).
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
-from trainer.rl_utils import adamw_cosine, add_rl_args, completion_logps, init_rl_stage, k3_kl, masked_mean, rollout, train_rl
-from trainer.trainer_utils import cli, DATA, build_parser, restore, unwrap, wrap_ddp
+from trainer.loop import train_loop
+from trainer.rl_utils import (Rewards, adamw_cosine, add_rl_args, base_weight,
+                              completion_logps, frozen, k3_kl, masked_mean, rl_collate, rl_prompts, rollout)
+from trainer.tracking import init_tracker
+from trainer.trainer_utils import DATA, build_parser, cli, init_config, init_model, init_run, restore, wrap_model
 
 
 class AutoAdaptiveValueTracker:
@@ -72,6 +75,23 @@ def spo_loss(logp, ref_logp, adv, mask, beta: float):
     return masked_mean(-logp * adv.unsqueeze(1) + beta * kl, mask), masked_mean(kl, mask).detach()
 
 
+def spo_step(model, ref_model, value_tracker, run, args, tokenizer, reward_fn, batch):
+    """One batch of prompts: one sampled answer each, its advantage over the tracker's baseline and the SPO loss
+    (returned for the loop); then the batch is folded into the tracker."""
+    roll = rollout(model, tokenizer, batch["prompt"], args, 1, run.autocast_ctx)
+    rewards, stats = reward_fn(batch["messages"], roll.texts, batch["reference"])
+    baseline = value_tracker.baseline_reward()             # read before this batch updates it
+    adv = (rewards - baseline).clamp(-5, 5).to(run.device)
+    mask = roll.completion_mask.float()
+    with torch.no_grad():
+        ref_logp = completion_logps(ref_model, roll)[0]
+    logp, aux = completion_logps(model, roll)
+    loss, kl = spo_loss(logp, ref_logp, adv, mask, args.beta)
+    rho = value_tracker.update(rewards, logp.detach(), mask)
+    return loss + aux, {**stats, "baseline": baseline, "kl": kl.item(), "rho": rho,
+                        "resp_len": roll.lengths.float().mean().item(), "tokens": int(roll.lengths.sum())}
+
+
 def main(argv=None):
     parser = build_parser("MiniMind SPO", save_weight="spo", epochs=1, batch_size=2, learning_rate=1e-7,
                           accumulation_steps=4, log_interval=1, save_interval=10, max_seq_len=66,
@@ -79,34 +99,22 @@ def main(argv=None):
     add_rl_args(parser, from_weight=None)
     parser.add_argument("--beta", type=float, default=0.02, help="weight of the k3 KL penalty to the reference")
     args = parser.parse_args(argv)
-    st = init_rl_stage(args, "SPO")                        # 1-5. run, config, tracker, policy, reference, reward, prompts
-    run, model, ref_model, tokenizer, reward_fn, prompts = st.run, st.policy, st.ref_model, st.tokenizer, st.rewards, st.prompts
-    value_tracker = AutoAdaptiveValueTracker(reward_range=reward_fn.range)
-    optimizer, scheduler = adamw_cosine(model.parameters(), args, st, args.learning_rate)
-    start = restore(st.ckp, model, optimizer, run.scaler, scheduler=scheduler,    # 6. resume
+    run = init_run(args)                                              # 1. distributed, device, seed, precision
+    lm_config, ckp = init_config(args)                                # 2. model config + resume state
+    tracker = init_tracker(args, ckp, f"MiniMind-SPO-Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
+    model, tokenizer = init_model(lm_config, args, run.device, base_weight(args), stage="policy")   # 4. models
+    reward_fn = Rewards(args.reward, bool(args.reasoning), args.rule_weight, args.reward_model_path, run.device)
+    value_tracker = AutoAdaptiveValueTracker(reward_range=reward_fn.range)     # the persistent baseline
+    ref_model = frozen(init_model(lm_config, args, run.device, base_weight(args), stage="reference")[0])
+    prompts = rl_prompts(args, tokenizer)                             # 5. prompts and optimizer
+    optimizer, scheduler = adamw_cosine(model.parameters(), args, run, len(prompts), args.learning_rate)
+    start = restore(ckp, model, optimizer, run.scaler, scheduler=scheduler,    # 6. resume
                     value_tracker=value_tracker)
-    model = wrap_ddp(model, run)                           # 7. DDP
-
-    def spo_step(batch, step):
-        roll = rollout(model, tokenizer, batch["prompt"], args, 1, run.autocast_ctx)
-        rewards, stats = reward_fn(batch["messages"], roll.texts, batch["reference"])
-        baseline = value_tracker.baseline_reward()         # read before this batch updates it
-        adv = (rewards - baseline).clamp(-5, 5).to(run.device)
-        mask = roll.completion_mask.float()
-        with torch.no_grad(), run.autocast_ctx:
-            ref_logp = completion_logps(ref_model, roll)[0]
-        with run.autocast_ctx:
-            logp, aux = completion_logps(model, roll)
-            loss, kl = spo_loss(logp, ref_logp, adv, mask, args.beta)
-            loss = loss + aux
-        run.scaler.scale(loss / args.accumulation_steps).backward()
-        rho = value_tracker.update(rewards, logp.detach(), mask)
-        return {"loss": loss.item(), **stats, "baseline": baseline, "kl": kl.item(), "rho": rho,
-                "resp_len": roll.lengths.float().mean().item(), "tokens": int(roll.lengths.sum())}
-
-    return train_rl(run, args, st.lm_config, prompts, spo_step, model,              # 8. train
-                    [(optimizer, scheduler, list(unwrap(model).parameters()))], st.tracker, start,
-                    state={"value_tracker": value_tracker})
+    model = wrap_model(model, run, args, rollouts=True)               # 7. DDP
+    return train_loop(run, args, model, [optimizer], prompts,         # 8. train
+                      lambda batch: spo_step(model, ref_model, value_tracker, run, args, tokenizer, reward_fn, batch),
+                      lm_config=lm_config, tracker=tracker, start=start, collate_fn=rl_collate,
+                      schedulers=[scheduler], state={"value_tracker": value_tracker})
 
 
 if __name__ == "__main__":

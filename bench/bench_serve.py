@@ -1,0 +1,217 @@
+"""Serving throughput and latency of scripts/serve_openai_api.py under concurrent streaming clients.
+
+    python bench/bench_serve.py                                   # 512x8 random weights, CPU, 1/4/16/32 streams
+    python bench/bench_serve.py --baseline_dir /work/main         # also today's server (one request at a time)
+    python bench/bench_serve.py --hidden_size 64 --num_hidden_layers 2 --levels 1,4 --new_tokens 16   # quick
+    python bench/bench_serve.py --batch_sweep 1,4,8,16,32       # the engine alone at several --max_batch
+
+Starts the real server in a subprocess (the weight: --weight_file, else a model with random weights
+saved to a temp dir), once with --max_batch N and once with --max_batch 1 (and, with --baseline_dir,
+that checkout's server), and drives each with the `openai` package: C concurrent streaming clients,
+each with a different prompt, temperature 0 and max_tokens --new_tokens. Per server and C it prints
+total completion tokens/s (all streams, wall clock from the first request to the last [DONE]), p50/p95
+time to first token (request sent -> first content chunk) and p50/p95 inter-token latency (gaps between
+content chunks of a stream), then the ratios the serving issue targets. --batch_sweep measures the
+engine without HTTP instead (B requests at once at --max_batch B). Writes only a temp dir.
+"""
+import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from contextlib import ExitStack
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPICS = ["天空为什么是蓝色的", "推荐一些中国的美食", "解释什么是机器学习", "写一首关于春天的诗", "猫和狗哪个更适合当宠物",
+          "如何学习编程", "介绍一下长城", "什么是光合作用"]
+
+
+def percentile(values: list, q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_weight(directory: Path, hidden_size: int, num_hidden_layers: int) -> Path:
+    """A model with random weights, except that the (tied) embedding rows of special tokens, whitespace-only
+    tokens and tokens that decode to part of a UTF-8 character are zero: their logits are 0 while the best
+    of the others is far above, so greedy output is visible text, one token per content chunk, and never
+    EOS (every stream runs the full --new_tokens)."""
+    from transformers import AutoTokenizer
+
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    from trainer.checkpoint import save_weights, weight_path
+    tokenizer = AutoTokenizer.from_pretrained(str(ROOT / "model"))
+    hidden = [i for i in range(len(tokenizer)) if i in tokenizer.all_special_ids
+              or "\ufffd" in tokenizer.decode([i]) or not tokenizer.decode([i]).strip()]
+    torch.manual_seed(0)
+    cfg = MiniMindConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
+    model = MiniMindForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[hidden] = 0
+    return save_weights(model, weight_path(directory, "full_sft", cfg), cfg)
+
+
+class Server:
+    """`serve_openai_api.py` of `root` in a subprocess on a free port, until the context ends."""
+
+    def __init__(self, root: Path, weight: Path, flags: list):
+        self.port = free_port()
+        self.cmd = [sys.executable, str(root / "scripts" / "serve_openai_api.py"), "--load_from", str(weight),
+                    "--tokenizer_path", str(ROOT / "model"), "--device", "cpu", "--port", str(self.port), *flags]
+
+    def __enter__(self):
+        import httpx
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(f"{self.url}/models", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"bench_serve.py: the server did not start: {' '.join(self.cmd)}\n"
+                                 f"{self.proc.stderr.read() if self.proc.poll() is not None else ''}")
+            time.sleep(0.3)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def batch_sweep(weight: Path, sizes: list, new_tokens: int):
+    """The engine alone (no HTTP): B requests at once with --max_batch B, for each B in sizes."""
+    from transformers import AutoTokenizer
+
+    from model.engine import Engine, SamplingParams
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    from trainer.checkpoint import load_weights
+    cfg = MiniMindConfig.from_dict(__import__("json").loads(weight.with_suffix(".json").read_text()))
+    model = MiniMindForCausalLM(cfg).eval()
+    load_weights(model, weight)
+    tokenizer = AutoTokenizer.from_pretrained(str(ROOT / "model"))
+    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": f"{TOPICS[i % len(TOPICS)]}？（第{i}问）"}],
+                                                       tokenize=False, add_generation_prompt=True)).input_ids
+               for i in range(max(sizes))]
+    print("| --max_batch (= concurrent requests) | total tokens/s | tokens/s per request | TTFT p50 (ms) |")
+    print("|---|---|---|---|")
+    for size in sizes:
+        with Engine(model, tokenizer, max_batch=size) as engine:
+            engine.generate(prompts[:2], SamplingParams(max_tokens=4))  # warm-up
+            start = time.perf_counter()
+            outs = engine.generate(prompts[:size], SamplingParams(max_tokens=new_tokens))
+            wall = time.perf_counter() - start
+        tokens = sum(len(o.token_ids) for o in outs)
+        ttft = percentile([o.first_token_at - o.submitted for o in outs], 0.5)
+        print(f"| {size} | {tokens / wall:.1f} | {tokens / wall / size:.1f} | {ttft * 1e3:.0f} |", flush=True)
+
+
+async def one_stream(client, prompt: str, new_tokens: int) -> dict:
+    start = time.perf_counter()
+    stamps, tokens = [], 0
+    stream = await client.chat.completions.create(
+        model="minimind", messages=[{"role": "user", "content": prompt}], stream=True, temperature=0,
+        max_tokens=new_tokens, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            if delta.content or (delta.model_extra or {}).get("reasoning_content"):
+                stamps.append(time.perf_counter())
+    return {"ttft": stamps[0] - start if stamps else float("nan"), "gaps": [b - a for a, b in zip(stamps, stamps[1:])],
+            "tokens": tokens, "end": time.perf_counter()}
+
+
+async def drive(url: str, streams: int, new_tokens: int, offset: int) -> dict:
+    from openai import AsyncOpenAI
+    async with AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600) as client:
+        prompts = [f"{TOPICS[(offset + i) % len(TOPICS)]}？（第{offset + i}问）" for i in range(streams)]
+        start = time.perf_counter()
+        runs = await asyncio.gather(*[one_stream(client, p, new_tokens) for p in prompts])
+    wall = max(r["end"] for r in runs) - start
+    gaps = [g for r in runs for g in r["gaps"]]
+    ttfts = [r["ttft"] for r in runs]
+    return {"tps": sum(r["tokens"] for r in runs) / wall, "tokens": sum(r["tokens"] for r in runs),
+            "ttft50": percentile(ttfts, 0.5), "ttft95": percentile(ttfts, 0.95),
+            "itl50": percentile(gaps, 0.5), "itl95": percentile(gaps, 0.95)}
+
+
+def machine_line(weight: Path, new_tokens: int) -> str:
+    from trainer.progress import cpu_description
+    return (f"# serve: {weight.name}, fp32 CPU, {new_tokens} new tokens per request, temperature 0; {os.cpu_count()} "
+            f"CPUs ({cpu_description()}), load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--weight_file", type=str, default=None, help="a native .pth to serve (default: random weights)")
+    p.add_argument("--hidden_size", type=int, default=512, help="size of the random-weight model")
+    p.add_argument("--num_hidden_layers", type=int, default=8)
+    p.add_argument("--max_batch", type=int, default=16, help="the batching server's --max_batch")
+    p.add_argument("--levels", type=str, default="1,4,16,32", help="concurrent streams, comma-separated")
+    p.add_argument("--new_tokens", type=int, default=128, help="max_tokens of every request")
+    p.add_argument("--baseline_dir", type=str, default=None,
+                   help="a checkout whose scripts/serve_openai_api.py is measured too (e.g. main before the engine)")
+    p.add_argument("--baseline_levels", type=str, default="1", help="stream counts for the baseline server")
+    p.add_argument("--batch_sweep", type=str, default=None,
+                   help="instead: the engine alone, no server, at these --max_batch values (e.g. 1,4,8,16,32)")
+    args = p.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        weight = Path(args.weight_file) if args.weight_file else random_weight(Path(tmp), args.hidden_size,
+                                                                               args.num_hidden_layers)
+        print(machine_line(weight, args.new_tokens))
+        if args.batch_sweep:
+            return batch_sweep(weight, [int(x) for x in args.batch_sweep.split(",")], args.new_tokens)
+        setups = [(f"engine, --max_batch {args.max_batch}", ROOT, ["--max_batch", str(args.max_batch)], levels),
+                  ("engine, --max_batch 1", ROOT, ["--max_batch", "1"], levels)]
+        if args.baseline_dir:
+            setups.append((f"baseline {args.baseline_dir}", Path(args.baseline_dir).resolve(), [],
+                           [int(x) for x in args.baseline_levels.split(",")]))
+        print("| server | streams | total tokens/s | TTFT p50 (ms) | TTFT p95 (ms) | inter-token p50 (ms) | "
+              "inter-token p95 (ms) |")
+        print("|---|---|---|---|---|---|---|")
+        results = {}
+        with ExitStack() as stack:  # every server up at once (idle ones cost nothing): each level runs on each
+            servers = [stack.enter_context(Server(root, weight, extra)) for _, root, extra, _ in setups]
+            for server in servers:  # in turn, so load drift on a shared machine hits them alike
+                asyncio.run(drive(server.url, 2, 8, 100))  # warm-up
+            for streams in levels:
+                for (name, _, _, counts), server in zip(setups, servers):
+                    if streams not in counts:
+                        continue
+                    r = results[(name, streams)] = asyncio.run(drive(server.url, streams, args.new_tokens, streams))
+                    print(f"| {name} | {streams} | {r['tps']:.1f} | {r['ttft50'] * 1e3:.0f} | {r['ttft95'] * 1e3:.0f} | "
+                          f"{r['itl50'] * 1e3:.1f} | {r['itl95'] * 1e3:.1f} |", flush=True)
+    batched, single = setups[0][0], setups[1][0]
+    for streams in levels:
+        if streams > 1:
+            print(f"{streams} streams: {results[(batched, streams)]['tps'] / results[(single, streams)]['tps']:.2f}x "
+                  f"the total tokens/s of --max_batch 1")
+    if args.baseline_dir and (setups[2][0], 1) in results and 1 in levels:
+        new, old = results[(batched, 1)], results[(setups[2][0], 1)]
+        print(f"1 stream vs baseline: TTFT p50 {new['ttft50'] * 1e3:.0f} vs {old['ttft50'] * 1e3:.0f} ms, "
+              f"inter-token p50 {new['itl50'] * 1e3:.1f} vs {old['itl50'] * 1e3:.1f} ms, "
+              f"tokens/s {new['tps']:.1f} vs {old['tps']:.1f}")
+
+
+if __name__ == "__main__":
+    main()

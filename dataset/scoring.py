@@ -1,0 +1,121 @@
+"""Scoring generated answers against reference answers: the demo evaluation (scripts/eval_demo.py, the benches)
+and the rule rewards of the RL stages (trainer/rl_utils.py: answer_correct, format_reward) both live here.
+
+    python -c "from dataset.scoring import check_answer; print(check_answer('I am MiniMind, a tiny AI assistant.', 'MiniMind'))"
+    # with a model: evaluate(model, tokenizer, 'dataset/demo/eval.jsonl') -> accuracy, per kind, every answer
+
+The rules, written for what a reader accepts as the answer and no more:
+  * case, whitespace and punctuation do not matter; R1-style output is scored on its <answer> part;
+  * a numeric answer ("8", or a list "2, 5, 9") is compared by value with the LAST numbers of the generation:
+    "3+5=8。" and "3 kilometers is 3,000 meters." are right, "3+5=8，不对，是9" is wrong;
+  * any other answer must end a clause of the generation (a clause ends at , ; : . ! ? in either script, a
+    line break, or the end), compared word by word for Latin text (articles a/an/the ignored) and character
+    by character for Chinese: "The capital of France is Paris.", "I am MiniMind, a tiny AI assistant." and
+    "A camel lives in a desert." (for "the desert") are right. The answer inside
+    a clause is not enough: the demo's sentences state the entity asked about first, so "星期一的前一天是星期日"
+    must not pass for "星期一", nor 'The opposite of "small" is "big"' for "small".
+Reads nothing and writes nothing, except that evaluate reads the questions file.
+"""
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from dataset.lm_dataset import read_jsonl
+
+_UNIT = re.compile(r"\d{1,3}(?:,\d{3})+(?!\d)|\d+(?:\.\d+)?|[a-z]+|[^\W\d_a-z]")   # a number, a Latin word, a CJK char
+_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?!\d)|\d+(?:\.\d+)?")
+_CLAUSE_END = re.compile(r"[,.](?!\d)|[;:!?，；：。！？\n]")   # not the comma or point inside a number
+_ARTICLES = {"a", "an", "the"}
+
+
+def _final_answer(text: str) -> str:
+    """The part of a generation to score: inside the last <answer>...</answer>, else after </think>, else all."""
+    if "<answer>" in text:
+        text = text.rsplit("<answer>", 1)[1].split("</answer>", 1)[0]
+    elif "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    return text
+
+
+def _value(number: str) -> float:
+    return float(number.replace(",", ""))
+
+
+def _canon(unit: str) -> str:
+    return str(_value(unit)) if _NUMBER.fullmatch(unit) else unit
+
+
+def check_answer(pred: str, answer: str) -> bool:
+    """Is generation `pred` right, given the reference `answer` (the "answer" field of eval.jsonl or rlaif.jsonl)?
+    See the module docstring for the rules; an empty reference is never matched."""
+    pred, ans = _final_answer(pred).lower(), answer.lower()
+    ans_units = _UNIT.findall(ans)
+    if not ans_units:
+        return False
+    if all(_NUMBER.fullmatch(u) for u in ans_units):
+        nums = _NUMBER.findall(pred)
+        n = len(ans_units)
+        return len(nums) >= n and [_value(x) for x in nums[-n:]] == [_value(x) for x in ans_units]
+    want = [_canon(u) for u in ans_units if u not in _ARTICLES] or ans_units
+    n = len(want)
+    units, ends = [], set()   # ends: how many units precede each clause end
+    for clause in _CLAUSE_END.split(pred):
+        units += [_canon(u) for u in _UNIT.findall(clause) if u not in _ARTICLES]
+        ends.add(len(units))
+    return any(end >= n and units[end - n:end] == want for end in ends)
+
+
+# ---- the rule rewards of the RL stages ----
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+_FORMAT = [re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.S),
+           re.compile(r"^<think>\n.*?\n</think>\n\n<answer>\n.*?\n</answer>$", re.S)]
+ANSWER_PART = re.compile(r"<answer>(.*?)</answer>", re.S)
+
+
+def format_reward(text: str) -> float:
+    """The original's reasoning-format reward (spec 6.8): +0.5 for the full think/answer layout,
+    +0.25 for each of the four tags that appears exactly once."""
+    reward = 0.5 if any(p.match(text) for p in _FORMAT) else 0.0
+    return reward + 0.25 * sum(text.count(tag) == 1 for tag in TAGS)
+
+
+def answer_correct(text: str, reference: str) -> bool:
+    """The verifiable reward: check_answer against the row's reference; an empty reference is never matched."""
+    return bool(reference) and check_answer(text, reference)
+
+
+def answer_questions(model, tokenizer, questions: list, max_new_tokens: int = 48, batch_size: int = 16,
+                     system: str = None) -> list:
+    """Greedy answers to single-turn questions (chat template, batched with left padding), in order."""
+    import torch
+    answers = []
+    device = next(model.parameters()).device
+    for i in range(0, len(questions), batch_size):
+        prompts = [tokenizer.apply_chat_template(([{"role": "system", "content": system}] if system else [])
+                                                 + [{"role": "user", "content": q}],
+                                                 tokenize=False, add_generation_prompt=True)
+                   for q in questions[i:i + batch_size]]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        answers += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    return [a.strip() for a in answers]
+
+
+def evaluate(model, tokenizer, eval_path, kinds=None, max_new_tokens: int = 48) -> dict:
+    """Greedy answers to the questions of `eval_path` ({"question", "answer", "kind"} lines, e.g. the demo's
+    eval.jsonl), scored with check_answer: {"accuracy", "right", "total", "by_kind": {kind: (right, total)},
+    "rows": the lines with "prediction" and "correct" added}."""
+    rows = list(read_jsonl(Path(eval_path), required=("question", "answer", "kind")))
+    if kinds:
+        rows = [r for r in rows if r["kind"] in kinds]
+    preds = answer_questions(model, tokenizer, [r["question"] for r in rows], max_new_tokens)
+    by_kind = defaultdict(lambda: [0, 0])
+    for row, pred in zip(rows, preds):
+        row["prediction"], row["correct"] = pred, check_answer(pred, row["answer"])
+        by_kind[row["kind"]][0] += row["correct"]
+        by_kind[row["kind"]][1] += 1
+    right = sum(r["correct"] for r in rows)
+    return {"accuracy": right / max(len(rows), 1), "right": right, "total": len(rows),
+            "by_kind": {k: tuple(v) for k, v in sorted(by_kind.items())}, "rows": rows}

@@ -1,0 +1,749 @@
+"""A continuous-batching inference engine for MiniMind (and transformers Llama exports): the server,
+offline batch generation (eval, RL rollouts) and anything else that wants many answers at once.
+
+    from model.engine import Engine, SamplingParams
+    engine = Engine(model, tokenizer, max_batch=16)
+    outs = engine.generate([ids_a, ids_b], SamplingParams(max_tokens=64))        # offline: waits for all
+    req = engine.submit(ids, SamplingParams(temperature=0.7, seed=1, stop=("\\n\\n",)))
+    for piece in req: print(piece, end="")                                       # streaming; req.cancel()
+    python -c "import model.engine"                                              # nothing to run on its own
+
+How it works. A background thread owns the model and a fixed number of slots (`max_batch`). Each slot
+has its own region of one preallocated KV cache, its own sampling settings (temperature, top_k, top_p,
+repetition_penalty, a per-request torch.Generator, stop strings, max_tokens, EOS) and its own
+position. Every step of the loop (1) drops requests that were cancelled or ran past their deadline,
+(2) prefills waiting requests into free slots (several short prompts in one padded forward, a long
+prompt in chunks of `prefill_chunk` tokens, one chunk per step), and (3) runs ONE model forward that
+decodes the next token of every active slot. New requests therefore join the running batch at the
+next step, and finished or cancelled ones leave it at once (their row is refilled by the last one).
+
+Exactness: a request's tokens do not depend on what else is in the batch. The model sees, per row,
+exactly its own keys: slots have different lengths inside one buffer, so the decode step writes each
+new key at the row's own column w (kept for later steps) and also at the shared last column, and the
+2D attention mask hides the row's columns between w and that last column; the model's padded-mask
+path (a query always sees its own column) then gives each row attention over exactly its w+1 keys,
+with RoPE positions passed explicitly. Greedy output equals model.generate() alone (tests/test_engine.py).
+
+Also here: TextStream, model.generate() in a thread for the CLI and the web demo's local mode.
+Writes nothing.
+"""
+import asyncio
+import bisect
+import collections
+import itertools
+import math
+import sys
+import threading
+import time
+import traceback
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+
+class QueueFull(Exception):
+    """The waiting queue holds max_queue requests; try again later."""
+
+
+class PromptTooLong(ValueError):
+    """The prompt leaves no room for a single new token within max_seq_len."""
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings. temperature 0 = greedy; top_k 0 and top_p 1 = off (the
+    transformers processors, applied in their order: repetition penalty, temperature, top-k, top-p).
+    seed None draws one from torch's global RNG, so torch.manual_seed before submit() repeats a run.
+    timeout: seconds from submission (queue time included); None = no limit."""
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = None
+    stop: tuple = ()
+    timeout: float = None
+
+
+# ---- text: incremental detokenisation and stop strings ----
+class Detokenizer:
+    """Token ids -> text pieces, a piece per token where possible. Decoding restarts after each piece,
+    which is exact for byte-level BPE; only an incomplete UTF-8 character is held back."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.pending = tokenizer, []
+
+    def push(self, token_id: int) -> str:
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=True)
+        if text.endswith("\ufffd") and len(self.pending) < 16:  # bytes of one character still coming
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=True) if self.pending else ""
+        self.pending = []
+        return text
+
+
+class StopMatcher:
+    """Cut the generated text at the first stop string; text that may be a stop string's beginning waits."""
+
+    def __init__(self, stops):
+        self.stops, self.buf, self.stopped = [s for s in stops if s], "", False
+
+    def feed(self, text: str) -> str:
+        if self.stopped or not self.stops:
+            return "" if self.stopped else text
+        self.buf += text
+        hits = [self.buf.find(s) for s in self.stops if s in self.buf]
+        if hits:
+            out, self.buf, self.stopped = self.buf[:min(hits)], "", True
+            return out
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.buf.endswith(s[:k])), default=0)
+        out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        return out
+
+    def finish(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+# ---- one request ----
+class Request:
+    """A submitted generation: iterate it (or `async for` over astream()) for text pieces as they come;
+    cancel() frees its slot at the next step. When done: token_ids (new tokens, EOS included when it
+    ended the answer), text, finish_reason ("stop", "length", "cancelled", "timeout" or "error", with
+    `error`), prompt_tokens, completion_tokens (without the EOS)."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: list, params: SamplingParams, max_new: int, tokenizer, eos_ids):
+        self.id = next(Request._ids)
+        self.prompt_ids, self.params, self.max_new = prompt_ids, params, max_new
+        self.token_ids, self.text, self.finish_reason, self.error = [], "", None, None
+        self.submitted = time.monotonic()
+        self.deadline = None if params.timeout is None else self.submitted + params.timeout
+        self.first_token_at = self.last_token_at = None
+        self.cancelled = False
+        seed = params.seed if params.seed is not None else int(torch.randint(2 ** 62, ()).item())
+        self.generator = torch.Generator().manual_seed(seed % 2 ** 64)
+        self.detok = Detokenizer(tokenizer) if tokenizer is not None else None
+        self.stopper = StopMatcher(params.stop)
+        self.eos_ids = eos_ids
+        # engine-side slot state: tokens in the cache (= position of the next one), token to feed next
+        self.w, self.next_input, self.seen = 0, None, None
+        self._pieces, self._cond, self._waker, self._done = collections.deque(), threading.Condition(), None, False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids) - int(bool(self.token_ids) and self.token_ids[-1] in self.eos_ids)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def cancel(self):
+        self.cancelled = True
+
+    def wait(self, timeout: float = None) -> "Request":
+        with self._cond:
+            self._cond.wait_for(lambda: self._done, timeout)
+        return self
+
+    def __iter__(self):
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pieces or self._done)
+                if not self._pieces:
+                    return
+                piece = self._pieces.popleft()
+            yield piece
+
+    async def astream(self):
+        """Text pieces for asyncio code (the server); never blocks the event loop."""
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+
+        def wake():
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+        self._waker = wake
+        while True:
+            ready.clear()
+            with self._cond:
+                pieces, done = list(self._pieces), self._done
+                self._pieces.clear()
+            for piece in pieces:
+                yield piece
+            if done:
+                return
+            if not pieces:
+                await ready.wait()
+
+    # called by the engine thread
+    def _deliver(self, piece: str = "", done: bool = False):
+        with self._cond:
+            if piece:
+                self.text += piece
+                self._pieces.append(piece)
+            self._done = self._done or done
+            self._cond.notify_all()
+            waker = self._waker
+        if waker is not None:
+            waker()
+
+    def _finish(self, reason: str, error: str = None):
+        if self._done:
+            return
+        if self.detok is not None and reason in ("stop", "length") and not self.stopper.stopped:
+            self._deliver(self.stopper.feed(self.detok.flush()) + self.stopper.finish())
+        self.finish_reason, self.error = reason, error
+        self._deliver(done=True)
+
+
+# ---- the KV cache shared by the slots ----
+class SlotCache:
+    """Per layer, K and V buffers of shape (rows, KV, capacity, D); row r belongs to the slot at index
+    r of the engine's slot list. Capacity grows geometrically (up to max_len) and is released when idle."""
+
+    def __init__(self, num_layers: int, rows: int, max_len: int):
+        self.num_layers, self.rows, self.max_len = num_layers, rows, max_len
+        self.keys, self.values = [None] * num_layers, [None] * num_layers
+
+    def buffers(self, layer: int, needed: int, like: torch.Tensor):
+        k = self.keys[layer]
+        if k is None or k.shape[2] < needed or k.dtype != like.dtype or k.device != like.device:
+            cap = min(max(needed, 64, 2 * (k.shape[2] if k is not None else 0)), max(self.max_len, needed))
+            new_k = like.new_zeros(self.rows, like.shape[1], cap, like.shape[3])
+            new_v = like.new_zeros(self.rows, like.shape[1], cap, like.shape[3])
+            if k is not None:
+                old = min(k.shape[2], cap)
+                new_k[:, :, :old] = k[:, :, :old]
+                new_v[:, :, :old] = self.values[layer][:, :, :old]
+            self.keys[layer], self.values[layer] = new_k, new_v
+        return self.keys[layer], self.values[layer]
+
+    def move_row(self, src: int, dst: int, length: int):
+        for k, v in zip(self.keys, self.values):
+            if k is not None and length:
+                k[dst, :, :length] = k[src, :, :length]
+                v[dst, :, :length] = v[src, :, :length]
+
+    def release(self):
+        self.keys, self.values = [None] * self.num_layers, [None] * self.num_layers
+
+
+class _CacheView:
+    """What one forward sees as `past_key_values`: the cache interface of model_minimind (update,
+    get_seq_length) plus the two size queries transformers' mask builder asks of a cache.
+
+    prefill: rows [row0, row0+n) get the new keys at columns [past, past+T).
+    decode (write_cols given): row i gets its key at column write_cols[i] and at the shared last
+    column `past`; the attention mask built by the engine hides the columns in between."""
+
+    def __init__(self, cache: SlotCache, row0: int, n: int, past: int, write_cols=None, uniform=True):
+        self.cache, self.row0, self.n, self.past = cache, row0, n, past
+        self.write_cols, self.uniform = write_cols, uniform
+        self.rows = None if write_cols is None else torch.arange(n, device=write_cols.device)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.past
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.past
+
+    def get_mask_sizes(self, query_length, layer_idx: int = 0):
+        return self.past + (query_length if isinstance(query_length, int) else query_length.shape[0]), 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """k, v: (n, KV, T, D) -> all keys and values of these rows, (n, KV, past+T, D)."""
+        end = self.past + k.shape[2]
+        buf_k, buf_v = self.cache.buffers(layer_idx, end, k)
+        rows = slice(self.row0, self.row0 + self.n)
+        if self.write_cols is None:
+            buf_k[rows, :, self.past:end] = k
+            buf_v[rows, :, self.past:end] = v
+            if self.past == 0:
+                return k, v
+        else:
+            if not self.uniform:
+                buf_k[rows, :, self.past] = k[:, :, 0]
+                buf_v[rows, :, self.past] = v[:, :, 0]
+            buf_k[self.rows, :, self.write_cols] = k[:, :, 0]
+            buf_v[self.rows, :, self.write_cols] = v[:, :, 0]
+        return buf_k[rows, :, :end], buf_v[rows, :, :end]
+
+
+# ---- sampling ----
+def process_logits(logits: torch.Tensor, params: list, seen: list) -> torch.Tensor:
+    """transformers' logits processors, per row with that row's settings: the repetition penalty over
+    prompt + generated tokens (`seen`, a bool (V,) tensor or None per row), then for sampled rows
+    temperature, top-k (drop scores below the k-th largest) and top-p (drop the low tail that holds
+    1 - top_p of the mass). Greedy rows (temperature 0) only get the penalty."""
+    logits = logits.float().clone()
+    dev = logits.device
+    pen = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if pen:
+        idx = torch.tensor(pen, device=dev)
+        sub = logits[idx]
+        mask = torch.stack([seen[i] for i in pen]).to(dev)
+        p = torch.tensor([params[i].repetition_penalty for i in pen], device=dev)[:, None]
+        logits[idx] = torch.where(mask, torch.where(sub < 0, sub * p, sub / p), sub)
+    samp = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not samp:
+        return logits
+    vocab, sp = logits.shape[-1], [params[i] for i in samp]
+    scores = logits[samp] / torch.tensor([p.temperature for p in sp], device=dev)[:, None]
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in sp]
+    if any(ks):
+        kth = scores.topk(max(ks), dim=-1).values.gather(1, torch.tensor([[max(k, 1) - 1] for k in ks], device=dev))
+        kth[torch.tensor([k == 0 for k in ks], device=dev)] = -math.inf
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if any(p.top_p < 1.0 for p in sp):
+        sorted_scores, order = scores.sort(dim=-1)
+        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        limit = torch.tensor([1 - p.top_p if p.top_p < 1.0 else -1.0 for p in sp], device=dev)
+        remove = cum <= limit[:, None]
+        remove[:, -1] = False  # keep at least the most likely token
+        scores = scores.masked_fill(remove.scatter(1, order, remove), -math.inf)
+    logits[samp] = scores
+    return logits
+
+
+def sample_next(logits: torch.Tensor, reqs: list) -> list:
+    """Next token for each row of logits (B, V): argmax for greedy rows; for sampled rows one uniform
+    draw from the request's own generator through the inverse CDF, so a seeded request draws the same
+    numbers whatever else is in the batch."""
+    params = [r.params for r in reqs]
+    scores = process_logits(logits, params, [r.seen for r in reqs])
+    out = scores.argmax(-1)
+    samp = [i for i, p in enumerate(params) if p.temperature > 0]
+    if samp:
+        cdf = scores[samp].softmax(dim=-1).cpu().cumsum(dim=-1)
+        u = torch.stack([torch.rand((), generator=reqs[i].generator) for i in samp])
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
+        out[samp] = picked[:, 0].to(out.device)
+    return out.tolist()
+
+
+# ---- metrics ----
+class Histogram:
+    """A Prometheus histogram: cumulative buckets, sum and count."""
+
+    def __init__(self, buckets):
+        self.buckets, self.counts, self.sum, self.count = list(buckets), [0] * (len(buckets) + 1), 0.0, 0
+
+    def observe(self, value: float):
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str, help_text: str) -> list:
+        out, total = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"], 0
+        for bound, n in zip(self.buckets + [math.inf], self.counts):
+            total += n
+            out.append(f'{name}_bucket{{le="{"+Inf" if bound == math.inf else bound}"}} {total}')
+        return out + [f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+# ---- the engine ----
+class Engine:
+    """Continuous batching over `max_batch` slots in a background thread (started by the first submit).
+
+    submit() raises QueueFull when `max_queue` requests already wait, PromptTooLong when the prompt
+    leaves no room in `max_seq_len`; both before the request takes a queue place or a slot."""
+
+    def __init__(self, model, tokenizer=None, max_batch: int = 16, max_queue: int = 64, max_seq_len: int = None,
+                 prefill_chunk: int = 512, eos_token_id=None):
+        cfg = model.config
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, max(prefill_chunk, 1)
+        self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+        eos = eos if eos is not None else getattr(cfg, "eos_token_id", None)
+        self.eos_ids = frozenset(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self.vocab_size = cfg.vocab_size
+        self.device = model.device if hasattr(model, "device") else next(model.parameters()).device
+        self.cache = SlotCache(cfg.num_hidden_layers, max_batch, self.max_seq_len)
+        self.slots = []          # row order: decoding slots [0, n_decode), then at most one in chunked prefill
+        self.n_decode = 0
+        self.waiting = collections.deque()
+        self.cv = threading.Condition()
+        self.thread, self.closed = None, False
+        self.prompt_tokens_total = self.generation_tokens_total = 0
+        self.finished = collections.Counter()
+        self.ttft, self.itl = Histogram(LATENCY_BUCKETS), Histogram(LATENCY_BUCKETS)
+
+    # ---- API ----
+    def submit(self, prompt_ids, params: SamplingParams = None, bounded: bool = True) -> Request:
+        params = params or SamplingParams()
+        ids = [int(t) for t in (prompt_ids.view(-1).tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        room = self.max_seq_len - len(ids)
+        if room < 1:
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens; the context is {self.max_seq_len} tokens "
+                                "(prompt + completion)")
+        if params.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        with self.cv:
+            if self.closed:
+                raise RuntimeError("the engine is closed")
+            if bounded and len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
+            req = Request(ids, params, min(params.max_tokens, room), self.tokenizer, self.eos_ids)
+            self.waiting.append(req)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="minimind-engine", daemon=True)
+                self.thread.start()
+            self.cv.notify()
+        return req
+
+    def generate(self, prompts: list, params=None) -> list:
+        """Offline batch use: every prompt (token ids) through the engine, outputs in order. params: one
+        SamplingParams for all, or one per prompt. The waiting queue limit does not apply here."""
+        params = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        reqs = [self.submit(p, s, bounded=False) for p, s in zip(prompts, params)]
+        return [r.wait() for r in reqs]
+
+    def close(self):
+        """Stop the loop; requests still waiting or running end as "cancelled"."""
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def alive(self) -> bool:
+        return not self.closed and (self.thread is None or self.thread.is_alive())
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self.slots)
+
+    def prometheus(self, prefix: str = "minimind") -> list:
+        """The engine's metrics in Prometheus text format (one line per entry)."""
+        out = []
+
+        def metric(name, kind, help_text, samples):
+            out.extend([f"# HELP {prefix}_{name} {help_text}", f"# TYPE {prefix}_{name} {kind}"])
+            out.extend(f"{prefix}_{name}{labels} {value}" for labels, value in samples)
+
+        metric("queue_length", "gauge", "Requests waiting for a slot.", [("", self.queue_length)])
+        metric("active_slots", "gauge", "Requests being prefilled or decoded.", [("", self.active)])
+        metric("max_batch", "gauge", "Slots (requests decoded together).", [("", self.max_batch)])
+        metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", self.prompt_tokens_total)])
+        metric("generation_tokens_total", "counter", "Tokens generated.", [("", self.generation_tokens_total)])
+        metric("requests_finished_total", "counter", "Requests ended, by finish reason.",
+               [(f'{{reason="{k}"}}', v) for k, v in sorted(self.finished.items())])
+        out += self.ttft.lines(f"{prefix}_time_to_first_token_seconds", "Submission to first generated token.")
+        return out + self.itl.lines(f"{prefix}_inter_token_latency_seconds", "Time between two tokens of a request.")
+
+    # ---- the loop ----
+    def _run(self):
+        with torch.inference_mode():
+            while True:
+                with self.cv:
+                    self.cv.wait_for(lambda: self.closed or self.waiting or self.slots)
+                    if self.closed:
+                        break
+                try:
+                    self.step()
+                except Exception:  # a bug, not a request's fault: end what runs, keep serving
+                    traceback.print_exc(file=sys.stderr)
+                    for req in list(self.slots):
+                        self._remove(req, "error", "internal engine error")
+        with self.cv:
+            leftover, self.waiting = list(self.waiting), collections.deque()
+        for req in leftover + list(self.slots):
+            self._remove(req, "cancelled")
+
+    def step(self):
+        """One iteration: drop cancelled/expired requests, prefill newcomers, decode every active slot."""
+        now = time.monotonic()
+        for req in [r for r in self.slots if r.cancelled or (r.deadline is not None and now > r.deadline)]:
+            self._remove(req, "cancelled" if req.cancelled else "timeout")
+        with self.cv:
+            expired = [r for r in self.waiting if r.cancelled or (r.deadline is not None and now > r.deadline)]
+            for req in expired:
+                self.waiting.remove(req)
+        for req in expired:
+            self._end(req, "cancelled" if req.cancelled else "timeout")
+        self._admit()
+        if self.n_decode:
+            self._decode()
+        if not self.slots:
+            with self.cv:
+                if not self.waiting:
+                    self.cache.release()
+
+    def _admit(self):
+        if len(self.slots) > self.n_decode:  # a long prompt in chunked prefill goes first
+            self._prefill_chunk(self.slots[self.n_decode])
+            return
+        with self.cv:
+            if not self.waiting or len(self.slots) >= self.max_batch:
+                return
+            batch = [self.waiting.popleft()]
+            if len(batch[0].prompt_ids) > self.prefill_chunk:
+                self.slots.append(batch[0])
+            else:  # as many short prompts as fit in one padded (N x T) forward of prefill_chunk tokens
+                width = len(batch[0].prompt_ids)
+                while self.waiting and len(self.slots) + len(batch) < self.max_batch:
+                    width2 = max(width, len(self.waiting[0].prompt_ids))
+                    if width2 * (len(batch) + 1) > self.prefill_chunk:
+                        break
+                    width = width2
+                    batch.append(self.waiting.popleft())
+                self.slots += batch
+        if len(batch[0].prompt_ids) > self.prefill_chunk:
+            self._prefill_chunk(batch[0])
+        else:
+            self._prefill(batch)
+
+    def _prefill(self, batch: list):
+        """Prompts of one or more new requests in one forward (right-padded), first token sampled."""
+        lengths = [len(r.prompt_ids) for r in batch]
+        width, n = max(lengths), len(batch)
+        ids = torch.zeros(n, width, dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, :lengths[i]] = torch.tensor(r.prompt_ids)
+        same = len(set(lengths)) == 1
+        mask = None if same else torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+        keep = 1 if same else torch.tensor(sorted(set(n - 1 for n in lengths)))
+        view = _CacheView(self.cache, self.n_decode, n, 0)
+        logits = self._forward(batch, ids, torch.arange(width).expand(n, width), mask, view, keep)
+        if logits is None:
+            return
+        if same:
+            logits = logits[:, -1]
+        else:  # each row's last prompt position among the kept ones
+            at = torch.searchsorted(keep, torch.tensor(lengths) - 1).to(logits.device)
+            logits = logits[torch.arange(n, device=logits.device), at]
+        for r, length in zip(batch, lengths):
+            r.w = length
+        self.n_decode += n
+        self._accept(batch, logits)
+
+    def _prefill_chunk(self, req: Request):
+        """The next prefill_chunk tokens of a long prompt (the slot right after the decoding ones)."""
+        start = req.w
+        chunk = req.prompt_ids[start:start + self.prefill_chunk]
+        view = _CacheView(self.cache, self.n_decode, 1, start)
+        positions = torch.arange(start, start + len(chunk))[None]
+        logits = self._forward([req], torch.tensor([chunk]), positions, None, view, 1)
+        if logits is None:
+            return
+        req.w = start + len(chunk)
+        if req.w == len(req.prompt_ids):
+            self.n_decode += 1
+            self._accept([req], logits[:, -1])
+
+    def _decode(self):
+        """One forward for every decoding slot; each gets its next token."""
+        reqs = self.slots[:self.n_decode]
+        cols = torch.tensor([r.w for r in reqs], device=self.device)
+        past, low = max(r.w for r in reqs), min(r.w for r in reqs)
+        mask = None
+        if low != past:  # rows of different lengths: hide each row's columns w..past-1
+            span = torch.arange(past + 1, device=self.device)
+            mask = (span[None, :] < cols[:, None]) | (span[None, :] == past)
+        view = _CacheView(self.cache, 0, len(reqs), past, cols, uniform=low == past)
+        ids = torch.tensor([[r.next_input] for r in reqs], device=self.device)
+        logits = self._forward(reqs, ids, cols[:, None], mask, view, 1)
+        if logits is None:
+            return
+        for r in reqs:
+            r.w += 1
+        self._accept(reqs, logits[:, -1])
+
+    def _forward(self, reqs: list, ids, positions, mask, view, keep):
+        """model(...) logits, or None after ending `reqs` with the error (the loop keeps serving)."""
+        try:
+            out = self.model(ids.to(self.device), position_ids=positions.to(self.device),
+                             attention_mask=None if mask is None else mask.to(self.device), past_key_values=view,
+                             use_cache=True, logits_to_keep=keep if isinstance(keep, int) else keep.to(self.device))
+            return out.logits
+        except Exception as err:
+            for req in reqs:
+                self._remove(req, "error", f"{type(err).__name__}: {err}")
+            return None
+
+    def _accept(self, reqs: list, logits: torch.Tensor):
+        """Sample, record and stream the next token of each request; end the ones that are done."""
+        for r in reqs:
+            if r.params.repetition_penalty != 1.0 and r.seen is None:
+                r.seen = torch.zeros(self.vocab_size, dtype=torch.bool)
+                r.seen[torch.tensor(r.prompt_ids)] = True
+        tokens = sample_next(logits, reqs)
+        now = time.monotonic()
+        done = []
+        for r, tok in zip(reqs, tokens):
+            if r.first_token_at is None:
+                r.first_token_at = now
+                self.ttft.observe(now - r.submitted)
+                self.prompt_tokens_total += len(r.prompt_ids)
+            else:
+                self.itl.observe(now - r.last_token_at)
+            r.last_token_at, r.next_input = now, tok
+            r.token_ids.append(tok)
+            self.generation_tokens_total += 1
+            if r.seen is not None:
+                r.seen[tok] = True
+            reason = None
+            if tok in self.eos_ids:
+                reason = "stop"
+            elif r.detok is not None:
+                r._deliver(r.stopper.feed(r.detok.push(tok)))
+                reason = "stop" if r.stopper.stopped else None
+            if reason is None and (len(r.token_ids) >= r.max_new or r.w >= self.max_seq_len):
+                reason = "length"
+            if reason:
+                done.append((r, reason))
+        for r, reason in done:
+            self._remove(r, reason)
+
+    def _remove(self, req: Request, reason: str, error: str = None):
+        """End `req` and give its slot back: the last decoding row moves into its row (and the slot in
+        chunked prefill, if any, moves down one), so active rows stay contiguous from 0."""
+        if req in self.slots:
+            j = self.slots.index(req)
+            if j < self.n_decode:
+                last = self.n_decode - 1
+                if j != last:
+                    self.cache.move_row(last, j, self.slots[last].w)
+                    self.slots[j] = self.slots[last]
+                self.slots.pop(last)
+                self.n_decode -= 1
+                if len(self.slots) > self.n_decode:  # the prefilling slot sits right after the decoding ones
+                    self.cache.move_row(self.n_decode + 1, self.n_decode, self.slots[self.n_decode].w)
+            else:
+                self.slots.pop(j)
+        self._end(req, reason, error)
+
+    def _end(self, req: Request, reason: str, error: str = None):
+        self.finished[reason] += 1
+        req._finish(reason, error)
+
+
+# ---- generate() in a thread: the CLI and the web demo's local mode ----
+def sampling_kwargs(temperature: float, top_p: float, repetition_penalty: float = 1.0) -> dict:
+    """generate() arguments; temperature 0 means greedy decoding."""
+    if temperature <= 0:
+        return dict(do_sample=False, repetition_penalty=repetition_penalty)
+    return dict(do_sample=True, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
+
+
+class _Cancel:
+    """A stopping criterion that ends generation once `event` is set (client gone, stop string seen)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _piece_streamer(tokenizer):
+    """A TextIteratorStreamer that hands over text after every token (the stock one waits for a space
+    or a CJK character), through the Detokenizer above."""
+    from transformers import TextIteratorStreamer
+
+    class PieceStreamer(TextIteratorStreamer):
+        def put(self, value):
+            if value.dim() > 1:
+                value = value[0]
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                self.next_tokens_are_prompt = False
+                return
+            for token in value.tolist():
+                text = self.detok.push(token)
+                if text:
+                    self.on_finalized_text(text)
+
+        def end(self):
+            text = self.detok.flush()
+            if text:
+                self.on_finalized_text(text)
+            super().end()
+
+    streamer = PieceStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer.detok = Detokenizer(tokenizer)
+    return streamer
+
+
+class TextStream:
+    """Run model.generate in a background thread and iterate over the decoded text pieces as they come.
+
+    - generation holds `lock` (when given) for its whole run, so concurrent streams never share the model;
+    - an exception inside generate ends the iteration and is re-raised in the consumer (never a hang);
+    - close() stops generation at the next token; after the iteration, `output_ids` holds the new tokens.
+    """
+
+    def __init__(self, model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, lock=None, seed=None,
+                 **generate_kwargs):
+        from transformers import StoppingCriteriaList
+        self.streamer = _piece_streamer(tokenizer)
+        self.prompt_len = input_ids.shape[1]
+        self.output_ids = input_ids.new_zeros(0)
+        self.error = None
+        self._cancel = threading.Event()
+        kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                      streamer=self.streamer, stopping_criteria=StoppingCriteriaList([_Cancel(self._cancel)]),
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **generate_kwargs)
+        self._thread = threading.Thread(target=self._run, args=(model, kwargs, lock, seed), daemon=True)
+        self._thread.start()
+
+    def _run(self, model, kwargs, lock, seed):
+        try:
+            with lock if lock is not None else nullcontext():
+                if self._cancel.is_set():
+                    raise _Cancelled()
+                if seed is not None:
+                    torch.manual_seed(seed)
+                with torch.no_grad():
+                    out = model.generate(**kwargs)
+                self.output_ids = out[0, self.prompt_len:].cpu()
+        except _Cancelled:
+            self.streamer.end()
+        except BaseException as err:  # handed to the consumer thread, which re-raises it
+            self.error = err
+            self.streamer.end()
+
+    def __iter__(self):
+        for piece in self.streamer:
+            if piece:
+                yield piece
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        self._cancel.set()
+
+
+class _Cancelled(Exception):
+    pass

@@ -1,0 +1,251 @@
+"""model/engine.py: continuous batching gives every request exactly what it gets alone (greedy equals
+model.generate, for dense, MoE, YaRN, the explicit-mask path and a transformers Llama), whatever else
+is in the batch and whenever it joins; seeded sampling is batch-independent; the logits processors
+equal transformers'; queue limit, oversized prompts, cancellation, timeouts, stop strings and model
+errors behave as documented."""
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from model.engine import Engine, PromptTooLong, QueueFull, SamplingParams, process_logits
+from model.model_minimind import MiniMindForCausalLM
+from tests.conftest import tiny_config, tokenizer_dir
+
+CONFIGS = {"dense": {}, "moe": {"use_moe": True}, "yarn": {"inference_rope_scaling": True},
+           "eager": {"flash_attn": False}}
+
+
+def tiny(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return MiniMindForCausalLM(tiny_config(**overrides)).eval()
+
+
+def prompts(n, low=1, high=40, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 6400) for _ in range(rng.randint(low, high))] for _ in range(n)]
+
+
+def alone(model, prompt, max_new, penalty=1.0):
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                         repetition_penalty=penalty, pad_token_id=0, eos_token_id=2)
+    return out[0, len(prompt):].tolist()
+
+
+class Slow(torch.nn.Module):
+    """Wraps a model: sleeps before each forward, counts forwards, raises when `fail` is set."""
+
+    def __init__(self, model, delay=0.0):
+        super().__init__()
+        self.inner, self.delay, self.calls, self.fail = model, delay, 0, None
+        self.config = model.config
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError(self.fail)
+        return self.inner(*args, **kwargs)
+
+
+def wait_for(condition, timeout=30):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_greedy_in_a_batch_equals_generate_alone(kind):
+    """12 prompts of 1-40 tokens over 5 slots with different lengths to generate, so rows leave at
+    different steps and waiting prompts join mid-flight; prompts over 16 tokens take chunked prefill."""
+    model = tiny(**CONFIGS[kind])
+    ps = prompts(12)
+    params = [SamplingParams(max_tokens=4 + 3 * (i % 5), repetition_penalty=1.1 if i % 3 == 0 else 1.0)
+              for i in range(len(ps))]
+    with Engine(model, max_batch=5, prefill_chunk=16, eos_token_id=2) as engine:
+        outs = engine.generate(ps, params)
+    for p, s, out in zip(ps, params, outs):
+        assert out.token_ids == alone(model, p, s.max_tokens, s.repetition_penalty)
+        assert out.finish_reason == ("stop" if out.token_ids[-1] == 2 else "length")
+    assert {len(p) for p in ps} & set(range(17, 41)) and {len(p) for p in ps} & set(range(1, 17))
+
+
+def test_requests_joining_while_others_decode_get_their_single_answer():
+    model = Slow(tiny(), delay=0.002)
+    ps = prompts(6, seed=1)
+    with Engine(model, max_batch=4, eos_token_id=2) as engine:
+        first = engine.submit(ps[0], SamplingParams(max_tokens=30))
+        reqs = [first]
+        for p in ps[1:]:  # each joins a batch that is already decoding, at a different step
+            wait_for(lambda: len(reqs[-1].token_ids) >= 3 or reqs[-1].done)
+            reqs.append(engine.submit(p, SamplingParams(max_tokens=12)))
+        outs = [r.wait() for r in reqs]
+    assert [o.token_ids for o in outs] == [alone(model.inner, p, o.max_new) for p, o in zip(ps, outs)]
+
+
+def test_llama_export_through_transformers_is_batched_exactly():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=6400, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).eval()
+    ps = prompts(6, seed=2)
+    with Engine(model, max_batch=3, prefill_chunk=16, eos_token_id=2) as engine:
+        outs = engine.generate(ps, SamplingParams(max_tokens=8))
+    assert [o.token_ids for o in outs] == [alone(model, p, 8) for p in ps]
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch():
+    model = tiny()
+    ps = prompts(6, seed=3)
+    sampled = SamplingParams(max_tokens=16, temperature=1.2, top_p=0.9, top_k=40, repetition_penalty=1.05, seed=7)
+    with Engine(model, max_batch=4, eos_token_id=2) as engine:
+        solo = engine.generate([ps[0]], sampled)[0].token_ids
+        others = [SamplingParams(max_tokens=5 + i, temperature=0.8 * (i % 2), seed=i) for i in range(5)]
+        mixed = engine.generate(ps[1:3] + [ps[0]] + ps[3:], others[:2] + [sampled] + others[2:])
+        unseeded = engine.generate([ps[0]] * 2, SamplingParams(max_tokens=16, temperature=1.2))
+    assert mixed[2].token_ids == solo
+    assert solo != alone(model, ps[0], 16)  # it really sampled
+    assert unseeded[0].token_ids != unseeded[1].token_ids  # no seed: each request draws its own
+
+
+def test_global_seed_fixes_unseeded_requests():
+    model = tiny()
+    runs = []
+    with Engine(model, eos_token_id=2) as engine:
+        for _ in range(2):
+            torch.manual_seed(11)
+            runs.append([o.token_ids for o in engine.generate(prompts(3), SamplingParams(max_tokens=8, temperature=1.0))])
+    assert runs[0] == runs[1]
+
+
+def test_processors_equal_transformers():
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+    torch.manual_seed(0)
+    logits, history = torch.randn(4, 6400) * 3, torch.randint(0, 6400, (4, 30))
+    settings = [(1.0, 0.0, 0, 1.0), (1.3, 0.7, 50, 0.9), (1.1, 1.5, 0, 0.5), (0.9, 0.6, 7, 1.0)]
+    params, seen = [], []
+    for penalty, temperature, top_k, top_p in settings:
+        params.append(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty))
+        mask = torch.zeros(6400, dtype=torch.bool)
+        mask[history[len(seen)]] = True
+        seen.append(mask)
+    ours = process_logits(logits, params, seen)
+    for i, (penalty, temperature, top_k, top_p) in enumerate(settings):
+        procs = [RepetitionPenaltyLogitsProcessor(penalty)]
+        if temperature > 0:
+            procs += [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else []) + \
+                     ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+        theirs = LogitsProcessorList(procs)(history[i:i + 1], logits[i:i + 1].clone())[0]
+        assert torch.equal(torch.isinf(ours[i]), torch.isinf(theirs))
+        assert torch.allclose(ours[i][~torch.isinf(theirs)], theirs[~torch.isinf(theirs)])
+    assert torch.isinf(ours[1]).sum() >= 6400 - 50 and not torch.isinf(ours[0]).any()
+
+
+def test_text_pieces_join_to_the_decoded_tokens_and_stop_strings_cut():
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
+    model = tiny()
+    prompt = tokenizer("<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n").input_ids
+    with Engine(model, tokenizer, eos_token_id=2) as engine:
+        req = engine.submit(prompt, SamplingParams(max_tokens=24))
+        pieces = list(req)
+        text = tokenizer.decode(req.token_ids, skip_special_tokens=True)
+        assert "".join(pieces) == req.text == text and len(pieces) > 1
+        stop = text[len(text) // 2:len(text) // 2 + 2]
+        cut = engine.submit(prompt, SamplingParams(max_tokens=24, stop=("never", stop))).wait()
+    assert cut.text == text[:text.index(stop)] and cut.finish_reason == "stop"
+    assert len(cut.token_ids) < len(req.token_ids)  # generation stopped, not only the text
+
+
+def test_queue_limit_and_oversized_prompt_are_refused_before_taking_a_place():
+    model = Slow(tiny(), delay=0.01)
+    with Engine(model, max_batch=1, max_queue=1, max_seq_len=64, eos_token_id=-1) as engine:
+        with pytest.raises(PromptTooLong, match="64 tokens"):
+            engine.submit([5] * 64)
+        running = engine.submit([5] * 8, SamplingParams(max_tokens=50))
+        wait_for(lambda: running.token_ids)
+        queued = engine.submit([6] * 8, SamplingParams(max_tokens=2))
+        with pytest.raises(QueueFull):
+            engine.submit([7] * 8)
+        assert engine.queue_length == 1 and engine.active == 1
+        running.cancel()
+        assert queued.wait(30).finish_reason == "length" and running.finish_reason == "cancelled"
+        # the context caps max_tokens: 60 prompt tokens leave room for 4
+        assert len(engine.submit([5] * 60, SamplingParams(max_tokens=100)).wait().token_ids) == 4
+
+
+def test_cancel_frees_the_slot_within_one_step():
+    model = Slow(tiny(), delay=0.005)
+    with Engine(model, max_batch=1, eos_token_id=-1) as engine:
+        long = engine.submit([5] * 8, SamplingParams(max_tokens=10_000))
+        nxt = engine.submit([6] * 8, SamplingParams(max_tokens=3))
+        wait_for(lambda: len(long.token_ids) >= 5)
+        calls, produced = model.calls, len(long.token_ids)
+        long.cancel()
+        nxt.wait(30)
+        assert long.finish_reason == "cancelled" and len(long.token_ids) <= produced + 1
+        # the forward in flight when cancel() came, then the newcomer's prefill and its 2 decode steps
+        assert model.calls - calls <= 4
+        waiting = engine.submit([7] * 4, SamplingParams(max_tokens=3))
+        waiting.cancel()
+        assert waiting.wait(30).finish_reason == "cancelled"
+
+
+def test_timeout_ends_a_request_and_the_next_one_runs():
+    model = Slow(tiny(), delay=0.01)
+    with Engine(model, max_batch=1, eos_token_id=-1) as engine:
+        slow = engine.submit([5] * 8, SamplingParams(max_tokens=10_000, timeout=0.2))
+        queued = engine.submit([6] * 8, SamplingParams(max_tokens=2, timeout=0.05))  # expires in the queue
+        later = engine.submit([7] * 8, SamplingParams(max_tokens=2))
+        assert slow.wait(30).finish_reason == "timeout" and queued.wait(30).finish_reason == "timeout"
+        assert later.wait(30).finish_reason == "length" and not queued.token_ids
+
+
+def test_a_failing_forward_ends_its_requests_and_the_engine_keeps_serving():
+    model = Slow(tiny())
+    with Engine(model, eos_token_id=-1) as engine:
+        model.fail = "boom"
+        bad = engine.submit([5] * 8, SamplingParams(max_tokens=4)).wait(30)
+        model.fail = None
+        good = engine.submit([5] * 8, SamplingParams(max_tokens=4)).wait(30)
+    assert (bad.finish_reason, bad.error) == ("error", "RuntimeError: boom")
+    assert good.finish_reason == "length" and len(good.token_ids) == 4
+
+
+def test_streaming_from_several_threads_never_mixes():
+    model = tiny()
+    ps = prompts(8, seed=4)
+    with Engine(model, max_batch=8, eos_token_id=-1) as engine:
+        expected = [o.token_ids for o in engine.generate(ps, SamplingParams(max_tokens=10))]
+        got = {}
+
+        def consume(i):
+            req = engine.submit(ps[i], SamplingParams(max_tokens=10))
+            req.wait()
+            got[i] = req.token_ids
+
+        threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(ps))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert [got[i] for i in range(len(ps))] == expected
+
+
+def test_metrics_count_tokens_and_latencies():
+    with Engine(tiny(), eos_token_id=-1) as engine:
+        engine.generate(prompts(3, low=5, high=5), SamplingParams(max_tokens=4))
+        text = "\n".join(engine.prometheus())
+    assert "minimind_prompt_tokens_total 15" in text and "minimind_generation_tokens_total 12" in text
+    assert 'minimind_requests_finished_total{reason="length"} 3' in text
+    assert "minimind_time_to_first_token_seconds_count 3" in text and "minimind_inter_token_latency_seconds_count 9" in text

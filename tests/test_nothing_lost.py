@@ -1,0 +1,180 @@
+"""Training never destroys good weights and fails in one clear line (issue: nothing lost): a resume request
+that finds no file, non-finite losses, a finished run resumed, bad data lines, bad resume files, a full
+disk, and Ctrl-C. Each test drives the real stage script (in-process or as a subprocess) on a tiny model."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, tiny_train_args, write_tiny_corpus
+from trainer import train_pretrain
+
+SCRIPT = str(ROOT / "trainer" / "train_pretrain.py")
+
+
+def run_script(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MINIMIND_DEBUG", None)
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300, env=env, **kw)
+
+
+def one_error_line(res):
+    """The stderr of a failed run is exactly one `error:` line (warnings aside)."""
+    lines = [line for line in res.stderr.splitlines() if line.strip() and "Warning" not in line
+             and not line.startswith("  warnings.warn")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_tiny_corpus(tmp_path / "data", n=48)
+
+
+def test_resume_without_a_resume_file_never_overwrites_trained_weights(tmp_path, corpus):
+    args = tiny_train_args(tmp_path, corpus["pretrain"], max_steps=4)
+    train_pretrain.main(args)
+    out = tmp_path / "out" / "pretrain_64.pth"
+    before = out.read_bytes()
+    typo = [a if a != str(tmp_path / "ckpt") else str(tmp_path / "checkpoint") for a in args]   # a typo in the dir
+    res = run_script(typo + ["--from_resume", "1"])
+    assert res.returncode == 2
+    line = one_error_line(res)
+    assert str(tmp_path / "checkpoint" / "pretrain_64_resume.pth") in line and str(out) in line
+    assert out.read_bytes() == before
+    # with no trained weight in the way, a first --from_resume 1 run starts fresh and says so
+    fresh = tiny_train_args(tmp_path / "new", corpus["pretrain"], max_steps=2, from_resume=1)
+    res = run_script(fresh)
+    assert res.returncode == 0 and "no resume file" in res.stdout and "starting a new run" in res.stdout
+
+
+def test_non_finite_loss_skips_steps_then_stops_without_saving(tmp_path, corpus):
+    good = tiny_train_args(tmp_path, corpus["pretrain"], max_steps=3, packing=0, accumulation_steps=1)
+    train_pretrain.main(good)
+    out = tmp_path / "out" / "pretrain_64.pth"
+    before = out.read_bytes()
+    bad = tiny_train_args(tmp_path, corpus["pretrain"], learning_rate=1e5, grad_clip=0, save_interval=1,
+                          packing=0, accumulation_steps=1, epochs=3)
+    res = run_script(bad)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "optimizer step skipped" in res.stdout
+    line = one_error_line(res)
+    assert "diverged" in line and "--learning_rate" in line
+    assert out.read_bytes() == before                     # the diverging run never replaced the good weights
+
+
+def test_a_skipped_nan_step_keeps_the_weights(tmp_path, corpus, monkeypatch):
+    """One NaN loss: the step is skipped with a counted warning, training goes on, the weights stay finite."""
+    calls = []
+    real = train_pretrain.pretrain_loss
+
+    def sometimes_nan(model, batch):
+        loss, stats = real(model, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), stats
+
+    monkeypatch.setattr(train_pretrain, "pretrain_loss", sometimes_nan)
+    path, loss = train_pretrain.main(tiny_train_args(tmp_path, corpus["pretrain"], max_steps=6, packing=0,
+                                                     accumulation_steps=1))
+    sd = torch.load(path)
+    assert all(torch.isfinite(v.float()).all() for v in sd.values()) and loss == loss
+    log = [json.loads(line) for line in open(tmp_path / "out" / "pretrain_64_metrics.jsonl")]
+    assert len(log) == 6
+
+
+def test_a_finished_run_resumed_is_a_no_op(tmp_path, corpus, capsys):
+    args = tiny_train_args(tmp_path, corpus["pretrain"], max_steps=5, accumulation_steps=2)
+    train_pretrain.main(args)
+    out, resume = tmp_path / "out" / "pretrain_64.pth", tmp_path / "ckpt" / "pretrain_64_resume.pth"
+    before = (out.read_bytes(), torch.load(resume, weights_only=False)["step"])
+    for _ in range(2):
+        train_pretrain.main(args + ["--from_resume", "1"])
+        assert "nothing to do" in capsys.readouterr().out
+        assert (out.read_bytes(), torch.load(resume, weights_only=False)["step"]) == before
+
+
+@pytest.mark.parametrize("line,skip", [
+    ('{"text": "abc \\ud800 def"}', "surrogate"),
+    ("[" * 50000 + "]" * 50000, "nested too deeply"),
+    ('{"text": ' + "1" * 5000 + "}", "4300 digits"),
+], ids=["lone-surrogate", "deep-nesting", "5000-digits"])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_hostile_data_lines_are_one_line_naming_the_file_and_line(tmp_path, corpus, line, skip, workers):
+    path = tmp_path / "bad.jsonl"
+    lines = corpus["pretrain"].read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join(lines[:5] + [line] + lines[5:]) + "\n", encoding="utf-8")
+    # workers 0: packing measures every sample at start-up; workers 1: unpacked, the bad line fails in a worker
+    res = run_script(tiny_train_args(tmp_path, path, num_workers=workers, packing=1 - workers))
+    assert res.returncode == 2
+    assert one_error_line(res).startswith(f"error: {path}:6: ")
+    res = run_script(tiny_train_args(tmp_path, path, max_steps=2, num_workers=workers, skip_bad_lines=1))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "skipped 1 of 49 lines" in res.stderr
+
+
+def test_bad_resume_files_and_a_full_disk_are_one_line(tmp_path, corpus):
+    args = tiny_train_args(tmp_path, corpus["pretrain"], max_steps=2)
+    train_pretrain.main(args)
+    resume = tmp_path / "ckpt" / "pretrain_64_resume.pth"
+    good = resume.read_bytes()
+    resume.write_bytes(good[: len(good) // 2])                         # truncated
+    res = run_script(args + ["--from_resume", "1", "--max_steps", "4"])
+    assert res.returncode == 2 and "is corrupted (damaged or truncated" in one_error_line(res)
+    resume.write_bytes(good)
+    other = [a if a != "2" else "3" for a in args]                     # --num_hidden_layers 3, same file name
+    res = run_script(other + ["--from_resume", "1", "--max_steps", "4"])
+    assert res.returncode == 2 and "does not fit this run" in one_error_line(res)
+    # a full disk: the save fails with ENOSPC, the previous files stay as they were
+    probe = ("import errno, sys, torch; sys.argv[0] = sys.argv[1]; sys.path.insert(0, sys.argv[2]);"
+             "real = torch.save\n"
+             "def full(obj, f, *a, **k): raise OSError(errno.ENOSPC, 'No space left on device', str(f))\n"
+             "torch.save = full\n"
+             "from trainer import train_pretrain; from trainer.trainer_utils import cli\n"
+             "cli(lambda: train_pretrain.main(sys.argv[3:]))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", probe, SCRIPT, str(ROOT), *args, "--max_steps", "3"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 2 and "No space left on device" in one_error_line(res)
+    assert resume.read_bytes() == good
+
+
+def test_log_lines_come_at_the_interval_asked_for(tmp_path, corpus):
+    train_pretrain.main(tiny_train_args(tmp_path, corpus["pretrain"], max_steps=11, packing=0, log_interval=4,
+                                        accumulation_steps=3))
+    log = [json.loads(line) for line in open(tmp_path / "out" / "pretrain_64_metrics.jsonl")]
+    assert [r["step"] for r in log] == [4, 8, 11]
+    assert all({"tok_s", "pad", "eta_min", "lr", "loss"} <= set(r) for r in log)
+
+
+def test_ctrl_c_saves_the_last_step_and_prints_the_resume_command(tmp_path, corpus):
+    args = tiny_train_args(tmp_path, corpus["pretrain"], packing=0, accumulation_steps=1, epochs=200,
+                           save_interval=100000)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    metrics = tmp_path / "out" / "pretrain_64_metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 5) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    resume = torch.load(tmp_path / "ckpt" / "pretrain_64_resume.pth", weights_only=False)
+    assert resume["step"] >= 5 and f"saved epoch {resume['epoch'] + 1} step {resume['step']}" in out
+    command = out.strip().splitlines()[-1].strip()
+    assert command.startswith("python ") and command.endswith("--from_resume 1") and "--epochs 200" in command
+
+
+@pytest.mark.parametrize("save_interval", [1, 2, 1000])
+def test_the_last_step_is_always_saved(tmp_path, corpus, save_interval):
+    """Whatever --save_interval, the files hold the last step (a deferred save of the step before must not
+    swallow the final one)."""
+    train_pretrain.main(tiny_train_args(tmp_path, corpus["pretrain"], max_steps=3, accumulation_steps=1,
+                                        save_interval=save_interval, packing=0))
+    assert torch.load(tmp_path / "ckpt" / "pretrain_64_resume.pth", weights_only=False)["step"] == 3

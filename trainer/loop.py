@@ -1,0 +1,327 @@
+"""The one training loop. Every stage (pretrain, full SFT, LoRA, DPO, distillation, reasoning, PPO, GRPO,
+SPO) ends its main() with one call to train_loop, passing a step function written in its own script:
+
+    loss, stats = step_fn(batch)      # stats: floats to log, plus "tokens" (useful tokens of the batch)
+                                      # and, optionally, "positions" (all positions, padding included)
+
+train_loop owns everything else, once:
+  * the batch order of every epoch (seeded, split across ranks, packed or length-grouped: data_order.py)
+    and, on resume, skipping exactly the micro-batches already done;
+  * the learning rate: the original's cosine (get_lr) per micro-batch, or the stage's schedulers,
+    stepped after every optimizer step (the RL stages);
+  * gradient accumulation: backward of loss / accumulation_steps, an optimizer step every
+    --accumulation_steps micro-batches and at the end of an epoch, where a partial window is rescaled
+    to a mean over the micro-batches it holds; DDP all-reduces only at the window's last micro-batch;
+  * one optimizer step for every optimizer: GradScaler (CUDA fp16), the gradient norm, clipping to
+    --grad_clip, and a guard: a non-finite gradient (or loss) skips the step with a warning, and
+    MAX_NONFINITE skips in a row stop training with one clear line; non-finite weights are never saved;
+  * saving on optimizer-step boundaries (--save_interval, the last step, Ctrl-C): the fp16 weights to
+    --save_dir, the resume file to --checkpoint_dir. A boundary's state is written at the next optimizer
+    step, once that step's gradients show its weights are sound (finite), before the update: a step that
+    blows the weights up never replaces good files (the last step is saved at once);
+  * --max_steps, and the progress line: step, loss, lr, useful tokens/s, padding share, MFU, ETA of the run.
+
+Steps count micro-batches, 1-based within an epoch, as in the original; `global step` = epoch * iters + step.
+"""
+import shlex
+import signal
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from trainer.checkpoint import lm_checkpoint, save_weights, weight_path
+from trainer.data_order import BatchPlan
+from trainer.fsdp import full_model_state, full_optimizer_state, is_fsdp, no_sync
+from trainer.progress import Logger, Progress, is_main_process
+
+MAX_NONFINITE = 5   # optimizer steps in a row with a non-finite gradient before training stops
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. it diverged); the message is one line for the user."""
+
+
+@dataclass
+class ResumePoint:
+    """Where a run continues: `step` micro-batches of `epoch` (0-based) are already done."""
+    epoch: int = 0
+    step: int = 0
+
+
+def get_lr(current_step: int, total_steps: int, lr: float) -> float:
+    """The original's schedule: cosine from lr (step 0) down to lr/10 (last step), no warmup."""
+    import math
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * current_step / total_steps)))
+
+
+def clip_and_check(run, optimizers, grad_clip: float, scale: float = 1.0) -> bool:
+    """First half of an optimizer step: unscale, rescale a partial accumulation window by `scale`, clip to
+    grad_clip (0 = no clipping). Returns whether every gradient is finite (one host sync)."""
+    norms = []
+    for opt in optimizers:
+        run.scaler.unscale_(opt)
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            continue
+        if scale != 1.0:
+            torch._foreach_mul_(grads, scale)
+        norm = torch.nn.utils.get_total_norm(grads)          # FSDP: reduced over the shards (a DTensor)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, norm)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return bool(torch.stack(norms).isfinite().all()) if norms else True
+
+
+def apply_step(run, optimizers, finite: bool) -> None:
+    """Second half: step every optimizer when the gradients are finite (with a CUDA fp16 GradScaler the
+    scaler skips a non-finite step and lowers its scale, as usual), then zero the gradients."""
+    if finite or run.scaler.is_enabled():
+        for opt in optimizers:
+            run.scaler.step(opt)
+    run.scaler.update()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+
+
+def optimizer_step(run, optimizers, grad_clip: float, scale: float = 1.0) -> bool:
+    """Both halves: returns False, without changing any weight, when a gradient is not finite."""
+    finite = clip_and_check(run, optimizers, grad_clip, scale)
+    apply_step(run, optimizers, finite)
+    return finite
+
+
+def train_loop(run, args, model, optimizers, dataset, step_fn, *, lm_config, tracker, start: ResumePoint,
+               collate_fn=None, schedulers=None, save_fn=None, state=None):
+    """8. Train `model` (already wrapped for DDP/compile) with `optimizers` on `dataset` until the last epoch or
+    --max_steps. `schedulers`: one per optimizer, stepped after each optimizer step (default: get_lr on every
+    micro-batch with the peak --learning_rate). `save_fn(raw_model)` replaces the default weight save (LoRA saves
+    only its adapter); `state` holds what the resume file keeps besides the model, the first optimizer and its
+    scheduler (a critic, its optimizer, SPO's tracker...).
+    Returns (path of the saved weight, loss of the last logged window)."""
+    raw = unwrap(model)
+    out_path = weight_path(args.save_dir, args.save_weight, lm_config)
+    plan = BatchPlan(dataset, args, run, collate_fn)
+    iters = [plan.num_batches(epoch) for epoch in range(args.epochs)]   # packed epochs differ by a few rows
+    offset = [sum(iters[:epoch]) for epoch in range(args.epochs)]
+    total = sum(iters)
+    end = min(total, args.max_steps) if args.max_steps else total
+    done = offset[start.epoch] + start.step if start.epoch < args.epochs else total
+    if done >= end:
+        Logger(f"nothing to do: this run already reached step {done} of {end} (resume file in {args.checkpoint_dir}); "
+               f"the weights are in {out_path}. Raise --epochs or --max_steps to train further.")
+        tracker.finish()
+        return out_path, float("nan")
+
+    accum = args.accumulation_steps
+    progress = Progress(args, lm_config, run, tracker, iters, end, done)
+    saver = _Saver(run, args, raw, optimizers, schedulers, lm_config, tracker, save_fn, state, out_path)
+    nonfinite, last_loss = 0, float("nan")
+    with _StopOnCtrlC() as ctrl_c:
+        for epoch in range(start.epoch, args.epochs):
+            skip = start.step if epoch == start.epoch else 0
+            rng = torch.get_rng_state()       # creating a DataLoader iterator draws a seed from the global RNG,
+            batches = iter(plan.loader(epoch, skip))    # which would shift a resumed run's sampling by one draw
+            torch.set_rng_state(rng)
+            window = 0
+            for step, batch in enumerate(batches, start=skip + 1):
+                global_step = offset[epoch] + step
+                last = step == iters[epoch] or global_step >= end
+                boundary = step % accum == 0 or last
+                if schedulers is None:
+                    lr = get_lr(global_step, total, args.learning_rate)
+                    for opt in optimizers:
+                        for group in opt.param_groups:
+                            group["lr"] = lr
+                lr = optimizers[0].param_groups[0]["lr"]
+                _set_grad_sync(model, boundary)
+                with run.autocast_ctx:
+                    loss, stats = step_fn(_to_device(batch, run.device))
+                run.scaler.scale(loss / accum).backward()
+                window += 1
+                progress.add(loss.detach(), stats)
+                saver.pending |= step % args.save_interval == 0 or last
+                if boundary:
+                    finite = clip_and_check(run, optimizers, args.grad_clip, accum / window)
+                    if finite and saver.due is not None:   # the last step's weights gave finite gradients: save
+                        saver.save(saver.due)              # them now, before this step changes them
+                    apply_step(run, optimizers, finite)
+                    if finite:
+                        nonfinite = 0
+                        for sched in schedulers or []:
+                            sched.step()
+                    else:
+                        nonfinite += 1
+                        progress.skipped += 1
+                        Logger(f"warning: epoch {epoch + 1} step {step}: the loss or a gradient is not finite "
+                               f"(loss {loss.item():.4g}); optimizer step skipped ({nonfinite} in a row, "
+                               f"{progress.skipped} in this run)")
+                        if nonfinite >= MAX_NONFINITE:
+                            raise TrainingError(
+                                f"training diverged: {nonfinite} optimizer steps in a row had a non-finite loss or "
+                                f"gradient (epoch {epoch + 1}, step {step}); {saver.last_saved_text()}. Lower "
+                                "--learning_rate or set --grad_clip, then resume with --from_resume 1")
+                    saver.boundary = ResumePoint(epoch, step)   # a skipped step consumed its batches, kept the weights
+                    window = 0
+                    if saver.pending:         # the last step is saved at once; any other at the next step,
+                        if last:              # once its gradients show that these weights are sound
+                            saver.save(saver.boundary)
+                        else:
+                            saver.due = saver.boundary
+                        saver.pending = False
+                if step % args.log_interval == 0 or last:
+                    last_loss = progress.log(epoch, step, lr)
+                if ctrl_c.pressed:
+                    saver.interrupted(ResumePoint(epoch, step))
+                if last:
+                    break
+            if offset[epoch] + iters[epoch] >= end:
+                break
+    tracker.finish()
+    Logger(f"done: {progress.summary()}; weights in {saver.where()}")
+    return out_path, last_loss
+
+
+# ---- helpers of the loop ----
+def unwrap(model):
+    """The raw module behind DDP, FSDP and torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def _to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return [b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch]
+
+
+def _set_grad_sync(model, sync: bool):
+    """DDP and FSDP reduce gradients only on the last micro-batch of an accumulation window (as nanoGPT)."""
+    no_sync(getattr(model, "_orig_mod", model), skip=not sync)
+
+
+def _weights_finite(model) -> bool:
+    """Every weight finite, on every rank (FSDP: each rank checks its shards)."""
+    local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
+    if not dist.is_initialized():
+        return local
+    flag = torch.tensor(float(local), device=next(model.parameters()).device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+class _StopOnCtrlC:
+    """The first Ctrl-C asks the loop to stop at the next micro-batch (it saves and says how to resume);
+    a second one interrupts at once. Only in the main thread of the main process."""
+
+    def __init__(self):
+        self.pressed, self._old = False, None
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        Logger("Ctrl-C: stopping after this micro-batch and saving (press Ctrl-C again to quit at once, unsaved)")
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+class _Saver:
+    """Writes the weights and the resume file (rank 0; the other ranks wait at a barrier) and remembers
+    the last optimizer-step boundary, the only state that can be saved exactly."""
+
+    def __init__(self, run, args, raw, optimizers, schedulers, lm_config, tracker, save_fn, state, out_path):
+        self.run, self.args, self.raw, self.optimizers, self.schedulers = run, args, raw, optimizers, schedulers
+        self.lm_config, self.tracker, self.save_fn, self.state, self.out_path = lm_config, tracker, save_fn, state, out_path
+        self.pending, self.boundary, self.saved, self.due = False, None, None, None
+
+    def save(self, point: ResumePoint, barrier: bool = True):
+        if not _weights_finite(self.raw):
+            raise TrainingError(f"the weights hold NaN or inf at epoch {point.epoch + 1} step {point.step}; not "
+                                f"saving them over {self.out_path}. {self.last_saved_text()}")
+        model_state, optim_state = self.raw, self.optimizers[0]
+        if is_fsdp(self.raw):   # collectives: every rank gathers, rank 0 receives the full fp32 states
+            model_state, optim_state = full_model_state(self.raw), full_optimizer_state(self.raw, self.optimizers[0])
+        if is_main_process():
+            was_training = self.raw.training
+            self.raw.eval()
+            if self.save_fn is not None:
+                self.save_fn(self.raw)
+            else:
+                save_weights(model_state, self.out_path, self.lm_config)
+            extra = {k: unwrap(v) if isinstance(v, torch.nn.Module) else v for k, v in (self.state or {}).items()}
+            if self.schedulers:
+                extra["scheduler"] = self.schedulers[0]
+            lm_checkpoint(self.lm_config, self.args.save_weight, model=model_state, optimizer=optim_state,
+                          epoch=point.epoch, step=point.step, wandb=self.tracker, save_dir=self.args.checkpoint_dir,
+                          scaler=self.run.scaler, rng=rng_state(), **extra)
+            self.raw.train(was_training)
+        if barrier and dist.is_initialized():
+            dist.barrier()
+        self.due, self.saved = None, point
+
+    def where(self) -> str:
+        return f"{self.out_path}" + (f" (epoch {self.saved.epoch + 1}, step {self.saved.step})" if self.saved else "")
+
+    def last_saved_text(self) -> str:
+        if self.saved:
+            return f"the last good weights were saved at epoch {self.saved.epoch + 1} step {self.saved.step}"
+        return f"nothing was saved by this run ({self.out_path} is unchanged)"
+
+    def interrupted(self, at: ResumePoint):
+        """Ctrl-C: save the last boundary (a partial accumulation window is redone on resume), say how to go on."""
+        point = self.boundary
+        if point is not None and point != self.saved:
+            self.save(point, barrier=False)
+        command = resume_command()
+        where = self.last_saved_text() if self.saved is None else \
+            f"saved epoch {self.saved.epoch + 1} step {self.saved.step} to {self.out_path} and {self.args.checkpoint_dir}"
+        Logger(f"interrupted at epoch {at.epoch + 1} step {at.step}: {where}. Resume with:\n  {command}")
+        raise SystemExit(130)
+
+
+def resume_command() -> str:
+    """The command line of this run with --from_resume 1."""
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--from_resume":
+            skip = True
+            continue
+        if a.startswith("--from_resume="):
+            continue
+        argv.append(a)
+    return " ".join(shlex.quote(a) for a in ["python", sys.argv[0], *argv, "--from_resume", "1"])
+
+
+def rng_state() -> dict:
+    """Every RNG a resumed run must continue from (RL sampling, dropout)."""
+    import random
+    import numpy as np
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+    import numpy as np
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
