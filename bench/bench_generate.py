@@ -1,64 +1,209 @@
-"""Greedy decoding speed of MiniMind on this machine (fp32, random weights).
+"""Greedy decoding speed, ours against the original MiniMind (fa82707) side by side in one run.
 
-    python bench/bench_generate.py                      # 512x8 dense, 32-token prompt, 256 new tokens
-    python bench/bench_generate.py --hidden_size 64 --num_hidden_layers 2 --new_tokens 16   # quick
-Prints a markdown table: batch size, time to first token, decode tokens/s (per sequence and total).
+    python bench/bench_generate.py          # 512x8 dense, fp32, 32-token prompt, 256 new tokens, batch 1 and 8
+    python bench/bench_generate.py --original_dir /path/to/minimind --original_python /path/to/venv/bin/python
+    python bench/bench_generate.py --hidden_size 64 --num_hidden_layers 2 --new_tokens 16 --repeats 1   # quick
+Both sides run the same measuring code in their own fresh process, each with its own transformers (the original
+with the pins of its venv), taking turns repeat by repeat, on the same random fp32 weights (ours are saved, the original loads them strict:
+the state-dict keys are identical) and the same prompts, through model.generate() as eval_llm.py calls it
+(input ids + attention mask, greedy). Without the original (no --original_dir and none at ../orig or
+../minimind next to this repository) its rows are skipped with one line.
+Two more rows per batch size are lower bounds for any fp32 implementation on this machine (decode tokens/s
+ceilings): reading every weight once per step (memory bandwidth), and the model's linear layers alone.
+Prints a markdown table: time to first token, decode tokens/s, end-to-end tokens/s, the ratio ours/original,
+and whether both produced the same greedy tokens. On a busy machine pass --threads 1: OpenMP threads that
+share cores with other processes stall. Writes only a temporary weight file.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
-import os
-import platform
+import json
+import subprocess
+import tempfile
 import time
 
 import torch
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from trainer.progress import cpu_description
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def measure(model, batch, prompt_len, new_tokens, repeats):
-    torch.manual_seed(0)
-    prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_len))
-    mask = torch.ones_like(prompt)
-    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
-                  eos_token_id=None, attention_mask=mask)
+# A worker in a fresh interpreter for each side: argv = repo root, weight file, JSON spec. It answers requests
+# {"batch": B, "new_tokens": N} read from stdin with one "@@ {seconds, tokens}" line each; the sides are asked
+# in turn, repeat by repeat, so that a change in the machine's load hits both alike.
+WORKER = r"""
+import json, sys, time
+import torch
+root, weights, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sys.path.insert(0, root)
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+torch.set_num_threads(spec["threads"])
+model = MiniMindForCausalLM(MiniMindConfig(**spec["config"])).eval()
+model.load_state_dict(torch.load(weights, map_location="cpu"), strict=True)
+if spec.get("compile"):
+    model.forward = torch.compile(model.forward, dynamic=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    prompt = torch.randint(3, 6400, (req["batch"], spec["prompt_len"]), generator=torch.Generator().manual_seed(req["batch"]))
     with torch.inference_mode():
-        model.generate(prompt, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})   # warm-up
-        ttft, total = [], []
+        t0 = time.perf_counter()
+        out = model.generate(inputs=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=req["new_tokens"],
+                             min_new_tokens=req["new_tokens"], do_sample=False, pad_token_id=0, eos_token_id=None)
+        seconds = time.perf_counter() - t0
+    print("@@ " + json.dumps({"seconds": seconds, "tokens": out[:, spec["prompt_len"]:].tolist()}), flush=True)
+"""
+
+
+class Worker:
+    """One side's generation process (its own interpreter, repository and transformers)."""
+
+    def __init__(self, python, root: Path, weights: Path, spec: dict, log: Path):
+        self.log, self.name = log, f"{python} on {root}"
+        self.proc = subprocess.Popen([str(python), "-c", WORKER, str(root), str(weights), json.dumps(spec)], cwd=root,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+
+    def generate(self, batch: int, new_tokens: int) -> dict:
+        self.proc.stdin.write(json.dumps({"batch": batch, "new_tokens": new_tokens}) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith("@@ "):
+                return json.loads(line[3:])
+        raise SystemExit(f"{self.name} failed:\n{self.log.read_text()[-3000:]}")
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def measure(workers: dict, batch: int, new_tokens: int, repeats: int) -> dict:
+    """Best-of-N time to first token and total time per side, the sides taking turns; plus the greedy tokens and
+    the warm-up time (which includes compilation for a compiled side)."""
+    res = {}
+    for name, w in workers.items():
+        res[name] = {"warmup": w.generate(batch, 8)["seconds"], "ttft": float("inf"), "total": float("inf")}
+    for _ in range(repeats):
+        for name, w in workers.items():
+            res[name]["ttft"] = min(res[name]["ttft"], w.generate(batch, 1)["seconds"])
+            out = w.generate(batch, new_tokens)
+            res[name]["total"], res[name]["tokens"] = min(res[name]["total"], out["seconds"]), out["tokens"]
+    return res
+
+
+def rates(res: dict, batch: int, new_tokens: int) -> tuple:
+    """(time to first token s, decode tokens/s, end-to-end tokens/s), all sequences of the batch together."""
+    ttft, total = res["ttft"], res["total"]
+    return ttft, batch * (new_tokens - 1) / max(total - ttft, 1e-9), batch * new_tokens / total
+
+
+def floors(cfg: dict, weights: Path, batch: int, threads: int, repeats: int = 20) -> dict:
+    """Lower bounds on one decode step in fp32 on this machine, as decode tokens/s ceilings: reading every weight
+    once (memory bandwidth: no fp32 implementation can decode faster), and the model's linear layers alone on one
+    token per sequence (what remains once attention, norms, RoPE, the cache and all dispatch cost nothing)."""
+    import torch.nn.functional as F
+    torch.set_num_threads(threads)
+    model = MiniMindForCausalLM(MiniMindConfig(**cfg)).eval()
+    model.load_state_dict(torch.load(weights, map_location="cpu"), strict=True)
+    params = list(model.parameters())                       # the tied embedding / LM head once
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {n: torch.randn(batch, n) for n in {m.in_features for m in linears}}
+
+    def best(fn):
+        fn()
+        times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            model.generate(prompt, **{**kwargs, "max_new_tokens": 1, "min_new_tokens": 1})
-            ttft.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            out = model.generate(prompt, **kwargs)
-            total.append(time.perf_counter() - t0)
-            assert out.shape == (batch, prompt_len + new_tokens)
-    ttft, total = min(ttft), min(total)
-    decode_tps = batch * (new_tokens - 1) / max(total - ttft, 1e-9)
-    return ttft, batch * new_tokens / total, decode_tps
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    with torch.inference_mode():
+        read = best(lambda: [p.sum() for p in params])
+        gemm = best(lambda: [F.linear(inputs[m.in_features], m.weight) for m in linears])
+    return {"fp32 floor: read every weight once": batch / read, "fp32 floor: linear layers alone": batch / gemm}
 
 
-def main():
+def default_original() -> tuple:
+    """(original_dir, original_python) found next to this repository, or (None, None)."""
+    for name in ("orig", "minimind"):
+        folder = ROOT.parent / name
+        if (folder / "model" / "model_minimind.py").is_file() and folder.resolve() != ROOT:
+            venv = ROOT.parent / f"{name}-venv" / "bin" / "python"
+            return folder, venv if venv.is_file() else Path(sys.executable)
+    return None, None
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--hidden_size", type=int, default=512)
     p.add_argument("--num_hidden_layers", type=int, default=8)
     p.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
     p.add_argument("--prompt_len", type=int, default=32)
     p.add_argument("--new_tokens", type=int, default=256)
-    p.add_argument("--batch_sizes", type=str, default="1,8")
-    p.add_argument("--repeats", type=int, default=3, help="best of N runs")
-    args = p.parse_args()
-    torch.manual_seed(0)
-    cfg = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                         use_moe=bool(args.use_moe))
-    model = MiniMindForCausalLM(cfg).eval()
-    print(f"# generate: {args.hidden_size}x{args.num_hidden_layers}{' MoE' if args.use_moe else ''}, fp32, "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
-    print("| batch | time to first token (ms) | end-to-end tokens/s (total) | decode tokens/s (total) | decode tokens/s per sequence |")
-    print("|---|---|---|---|---|")
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        ttft, e2e, dec = measure(model, batch, args.prompt_len, args.new_tokens, args.repeats)
-        print(f"| {batch} | {ttft * 1000:.1f} | {e2e:.1f} | {dec:.1f} | {dec / batch:.1f} |")
+    p.add_argument("--batch_sizes", type=str, default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--repeats", type=int, default=3, help="best of N timed runs per batch size")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0 = torch's default)")
+    p.add_argument("--compile", type=int, default=0, choices=[0, 1],
+                   help="1 = add a row for ours with torch.compile(model.forward, dynamic=True); its compilation "
+                        "time (the warm-up) is printed, not counted in the rates")
+    p.add_argument("--original_dir", default=None,
+                   help="a checkout of the original MiniMind (default: ../orig or ../minimind if present; "
+                        "'none' = ours only)")
+    p.add_argument("--original_python", default=None,
+                   help="the interpreter with the original's pins (default: ../orig-venv/bin/python if present, "
+                        "else this one)")
+    args = p.parse_args(argv)
+    cfg = dict(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe))
+    spec = dict(config=cfg, batch_sizes=[int(b) for b in args.batch_sizes.split(",")], prompt_len=args.prompt_len,
+                new_tokens=args.new_tokens, repeats=args.repeats,
+                threads=args.threads or torch.get_num_threads())
+    if args.original_dir is None:
+        original_dir, original_python = default_original()
+    elif args.original_dir == "none":
+        original_dir, original_python = None, None
+    else:
+        original_dir, original_python = Path(args.original_dir), Path(args.original_python or sys.executable)
+    if args.original_python:
+        original_python = Path(args.original_python)
+
+    print(f"# greedy generate(): {args.hidden_size}x{args.num_hidden_layers}{' MoE' if args.use_moe else ''}, fp32, "
+          f"random weights, prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.repeats}; "
+          f"torch {torch.__version__}, {spec['threads']} threads; {cpu_description()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.pth"
+        torch.manual_seed(0)
+        torch.save(MiniMindForCausalLM(MiniMindConfig(**cfg)).state_dict(), weights)
+        sides = {}
+        if original_dir is not None and (original_dir / "model" / "model_minimind.py").is_file():
+            sides["original"] = Worker(original_python, original_dir, weights, spec, Path(tmp) / "original.log")
+        else:
+            why = "--original_dir none" if args.original_dir == "none" else \
+                f"no original MiniMind at {original_dir or '../orig or ../minimind'}"
+            print(f"# {why}: the original's rows are skipped")
+        sides["ours"] = Worker(sys.executable, ROOT, weights, spec, Path(tmp) / "ours.log")
+        if args.compile:
+            sides["ours + compile"] = Worker(sys.executable, ROOT, weights, {**spec, "compile": True},
+                                             Path(tmp) / "compiled.log")
+        results = {b: measure(sides, b, args.new_tokens, args.repeats) for b in spec["batch_sizes"]}
+        for w in sides.values():
+            w.close()
+        bounds = {b: floors(cfg, weights, b, spec["threads"]) for b in spec["batch_sizes"]}
+    if args.compile:
+        print("# ours + compile: first generate() with compilation "
+              + ", ".join(f"{r['ours + compile']['warmup']:.0f} s at batch {b}" for b, r in results.items()))
+
+    print("| batch | code | time to first token (ms) | decode tokens/s | end-to-end tokens/s | decode vs original "
+          "| end-to-end vs original | greedy tokens = original |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch, res in results.items():
+        base = rates(res["original"], batch, args.new_tokens) if "original" in res else None
+        for name, r in res.items():
+            ttft, dec, e2e = rates(r, batch, args.new_tokens)
+            vs = f"{dec / base[1]:.2f}x | {e2e / base[2]:.2f}x" if base else "- | -"
+            same = "-" if name == "original" or base is None else \
+                ("yes" if r["tokens"] == res["original"]["tokens"] else "NO")
+            print(f"| {batch} | {name} | {ttft * 1000:.1f} | {dec:,.1f} | {e2e:,.1f} | {vs} | {same} |")
+        for name, dec in bounds[batch].items():
+            vs = f"{dec / base[1]:.2f}x | -" if base else "- | -"
+            print(f"| {batch} | {name} | - | {dec:,.1f} | - | {vs} | - |")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ until they fill `rows` packed rows. Rows of the table:
   packed, block mask   position_ids restart per sample: block-diagonal causal attention (SDPA, boolean mask)
   packed, plain causal the packed rows with no position_ids (samples see each other: only to show what the
                        mask itself costs; not a valid training setup)
-Prints a markdown table (time, useful tokens/s, padding share, speed-up). Writes nothing.
+The layouts take turns, best of --repeats. Prints a markdown table (time, useful tokens/s, padding share,
+speed-up). Writes nothing.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
-import platform
 import random
 import time
 
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from trainer.progress import cpu_description
 
 
 def random_lengths(rows: int, width: int, seed: int) -> list:
@@ -72,18 +73,26 @@ def unpacked_batches(samples: list, per_batch: int, seed: int):
     return batches
 
 
-def step_time(model, batches, repeats: int) -> float:
-    """Best-of-N seconds for forward + backward over all `batches` (token-level mean CE over real tokens)."""
-    best = float("inf")
-    for _ in range(repeats + 1):   # the first pass warms up the allocator and kernels
-        t0 = time.perf_counter()
-        for ids, pos, labels in batches:
-            logits = model(ids, position_ids=pos).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)
-            loss.backward()
-        model.zero_grad(set_to_none=True)
-        best = min(best, time.perf_counter() - t0)
+def fwd_bwd(model, batches) -> float:
+    """Seconds for forward + backward over all `batches` (token-level mean CE over real tokens)."""
+    t0 = time.perf_counter()
+    for ids, pos, labels in batches:
+        logits = model(ids, position_ids=pos).logits
+        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                        ignore_index=-100).backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def best_times(model, runs: list, repeats: int) -> dict:
+    """Best-of-N seconds per layout; the layouts take turns (after one warm-up round), so that a change in the
+    machine's load hits all of them alike."""
+    best = {name: float("inf") for name, _ in runs}
+    for round_ in range(repeats + 1):
+        for name, batches in runs:
+            seconds = fwd_bwd(model, batches)
+            if round_:
+                best[name] = min(best[name], seconds)
     return best
 
 
@@ -95,7 +104,10 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=8, help="packed rows per batch, and samples per unpacked batch")
     p.add_argument("--max_seq_len", type=int, default=512, help="tokens per packed row")
     p.add_argument("--repeats", type=int, default=2, help="best of N timed passes (after one warm-up)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                          use_moe=bool(args.use_moe))
@@ -109,12 +121,13 @@ def main(argv=None):
             ("packed, plain causal", [(ids, None, labels)])]
     print(f"# forward+backward: {args.hidden_size}x{args.num_hidden_layers}{' MoE' if args.use_moe else ''}, fp32, "
           f"{len(samples)} samples ({useful} tokens) in {args.rows} rows of {args.max_seq_len}; torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+          f"{torch.__version__}, {torch.get_num_threads()} threads, {cpu_description()}")
     print("| layout | batches | padded tokens | padding share | time (s) | useful tokens/s | vs unpacked |")
     print("|---|---|---|---|---|---|---|")
+    best = best_times(model, runs, args.repeats)
     base = None
     for name, batches in runs:
-        seconds = step_time(model, batches, args.repeats)
+        seconds = best[name]
         total = sum(b[0].numel() for b in batches)
         base = base or seconds
         print(f"| {name} | {len(batches)} | {total} | {1 - useful / total:.0%} | {seconds:.2f} | "

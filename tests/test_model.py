@@ -337,6 +337,35 @@ def test_incremental_decoding_equals_full_forward(overrides):
     assert out.past_key_values.get_seq_length() == 16
 
 
+def test_duck_typed_cache_with_position_ids_and_mask():
+    """A caller's own cache (anything with update(k, v, layer_idx) -> all keys/values, and get_seq_length()),
+    with explicit position_ids and attention_mask, decodes exactly like the full forward."""
+    class ConcatCache:
+        def __init__(self):
+            self.keys, self.values = {}, {}
+
+        def get_seq_length(self, layer_idx=0):
+            return self.keys[layer_idx].shape[2] if layer_idx in self.keys else 0
+
+        def update(self, k, v, layer_idx):
+            if layer_idx in self.keys:
+                k, v = torch.cat([self.keys[layer_idx], k], 2), torch.cat([self.values[layer_idx], v], 2)
+            self.keys[layer_idx], self.values[layer_idx] = k, v
+            return k, v
+
+    model = random_model(seed=4)
+    ids = torch.randint(3, 6400, (2, 10))
+    cache = ConcatCache()
+    with torch.no_grad():
+        full = model(ids).logits
+        steps = [model(ids[:, :6], position_ids=torch.arange(6).expand(2, 6), attention_mask=torch.ones(2, 6),
+                       past_key_values=cache, use_cache=True).logits]
+        for t in range(6, 10):
+            steps.append(model(ids[:, t:t + 1], position_ids=torch.full((2, 1), t), attention_mask=torch.ones(2, t + 1),
+                               past_key_values=cache, use_cache=True).logits)
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5 and cache.get_seq_length() == 10
+
+
 def test_cache_grows_without_recopying():
     from model.model_minimind import MiniMindCache
     cache = MiniMindCache()
