@@ -1,5 +1,6 @@
-"""A continuous-batching inference engine for MiniMind (and transformers Llama exports): the server,
-offline batch generation (eval, RL rollouts) and anything else that wants many answers at once.
+"""A continuous-batching inference engine for MiniMind (and transformers Llama exports), the one generation path
+of the project: the server, eval_llm.py, the web demo's local mode, dataset/scoring.py (eval_demo, the benches)
+and the RL rollouts (trainer/rl_utils.py) all generate through it.
 
     from model.engine import Engine, SamplingParams
     engine = Engine(model, tokenizer, max_batch=16)
@@ -48,6 +49,11 @@ class QueueFull(Exception):
 
 class PromptTooLong(ValueError):
     """The prompt leaves no room for a single new token within max_seq_len."""
+
+
+# transformers' generate() samples from the 50 likeliest tokens unless told otherwise; the original's chat,
+# web demo and RL rollouts called generate() without top_k, so our callers pass this to sample as they did
+HF_TOP_K = 50
 
 
 @dataclass
@@ -363,10 +369,13 @@ class Engine:
     """Continuous batching over `max_batch` slots in a background thread (started by the first submit).
 
     submit() raises QueueFull when `max_queue` requests already wait, PromptTooLong when the prompt
-    leaves no room in `max_seq_len`; both before the request takes a queue place or a slot."""
+    leaves no room in `max_seq_len`; both before the request takes a queue place or a slot.
+    tokenizer None: no text (token_ids only, no stop strings), for callers that decode themselves.
+    autocast_dtype: run the forwards under torch.autocast with this dtype (autocast is per thread, so a
+    caller's own autocast context does not reach the engine's thread); None = the model's dtype."""
 
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_queue: int = 64, max_seq_len: int = None,
-                 prefill_chunk: int = 512, eos_token_id=None):
+                 prefill_chunk: int = 512, eos_token_id=None, autocast_dtype: torch.dtype = None):
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, max(prefill_chunk, 1)
@@ -376,6 +385,7 @@ class Engine:
         self.eos_ids = frozenset(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self.vocab_size = cfg.vocab_size
         self.device = model.device if hasattr(model, "device") else next(model.parameters()).device
+        self.autocast_dtype = autocast_dtype
         self.cache = SlotCache(cfg.num_hidden_layers, max_batch, self.max_seq_len)
         self.slots = []          # row order: decoding slots [0, n_decode), then at most one in chunked prefill
         self.n_decode = 0
@@ -412,11 +422,15 @@ class Engine:
         return req
 
     def generate(self, prompts: list, params=None) -> list:
-        """Offline batch use: every prompt (token ids) through the engine, outputs in order. params: one
-        SamplingParams for all, or one per prompt. The waiting queue limit does not apply here."""
+        """Offline batch use: every prompt (token ids) through the engine, the finished Requests in order.
+        params: one SamplingParams for all, or one per prompt. The waiting queue limit does not apply here.
+        Raises RuntimeError when the model failed on a request (an offline caller has nobody to tell)."""
         params = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         reqs = [self.submit(p, s, bounded=False) for p, s in zip(prompts, params)]
-        return [r.wait() for r in reqs]
+        for req in reqs:
+            if req.wait().finish_reason == "error":
+                raise RuntimeError(f"generation failed: {req.error}")
+        return reqs
 
     def close(self):
         """Stop the loop; requests still waiting or running end as "cancelled"."""
@@ -464,7 +478,9 @@ class Engine:
 
     # ---- the loop ----
     def _run(self):
-        with torch.inference_mode():
+        autocast = nullcontext() if self.autocast_dtype is None else torch.autocast(self.device.type,
+                                                                                   dtype=self.autocast_dtype)
+        with torch.inference_mode(), autocast:
             while True:
                 with self.cv:
                     self.cv.wait_for(lambda: self.closed or self.waiting or self.slots)
