@@ -49,6 +49,30 @@ def test_wrong_answers_are_rejected(pred, answer):
     assert check_answer(pred, answer) is False
 
 
+def generate_alone(model, tokenizer, question, max_new_tokens):
+    """The greedy answer model.generate gives `question` on its own."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True).input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_answer_questions_equals_generate_alone():
+    """The engine's batched greedy answers are model.generate's, question by question, for more questions than
+    slots (they join as others finish), dense and MoE."""
+    from transformers import AutoTokenizer
+    from model.model_minimind import MiniMindForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir()), local_files_only=True)
+    questions = ["1+1等于几？", "What is the capital of France?", "你好", "Sort 9, 2, 5 from smallest to largest.",
+                 "推荐一些中国的美食", "hi"]
+    for moe in (False, True):
+        torch.manual_seed(1)
+        model = MiniMindForCausalLM(tiny_config(use_moe=moe)).eval()
+        answers = answer_questions(model, tokenizer, questions, max_new_tokens=10, batch_size=4)
+        assert answers == [generate_alone(model, tokenizer, q, 10) for q in questions] and any(answers)
+
+
 def test_evaluate_scores_greedy_answers_by_kind(tmp_path):
     from transformers import AutoTokenizer
     from model.model_minimind import MiniMindForCausalLM
@@ -61,8 +85,7 @@ def test_evaluate_scores_greedy_answers_by_kind(tmp_path):
     path = tmp_path / "eval.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     preds = answer_questions(model, tokenizer, [r["question"] for r in rows], max_new_tokens=6, batch_size=2)
-    single = [answer_questions(model, tokenizer, [r["question"]], max_new_tokens=6)[0] for r in rows]
-    assert preds == single   # left-padded batches give each question's own greedy answer
+    assert preds == [generate_alone(model, tokenizer, r["question"], 6) for r in rows]
     result = evaluate(model, tokenizer, path, max_new_tokens=6)
     assert [r["prediction"] for r in result["rows"]] == preds
     assert [r["correct"] for r in result["rows"]] == [check_answer(p, r["answer"]) for p, r in zip(preds, rows)]
