@@ -60,17 +60,15 @@ def generate_alone(model, tokenizer, question, max_new_tokens):
 
 def test_answer_questions_equals_generate_alone():
     """The engine's batched greedy answers are model.generate's, question by question, for more questions than
-    slots (they join as others finish), dense and MoE."""
+    slots (they join as others finish)."""
     from transformers import AutoTokenizer
     from model.model_minimind import MiniMindForCausalLM
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir()), local_files_only=True)
-    questions = ["1+1等于几？", "What is the capital of France?", "你好", "Sort 9, 2, 5 from smallest to largest.",
-                 "推荐一些中国的美食", "hi"]
-    for moe in (False, True):
-        torch.manual_seed(1)
-        model = MiniMindForCausalLM(tiny_config(use_moe=moe)).eval()
-        answers = answer_questions(model, tokenizer, questions, max_new_tokens=10, batch_size=4)
-        assert answers == [generate_alone(model, tokenizer, q, 10) for q in questions] and any(answers)
+    questions = ["1+1等于几？", "What is the capital of France?", "你好", "Sort 9, 2, 5 from smallest to largest.", "hi"]
+    torch.manual_seed(1)
+    model = MiniMindForCausalLM(tiny_config()).eval()
+    answers = answer_questions(model, tokenizer, questions, max_new_tokens=8, batch_size=2)
+    assert answers == [generate_alone(model, tokenizer, q, 8) for q in questions] and all(answers)
 
 
 def test_evaluate_scores_greedy_answers_by_kind(tmp_path):
