@@ -97,3 +97,17 @@ def test_evaluate_names_file_and_line_of_a_bad_row(tmp_path):
     path.write_text('{"question": "q", "answer": "a", "kind": "k"}\n{"question": "q"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"eval\.jsonl:2"):
         evaluate(None, None, path)
+
+
+def test_bench_answers_at_toy_size(tmp_path, capsys):
+    """bench/bench_answers.py: the engine and the left-padded generate() batches it replaced give the same answers."""
+    from bench import bench_answers
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": "x", "kind": "k"}, ensure_ascii=False) + "\n"
+                            for q in ["你好", "1+1等于几？", "What is the capital of France?", "hi", "猫和狗"]),
+                    encoding="utf-8")
+    _, answers = bench_answers.main(["--eval_path", str(path), "--hidden_size", "64", "--num_hidden_layers", "2",
+                                     "--max_new_tokens", "4", "--batch_sizes", "2,3", "--repeats", "1"])
+    first, *others = answers.values()
+    assert len(answers) == 3 and len(first) == 5 and all(a == first for a in others)
+    assert "| engine, max_batch 3 |" in capsys.readouterr().out
