@@ -88,7 +88,7 @@ def child(args) -> None:
 
 
 def main():
-    p = argparse.ArgumentParser(description="PretrainDataset construction time, peak RSS and fetch speed")
+    p = argparse.ArgumentParser(description="PretrainDataset construction time, peak RSS and fetch speed", allow_abbrev=False)
     p.add_argument("--size_mb", type=int, default=1024, help="size of the synthetic jsonl in MiB")
     p.add_argument("--path", type=str, default=None, help="jsonl to use; created (and kept) if missing")
     p.add_argument("--tokenizer_path", type=str, default=str(ROOT / "model"), help="tokenizer directory")

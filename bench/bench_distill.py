@@ -53,7 +53,7 @@ def score(args, directory, weight: str, hidden_size: int, num_layers: int, val_p
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--work_dir", type=Path, default=OUT / "distill_bench")
     p.add_argument("--teacher_dir", type=Path, default=OUT, help="where full_sft_<teacher_hidden>.pth is")
     p.add_argument("--teacher_hidden_size", type=int, default=256)

@@ -38,7 +38,7 @@ def measure(model, batch, prompt_len, new_tokens, repeats):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--hidden_size", type=int, default=512)
     p.add_argument("--num_hidden_layers", type=int, default=8)
     p.add_argument("--use_moe", type=int, default=0, choices=[0, 1])

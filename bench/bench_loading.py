@@ -9,7 +9,6 @@ table (median of --repeats runs) and the CPU model; writes nothing else.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -19,19 +18,11 @@ import torch
 
 from model.loading import read_state_dict, verify_checkpoint
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from trainer.progress import cpu_description
 
 MODELS = {"minimind2-small": dict(hidden_size=512, num_hidden_layers=8),
           "minimind2": dict(hidden_size=768, num_hidden_layers=16)}
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -85,7 +76,7 @@ def main(argv=None) -> list:
             both = median_seconds(lambda: read_state_dict(path), args.repeats)
             rows.append({"file": label, "mb": path.stat().st_size / 2 ** 20, "load_ms": load * 1e3,
                          "verify_ms": check * 1e3, "both_ms": both * 1e3, "ratio": check / load})
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}; median of {args.repeats} runs, warm page cache")
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}; median of {args.repeats} runs, warm page cache")
     print("| file | size (MiB) | torch.load (ms) | verify_checkpoint (ms) | verify / load | verify GiB/s | "
           "read_state_dict = both (ms) |")
     print("|---|---|---|---|---|---|---|")

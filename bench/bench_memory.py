@@ -23,11 +23,11 @@ Prints markdown tables; writes nothing.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
-import platform
 
 import torch
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from trainer.progress import cpu_description
 
 GiB = 2 ** 30
 CONFIGS = [  # (name, MiniMindConfig fields); heads of the bigger ones keep the published 4:1 GQA ratio
@@ -127,16 +127,6 @@ def measured_bytes_per_token(fields: dict, seq_len: int = 128) -> float:
     return (saved_bytes(2) - saved_bytes(1)) / seq_len
 
 
-def cpu_name() -> str:
-    """The CPU model and whether it has native bf16 instructions (the byte counts do not depend on them)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = [f for f in ("avx512_bf16", "amx_bf16") if f" {f}" in info]
-    return f"{model}, {'+'.join(flags) if flags else 'no avx512_bf16/amx_bf16'}"
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Per-GPU training memory of MiniMind sizes under DDP and FSDP",
@@ -181,7 +171,7 @@ def main(argv=None):
                   ("weights", "grads", "adamw", "copies", "activations", "total")) + " |")
 
     if args.validate:
-        print(f"\nActivation estimate vs measured saved tensors (CPU bf16 autocast, seq 128; {cpu_name()}):\n")
+        print(f"\nActivation estimate vs measured saved tensors (CPU bf16 autocast, seq 128; {cpu_description()}):\n")
         print("| config | estimate B/token | measured B/token | measured / estimate |")
         print("|---|---|---|---|")
         for name, fields in VALIDATE:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 
 
-def sample_lengths(rows: int, width: int, seed: int) -> list:
+def random_lengths(rows: int, width: int, seed: int) -> list:
     """Lengths that fill `rows` rows of `width` tokens with first-fit packing (returns rows of lengths)."""
     rng = random.Random(seed)
     packed = [[] for _ in range(rows)]
@@ -100,7 +100,7 @@ def main(argv=None):
     cfg = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                          use_moe=bool(args.use_moe))
     model = MiniMindForCausalLM(cfg).train()
-    rows = sample_lengths(args.rows, args.max_seq_len, seed=0)
+    rows = random_lengths(args.rows, args.max_seq_len, seed=0)
     ids, pos, labels, samples = packed_batch(rows, args.max_seq_len, cfg.vocab_size)
     useful = sum(len(s) for s in samples)
     unpacked = unpacked_batches(samples, args.rows, seed=0)

@@ -136,7 +136,7 @@ def run_rl(args, work, algo, train_path, eval_rows, table):
               f"{row['minutes']:.1f} |", flush=True)
 
 
-def plot(table, path, label="held-out questions"):
+def plot_rewards(table, path, label="held-out questions"):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -165,7 +165,7 @@ def prompts_with_answers(path) -> list[dict]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--mode", choices=["demo", "tasks"], default="demo",
                    help="demo: start from {from_dir}/full_sft_<hidden>.pth and the demo files; "
                         "tasks: train a small arithmetic SFT model in work_dir and generate the tasks (--tasks)")
@@ -255,7 +255,7 @@ def main(argv=None):
     print(f"\ntotal {(time.time() - t0) / 60:.1f} min")
     result = {"curve": table, "broad_eval": broad_scores}
     (work / "rl_bench.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
-    plot(table, args.plot, Path(args.eval_data).name if args.mode == "demo" else "held-out questions")
+    plot_rewards(table, args.plot, Path(args.eval_data).name if args.mode == "demo" else "held-out questions")
     return result
 
 

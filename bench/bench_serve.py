@@ -18,7 +18,6 @@ import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).reso
 import argparse
 import asyncio
 import os
-import platform
 import socket
 import subprocess
 import tempfile
@@ -156,12 +155,9 @@ async def drive(url: str, streams: int, new_tokens: int, offset: int) -> dict:
 
 
 def machine_line(weight: Path, new_tokens: int) -> str:
-    info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-               platform.processor())
+    from trainer.progress import cpu_description
     return (f"# serve: {weight.name}, fp32 CPU, {new_tokens} new tokens per request, temperature 0; {os.cpu_count()} "
-            f"CPUs ({cpu}; avx512_bf16 {'yes' if 'avx512_bf16' in info else 'no'}, amx_bf16 "
-            f"{'yes' if 'amx_bf16' in info else 'no'}), load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
+            f"CPUs ({cpu_description()}), load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
 
 
 def main():

@@ -93,7 +93,7 @@ def vocab_composition(tokenizer) -> dict[str, int]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Tokenizer compression table (characters per token)")
+    parser = argparse.ArgumentParser(description="Tokenizer compression table (characters per token)", allow_abbrev=False)
     parser.add_argument("--tokenizer_dir", type=Path, default=ROOT / "model", help="our tokenizer folder")
     parser.add_argument("--upstream_dir", type=Path, default=REFERENCE / "upstream_tokenizer",
                         help="the original MiniMind tokenizer folder; skipped when absent")

@@ -24,12 +24,13 @@ import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).reso
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import subprocess
 import tempfile
 import time
+
+from trainer.progress import cpu_description  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM_TOKENIZER = ROOT / "tests" / "goldens" / "upstream_tokenizer"
@@ -197,20 +198,6 @@ def loss_check(args, tmp):
         print(f"| {name} | {steps} | {minutes:.1f} | {total / count:.4f} |", flush=True)
 
 
-def cpu_line() -> str:
-    model, flags = platform.processor(), set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or ["no bf16 flags"]
-    return f"{model} ({', '.join(bf16)})"
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--hidden_size", type=int, default=512)
@@ -234,7 +221,7 @@ def main():
     if not have_original:
         print(f"(the original is not at {args.original_dir} / {args.original_python}: its rows are skipped)")
     print(f"# train: {args.hidden_size}x{args.num_hidden_layers}, batch {args.batch_size} rows, {args.steps} timed "
-          f"steps per row, torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu_line()}")
+          f"steps per row, torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu_description()}")
     print("| stage | max_seq_len | run | useful tokens/s | x original | padding | MFU | peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -217,7 +217,7 @@ def iter_corpus(seed: int = 0, scale: float = 1.0) -> Iterator[str]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Dump the tokenizer training corpus as jsonl")
+    parser = argparse.ArgumentParser(description="Dump the tokenizer training corpus as jsonl", allow_abbrev=False)
     parser.add_argument("--out", type=Path, required=True, help="output jsonl ({\"text\": ...} per line)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the generated parts (0.01 for a quick look)")

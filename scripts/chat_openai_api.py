@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def questions(interactive: bool):
+def typed_questions(interactive: bool):
     while True:
         try:
             line = input("[Q]: ") if interactive else sys.stdin.readline()
@@ -61,7 +61,7 @@ def main(argv=None):
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     keep = max(args.history_messages, 0) // 2 * 2
     history = []  # only complete (user, assistant) pairs
-    for question in questions(interactive):
+    for question in typed_questions(interactive):
         messages = (history[-keep:] if keep else []) + [{"role": "user", "content": question}]
         if pretty:
             print("[A]: ", end="", flush=True)

@@ -83,7 +83,7 @@ def load_pair(args):
     return plain, yarn.eval(), label
 
 
-def plot(rows: list, label: str, out, train_len: int = None) -> Path:
+def plot_perplexity(rows: list, label: str, out, train_len: int = None) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -147,7 +147,7 @@ def main(argv=None) -> list:
         rows.append({"length": length, "rope": perplexity(plain, tokens, length, args.num_windows, args.device),
                      "yarn": perplexity(yarn, tokens, length, args.num_windows, args.device)})
         print(f"{length:>8}  {rows[-1]['rope']:>10.2f}  {rows[-1]['yarn']:>10.2f}", flush=True)
-    out = plot(rows, label, args.out, args.train_len or None)
+    out = plot_perplexity(rows, label, args.out, args.train_len or None)
     print(f"plot written to {out}")
     return rows
 

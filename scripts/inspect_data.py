@@ -41,7 +41,7 @@ def show_tokens(tokenizer, X, Y, mask) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Validate a MiniMind jsonl and show what a sample trains")
+    p = argparse.ArgumentParser(description="Validate a MiniMind jsonl and show what a sample trains", allow_abbrev=False)
     p.add_argument("--data_path", type=str, required=True, help="jsonl file (resolved against the cwd)")
     p.add_argument("--kind", choices=sorted(DATASETS), required=True, help="which dataset reads it")
     p.add_argument("--tokenizer_path", type=str, default=str(ROOT / "model"), help="tokenizer directory")

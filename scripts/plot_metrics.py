@@ -25,7 +25,7 @@ def read_metrics(path: Path) -> list:
     return rows
 
 
-def plot(paths: list, out: Path, title: str = "") -> Path:
+def plot_runs(paths: list, out: Path, title: str = "") -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -61,7 +61,7 @@ def main(argv=None):
                    help="output PNG (default: out/metrics.png in the repo)")
     p.add_argument("--title", type=str, default="", help="figure title (default: none)")
     args = p.parse_args(argv)
-    print(plot(args.paths, Path(args.out), args.title))
+    print(plot_runs(args.paths, Path(args.out), args.title))
 
 
 if __name__ == "__main__":

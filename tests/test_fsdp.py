@@ -105,3 +105,33 @@ def test_one_process_fallbacks():
     model(driver.global_batches()[0, :, :-1]).logits.sum().backward()
     assert clip_grad_norm(model.parameters(), 1e-3) > 1e-3
     assert float(torch.stack([p.grad.norm() for p in model.parameters()]).norm()) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_fsdp_flag_in_a_stage_equals_ddp_and_resumes_exactly(tmp_path):
+    """`torchrun --nproc_per_node 2 trainer/train_full_sft.py --fsdp 1` (the README command, tiny): the same weights
+    as the DDP run of the same flags (fp32 tolerance), an interrupted and resumed FSDP run equal to the uninterrupted
+    one, and a saved .pth that loads into a plain model."""
+    from model.model_minimind import MiniMindForCausalLM
+    from tests.conftest import tiny_train_args, write_tiny_corpus
+    data = write_tiny_corpus(tmp_path / "data", n=48)
+
+    def launch(run, fsdp, **extra):
+        args = tiny_train_args(tmp_path / run, data["sft"], fsdp=fsdp, accumulation_steps=2, batch_size=2,
+                               learning_rate=1e-3, from_weight="none", **extra)
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                              str(free_port()), str(ROOT / "trainer" / "train_full_sft.py"), *args],
+                             capture_output=True, text=True, timeout=600, env=launcher_env())
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout
+
+    assert "FSDP2" in launch("fsdp", 1, max_steps=6)
+    launch("ddp", 0, max_steps=6)
+    launch("cut", 1, max_steps=4)
+    launch("cut", 1, max_steps=6, from_resume=1)
+    weights = {run: torch.load(tmp_path / run / "out" / "full_sft_64.pth") for run in ("fsdp", "ddp", "cut")}
+    for key, value in weights["fsdp"].items():
+        assert torch.allclose(value.float(), weights["ddp"][key].float(), atol=2e-3), key      # fp16 files
+        assert torch.equal(value, weights["cut"][key]), key
+    from model.loading import load_native
+    plain = load_native(tmp_path / "fsdp" / "out" / "full_sft_64.pth")        # config from the .json beside it
+    assert isinstance(plain, MiniMindForCausalLM) and torch.equal(plain.lm_head.weight.half(), weights["fsdp"]["lm_head.weight"])

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from tests.conftest import check_two_ranks, dist_probe_argv, free_port, launcher_env, write_tiny_corpus
+from tests.conftest import ROOT, check_two_ranks, dist_probe_argv, free_port, launcher_env, write_tiny_corpus
 
 
 def test_deepspeed_launcher_two_ranks_on_cpu(tmp_path):
@@ -56,3 +56,22 @@ def test_progress_total_and_eta_honour_max_steps(tmp_path, capsys, monkeypatch):
     assert totals == ["1/4", "2/4", "3/4", "4/4", "1/2", "2/2"]
     etas = [float(re.search(r"eta:([\d.]+)min", line).group(1)) for line in lines]
     assert etas[3] > 0 and etas[-1] == 0
+
+
+def test_two_nodes_resume_needs_the_file_on_every_node(tmp_path):
+    """Machine 0 has the resume file, machine 1 (its own --checkpoint_dir) has not: one clear error on both,
+    instead of machine 1 silently starting from scratch."""
+    data = write_tiny_corpus(tmp_path / "data", n=16)
+    from tests.conftest import tiny_train_args
+    from trainer import train_pretrain
+    train_pretrain.main(tiny_train_args(tmp_path / "node0", data["pretrain"], max_steps=1))
+    port = str(free_port())
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port,
+                               str(ROOT / "trainer" / "train_pretrain.py"),
+                               *tiny_train_args(tmp_path / f"node{rank}", data["pretrain"], max_steps=3, from_resume=1)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launcher_env())
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert all(node.returncode != 0 for node in nodes)
+    assert "1 of 2 processes found" in outputs[0][1] and "pretrain_64_resume.pth" in outputs[0][1]

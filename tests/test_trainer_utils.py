@@ -265,3 +265,16 @@ def test_tracker_missing_package_is_one_warning(monkeypatch):
         run.log({"loss": 1.0})   # a no-op tracker: the loop never needs `if wandb:`
         run.finish()
     assert init_tracker(build_parser("t").parse_args([])).id is None
+
+
+def test_no_command_accepts_abbreviated_flags():
+    """One behaviour everywhere: `--max_step` is an error, not a silent `--max_steps` (argparse allow_abbrev=False)."""
+    import re
+    offenders = []
+    for path in ROOT.glob("**/*.py"):
+        if ".git" in path.parts or "tests" in path.parts:
+            continue
+        for call in re.findall(r"ArgumentParser\((?:[^()]|\([^()]*\))*\)", path.read_text(encoding="utf-8")):
+            if "allow_abbrev=False" not in call:
+                offenders.append(f"{path.relative_to(ROOT)}: {call[:60]}")
+    assert not offenders, offenders

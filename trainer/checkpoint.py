@@ -72,8 +72,10 @@ def _alive(pid: int) -> bool:
 
 
 def half_state_dict(model) -> dict:
-    """The original's weight format: every tensor fp16 on the CPU (both tied keys present)."""
-    return {k: v.detach().half().cpu() for k, v in model.state_dict().items()}
+    """The original's weight format: every tensor fp16 on the CPU (both tied keys present). `model` may also
+    be a full state dict already (what FSDP gathers on rank 0)."""
+    state = model if isinstance(model, dict) else model.state_dict()
+    return {k: v.detach().half().cpu() for k, v in state.items()}
 
 
 def save_weights(model, path, lm_config=None) -> Path:
@@ -89,12 +91,14 @@ def lm_checkpoint(lm_config, weight: str = "full_sft", model=None, optimizer=Non
 
     Unlike the original, the resume file keeps the model in fp32 (resuming from an fp16 copy would
     change the master weights) and no third copy of the weights is written. On load, a different
-    number of processes converts the step as the original does: step * saved_ws // current_ws."""
+    number of processes converts the step as the original does: step * saved_ws // current_ws.
+    `model` and `optimizer` may also be full state dicts already (what FSDP gathers on rank 0)."""
     resume_path = weight_path(save_dir, weight, lm_config, suffix="_resume.pth")
     world = dist.get_world_size() if dist.is_initialized() else 1
     if model is not None:
-        state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        model_state = model if isinstance(model, dict) else model.state_dict()
+        state = {"model": {k: v.detach().cpu() for k, v in model_state.items()},
+                 "optimizer": optimizer if isinstance(optimizer, dict) or optimizer is None else optimizer.state_dict(),
                  "epoch": epoch, "step": step, "world_size": world,
                  "wandb_id": getattr(wandb, "id", None)}
         for key, value in kwargs.items():

@@ -51,6 +51,9 @@ def wrap_fsdp(model: nn.Module, run, optimizers=()) -> nn.Module:
     mp = MixedPrecisionPolicy() if run.dtype == torch.float32 else \
         MixedPrecisionPolicy(param_dtype=run.dtype, reduce_dtype=torch.float32)
     mesh = init_device_mesh(run.device_type, (run.world_size,))
+    with torch.no_grad():   # fully_shard keeps each rank's own values: start every rank from rank 0's weights
+        for tensor in list(model.parameters()) + list(model.buffers()):   # (DDP does this at construction)
+            dist.broadcast(tensor.data, src=0)
     for layer in _decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)

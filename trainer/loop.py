@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from trainer.checkpoint import lm_checkpoint, save_weights, weight_path
 from trainer.data_order import BatchPlan
+from trainer.fsdp import full_model_state, full_optimizer_state, is_fsdp, no_sync
 from trainer.progress import Logger, Progress, is_main_process
 
 MAX_NONFINITE = 5   # optimizer steps in a row with a non-finite gradient before training stops
@@ -66,10 +67,10 @@ def clip_and_check(run, optimizers, grad_clip: float, scale: float = 1.0) -> boo
             continue
         if scale != 1.0:
             torch._foreach_mul_(grads, scale)
-        norm = torch.nn.utils.get_total_norm(grads)
+        norm = torch.nn.utils.get_total_norm(grads)          # FSDP: reduced over the shards (a DTensor)
         if grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, norm)
-        norms.append(norm)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     return bool(torch.stack(norms).isfinite().all()) if norms else True
 
 
@@ -197,10 +198,18 @@ def _to_device(batch, device):
 
 
 def _set_grad_sync(model, sync: bool):
-    """DDP all-reduces gradients only on the last micro-batch of an accumulation window (as nanoGPT)."""
-    inner = getattr(model, "_orig_mod", model)
-    if hasattr(inner, "require_backward_grad_sync"):
-        inner.require_backward_grad_sync = sync
+    """DDP and FSDP reduce gradients only on the last micro-batch of an accumulation window (as nanoGPT)."""
+    no_sync(getattr(model, "_orig_mod", model), skip=not sync)
+
+
+def _weights_finite(model) -> bool:
+    """Every weight finite, on every rank (FSDP: each rank checks its shards)."""
+    local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
+    if not dist.is_initialized():
+        return local
+    flag = torch.tensor(float(local), device=next(model.parameters()).device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 class _StopOnCtrlC:
@@ -238,21 +247,23 @@ class _Saver:
         self.pending, self.boundary, self.saved, self.due = False, None, None, None
 
     def save(self, point: ResumePoint, barrier: bool = True):
-        params = [p for p in self.raw.parameters()]
-        if not all(bool(torch.isfinite(p).all()) for p in params):
+        if not _weights_finite(self.raw):
             raise TrainingError(f"the weights hold NaN or inf at epoch {point.epoch + 1} step {point.step}; not "
                                 f"saving them over {self.out_path}. {self.last_saved_text()}")
+        model_state, optim_state = self.raw, self.optimizers[0]
+        if is_fsdp(self.raw):   # collectives: every rank gathers, rank 0 receives the full fp32 states
+            model_state, optim_state = full_model_state(self.raw), full_optimizer_state(self.raw, self.optimizers[0])
         if is_main_process():
             was_training = self.raw.training
             self.raw.eval()
             if self.save_fn is not None:
                 self.save_fn(self.raw)
             else:
-                save_weights(self.raw, self.out_path, self.lm_config)
+                save_weights(model_state, self.out_path, self.lm_config)
             extra = {k: unwrap(v) if isinstance(v, torch.nn.Module) else v for k, v in (self.state or {}).items()}
             if self.schedulers:
                 extra["scheduler"] = self.schedulers[0]
-            lm_checkpoint(self.lm_config, self.args.save_weight, model=self.raw, optimizer=self.optimizers[0],
+            lm_checkpoint(self.lm_config, self.args.save_weight, model=model_state, optimizer=optim_state,
                           epoch=point.epoch, step=point.step, wandb=self.tracker, save_dir=self.args.checkpoint_dir,
                           scaler=self.run.scaler, rng=rng_state(), **extra)
             self.raw.train(was_training)

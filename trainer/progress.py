@@ -85,6 +85,17 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_description() -> str:
+    """The CPU model and its bf16 matrix-unit flags, as every benchmark names the machine it measured:
+    e.g. 'AMD EPYC (no avx512_bf16/amx_bf16)'."""
+    try:
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    except OSError:
+        flags = []
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{_cpu_model()} ({', '.join(bf16) if bf16 else 'no avx512_bf16/amx_bf16'})"
+
+
 class Progress:
     """Accumulates what the step functions report and prints one line per --log_interval micro-batches,
     appending the same numbers as JSON to `{save_dir}/{weight}_metrics.jsonl`."""

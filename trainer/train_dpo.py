@@ -114,7 +114,7 @@ def main(argv=None):
         Logger(f"cached reference log-probs for {len(train_ds)} pairs; reference model freed")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     start = restore(ckp, model, optimizer, run.scaler)                # 6. resume
-    model = wrap_model(model, run, args)                              # 7. DDP, compile
+    model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
     return train_loop(run, args, model, [optimizer], train_ds,        # 8. train
                       lambda batch: dpo_step(model, ref_model, batch, args.beta, args.logp_reduction),
                       lm_config=lm_config, tracker=tracker, start=start, collate_fn=collate)

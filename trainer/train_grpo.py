@@ -102,7 +102,7 @@ def main(argv=None):
     prompts = rl_prompts(args, tokenizer)                             # 5. prompts and optimizer
     optimizer, scheduler = adamw_cosine(model.parameters(), args, run, len(prompts), args.learning_rate)
     start = restore(ckp, model, optimizer, run.scaler, scheduler=scheduler)     # 6. resume
-    model = wrap_model(model, run, args, compile_ok=False)            # 7. DDP
+    model = wrap_model(model, run, args, rollouts=True)               # 7. DDP
     return train_loop(run, args, model, [optimizer], prompts,         # 8. train
                       lambda batch: grpo_step(model, ref_model, optimizer, run, args, tokenizer, reward_fn, batch),
                       lm_config=lm_config, tracker=tracker, start=start, collate_fn=rl_collate, schedulers=[scheduler])

@@ -36,6 +36,8 @@ def main(argv=None):
     parser.add_argument("--lora_name", type=str, default="lora_identity", help="adapter name (file prefix)")
     parser.add_argument("--lora_rank", type=int, default=8, help="rank of each adapter")
     args = parser.parse_args(argv)
+    if args.fsdp:
+        raise ValueError("--fsdp 1 is for full-parameter stages; LoRA trains small adapters on a frozen model: use DDP")
     args.save_weight = args.lora_name
     run = init_run(args)                                              # 1. distributed, device, seed, precision
     lm_config, ckp = init_config(args)                                # 2. model config + resume state
@@ -50,7 +52,7 @@ def main(argv=None):
     train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))        # 5. data and optimizer
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
     start = restore(ckp, model, optimizer, run.scaler)                # 6. resume (the full model with adapters)
-    model = wrap_model(model, run, args)                              # 7. DDP, compile
+    model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
     save_path = weight_path(args.save_dir, args.lora_name, lm_config)
     _, loss = train_loop(run, args, model, [optimizer], train_ds,     # 8. train, saving only the adapters
                          lambda batch: lora_loss(model, batch), lm_config=lm_config, tracker=tracker, start=start,

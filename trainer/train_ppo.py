@@ -135,7 +135,7 @@ def main(argv=None):
     state = {"critic_model": critic, "critic_optimizer": critic_opt, "critic_scheduler": critic_sched,
              "old_actor": old_actor}
     start = restore(ckp, actor, actor_opt, run.scaler, scheduler=actor_sched, **state)   # 6. resume
-    actor, critic = wrap_model(actor, run, args, compile_ok=False), wrap_model(critic, run)   # 7. DDP
+    actor, critic = (wrap_model(m, run, args, rollouts=True) for m in (actor, critic))    # 7. DDP
     refreshed = [None]
 
     def step(batch):

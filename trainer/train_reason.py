@@ -64,7 +64,7 @@ def main(argv=None):
     train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))        # 5. data and optimizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     start = restore(ckp, model, optimizer, run.scaler)                # 6. resume
-    model = wrap_model(model, run, args)                              # 7. DDP, compile
+    model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
     return train_loop(run, args, model, [optimizer], train_ds,        # 8. train
                       lambda batch: reason_loss(model, batch, tag_ids, args.tag_weight), lm_config=lm_config,
                       tracker=tracker, start=start)

@@ -110,7 +110,7 @@ def main(argv=None):
     optimizer, scheduler = adamw_cosine(model.parameters(), args, run, len(prompts), args.learning_rate)
     start = restore(ckp, model, optimizer, run.scaler, scheduler=scheduler,    # 6. resume
                     value_tracker=value_tracker)
-    model = wrap_model(model, run, args, compile_ok=False)            # 7. DDP
+    model = wrap_model(model, run, args, rollouts=True)               # 7. DDP
     return train_loop(run, args, model, [optimizer], prompts,         # 8. train
                       lambda batch: spo_step(model, ref_model, value_tracker, run, args, tokenizer, reward_fn, batch),
                       lm_config=lm_config, tracker=tracker, start=start, collate_fn=rl_collate,

@@ -136,7 +136,7 @@ def read_texts(path: Path) -> Iterator[str]:
 
 
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description="MiniMind tokenizer training (byte-level BPE)")
+    parser = argparse.ArgumentParser(description="MiniMind tokenizer training (byte-level BPE)", allow_abbrev=False)
     parser.add_argument("--data_path", type=Path, default=None,
                         help='jsonl with a "text" field; default: the generated corpus of dataset/tokenizer_corpus.py')
     parser.add_argument("--save_dir", type=Path, default=ROOT / "model_learn_tokenizer", help="output folder")

@@ -130,6 +130,9 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--use_wandb", action="store_true", help="log to swanlab (or wandb, see --tracker)")
     p.add_argument("--wandb_project", type=str, default=d["wandb_project"])
     p.add_argument("--use_compile", type=int, default=0, choices=[0, 1], help="1 = torch.compile the model for training")
+    p.add_argument("--fsdp", type=int, default=0, choices=[0, 1],
+                   help="1 = with several processes, shard parameters, gradients and optimizer state (FSDP2) "
+                        "instead of replicating them (DDP); for models that outgrow one GPU")
     # added flags; their defaults keep the original's behaviour
     if d["packing"] is not None:
         p.add_argument("--packing", type=int, default=d["packing"], choices=[0, 1],
@@ -194,12 +197,13 @@ class RunContext:
     dtype: torch.dtype = torch.float32
 
 
-def init_distributed_mode() -> tuple:
-    """(rank, local_rank, world_size) from the torchrun/deepspeed environment; (0, 0, 1) when not launched so."""
+def init_distributed_mode(device: str = "cuda") -> tuple:
+    """(rank, local_rank, world_size) from the torchrun/deepspeed environment; (0, 0, 1) when not launched so.
+    nccl when the processes train on GPUs, gloo on CPUs."""
     if int(os.environ.get("RANK", -1)) == -1:
         return 0, 0, 1
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if torch.cuda.is_available() and "cpu" not in device else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend)
@@ -248,11 +252,9 @@ def choose_dtype(requested: str, device_type: str) -> tuple[torch.dtype, str]:
 
 def init_run(args) -> RunContext:
     """1. distributed + seed + device, and the precision: autocast context and GradScaler (CUDA fp16 only)."""
-    rank, local_rank, world = init_distributed_mode()
-    if world > 1 and torch.cuda.is_available():
-        args.device = f"cuda:{local_rank}"
-    elif world > 1:
-        args.device = "cpu"
+    rank, local_rank, world = init_distributed_mode(args.device)
+    if world > 1:        # one device per process: cuda:<local rank>, unless --device cpu was asked for
+        args.device = f"cuda:{local_rank}" if torch.cuda.is_available() and "cpu" not in args.device else "cpu"
     setup_seed(args.seed + rank)
     device_type = "cuda" if "cuda" in args.device else ("mps" if "mps" in args.device else "cpu")
     dtype, why = choose_dtype(args.dtype, device_type)
@@ -276,6 +278,14 @@ def init_config(args, **extra):
     if not args.from_resume:
         return lm_config, None
     ckp = lm_checkpoint(lm_config, args.save_weight, save_dir=args.checkpoint_dir)
+    if dist.is_initialized():   # on several machines each one reads its own --checkpoint_dir: all must find the file
+        found = torch.tensor([float(ckp is not None)], device=args.device)
+        dist.all_reduce(found)
+        if 0 < found.item() < dist.get_world_size():
+            looked = weight_path(args.checkpoint_dir, args.save_weight, lm_config, suffix="_resume.pth")
+            raise FileNotFoundError(f"--from_resume 1: {int(found.item())} of {dist.get_world_size()} processes found "
+                                    f"{looked}, the others did not; share --checkpoint_dir between the machines "
+                                    "or copy the resume file to each")
     if ckp is None:
         looked = weight_path(args.checkpoint_dir, args.save_weight, lm_config, suffix="_resume.pth")
         out = weight_path(args.save_dir, args.save_weight, lm_config)
@@ -332,25 +342,29 @@ def restore(ckp, model, optimizer, scaler=None, **extra) -> ResumePoint:
 
 
 # ---- 7. wrapping ----
-def wrap_model(model, run: RunContext, args=None, compile_ok: bool = True):
-    """7. DistributedDataParallel when launched with several processes, then torch.compile with --use_compile 1.
-    The only buffers are the RoPE tables, which every rank computes itself: DDP ignores them and syncs no
-    buffers (forward_sync_buffers=False, torch 2.13's replacement of broadcast_buffers). compile_ok=False (the RL
-    stages) says why --use_compile is not used."""
-    if run.ddp:
+def wrap_model(model, run: RunContext, args, optimizers=(), rollouts: bool = False):
+    """7. With several processes: FSDP2 (--fsdp 1: parameters, gradients and AdamW state sharded per decoder
+    layer; `optimizers` are re-pointed at the shards) or DistributedDataParallel. The only buffers are the RoPE
+    tables, which every rank computes itself: DDP ignores them and syncs no buffers (forward_sync_buffers=False,
+    torch 2.13's replacement of broadcast_buffers). Then torch.compile with --use_compile 1. rollouts=True (the
+    RL stages, which generate with the raw model) uses neither FSDP nor compile, and says so."""
+    if rollouts and (getattr(args, "use_compile", 0) or getattr(args, "fsdp", 0)):
+        Logger("--use_compile/--fsdp are not used by the RL stages: rollouts generate with the whole raw model and "
+               "change shapes on every step")
+    if run.ddp and getattr(args, "fsdp", 0) and not rollouts:
+        from trainer.fsdp import wrap_fsdp
+        Logger(f"FSDP2: parameters, gradients and optimizer state sharded over {run.world_size} processes")
+        model = wrap_fsdp(model, run, optimizers)
+    elif run.ddp:
         from torch.nn.parallel import DistributedDataParallel
         model._ddp_params_and_buffers_to_ignore = {name for name, _ in model.named_buffers()}
         device_ids = [run.local_rank] if run.device_type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
-    if args is not None and getattr(args, "use_compile", 0):
-        if not compile_ok:
-            Logger("--use_compile 1 is ignored by this stage: its rollouts change shapes on every step, so "
-                   "torch.compile would recompile instead of running faster")
-        else:
-            Logger("torch.compile: the first steps compile the model (about a minute), then run faster")
-            if run.device_type == "cpu":   # no atomic adds in the generated kernels: reruns and resumes stay bit-exact
-                import torch._inductor.config as inductor_config
-                torch.use_deterministic_algorithms(True, warn_only=True)
-                inductor_config.deterministic = True
-            model = torch.compile(model)
+    if getattr(args, "use_compile", 0) and not rollouts:
+        Logger("torch.compile: the first steps compile the model (about a minute), then run faster")
+        if run.device_type == "cpu":   # no atomic adds in the generated kernels: reruns and resumes stay bit-exact
+            import torch._inductor.config as inductor_config
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            inductor_config.deterministic = True
+        model = torch.compile(model)
     return model
