@@ -8,7 +8,6 @@ process, alternating, best of --repeats; the table says whether their answers ar
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
-import platform
 import time
 
 import torch
@@ -17,7 +16,8 @@ from dataset.lm_dataset import read_jsonl
 from dataset.scoring import answer_questions
 from model.loading import TOKENIZER_DIR, load_tokenizer
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.trainer_utils import ROOT, cpu_has_bf16_units
+from trainer.progress import cpu_description
+from trainer.trainer_utils import ROOT
 
 
 def generate_batched(model, tokenizer, questions, max_new_tokens, batch_size):
@@ -65,10 +65,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             answers[name] = run()
             best[name] = min(best[name], time.perf_counter() - t0)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    print(f"{cpu} (native bf16 units: {cpu_has_bf16_units()}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {args.device}")
+    print(f"{cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     print(f"{len(questions)} questions, {args.hidden_size}x{args.num_hidden_layers} random weights, "
           f"{args.max_new_tokens} new tokens each, best of {args.repeats}\n")
     reference = next(iter(runs))
