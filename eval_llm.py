@@ -15,19 +15,24 @@ text, without the chat template. `<think>` reasoning is shown dim on a terminal,
 
 When stdin or stdout is not a terminal the output is scriptable: exactly one line per answer (no
 prefixes; a newline inside an answer is written as `\\n` and a backslash as `\\\\`), and the script
-exits 0 at the end of the input. Writes nothing.
+exits 0 at the end of the input. Answers come from the batching engine (model/engine.py): piped questions
+and --prompt questions (with --historys 0) are answered up to 16 at a time, each exactly as it would be
+alone, and printed in input order. --seed seeds every answer, so an answer is reproducible on its own.
+Writes nothing.
 """
 import argparse
+import collections
 import os
+import queue
 import random
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model.chat_format import OutputParser, build_prompt  # noqa: E402
-from model.engine import TextStream, sampling_kwargs  # noqa: E402
+from model.engine import HF_TOP_K, Engine, PromptTooLong, SamplingParams  # noqa: E402
 from model.loading import LoadError, Typed, add_model_args, load_model, was_typed  # noqa: E402
-from trainer.trainer_utils import setup_seed  # noqa: E402
 
 PRESET_QUESTIONS = ["你有什么特长？", "为什么天空是蓝色的", "请用Python写一个计算斐波那契数列的函数", '解释一下"光合作用"的基本过程',
                     "如果明天下雨，我应该如何出门", "比较一下猫和狗作为宠物的优缺点", "解释什么是机器学习", "推荐一些中国的美食"]
@@ -36,6 +41,7 @@ MENU = "[0] 自动测试 / preset questions\n[1] 手动输入 / type your own (�
 CHAT_HINT = ("空行或 Ctrl-C 退出，回答中 Ctrl-C 只停止该回答 / "
              "An empty line or Ctrl-C quits; Ctrl-C during an answer stops it.")
 ONE_SHOT_TOKENS = 512   # --prompt answers stop here unless --max_new_tokens is typed
+PIPED_BATCH = 16        # piped questions answered together (a typed chat answers one at a time)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,45 +123,125 @@ class Printer:
         sys.stdout.flush()
 
 
-def answer(model, tokenizer, conversation: list, args, printer: Printer) -> str:
-    """Stream one answer to `conversation` through `printer`; returns the raw generated text. Ctrl-C stops this
-    answer only: generation ends at its next token and the chat goes on."""
+def submit(engine: Engine, tokenizer, conversation: list, args, seed: int):
+    """Start the answer to `conversation`; ValueError when the prompt leaves no room in the context."""
     prompt = build_prompt(tokenizer, conversation, raw=args.weight == "pretrain")
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
-    room = model.config.max_position_embeddings - input_ids.shape[1]
-    if room <= 0:
-        raise ValueError(f"the prompt has {input_ids.shape[1]} tokens, the model's context is "
-                         f"{model.config.max_position_embeddings}; lower --historys")
-    stream = TextStream(model, tokenizer, input_ids, min(args.max_new_tokens, room),
-                        **sampling_kwargs(args.temperature, args.top_p, args.repetition_penalty))
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=HF_TOP_K, repetition_penalty=args.repetition_penalty, seed=seed)
+    try:
+        return engine.submit(tokenizer(prompt).input_ids, params, bounded=False)
+    except PromptTooLong as err:
+        raise ValueError(f"{err}; lower --historys") from None
+
+
+def show(req, printer: Printer) -> str:
+    """Stream one answer through `printer`; returns the raw text shown. Ctrl-C stops this answer only: its
+    slot is freed at the engine's next step and the chat goes on."""
     parser, pieces, stopped = OutputParser(), [], False
     try:
-        for piece in stream:
+        for piece in req:
             pieces.append(piece)
             for kind, text in parser.feed(piece):
                 printer.write(kind, text)
     except KeyboardInterrupt:
-        stop(stream)
+        req.cancel()
+        ignoring_ctrl_c(req.wait)
         stopped = True
     for kind, text in parser.finish():
         printer.write(kind, text)
     if stopped:
         printer.write("content", " [已停止 / stopped]")
     printer.end()
+    if req.finish_reason == "error":
+        print(f"eval_llm.py: generation failed: {req.error}", file=sys.stderr)
     return "".join(pieces)
 
 
-def stop(stream: TextStream) -> None:
-    """Cancel a generation and wait until its thread has ended (a thread still inside generate() when the
-    interpreter exits aborts the process); further Ctrl-C while waiting are ignored."""
-    stream.close()
+def ignoring_ctrl_c(fn) -> None:
+    """Run fn() to its end even if Ctrl-C is pressed again meanwhile."""
     while True:
         try:
-            for _ in stream:   # drains what is left; ends when the generating thread returns
-                pass
+            fn()
             return
         except KeyboardInterrupt:
             continue
+
+
+class ReadAhead:
+    """The questions, read by a thread: the ones already piped can be answered together, and a question
+    that has not come yet never holds back the answers to earlier ones."""
+
+    def __init__(self, items):
+        self.queue, self.ended = queue.Queue(), False
+        threading.Thread(target=self._read, args=(items,), daemon=True).start()
+
+    def _read(self, items):
+        try:
+            for item in items:
+                self.queue.put(("item", item))
+            self.queue.put(("end", None))
+        except BaseException as err:  # re-raised in the main thread
+            self.queue.put(("error", err))
+
+    def take(self, wait: bool):
+        """The next question; None at the end, or when none is there yet and `wait` is False."""
+        if self.ended:
+            return None
+        try:
+            kind, item = self.queue.get(wait)
+        except queue.Empty:
+            return None
+        if kind == "error":
+            raise item
+        self.ended = kind == "end"
+        return item
+
+
+def answer_piped(engine: Engine, tokenizer, args, seed: int, source: ReadAhead, pretty: bool, color: bool):
+    """Single-turn answers to every question of `source`, up to engine.max_batch at once, in input order."""
+    pending = collections.deque()   # Requests, or the error line of a question that does not fit
+    while True:
+        while len(pending) < engine.max_batch:
+            question = source.take(wait=not pending)
+            if question is None:
+                break
+            try:
+                pending.append(submit(engine, tokenizer, [{"role": "user", "content": question}], args, seed))
+            except ValueError as err:
+                pending.append(str(err))
+        if not pending:
+            return
+        head = pending.popleft()
+        if pretty:
+            print("🤖️: ", end="", flush=True)
+        if isinstance(head, str):
+            skip(head, pretty)
+        else:
+            show(head, Printer(pretty, color))
+
+
+def skip(error: str, pretty: bool) -> None:
+    """A question that cannot be answered: one line on stderr, and its (empty) answer line when piped."""
+    print(f"eval_llm.py: {error}", file=sys.stderr)
+    if not pretty:
+        print(flush=True)
+
+
+def converse(engine: Engine, tokenizer, args, seed: int, items, pretty: bool, color: bool):
+    """One answer at a time, each question sent with the last --historys messages."""
+    conversation = []
+    for question in items:
+        conversation = conversation[-args.historys:] if args.historys else []
+        conversation.append({"role": "user", "content": question})
+        if pretty:
+            print("🤖️: ", end="", flush=True)
+        try:
+            req = submit(engine, tokenizer, conversation, args, seed)
+        except ValueError as err:
+            skip(str(err), pretty)
+            conversation.pop()
+            continue
+        conversation.append({"role": "assistant", "content": show(req, Printer(pretty, color))})
 
 
 def main(argv=None):
@@ -180,22 +266,15 @@ def chat(argv=None):
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     seed = args.seed if args.seed is not None else random.randrange(2 ** 31)
     print(f"seed {seed}", file=sys.stderr, flush=True)
-    conversation = []
-    for question in questions(args, interactive):
-        setup_seed(seed)  # every answer starts from the same seed, as in the original
-        conversation = conversation[-args.historys:] if args.historys else []
-        conversation.append({"role": "user", "content": question})
-        if pretty:
-            print("🤖️: ", end="", flush=True)
-        try:
-            reply = answer(model, tokenizer, conversation, args, Printer(pretty, color))
-        except ValueError as err:
-            print(f"eval_llm.py: {err}", file=sys.stderr)
-            if not pretty:
-                print(flush=True)  # keep one output line per question
-            conversation.pop()
-            continue
-        conversation.append({"role": "assistant", "content": reply})
+    piped = args.historys == 0 and bool(args.prompt or not interactive)
+    engine = Engine(model, tokenizer, max_batch=PIPED_BATCH if piped else 1)
+    try:
+        if piped:
+            answer_piped(engine, tokenizer, args, seed, ReadAhead(questions(args, interactive)), pretty, color)
+        else:
+            converse(engine, tokenizer, args, seed, questions(args, interactive), pretty, color)
+    finally:
+        ignoring_ctrl_c(engine.close)  # a thread still inside a forward when the interpreter exits aborts it
 
 
 if __name__ == "__main__":

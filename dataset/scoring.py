@@ -84,23 +84,18 @@ def answer_correct(text: str, reference: str) -> bool:
     return bool(reference) and check_answer(text, reference)
 
 
-def answer_questions(model, tokenizer, questions: list, max_new_tokens: int = 48, batch_size: int = 16,
+def answer_questions(model, tokenizer, questions: list, max_new_tokens: int = 48, batch_size: int = 32,
                      system: str = None) -> list:
-    """Greedy answers to single-turn questions (chat template, batched with left padding), in order."""
-    import torch
-    answers = []
-    device = next(model.parameters()).device
-    for i in range(0, len(questions), batch_size):
-        prompts = [tokenizer.apply_chat_template(([{"role": "system", "content": system}] if system else [])
-                                                 + [{"role": "user", "content": q}],
-                                                 tokenize=False, add_generation_prompt=True)
-                   for q in questions[i:i + batch_size]]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        answers += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
+    """Greedy answers to single-turn questions (chat template), in order, through the batching engine
+    (model/engine.py): `batch_size` questions are decoded together, each getting exactly the answer
+    model.generate() gives it alone."""
+    from model.engine import Engine, SamplingParams
+    prompts = [tokenizer.apply_chat_template(([{"role": "system", "content": system}] if system else [])
+                                             + [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in questions]
+    with Engine(model, max_batch=batch_size, eos_token_id=tokenizer.eos_token_id) as engine:
+        outs = engine.generate([tokenizer(p).input_ids for p in prompts], SamplingParams(max_tokens=max_new_tokens))
+    return [tokenizer.decode(o.token_ids, skip_special_tokens=True).strip() for o in outs]
 
 
 def evaluate(model, tokenizer, eval_path, kinds=None, max_new_tokens: int = 48) -> dict:

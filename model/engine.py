@@ -1,5 +1,6 @@
-"""A continuous-batching inference engine for MiniMind (and transformers Llama exports): the server,
-offline batch generation (eval, RL rollouts) and anything else that wants many answers at once.
+"""A continuous-batching inference engine for MiniMind (and transformers Llama exports), the one generation path
+of the project: the server, eval_llm.py, the web demo's local mode, dataset/scoring.py (eval_demo, the benches)
+and the RL rollouts (trainer/rl_utils.py) all generate through it.
 
     from model.engine import Engine, SamplingParams
     engine = Engine(model, tokenizer, max_batch=16)
@@ -23,8 +24,6 @@ new key at the row's own column w (kept for later steps) and also at the shared 
 2D attention mask hides the row's columns between w and that last column; the model's padded-mask
 path (a query always sees its own column) then gives each row attention over exactly its w+1 keys,
 with RoPE positions passed explicitly. Greedy output equals model.generate() alone (tests/test_engine.py).
-
-Also here: TextStream, model.generate() in a thread for the CLI and the web demo's local mode.
 Writes nothing.
 """
 import asyncio
@@ -48,6 +47,11 @@ class QueueFull(Exception):
 
 class PromptTooLong(ValueError):
     """The prompt leaves no room for a single new token within max_seq_len."""
+
+
+# transformers' generate() samples from the 50 likeliest tokens unless told otherwise; the original's chat,
+# web demo and RL rollouts called generate() without top_k, so our callers pass this to sample as they did
+HF_TOP_K = 50
 
 
 @dataclass
@@ -363,10 +367,13 @@ class Engine:
     """Continuous batching over `max_batch` slots in a background thread (started by the first submit).
 
     submit() raises QueueFull when `max_queue` requests already wait, PromptTooLong when the prompt
-    leaves no room in `max_seq_len`; both before the request takes a queue place or a slot."""
+    leaves no room in `max_seq_len`; both before the request takes a queue place or a slot.
+    tokenizer None: no text (token_ids only, no stop strings), for callers that decode themselves.
+    autocast_dtype: run the forwards under torch.autocast with this dtype (autocast is per thread, so a
+    caller's own autocast context does not reach the engine's thread); None = the model's dtype."""
 
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_queue: int = 64, max_seq_len: int = None,
-                 prefill_chunk: int = 512, eos_token_id=None):
+                 prefill_chunk: int = 512, eos_token_id=None, autocast_dtype: torch.dtype = None):
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, max(prefill_chunk, 1)
@@ -376,6 +383,7 @@ class Engine:
         self.eos_ids = frozenset(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self.vocab_size = cfg.vocab_size
         self.device = model.device if hasattr(model, "device") else next(model.parameters()).device
+        self.autocast_dtype = autocast_dtype
         self.cache = SlotCache(cfg.num_hidden_layers, max_batch, self.max_seq_len)
         self.slots = []          # row order: decoding slots [0, n_decode), then at most one in chunked prefill
         self.n_decode = 0
@@ -412,11 +420,15 @@ class Engine:
         return req
 
     def generate(self, prompts: list, params=None) -> list:
-        """Offline batch use: every prompt (token ids) through the engine, outputs in order. params: one
-        SamplingParams for all, or one per prompt. The waiting queue limit does not apply here."""
+        """Offline batch use: every prompt (token ids) through the engine, the finished Requests in order.
+        params: one SamplingParams for all, or one per prompt. The waiting queue limit does not apply here.
+        Raises RuntimeError when the model failed on a request (an offline caller has nobody to tell)."""
         params = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         reqs = [self.submit(p, s, bounded=False) for p, s in zip(prompts, params)]
-        return [r.wait() for r in reqs]
+        for req in reqs:
+            if req.wait().finish_reason == "error":
+                raise RuntimeError(f"generation failed: {req.error}")
+        return reqs
 
     def close(self):
         """Stop the loop; requests still waiting or running end as "cancelled"."""
@@ -464,7 +476,9 @@ class Engine:
 
     # ---- the loop ----
     def _run(self):
-        with torch.inference_mode():
+        autocast = nullcontext() if self.autocast_dtype is None else torch.autocast(self.device.type,
+                                                                                   dtype=self.autocast_dtype)
+        with torch.inference_mode(), autocast:
             while True:
                 with self.cv:
                     self.cv.wait_for(lambda: self.closed or self.waiting or self.slots)
@@ -647,103 +661,3 @@ class Engine:
     def _end(self, req: Request, reason: str, error: str = None):
         self.finished[reason] += 1
         req._finish(reason, error)
-
-
-# ---- generate() in a thread: the CLI and the web demo's local mode ----
-def sampling_kwargs(temperature: float, top_p: float, repetition_penalty: float = 1.0) -> dict:
-    """generate() arguments; temperature 0 means greedy decoding."""
-    if temperature <= 0:
-        return dict(do_sample=False, repetition_penalty=repetition_penalty)
-    return dict(do_sample=True, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
-
-
-class _Cancel:
-    """A stopping criterion that ends generation once `event` is set (client gone, stop string seen)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def _piece_streamer(tokenizer):
-    """A TextIteratorStreamer that hands over text after every token (the stock one waits for a space
-    or a CJK character), through the Detokenizer above."""
-    from transformers import TextIteratorStreamer
-
-    class PieceStreamer(TextIteratorStreamer):
-        def put(self, value):
-            if value.dim() > 1:
-                value = value[0]
-            if self.skip_prompt and self.next_tokens_are_prompt:
-                self.next_tokens_are_prompt = False
-                return
-            for token in value.tolist():
-                text = self.detok.push(token)
-                if text:
-                    self.on_finalized_text(text)
-
-        def end(self):
-            text = self.detok.flush()
-            if text:
-                self.on_finalized_text(text)
-            super().end()
-
-    streamer = PieceStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    streamer.detok = Detokenizer(tokenizer)
-    return streamer
-
-
-class TextStream:
-    """Run model.generate in a background thread and iterate over the decoded text pieces as they come.
-
-    - generation holds `lock` (when given) for its whole run, so concurrent streams never share the model;
-    - an exception inside generate ends the iteration and is re-raised in the consumer (never a hang);
-    - close() stops generation at the next token; after the iteration, `output_ids` holds the new tokens.
-    """
-
-    def __init__(self, model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, lock=None, seed=None,
-                 **generate_kwargs):
-        from transformers import StoppingCriteriaList
-        self.streamer = _piece_streamer(tokenizer)
-        self.prompt_len = input_ids.shape[1]
-        self.output_ids = input_ids.new_zeros(0)
-        self.error = None
-        self._cancel = threading.Event()
-        kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                      streamer=self.streamer, stopping_criteria=StoppingCriteriaList([_Cancel(self._cancel)]),
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **generate_kwargs)
-        self._thread = threading.Thread(target=self._run, args=(model, kwargs, lock, seed), daemon=True)
-        self._thread.start()
-
-    def _run(self, model, kwargs, lock, seed):
-        try:
-            with lock if lock is not None else nullcontext():
-                if self._cancel.is_set():
-                    raise _Cancelled()
-                if seed is not None:
-                    torch.manual_seed(seed)
-                with torch.no_grad():
-                    out = model.generate(**kwargs)
-                self.output_ids = out[0, self.prompt_len:].cpu()
-        except _Cancelled:
-            self.streamer.end()
-        except BaseException as err:  # handed to the consumer thread, which re-raises it
-            self.error = err
-            self.streamer.end()
-
-    def __iter__(self):
-        for piece in self.streamer:
-            if piece:
-                yield piece
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def close(self):
-        self._cancel.set()
-
-
-class _Cancelled(Exception):
-    pass

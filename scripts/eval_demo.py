@@ -5,8 +5,9 @@
     python scripts/eval_demo.py --save_dir /tmp/run/out --weight dpo --show 5 --json results.json
 The weight is found as everywhere else (model/loading.py): the size flags name `{weight}_{hidden}[_moe].pth`,
 and without them the one `{weight}_*.pth` in --save_dir is used. Questions come from dataset/demo/eval.jsonl
-(written by dataset/demo_data.py); answers are scored by dataset/scoring.py. Greedy decoding, batched with
-left padding. Writes nothing unless --json. A weight that cannot be loaded is one error line, exit code 2.
+(written by dataset/demo_data.py); answers are scored by dataset/scoring.py. Greedy decoding through the
+batching engine (model/engine.py). Writes nothing unless --json. A weight that cannot be loaded is one error
+line, exit code 2.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse

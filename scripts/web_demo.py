@@ -10,24 +10,24 @@ The model list holds the weight named by --save_dir/--weight/--hidden_size, the 
 weights in --save_dir that have their .json config, the transformers folders (config.json with model_type minimind or llama) inside and next to the repo,
 and --load_from; any other .pth file or folder can be typed in the sidebar. "API" mode talks to
 scripts/serve_openai_api.py (default http://127.0.0.1:8998/v1). Flags after `--` are those of
-eval_llm.py; --max_new_tokens and --temperature set the sliders' start values. Writes nothing.
+eval_llm.py; --max_new_tokens and --temperature set the sliders' start values. In local mode each loaded model
+has one batching engine (model/engine.py) shared by all browser sessions: answers being written at the same
+time are decoded together, and a page that stops reading frees its slot. Writes nothing.
 """
 import argparse
 import json
 import random
 import re
 import sys
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import streamlit as st  # noqa: E402
 
 from model.chat_format import OutputParser, build_prompt  # noqa: E402
-from model.engine import TextStream, sampling_kwargs  # noqa: E402
+from model.engine import HF_TOP_K, Engine, SamplingParams  # noqa: E402
 from model.loading import (ROOT, LoadError, add_model_args, find_weight, is_transformers_folder,  # noqa: E402
                            load_model, resolve_path, typed_sizes)
-from trainer.trainer_utils import setup_seed  # noqa: E402
 
 REASONING = "Reasoning (click to expand)"
 
@@ -75,27 +75,26 @@ def cached_model(argv: tuple):
 
 
 @st.cache_resource
-def model_lock():
-    return threading.Lock()  # one model run at a time, across browser sessions
+def cached_engine(argv: tuple) -> Engine:
+    """The model's engine, shared by every browser session (one model forward per step for all of them)."""
+    model, tokenizer, _, _ = cached_model(argv)
+    return Engine(model, tokenizer)
 
 
 def local_events(argv: tuple, messages: list, settings: dict):
-    model, tokenizer, _, weight = cached_model(argv)
+    _, tokenizer, _, weight = cached_model(argv)
     prompt = build_prompt(tokenizer, messages, raw=weight == "pretrain")
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
-    room = model.config.max_position_embeddings - input_ids.shape[1]
-    if room <= 0:
-        raise ValueError(f"the conversation has {input_ids.shape[1]} tokens, more than the model's context")
-    setup_seed(random.randrange(2 ** 31))  # a new seed per answer, as the original
-    stream = TextStream(model, tokenizer, input_ids, min(settings["max_new_tokens"], room), lock=model_lock(),
-                        **sampling_kwargs(settings["temperature"], settings["top_p"], settings["repetition_penalty"]))
+    params = SamplingParams(max_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
+                            top_p=settings["top_p"], top_k=HF_TOP_K, repetition_penalty=settings["repetition_penalty"],
+                            seed=random.randrange(2 ** 63))  # a new seed per answer, as the original
+    req = cached_engine(argv).submit(tokenizer(prompt).input_ids, params)  # PromptTooLong, QueueFull: shown
     parser = OutputParser()
     try:
-        for piece in stream:
+        for piece in req:
             yield from parser.feed(piece)
         yield from parser.finish()
     finally:
-        stream.close()
+        req.cancel()  # the page stopped reading (a new question, a closed tab): free the slot
 
 
 def api_events(api: dict, messages: list, settings: dict):

@@ -249,3 +249,23 @@ def test_metrics_count_tokens_and_latencies():
     assert "minimind_prompt_tokens_total 15" in text and "minimind_generation_tokens_total 12" in text
     assert 'minimind_requests_finished_total{reason="length"} 3' in text
     assert "minimind_time_to_first_token_seconds_count 3" in text and "minimind_inter_token_latency_seconds_count 9" in text
+
+
+def test_offline_generate_raises_what_the_model_raised():
+    model = Slow(tiny())
+    model.fail = "boom"
+    with Engine(model, eos_token_id=-1) as engine:
+        with pytest.raises(RuntimeError, match="generation failed: RuntimeError: boom"):
+            engine.generate([[5] * 4, [6] * 4], SamplingParams(max_tokens=2))
+
+
+def test_autocast_dtype_reaches_the_engine_thread():
+    """autocast is per thread: the caller's context does not reach the engine's forwards, autocast_dtype does."""
+    model, seen = tiny(), []
+    model.register_forward_pre_hook(
+        lambda module, args: seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+    with torch.autocast("cpu", dtype=torch.bfloat16), Engine(model, eos_token_id=-1) as engine:
+        engine.generate([[5, 6]], SamplingParams(max_tokens=2))
+    with Engine(model, eos_token_id=-1, autocast_dtype=torch.bfloat16) as engine:
+        engine.generate([[5, 6]], SamplingParams(max_tokens=2))
+    assert seen == [None, None, torch.bfloat16, torch.bfloat16]

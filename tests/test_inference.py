@@ -2,6 +2,7 @@
 transformers folders, clear errors, greedy determinism, Ctrl-C in a terminal (pty), the bilingual menu, the
 one-shot answer cap, and the <think>/<tool_call> parser."""
 import argparse
+import dataclasses
 import functools
 import io
 import os
@@ -94,6 +95,32 @@ def test_piped_stdin_from_another_cwd_prints_one_line_per_answer(native, tmp_pat
     expected = greedy_answers(model, tokenizer, QUESTIONS)
     assert proc.stdout.splitlines() == expected and all(expected)  # the empty input line is skipped
     assert "full_sft_64.pth" in proc.stderr  # the default 512 file is absent; the only full_sft weight is used
+
+
+def test_piped_questions_are_answered_together_in_input_order(tmp_path, monkeypatch, capsys):
+    """Piped questions (--historys 0) are in the engine together; each answer is the one it gets alone, printed
+    in input order, one line each; a question too long for the context is an error line and an empty answer."""
+    path = save_tiny(tmp_path / "out", max_position_embeddings=48)
+    model, tokenizer = load_native(path).eval(), load_tokenizer(tokenizer_dir())
+    running = []
+
+    class Recording(eval_llm.Engine):   # at each submit: how many earlier answers are still running
+        def submit(self, *args, **kwargs):
+            running.append(sum(not r.done for r in self.submitted))
+            self.submitted.append(super().submit(*args, **kwargs))
+            return self.submitted[-1]
+
+    Recording.submitted = []
+    monkeypatch.setattr(eval_llm, "Engine", Recording)
+    good = [*QUESTIONS, "为什么天空是蓝色的", "hello", "推荐一些中国的美食"]
+    asked = good[:1] + ["很长的问题" * 20] + good[1:]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(asked) + "\n"))
+    eval_llm.main(["--save_dir", str(path.parent), "--tokenizer_path", str(tokenizer_dir()), "--device", "cpu",
+                   "--temperature", "0", "--max_new_tokens", "8"])
+    out, err = capsys.readouterr()
+    expected = greedy_answers(model, tokenizer, good)
+    assert out.splitlines() == expected[:1] + [""] + expected[1:] and all(expected)
+    assert "the prompt has" in err and "lower --historys" in err and max(running) >= 2
 
 
 def test_transformers_folder_gives_the_same_answers(native, tmp_path, monkeypatch, capsys):
@@ -280,9 +307,13 @@ def test_chat_menu_is_bilingual_and_says_how_to_quit(monkeypatch, capsys):
 
 def test_one_shot_prompt_caps_the_answer_unless_typed(native, monkeypatch, capsys):
     seen = []
-    real = eval_llm.TextStream
-    monkeypatch.setattr(eval_llm, "TextStream",   # record the cap, generate 2 tokens
-                        lambda model, tok, ids, cap, **kw: seen.append(cap) or real(model, tok, ids, 2, **kw))
+
+    class Recording(eval_llm.Engine):   # record the cap, generate 2 tokens
+        def submit(self, ids, params, **kwargs):
+            seen.append(params.max_tokens)
+            return super().submit(ids, dataclasses.replace(params, max_tokens=2), **kwargs)
+
+    monkeypatch.setattr(eval_llm, "Engine", Recording)
     base = ["--save_dir", str(native[0].parent), "--temperature", "0"]
     run_main(monkeypatch, capsys, base + ["--prompt", "你好"], stdin="")
     run_main(monkeypatch, capsys, base + ["--prompt", "你好", "--max_new_tokens", "3"], stdin="")

@@ -135,6 +135,55 @@ def test_left_padding_changes_neither_logps_nor_values(tokenizer):
             assert torch.allclose(critic(seq)[0][0], values[i][keep], atol=1e-5)
 
 
+class EosBiased(torch.nn.Module):
+    """Wraps a model: adds `bias` to the EOS logit (so some samples end early) and records, per forward,
+    whether it ran in train mode and under CPU autocast."""
+
+    def __init__(self, inner, eos, bias):
+        super().__init__()
+        self.inner, self.eos, self.bias, self.seen = inner, eos, bias, set()
+        self.config = inner.config
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def forward(self, *args, **kwargs):
+        self.seen.add((self.training, torch.is_autocast_enabled("cpu")))
+        out = self.inner(*args, **kwargs)
+        out.logits[..., self.eos] += self.bias
+        return out
+
+
+def test_rollout_is_seeded_by_the_global_rng_and_left_padded(tokenizer):
+    """The engine's rollouts: the same global seed gives the same samples (what resume relies on), the copies
+    of a prompt differ, prompts end at column P, each completion runs to its first EOS (or max_gen_len) and
+    pads follow; the model samples in eval mode under the run's autocast and goes back to train mode."""
+    from model.model_minimind import MiniMindForCausalLM
+    torch.manual_seed(0)
+    model = EosBiased(MiniMindForCausalLM(tiny_config()), tokenizer.eos_token_id, bias=4.0).train()
+    args = type("A", (), {"max_seq_len": 64, "max_gen_len": 8, "temperature": 1.0})
+    prompts, eos, pad = [chat(tokenizer, "hi"), chat(tokenizer, "a much longer question, is it?")], 2, 0
+    rolls = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        rolls.append(rollout(model, tokenizer, prompts, args, 4, torch.autocast("cpu", dtype=torch.bfloat16)))
+    a = rolls[0]
+    assert torch.equal(a.sequences, rolls[1].sequences) and a.texts == rolls[1].texts
+    assert not torch.equal(a.sequences, rolls[2].sequences) and len(set(a.texts[:4])) > 1
+    ids, mask = encode_prompts(tokenizer, prompts, 64)
+    assert torch.equal(a.sequences[:, :a.prompt_len], ids.repeat_interleave(4, 0))
+    assert torch.equal(a.attention_mask[:, :a.prompt_len], mask.repeat_interleave(4, 0))
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (eos, pad)
+    for i, n in enumerate(a.lengths.tolist()):
+        comp = a.completion_ids[i].tolist()
+        assert comp[n:] == [pad] * (len(comp) - n) and eos not in comp[:n - 1]
+        assert a.clipped[i] == (comp[n - 1] != eos) and (n == 8 if a.clipped[i] else True)
+        assert a.texts[i] == tokenizer.decode(comp[:n], skip_special_tokens=True)
+    assert a.clipped.any() and not a.clipped.all() and a.completion_ids.shape[1] == a.lengths.max() == 8
+    assert model.training and model.seen == {(False, True)}
+
+
 # ---- rewards ----
 def test_format_reward_hand_written():
     good = "<think>\n想一想\n</think>\n<answer>\n4\n</answer>"

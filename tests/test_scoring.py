@@ -49,6 +49,28 @@ def test_wrong_answers_are_rejected(pred, answer):
     assert check_answer(pred, answer) is False
 
 
+def generate_alone(model, tokenizer, question, max_new_tokens):
+    """The greedy answer model.generate gives `question` on its own."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True).input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_answer_questions_equals_generate_alone():
+    """The engine's batched greedy answers are model.generate's, question by question, for more questions than
+    slots (they join as others finish)."""
+    from transformers import AutoTokenizer
+    from model.model_minimind import MiniMindForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir()), local_files_only=True)
+    questions = ["1+1等于几？", "What is the capital of France?", "你好", "Sort 9, 2, 5 from smallest to largest.", "hi"]
+    torch.manual_seed(1)
+    model = MiniMindForCausalLM(tiny_config()).eval()
+    answers = answer_questions(model, tokenizer, questions, max_new_tokens=8, batch_size=2)
+    assert answers == [generate_alone(model, tokenizer, q, 8) for q in questions] and all(answers)
+
+
 def test_evaluate_scores_greedy_answers_by_kind(tmp_path):
     from transformers import AutoTokenizer
     from model.model_minimind import MiniMindForCausalLM
@@ -61,8 +83,7 @@ def test_evaluate_scores_greedy_answers_by_kind(tmp_path):
     path = tmp_path / "eval.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     preds = answer_questions(model, tokenizer, [r["question"] for r in rows], max_new_tokens=6, batch_size=2)
-    single = [answer_questions(model, tokenizer, [r["question"]], max_new_tokens=6)[0] for r in rows]
-    assert preds == single   # left-padded batches give each question's own greedy answer
+    assert preds == [generate_alone(model, tokenizer, r["question"], 6) for r in rows]
     result = evaluate(model, tokenizer, path, max_new_tokens=6)
     assert [r["prediction"] for r in result["rows"]] == preds
     assert [r["correct"] for r in result["rows"]] == [check_answer(p, r["answer"]) for p, r in zip(preds, rows)]
@@ -76,3 +97,17 @@ def test_evaluate_names_file_and_line_of_a_bad_row(tmp_path):
     path.write_text('{"question": "q", "answer": "a", "kind": "k"}\n{"question": "q"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"eval\.jsonl:2"):
         evaluate(None, None, path)
+
+
+def test_bench_answers_at_toy_size(tmp_path, capsys):
+    """bench/bench_answers.py: the engine and the left-padded generate() batches it replaced give the same answers."""
+    from bench import bench_answers
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": "x", "kind": "k"}, ensure_ascii=False) + "\n"
+                            for q in ["你好", "1+1等于几？", "What is the capital of France?", "hi", "猫和狗"]),
+                    encoding="utf-8")
+    _, answers = bench_answers.main(["--eval_path", str(path), "--hidden_size", "64", "--num_hidden_layers", "2",
+                                     "--max_new_tokens", "4", "--batch_sizes", "2,3", "--repeats", "1"])
+    first, *others = answers.values()
+    assert len(answers) == 3 and len(first) == 5 and all(a == first for a in others)
+    assert "| engine, max_batch 3 |" in capsys.readouterr().out

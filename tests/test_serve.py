@@ -33,9 +33,8 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "descrip
 
 class ScriptedModel(torch.nn.Module):
     """Stands in for MiniMind: 'generates' the tokens of `self.text` (then eos), or raises after
-    `self.fail_after` tokens, sleeping `delay` seconds per step. forward() serves the engine (each row's
-    prompt length is kept in its KV-cache row, so rows may come and go); generate() serves TextStream
-    (the web demo's local mode), honouring max_new_tokens, the streamer and stopping criteria."""
+    `self.fail_after` tokens, sleeping `delay` seconds per step, through the engine (each row's prompt
+    length is kept in its KV-cache row, so rows may come and go)."""
 
     def __init__(self, tokenizer, text=""):
         super().__init__()
@@ -70,21 +69,6 @@ class ScriptedModel(torch.nn.Module):
         logits = torch.full((*index.shape, self.config.vocab_size), -100.0)  # sampling picks the scripted token too
         logits.scatter_(2, script[index.clamp(max=len(script) - 1)].unsqueeze(-1), 100.0)
         return SimpleNamespace(logits=logits)
-
-    def generate(self, input_ids, max_new_tokens, streamer=None, stopping_criteria=(), **kwargs):
-        self.prompts.append(self.tokenizer.decode(input_ids[0]))
-        out = input_ids
-        streamer.put(input_ids)
-        for i, token in enumerate(self.script()[:max_new_tokens]):
-            if self.fail_after is not None and i == self.fail_after:
-                raise RuntimeError("scripted failure")
-            time.sleep(self.delay)
-            out = torch.cat([out, torch.tensor([[token]])], dim=1)
-            streamer.put(torch.tensor([token]))
-            if token == self.tokenizer.eos_token_id or any(bool(c(out, None).all()) for c in stopping_criteria):
-                break
-        streamer.end()
-        return out
 
 
 def free_port() -> int:

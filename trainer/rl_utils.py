@@ -2,16 +2,15 @@
 log-probs, rollouts, rewards, the RL flags, the prompts and the optimizer with the original's RL schedule.
 The loop is trainer/loop.py, as for every stage; an RL stage's step function does rollout, reward and loss.
 
-    roll = rollout(policy, tokenizer, prompts, args, num_return_sequences=G)    # left-padded, KV cache
+    roll = rollout(policy, tokenizer, prompts, args, num_return_sequences=G)    # sampled by model/engine.py
     logp, aux = completion_logps(policy, roll)       # (N, R) log-probs of the sampled tokens, masks honoured
     rewards, stats = reward_fn(messages, roll.texts, references)                # (N,) floats
 
 Layout of a rollout: `sequences` is (N, P + R): P prompt columns, left-padded so that every
-completion starts at column P, then R sampled columns. `completion_mask` (N, R) is 1 up to and
-including the first EOS; after it generate() writes pad tokens. Every forward pass over a rollout
+completion starts at column P, then R sampled columns (R = the longest completion). `completion_mask`
+(N, R) is 1 up to and including the first EOS; pad tokens follow it. Every forward pass over a rollout
 passes `attention_mask` (the original omitted it in GRPO/SPO, so left pads were attended).
 """
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset.scoring import ANSWER_PART, answer_correct, format_reward
+from model.engine import HF_TOP_K, Engine, SamplingParams
 from trainer.loop import unwrap
 from trainer.trainer_utils import ROOT, resolve_data
 
@@ -104,23 +104,33 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts, args, num_return_sequences: int = 1, autocast_ctx=None) -> Rollout:
-    """Sample completions for a batch of prompts with generate() (left padding, KV cache, temperature
-    sampling; eval mode, so MoE computes no aux loss). Copies of a prompt are contiguous: row i*G + j."""
+    """Sample completions for a batch of prompts through the batching engine (model/engine.py): temperature
+    sampling over the 50 likeliest tokens, as the original's generate() call; eval mode, so MoE computes no
+    aux loss; the run's autocast precision. Each completion has its own seed drawn from torch's global RNG,
+    so a seeded or resumed run samples the same rollouts. Copies of a prompt are contiguous: row i*G + j."""
     raw = unwrap(model)
     ids, mask = encode_prompts(tokenizer, prompts, args.max_seq_len, next(raw.parameters()).device)
+    rows = [row[keep].tolist() for row, keep in zip(ids.cpu(), mask.cpu().bool()) for _ in range(num_return_sequences)]
+    params = [SamplingParams(max_tokens=args.max_gen_len, temperature=args.temperature, top_k=HF_TOP_K, seed=seed)
+              for seed in torch.randint(2 ** 62, (len(rows),)).tolist()]
     was_training = raw.training
     raw.eval()
-    with autocast_ctx or nullcontext():
-        out = raw.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
-                           max_new_tokens=args.max_gen_len, num_return_sequences=num_return_sequences,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    raw.train(was_training)
-    p = ids.shape[1]
-    cmask = completion_mask(out[:, p:], tokenizer.eos_token_id)
-    texts = tokenizer.batch_decode([row[:n] for row, n in zip(out[:, p:], cmask.sum(1).tolist())],
-                                   skip_special_tokens=True)
-    clipped = ~(out[:, p:] == tokenizer.eos_token_id).any(1)
-    return Rollout(out, torch.cat([mask.repeat_interleave(num_return_sequences, 0), cmask], 1), cmask, p, texts,
+    try:
+        with Engine(raw, max_batch=len(rows), eos_token_id=tokenizer.eos_token_id,
+                    autocast_dtype=getattr(autocast_ctx, "fast_dtype", None)) as engine:
+            outs = engine.generate(rows, params)
+    finally:
+        raw.train(was_training)
+    p, r = ids.shape[1], max(len(o.token_ids) for o in outs)
+    completions = torch.full((len(rows), r), tokenizer.pad_token_id, dtype=torch.long)
+    for row, out in zip(completions, outs):
+        row[:len(out.token_ids)] = torch.tensor(out.token_ids)
+    completions = completions.to(ids.device)
+    cmask = completion_mask(completions, tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
+    clipped = ~(completions == tokenizer.eos_token_id).any(1)
+    sequences = torch.cat([ids.repeat_interleave(num_return_sequences, 0), completions], 1)
+    return Rollout(sequences, torch.cat([mask.repeat_interleave(num_return_sequences, 0), cmask], 1), cmask, p, texts,
                    clipped)
 
 
