@@ -6,7 +6,8 @@
 Both sides run the same measuring code in their own fresh process, each with its own transformers (the original
 with the pins of its venv), taking turns repeat by repeat, on the same random fp32 weights (ours are saved, the original loads them strict:
 the state-dict keys are identical) and the same prompts, through model.generate() as eval_llm.py calls it
-(input ids + attention mask, greedy). Without the original (no --original_dir and none at ../orig or
+(input ids + attention mask, greedy), and ours also through model/engine.py, the continuous-batching engine that
+the chat, the server, the web demo and the RL rollouts use (one request per sequence). Without the original (no --original_dir and none at ../orig or
 ../minimind next to this repository) its rows are skipped with one line.
 Two more rows per batch size are lower bounds for any fp32 implementation on this machine (decode tokens/s
 ceilings): reading every weight once per step (memory bandwidth), and the model's linear layers alone.
@@ -42,15 +43,25 @@ model = MiniMindForCausalLM(MiniMindConfig(**spec["config"])).eval()
 model.load_state_dict(torch.load(weights, map_location="cpu"), strict=True)
 if spec.get("compile"):
     model.forward = torch.compile(model.forward, dynamic=True)
+engine = None
+if spec.get("engine"):   # what the chat, the server, the web demo and the RL rollouts generate with
+    from model.engine import Engine, SamplingParams
+    engine = Engine(model, max_batch=max(spec["batch_sizes"]), eos_token_id=-1)   # -1: no token ends an answer
 for line in sys.stdin:
     req = json.loads(line)
     prompt = torch.randint(3, 6400, (req["batch"], spec["prompt_len"]), generator=torch.Generator().manual_seed(req["batch"]))
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model.generate(inputs=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=req["new_tokens"],
-                             min_new_tokens=req["new_tokens"], do_sample=False, pad_token_id=0, eos_token_id=None)
-        seconds = time.perf_counter() - t0
-    print("@@ " + json.dumps({"seconds": seconds, "tokens": out[:, spec["prompt_len"]:].tolist()}), flush=True)
+        if engine is not None:
+            done = engine.generate(prompt.tolist(), SamplingParams(max_tokens=req["new_tokens"], temperature=0))
+            seconds, tokens = time.perf_counter() - t0, [r.token_ids for r in done]
+        else:
+            out = model.generate(inputs=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=req["new_tokens"],
+                                 min_new_tokens=req["new_tokens"], do_sample=False, pad_token_id=0, eos_token_id=None)
+            seconds, tokens = time.perf_counter() - t0, out[:, spec["prompt_len"]:].tolist()
+    print("@@ " + json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
+if engine is not None:
+    engine.close()
 """
 
 
@@ -179,6 +190,7 @@ def main(argv=None):
                 f"no original MiniMind at {original_dir or '../orig or ../minimind'}"
             print(f"# {why}: the original's rows are skipped")
         sides["ours"] = Worker(sys.executable, ROOT, weights, spec, Path(tmp) / "ours.log")
+        sides["ours, engine"] = Worker(sys.executable, ROOT, weights, {**spec, "engine": True}, Path(tmp) / "engine.log")
         if args.compile:
             sides["ours + compile"] = Worker(sys.executable, ROOT, weights, {**spec, "compile": True},
                                              Path(tmp) / "compiled.log")
