@@ -1,5 +1,6 @@
 """trainer_utils / checkpoint / data_order: schedule, names, atomic writes, resume bookkeeping, batch order
 (shuffled, grouped, packed), flags, precision, one-line errors."""
+import json
 import math
 import os
 
@@ -278,3 +279,17 @@ def test_no_command_accepts_abbreviated_flags():
             if "allow_abbrev=False" not in call:
                 offenders.append(f"{path.relative_to(ROOT)}: {call[:60]}")
     assert not offenders, offenders
+
+
+def test_cpu_peak_keeps_the_best_measurement(tmp_path, monkeypatch):
+    """A peak measured while the machine was busy is too low and made MFU read above 100%: the cache keeps
+    the best rate seen, so a later quiet start corrects it, and a later busy start cannot lower it."""
+    from trainer import progress
+    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path))
+    key = f"{progress._cpu_model()}|{torch.float32}|{torch.get_num_threads()}|{torch.__version__}"
+    (tmp_path / "cpu_peak.json").write_text(json.dumps({key: 1.0}))        # stale: measured under load
+    measured = progress.cpu_peak_flops()
+    assert measured > 1e8
+    assert json.loads((tmp_path / "cpu_peak.json").read_text())[key] == measured
+    (tmp_path / "cpu_peak.json").write_text(json.dumps({key: 1e18}))       # better than any measurement
+    assert progress.cpu_peak_flops() == 1e18
