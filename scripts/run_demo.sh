@@ -33,7 +33,7 @@ python scripts/inspect_data.py --data_path "$DATA/sft.jsonl" --kind sft --show 0
 
 # 3. Pretraining from random weights: learn to continue the demo text (next-token prediction).
 python trainer/train_pretrain.py $RUN --save_dir "$OUT" --data_path "$DATA/pretrain.jsonl" \
-    --epochs 1 --batch_size 2 --max_seq_len 256 --accumulation_steps 1 --learning_rate 2e-3
+    --epochs 2 --batch_size 2 --max_seq_len 256 --accumulation_steps 1 --learning_rate 2e-3
 
 # 4. SFT: learn to answer in the chat template (loss on the assistant's replies only).
 python trainer/train_full_sft.py $RUN --save_dir "$OUT" --data_path "$DATA/sft.jsonl" \
