@@ -127,7 +127,9 @@ def run_ours(stage, label, data, seq, args, tmp):
     seconds = timed[-1]["time"] - before["time"]
     tok_s = (timed[-1]["tokens"] - before["tokens"]) / seconds
     pad = sum(r["pad"] for r in timed) / len(timed)
-    mfu = sum(r["mfu"] or 0 for r in timed) / len(timed)
+    # MFU of the whole timed span: per-line MFUs of unpacked rows swing with each batch's padding, so their
+    # mean is not the span's; FLOPs per useful token over the peak is the same on every line
+    mfu = timed[-1]["mfu"] / timed[-1]["tok_s"] * tok_s if timed[-1]["mfu"] and timed[-1]["tok_s"] else None
     return tok_s, pad, mfu, peak
 
 
