@@ -506,9 +506,15 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         return self.lm_head
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
-                logits_to_keep=0, labels=None, position_ids=None, **kwargs):
+                logits_to_keep=0, labels=None, position_ids=None, logits_at=None, **kwargs):
+        """logits_at (training losses): flat indices into the batch x seq positions; logits are then computed
+        for those positions only, shape (len(logits_at), vocab), so prompt and padding rows skip the output layer."""
         hidden_states, cache, aux_loss = self.model(input_ids, attention_mask, past_key_values, use_cache,
                                                     position_ids)
+        if logits_at is not None:
+            logits = self.lm_head(hidden_states.flatten(0, 1).index_select(0, logits_at))
+            return MiniMindCausalLMOutput(logits=logits, past_key_values=cache, hidden_states=hidden_states,
+                                          aux_loss=aux_loss)
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
         loss = None

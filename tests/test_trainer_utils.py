@@ -15,7 +15,7 @@ from trainer.checkpoint import lm_checkpoint, save_weights, weight_path
 from trainer.data_order import best_fit, packed_batches, shuffled_batches
 from trainer.loop import get_lr
 from trainer.trainer_utils import (OUT, build_parser, choose_dtype, init_run, masked_cross_entropy, one_line,
-                                   resolve_data)
+                                   resolve_data, supervised_loss)
 
 
 def test_get_lr_reference_values():
@@ -40,6 +40,30 @@ def test_masked_cross_entropy_matches_formula():
     zero = masked_cross_entropy(logits.requires_grad_(), targets, torch.zeros_like(mask))
     assert zero.item() == 0.0
     zero.backward()   # no division by zero, still differentiable
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_supervised_loss_equals_the_full_logits_loss(moe):
+    """Logits computed only at supervised positions give the same loss and gradients as the full logits
+    followed by masked_cross_entropy (packed rows with position_ids too); an all-zero mask gives 0 + aux."""
+    from model.model_minimind import MiniMindForCausalLM
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(tiny_config(use_moe=moe))
+    ids = torch.randint(3, 400, (3, 12))
+    mask = (torch.rand(3, 12) < 0.4).long()
+    batch = {"input_ids": ids, "labels": torch.randint(0, 400, (3, 12)), "loss_mask": mask,
+             "position_ids": torch.tensor([list(range(5)) + list(range(7))] * 3)}
+    loss, _ = supervised_loss(model, batch)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    out = model(ids, position_ids=batch["position_ids"])
+    full = masked_cross_entropy(out.logits, batch["labels"], mask) + out.aux_loss
+    full_grads = torch.autograd.grad(full, list(model.parameters()), allow_unused=True)
+    assert torch.allclose(loss, full, atol=1e-6, rtol=0)
+    for g, h in zip(grads, full_grads):
+        assert (g is None) == (h is None) and (g is None or torch.allclose(g, h, atol=1e-6, rtol=1e-5))
+    zero, out = supervised_loss(model, {**batch, "loss_mask": torch.zeros_like(mask)})
+    assert out.logits.shape == (0, model.config.vocab_size)
+    assert torch.allclose(zero, out.aux_loss) and zero.requires_grad
 
 
 def test_atomic_save_survives_a_crash(tmp_path, monkeypatch):

@@ -39,10 +39,12 @@ def distillation_loss(student_logits, teacher_logits, targets, loss_mask, alpha:
 def distill_step(student, teacher, batch, alpha: float, temperature: float):
     """The student's distillation loss on one batch (+ its MoE aux loss); the teacher runs without a graph."""
     position_ids = batch.get("position_ids")
-    out = student(batch["input_ids"], position_ids=position_ids)
+    at = (batch["loss_mask"].reshape(-1) > 0).nonzero().squeeze(1)   # both output layers run on these positions only
+    out = student(batch["input_ids"], position_ids=position_ids, logits_at=at)
     with torch.no_grad():
-        teacher_logits = teacher(batch["input_ids"], position_ids=position_ids).logits
-    loss, ce, kd = distillation_loss(out.logits, teacher_logits, batch["labels"], batch["loss_mask"], alpha, temperature)
+        teacher_logits = teacher(batch["input_ids"], position_ids=position_ids, logits_at=at).logits
+    targets = batch["labels"].reshape(-1).index_select(0, at)
+    loss, ce, kd = distillation_loss(out.logits, teacher_logits, targets, torch.ones_like(targets), alpha, temperature)
     return loss + out.aux_loss, {"ce": ce.item(), "distill": kd.item(), **batch_stats(batch)}
 
 

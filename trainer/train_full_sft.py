@@ -18,13 +18,12 @@ from dataset.lm_dataset import SFTDataset
 from trainer.loop import train_loop
 from trainer.tracking import init_tracker
 from trainer.trainer_utils import (DATA, batch_stats, build_parser, cli, data_kwargs, init_config, init_model, init_run,
-                                   masked_cross_entropy, resolve_data, restore, wrap_model)
+                                   resolve_data, restore, supervised_loss, wrap_model)
 
 
 def sft_loss(model, batch):
     """Cross-entropy on the assistant's tokens only (loss_mask), plus the MoE load-balancing loss."""
-    out = model(batch["input_ids"], position_ids=batch.get("position_ids"))
-    loss = masked_cross_entropy(out.logits, batch["labels"], batch["loss_mask"]) + out.aux_loss
+    loss, _ = supervised_loss(model, batch)
     return loss, batch_stats(batch)
 
 

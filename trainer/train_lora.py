@@ -17,14 +17,13 @@ from model.model_lora import apply_lora, freeze_non_lora, lora_parameters, save_
 from trainer.loop import train_loop
 from trainer.tracking import init_tracker
 from trainer.trainer_utils import (DATA, OUT, Logger, batch_stats, build_parser, cli, data_kwargs, init_config,
-                                   init_model, init_run, masked_cross_entropy, resolve_data, restore, weight_path,
+                                   init_model, init_run, resolve_data, restore, supervised_loss, weight_path,
                                    wrap_model)
 
 
 def lora_loss(model, batch):
     """The SFT loss (assistant tokens only); gradients reach only the adapters."""
-    out = model(batch["input_ids"], position_ids=batch.get("position_ids"))
-    loss = masked_cross_entropy(out.logits, batch["labels"], batch["loss_mask"]) + out.aux_loss
+    loss, _ = supervised_loss(model, batch)
     return loss, batch_stats(batch)
 
 

@@ -40,13 +40,12 @@ def tag_weights(targets: torch.Tensor, loss_mask: torch.Tensor, tag_ids, weight:
 def reason_loss(model, batch, tag_ids, tag_weight: float):
     """Cross-entropy on supervised tokens with `tag_weight` on the think/answer tags, normalised by the
     unweighted count of supervised tokens (as the original); plus the MoE load-balancing loss."""
-    out = model(batch["input_ids"], position_ids=batch.get("position_ids"))
     targets, loss_mask = batch["labels"], batch["loss_mask"]
     weights = tag_weights(targets, loss_mask, tag_ids, tag_weight).reshape(-1)
-    keep = weights > 0                                     # only supervised rows reach the softmax
-    ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1])[keep].float(), targets.reshape(-1)[keep],
-                         reduction="none")
-    return (ce * weights[keep]).sum() / loss_mask.sum().clamp_min(1) + out.aux_loss, batch_stats(batch)
+    at = (weights > 0).nonzero().squeeze(1)                # only supervised positions reach the output layer
+    out = model(batch["input_ids"], position_ids=batch.get("position_ids"), logits_at=at)
+    ce = F.cross_entropy(out.logits.float(), targets.reshape(-1).index_select(0, at), reduction="none")
+    return (ce * weights.index_select(0, at)).sum() / loss_mask.sum().clamp_min(1) + out.aux_loss, batch_stats(batch)
 
 
 def main(argv=None):

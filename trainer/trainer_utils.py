@@ -79,6 +79,20 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_mask:
     return F.cross_entropy(rows.float(), targets.reshape(-1)[mask])
 
 
+def supervised_loss(model, batch: dict):
+    """(token-level mean cross-entropy over the supervised positions + MoE load-balancing loss, model output).
+
+    The model computes logits only where loss_mask > 0 (`logits_at`): prompt tokens, padding and the last
+    token of each packed sample skip the output layer, which at vocab 6400 is a large share of a small
+    model's work. Equals masked_cross_entropy over the full logits (tests/test_trainer_utils.py)."""
+    at = (batch["loss_mask"].reshape(-1) > 0).nonzero().squeeze(1)
+    out = model(batch["input_ids"], position_ids=batch.get("position_ids"), logits_at=at)
+    if at.numel() == 0:
+        return out.logits.sum() * 0.0 + out.aux_loss, out
+    ce = F.cross_entropy(out.logits.float(), batch["labels"].reshape(-1).index_select(0, at))
+    return ce + out.aux_loss, out
+
+
 def batch_stats(batch: dict) -> dict:
     """What the loop logs about a supervised batch: useful tokens and all positions (padding included)."""
     return {"tokens": batch["tokens"], "positions": batch["input_ids"].numel()}
