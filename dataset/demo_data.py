@@ -29,8 +29,9 @@ under 90 tokens; the tool conversations, whose preamble is long, up to ~510), R1
 
 Held out: arithmetic pairs, compare/sort/unit/multi-step instances chosen by a CRC of their numbers never
 appear in any training file; for facts, the last question template of every kind is used only in
-eval.jsonl, while the facts themselves are taught by pretrain paragraphs and the other phrasings (SFT
-states every fact once before its random mix).
+eval.jsonl, while the facts themselves are taught by pretrain paragraphs (several wordings per fact) and the
+other phrasings (SFT states every fact once before its random mix, and opens about a third of its questions
+with "请问", "Quick question: " and the like, so a question's wording matters less than what it asks).
 Output depends only on (seed, scale): two runs write byte-identical files.
 """
 import argparse
@@ -288,6 +289,24 @@ STATEMENTS = {
     "months": {"zh": ["一年中的第{n}个月是{m}。", "{m}有{days}天。"],
                "en": ["{M} is the {nth} month of the year.", "{M} has {days} days."]},
 }
+# More wordings of the same facts, for pretrain paragraphs only (real text states a fact in many ways; none of
+# these is a question). Kept apart so the other files, the eval questions included, stay as they were.
+MORE_STATEMENTS = {
+    "countries": {"zh": ["{c}属于{o}。"], "en": ["{C} belongs to {o}."]},
+    "planets": {"zh": ["{p}是太阳系的第{n}颗行星。", "按离太阳由近到远的顺序，{p}排在第{n}位。"],
+                "en": ["In the list of planets going outward from the Sun, {p} is in position {n}."]},
+    "elements": {"zh": ["在元素周期表中，{e}是第{num}号。", "化学家把{e}写成{sym}。"],
+                 "en": ["The periodic table lists {e} as number {num}.", "Chemists write {e} as {sym}."]},
+    "sounds": {"zh": ["{x}叫起来是{snd}的声音。"], "en": ["The noise {ax} makes is {snd}."]},
+    "habitats": {"zh": ["{x}的家在{home}。"], "en": ["The home of {ax} is {home}.", "{HOME} is the kind of place where {ax} lives."]},
+    "legs": {"zh": ["{x}一共有{legs}条腿。"], "en": ["{AX} has got {legs} legs."]},
+    "colours": {"zh": ["{t}通常是{col}。"], "en": ["{T} is usually {col}."]},
+    "opposites": {"zh": ["“{w}”和“{opp}”的意思相反。"], "en": ['The words "{w}" and "{opp}" are opposite in meaning.']},
+    "days": {"zh": ["今天是{d}的话，明天就是{nxt}，昨天是{prv}。"],
+             "en": ["When today is {d}, tomorrow is {nxt} and yesterday was {prv}."]},
+    "months": {"zh": ["{m}排在一年的第{n}位。", "{m}总共有{days}天。"],
+               "en": ["In a year, {m} is in position {n}.", "The number of days in {m} is {days}."]},
+}
 SYSTEM_PROMPTS = {
     "zh": ["你是一个乐于助人的助手。", "你是MiniMind，请简洁地回答问题。", "请用一句话回答。"],
     "en": ["You are a helpful assistant.", "You are MiniMind. Answer briefly.", "Answer in one sentence."],
@@ -465,12 +484,13 @@ def unit_qa(i: int, v: int, lang: str, template: str) -> dict:
     """The question/answer for converting v of UNITS[i], asked with one of UNIT_QUESTIONS[lang]."""
     zf, zt, (es, ep), et, k = UNITS[i]
     r = v * k
+    product = "" if held_out(f"mul:{v}:{k}") else f"{v}×{k}="  # the worked step never shows a held-out product
     if lang == "zh":
-        ans, think = f"{v}{zf}等于{r}{zt}。", f"1{zf}等于{k}{zt}，所以{v}{zf}等于{v}×{k}={r}{zt}。"
+        ans, think = f"{v}{zf}等于{r}{zt}。", f"1{zf}等于{k}{zt}，所以{v}{zf}等于{product}{r}{zt}。"
         q = _fill(template, v=v, zf=zf, zt=zt)
     else:
         ef = es if v == 1 else ep
-        ans, think = f"{v} {ef} is {r} {et}.", f"One {es} is {k} {et}, so {v} {ef} is {v}*{k}={r} {et}."
+        ans, think = f"{v} {ef} is {r} {et}.", f"One {es} is {k} {et}, so {v} {ef} is {product.replace('×', '*')}{r} {et}."
         q = _fill(template, v=v, ef=ef, et=et)
     return dict(q=q, a=ans, key=str(r), kind="unit", think=think)
 
@@ -511,6 +531,24 @@ def qa_any(rng, lang):
     return rng.choice([qa_multi, qa_compare, qa_sort, qa_unit])(rng, lang)
 
 
+# Ways people open a question. SFT adds one to about a third of its questions, so the model learns to look past
+# the wording around the entity and the relation it is asked about (a tiny model otherwise keys on whole templates).
+ASK_PREFIXES = {"zh": ["请问", "我想问一下，", "你好，", "麻烦告诉我：", "考考你：", "问个问题："],
+                "en": ["Please tell me: ", "Quick question: ", "Hi! ", "I wonder: ", "Can you answer this? ", "Hey, "]}
+_LOWER_FIRST = {"What", "Which", "Where", "How", "Tell", "Name", "Count", "Give", "Calculate", "Add", "Subtract",
+                "Multiply", "Sort", "Put", "Compare", "Convert", "Write", "Do", "Who", "Are", "Can", "Introduce"}
+
+
+def ask(rng, q: str, lang: str, p: float = 0.35) -> str:
+    """q, or q after one of ASK_PREFIXES (probability p); English questions then start in lower case."""
+    if rng.random() >= p:
+        return q
+    prefix = rng.choice(ASK_PREFIXES[lang])
+    if lang == "en" and q.split(" ", 1)[0] in _LOWER_FIRST:
+        q = q[0].lower() + q[1:]
+    return prefix + q
+
+
 def _lang(rng) -> str:
     return "zh" if rng.random() < 0.6 else "en"
 
@@ -530,7 +568,7 @@ def gen_pretrain(rng, n):
         if r < 0.45:  # facts about one entity
             table = rng.choice(list(STATEMENTS))
             f = rng.choice(TABLES[table])[lang]
-            stmts = STATEMENTS[table][lang]
+            stmts = STATEMENTS[table][lang] + MORE_STATEMENTS[table][lang]
             picks = rng.sample(stmts, min(len(stmts), rng.randint(1, 3)))
             return ("" if lang == "zh" else " ").join(_fill(s, **f) for s in picks)
         if r < 0.60:  # a worked sum/product table, skipping held-out pairs
@@ -615,13 +653,16 @@ def tool_conversation(rng, lang):
 def gen_sft(rng, n):
     # First every fact once (each kind x row x language, in a training phrasing), so each held-out eval fact
     # is taught in SFT too; then a random mix.
+    # Questions get an opening from ASK_PREFIXES now and then, drawn from their own RNG stream.
     every_fact = [(k, row, lang) for k in KINDS for row in TABLES[KINDS[k][0]] for lang in ("zh", "en")]
     rng.shuffle(every_fact)
+    phrasing = random.Random(rng.random())
     out = []
     for kind, row, lang in every_fact[:n // 6]:
         _, _, qs, ans = KINDS[kind]
         f = row[lang]
-        out.append({"conversations": _conv(_fill(rng.choice(qs[lang][:-1]), **f), _fill(ans[lang], **f))})
+        out.append({"conversations": _conv(ask(phrasing, _fill(rng.choice(qs[lang][:-1]), **f), lang),
+                                           _fill(ans[lang], **f))})
     while len(out) < n:
         lang, r = _lang(rng), rng.random()
         system = rng.choice(SYSTEM_PROMPTS[lang]) if rng.random() < 0.15 else None
@@ -631,22 +672,22 @@ def gen_sft(rng, n):
             conv = _conv(*rng.choice(GREETINGS[lang]), system=system)
         elif r < 0.12:
             qa = qa_identity(rng, lang)
-            conv = _conv(qa["q"], qa["a"], system=system)
+            conv = _conv(ask(phrasing, qa["q"], lang), qa["a"], system=system)
         elif r < 0.20:  # multi-turn: a follow-up that relies on the first turn ("那德国呢？")
             _, _, qs, ans = KINDS["capital"]
             f1, f2 = (x[lang] for x in rng.sample(COUNTRIES, 2))
             follow = f"那{f2['c']}呢？" if lang == "zh" else f"What about {f2['c']}?"
-            conv = _conv(_fill(rng.choice(qs[lang][:-1]), **f1), _fill(ans[lang], **f1), follow, _fill(ans[lang], **f2),
-                         system=system)
+            conv = _conv(ask(phrasing, _fill(rng.choice(qs[lang][:-1]), **f1), lang), _fill(ans[lang], **f1), follow,
+                         _fill(ans[lang], **f2), system=system)
         elif r < 0.28:  # multi-turn: unrelated questions
             turns = []
             for _ in range(rng.randint(2, 3)):
                 qa = qa_any(rng, lang)
-                turns += [qa["q"], qa["a"]]
+                turns += [ask(phrasing, qa["q"], lang), qa["a"]]
             conv = _conv(*turns, system=system)
         else:
             qa = qa_any(rng, lang)
-            conv = _conv(qa["q"], qa["a"], system=system)
+            conv = _conv(ask(phrasing, qa["q"], lang), qa["a"], system=system)
         out.append({"conversations": conv})
     rng.shuffle(out)
     return out

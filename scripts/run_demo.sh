@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-command demo (README command #1): a tokenizer check, pretraining, SFT and a LoRA adapter for a
 # small MiniMind on the built-in demo corpus, then a scripted chat on questions held out of training.
-# Offline, CPU only, about 9 minutes on 2 cores. Weights go to out/, resume files to checkpoints/,
+# Offline, CPU only, about 11 minutes on 2 cores. Weights go to out/, resume files to checkpoints/,
 # curves to out/demo_loss.png (README's images/demo_loss.png is a committed picture of one run).
 # Afterwards: python eval_llm.py --weight full_sft
 #
@@ -42,7 +42,7 @@ python trainer/train_full_sft.py $RUN --save_dir "$OUT" --data_path "$DATA/sft.j
 # 5. The scripted chat: answers to the held-out questions, and the accuracy.
 python scripts/eval_demo.py --save_dir "$OUT" --weight full_sft $SIZE --eval_path "$DATA/eval.jsonl" --show 12
 
-# 6. Post-training: a LoRA adapter (base weights frozen) that teaches the model its name.
+# 6. Post-training: a LoRA adapter (base weights frozen) trained on who the model is; identity questions before and after.
 python scripts/eval_demo.py --save_dir "$OUT" --weight full_sft $SIZE --eval_path "$DATA/eval.jsonl" --kinds identity --show 4
 python trainer/train_lora.py $RUN --save_dir "$OUT/lora" --from_dir "$OUT" --data_path "$DATA/lora_identity.jsonl" \
     --lora_name lora_identity --epochs 6 --batch_size 2 --max_seq_len 128 --learning_rate 2e-3 --save_interval 1000

@@ -160,8 +160,9 @@ def test_rlaif_units_train_and_held_out_prompts(full):
         # the pair's answer sentence never appears in training either ("6周等于42天。", "6 weeks is 42 days.")
         for lang in ("zh", "en"):
             assert unseen(dd.unit_qa(i, v, lang, dd.UNIT_QUESTIONS[lang][0])["a"])
-    sft_questions = {m["content"] for r in full["sft"] for m in r["conversations"] if m["role"] == "user"}
-    assert sum(r["conversations"][0]["content"] in sft_questions for r in full["rlaif_units"]) > 100  # SFT taught it
+    sft_questions = {without_opening(m["content"]) for r in full["sft"] for m in r["conversations"] if m["role"] == "user"}
+    taught = sum(without_opening(r["conversations"][0]["content"]) in sft_questions for r in full["rlaif_units"])
+    assert taught > 100  # SFT taught it
 
 
 def test_r1_format(full):
@@ -185,6 +186,15 @@ def test_lora_files(full):
     assert not any(d in pretrain_and_sft for d in dishes)  # the LoRA domain is new knowledge
 
 
+def without_opening(q: str) -> str:
+    """q without a leading dataset.demo_data.ask opening, first letter lower-cased."""
+    for lang in ("zh", "en"):
+        for p in dd.ASK_PREFIXES[lang]:
+            if q.startswith(p):
+                q = q[len(p):]
+    return q[:1].lower() + q[1:]
+
+
 def test_eval_format_and_mix(full):
     kinds = {row["kind"] for row in full["eval"]}
     for row in full["eval"]:
@@ -198,6 +208,25 @@ def test_eval_questions_are_held_out(full):
     train = training_text(full)
     leaked = [row["question"] for row in full["eval"] if row["question"] in train]
     assert leaked == []
+
+
+def test_held_out_phrasings_never_in_training(full):
+    """The held-out question template of every fact kind matches no training text, whatever fills it and
+    whatever opening (dataset.demo_data.ask) comes before it; the training templates do occur."""
+    train = training_text(full)
+    for kind, (_, _, questions, _) in dd.KINDS.items():
+        for lang in ("zh", "en"):
+            *taught, held = questions[lang]
+            pattern = lambda t: re.sub(r"\\\{\w+\\\}", ".+?", re.escape(t)).replace("\\ ", " ")
+            assert not re.search(pattern(held), train, flags=re.I), (kind, lang, held)
+            assert all(re.search(pattern(t), train, flags=re.I) for t in taught), (kind, lang)
+
+
+def test_sft_questions_vary_their_opening(full):
+    """About a third of SFT questions start with one of the openings people use ("请问", "Quick question: ")."""
+    firsts = [m["content"] for row in full["sft"] for m in row["conversations"] if m["role"] == "user"][:2000]
+    opened = [q for q in firsts if any(q.startswith(p) for lang in ("zh", "en") for p in dd.ASK_PREFIXES[lang])]
+    assert 0.2 < len(opened) / len(firsts) < 0.45
 
 
 def test_held_out_arithmetic_never_in_training(full):
