@@ -10,9 +10,9 @@ saved to a temp dir), once with --max_batch N and once with --max_batch 1 (and, 
 that checkout's server), and drives each with the `openai` package: C concurrent streaming clients,
 each with a different prompt, temperature 0 and max_tokens --new_tokens. Per server and C it prints
 total completion tokens/s (all streams, wall clock from the first request to the last [DONE]), p50/p95
-time to first token (request handed to the network by httpx -> first content chunk; the clients' own request
-building in this process is not counted, the last column counts it) and p50/p95 inter-token latency (gaps between
-content chunks of a stream), then the ratios the serving issue targets. --batch_sweep measures the
+time to first token (request handed to the network by httpx -> first content chunk; the clients' own
+request building in this process is not counted, the last column counts it) and p50/p95 inter-token
+latency (gaps between content chunks of a stream), then the ratios the serving issue targets. --batch_sweep measures the
 engine without HTTP instead (B requests at once at --max_batch B). Writes only a temp dir.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

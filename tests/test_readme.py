@@ -55,7 +55,8 @@ def test_every_python_command_names_a_real_script_and_real_flags():
     with ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2))) as pool:
         checked = dict(zip(paths, pool.map(help_text, paths)))
     for line, path in lines:
-        tokens, script = line.split(), line.split()[1]
+        tokens = line.split()
+        script = tokens[1]
         for flag in (t.split("=")[0] for t in tokens[2:] if t.startswith("--")):
             assert re.search(rf"{re.escape(flag)}\b", checked[path]), f"{flag} not in {script} --help: {line}"
     assert len(checked) >= 15

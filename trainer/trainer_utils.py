@@ -83,8 +83,9 @@ def supervised_loss(model, batch: dict):
     """(token-level mean cross-entropy over the supervised positions + MoE load-balancing loss, model output).
 
     The model computes logits only where loss_mask > 0 (`logits_at`): prompt tokens, padding and the last
-    token of each packed sample skip the output layer, which at vocab 6400 is a large share of a small
-    model's work. Equals masked_cross_entropy over the full logits (tests/test_trainer_utils.py)."""
+    token of each packed sample skip the output layer, and the batch x seq x vocab logits (and their gradient)
+    are never held, which lowers peak memory (README, bench/bench_train.py). Equals masked_cross_entropy over
+    the full logits (tests/test_trainer_utils.py)."""
     at = (batch["loss_mask"].reshape(-1) > 0).nonzero().squeeze(1)
     out = model(batch["input_ids"], position_ids=batch.get("position_ids"), logits_at=at)
     if at.numel() == 0:
