@@ -307,6 +307,56 @@ MORE_STATEMENTS = {
     "months": {"zh": ["{m}排在一年的第{n}位。", "{m}总共有{days}天。"],
                "en": ["In a year, {m} is in position {n}.", "The number of days in {m} is {days}."]},
 }
+# More training phrasings of the questions, for SFT only (kept apart so that the eval, DPO, RL and LoRA files stay
+# as they were). With three phrasings per kind a tiny model keys on whole templates; with seven in varied word
+# orders it learns to find the entity and the relation. None is, or contains, a held-out phrasing
+# (tests/test_demo_data.py).
+MORE_QUESTIONS = {
+    "capital": {"zh": ["{c}的首都在哪儿？", "说出{c}的首都。", "{c}的首都城市是？", "哪座城市是{c}的首都？"],
+                "en": ["{C}'s capital is which city?", "Name the capital city of {c}.", "What city is the capital of {c}?",
+                       "Capital of {c}?"]},
+    "continent": {"zh": ["{c}是哪个大洲的？", "说出{c}所在的大洲。", "{c}在世界的哪个洲？", "哪个大洲有{c}这个国家？"],
+                  "en": ["Name the continent of {c}.", "{C} is on which continent?", "What continent is {c} part of?",
+                         "Which part of the world is {c} in?"]},
+    "planet_order": {"zh": ["{p}是太阳系里第几近的行星？", "说出{p}离太阳的位次。", "{p}在行星里排第几？", "从太阳数起，{p}是第几颗？"],
+                     "en": ["Where does {p} come in the order of planets?", "{P} is which planet from the Sun?",
+                            "Tell me the place of {p} counting from the Sun.", "In order from the Sun, what number is {p}?"]},
+    "planet": {"zh": ["第{n}颗行星是哪一颗？", "太阳系的第{n}颗行星叫什么？", "从太阳数起，第{n}颗是哪颗行星？", "说出离太阳第{n}近的行星。"],
+               "en": ["Tell me planet number {n} from the Sun.", "From the Sun, which planet is number {n}?",
+                      "Planet {n} from the Sun is which one?", "Which planet is in place {n} from the Sun?"]},
+    "element_symbol": {"zh": ["{e}的符号是什么？", "{e}用哪个字母表示？", "说出{e}的化学符号。", "{e}的元素符号是哪个？"],
+                       "en": ["What letters stand for {e}?", "Give the symbol of {e}.", "{E} has which chemical symbol?",
+                              "Symbol for {e}?"]},
+    "element_number": {"zh": ["说出{e}的原子序数。", "{e}排第几号？", "{e}元素是几号？", "{e}的原子序数是几号？"],
+                       "en": ["{E} has which atomic number?", "Give the atomic number of {e}.",
+                              "What number is the element {e}?", "Atomic number of {e}?"]},
+    "animal_sound": {"zh": ["{x}发出什么叫声？", "说出{x}的叫声。", "{x}的声音是怎么样的？", "{x}叫起来是什么声音？"],
+                     "en": ["How does {ax} call?", "{AX} makes what sound?", "Tell me the sound of {ax}.",
+                            "What do you hear from {ax}?"]},
+    "habitat": {"zh": ["{x}在哪里生活？", "说出{x}生活的地方。", "{x}的住处在哪儿？", "野生的{x}住在哪里？"],
+                "en": ["Where is the home of {ax}?", "{AX} lives where?", "Tell me where {ax} lives.",
+                       "Where would you find {ax}?"]},
+    "legs": {"zh": ["{x}长了几条腿？", "说出{x}腿的数量。", "{x}的腿有多少条？", "{x}身上有几条腿？"],
+             "en": ["{AX} has how many legs?", "Tell me how many legs {ax} has.", "Number of legs of {ax}?",
+                    "How many legs are on {ax}?"]},
+    "colour": {"zh": ["{t}的颜色是什么？", "说说{t}的颜色。", "{t}一般是什么色？", "{t}看起来是什么颜色？"],
+               "en": ["{T} is what color?", "What is the color of {t}?", "Which color is {t}?", "Say the color of {t}."]},
+    "opposite": {"zh": ["“{w}”的相反词是什么？", "说出“{w}”的反义词。", "“{w}”反过来是什么？", "给出“{w}”的反义词。"],
+                 "en": ['Name the opposite of "{w}".', 'What is the antonym of "{w}"?', 'Tell me the opposite of "{w}".',
+                        'The opposite of "{w}" is what?']},
+    "next_day": {"zh": ["{d}后面是星期几？", "{d}之后的一天是星期几？", "说出{d}的下一天。", "紧跟在{d}后面的是星期几？"],
+                 "en": ["Tell me the day after {d}.", "After {d}, which day comes?", "Name the day that follows {d}.",
+                        "{d} is followed by which day?"]},
+    "prev_day": {"zh": ["{d}前面是星期几？", "{d}之前是星期几？", "说出{d}的前一天。", "紧挨在{d}前面的是星期几？"],
+                 "en": ["Tell me the day before {d}.", "Before {d}, which day comes?", "Name the day just before {d}.",
+                        "{d} comes right after which day?"]},
+    "month": {"zh": ["说出一年中的第{n}个月。", "一年的第{n}个月是什么月份？", "第{n}个月是几月份？", "排在一年第{n}位的是几月？"],
+              "en": ["Name month {n} of the year.", "Month {n} of the year is which month?", "Tell me the {nth} month.",
+                     "What is the {nth} month of the year?"]},
+    "month_days": {"zh": ["{m}有几天？", "说出{m}的天数。", "{m}一共多少天？", "{m}这个月有多少天？"],
+                   "en": ["{M} has how many days?", "Tell me how many days {m} has.", "Count the days in {m}.",
+                          "How long is {m} in days?"]},
+}
 SYSTEM_PROMPTS = {
     "zh": ["你是一个乐于助人的助手。", "你是MiniMind，请简洁地回答问题。", "请用一句话回答。"],
     "en": ["You are a helpful assistant.", "You are MiniMind. Answer briefly.", "Answer in one sentence."],
@@ -512,7 +562,7 @@ def qa_fact(rng, lang, kind=None, heldout=False, kinds=KINDS):
     # R1 reasoning recalls a statement that contains the asked fact
     stmts = [t for t in STATEMENTS.get(table, {}).get(lang, []) if "{%s}" % field in t] or [ans[lang]]
     think = ("让我想一想。" if lang == "zh" else "Let me think. ") + _fill(rng.choice(stmts), **f)
-    return dict(q=_fill(q, **f), a=_fill(ans[lang], **f), key=str(f[field]), kind=kind, think=think)
+    return dict(q=_fill(q, **f), a=_fill(ans[lang], **f), key=str(f[field]), kind=kind, think=think, fill=f)
 
 
 def qa_identity(rng, lang, heldout=False):
@@ -536,7 +586,8 @@ def qa_any(rng, lang):
 ASK_PREFIXES = {"zh": ["请问", "我想问一下，", "你好，", "麻烦告诉我：", "考考你：", "问个问题："],
                 "en": ["Please tell me: ", "Quick question: ", "Hi! ", "I wonder: ", "Can you answer this? ", "Hey, "]}
 _LOWER_FIRST = {"What", "Which", "Where", "How", "Tell", "Name", "Count", "Give", "Calculate", "Add", "Subtract",
-                "Multiply", "Sort", "Put", "Compare", "Convert", "Write", "Do", "Who", "Are", "Can", "Introduce"}
+                "Multiply", "Sort", "Put", "Compare", "Convert", "Write", "Do", "Who", "Are", "Can", "Introduce",
+                "Say", "From", "In", "After", "Before", "Capital", "Symbol", "Atomic", "Number", "Planet", "Month"}
 
 
 def ask(rng, q: str, lang: str, p: float = 0.35) -> str:
@@ -547,6 +598,21 @@ def ask(rng, q: str, lang: str, p: float = 0.35) -> str:
     if lang == "en" and q.split(" ", 1)[0] in _LOWER_FIRST:
         q = q[0].lower() + q[1:]
     return prefix + q
+
+
+def reword(rng, q: str, kind: str, fill: dict, lang: str) -> str:
+    """q, or the same question in one of MORE_QUESTIONS[kind] (each of the seven phrasings about equally often)."""
+    extra = MORE_QUESTIONS.get(kind, {}).get(lang)
+    if not extra or rng.random() >= len(extra) / (len(extra) + 3):
+        return q
+    return _fill(rng.choice(extra), **fill)
+
+
+def _ask_any(rng, qa: dict, lang: str) -> str:
+    """A training question of qa_any as SFT asks it: maybe reworded, maybe with an opening."""
+    if "fill" in qa:
+        return ask(rng, reword(rng, qa["q"], qa["kind"], qa["fill"], lang), lang)
+    return ask(rng, qa["q"], lang)
 
 
 def _lang(rng) -> str:
@@ -661,8 +727,8 @@ def gen_sft(rng, n):
     for kind, row, lang in every_fact[:n // 6]:
         _, _, qs, ans = KINDS[kind]
         f = row[lang]
-        out.append({"conversations": _conv(ask(phrasing, _fill(rng.choice(qs[lang][:-1]), **f), lang),
-                                           _fill(ans[lang], **f))})
+        q = reword(phrasing, _fill(rng.choice(qs[lang][:-1]), **f), kind, f, lang)
+        out.append({"conversations": _conv(ask(phrasing, q, lang), _fill(ans[lang], **f))})
     while len(out) < n:
         lang, r = _lang(rng), rng.random()
         system = rng.choice(SYSTEM_PROMPTS[lang]) if rng.random() < 0.15 else None
@@ -677,17 +743,18 @@ def gen_sft(rng, n):
             _, _, qs, ans = KINDS["capital"]
             f1, f2 = (x[lang] for x in rng.sample(COUNTRIES, 2))
             follow = f"那{f2['c']}呢？" if lang == "zh" else f"What about {f2['c']}?"
-            conv = _conv(ask(phrasing, _fill(rng.choice(qs[lang][:-1]), **f1), lang), _fill(ans[lang], **f1), follow,
+            q = reword(phrasing, _fill(rng.choice(qs[lang][:-1]), **f1), "capital", f1, lang)
+            conv = _conv(ask(phrasing, q, lang), _fill(ans[lang], **f1), follow,
                          _fill(ans[lang], **f2), system=system)
         elif r < 0.28:  # multi-turn: unrelated questions
             turns = []
             for _ in range(rng.randint(2, 3)):
                 qa = qa_any(rng, lang)
-                turns += [ask(phrasing, qa["q"], lang), qa["a"]]
+                turns += [_ask_any(phrasing, qa, lang), qa["a"]]
             conv = _conv(*turns, system=system)
         else:
             qa = qa_any(rng, lang)
-            conv = _conv(ask(phrasing, qa["q"], lang), qa["a"], system=system)
+            conv = _conv(_ask_any(phrasing, qa, lang), qa["a"], system=system)
         out.append({"conversations": conv})
     rng.shuffle(out)
     return out
