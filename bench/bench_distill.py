@@ -1,6 +1,6 @@
 """Does white-box distillation beat plain SFT for a small student? Both on the demo corpus, same steps.
 
-    python bench/bench_distill.py            # about 8 min on a 2-core CPU, after scripts/run_demo.sh
+    python bench/bench_distill.py            # about 9 min on a 2-core CPU, after scripts/run_demo.sh
 Teacher: the demo's SFT model (out/full_sft_256.pth, 256x4; run scripts/run_demo.sh first). Student: a
 smaller MiniMind (default 128x4), pretrained once on the demo pretrain text, then trained on the demo SFT
 dialogues twice from that same start, with the same data order, steps and learning rate:
@@ -66,7 +66,8 @@ def main(argv=None):
     p.add_argument("--eval_path", type=Path, default=DEMO / "eval.jsonl")
     p.add_argument("--val_dialogues", type=int, default=300)
     p.add_argument("--epochs", type=int, default=3, help="SFT / distillation epochs (same for both)")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="packed rows per step (one 512-token row holds about 9 demo dialogues, as in the demo)")
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--max_seq_len", type=int, default=512)
     p.add_argument("--alpha", type=float, default=0.5, help="CE weight of the distillation loss")
@@ -92,8 +93,8 @@ def main(argv=None):
     t0 = time.time()
     if not weight_path(work, "pretrain", argparse.Namespace(hidden_size=sh)).exists():
         train_pretrain.main(to_argv({**common, "hidden_size": sh, "num_hidden_layers": sl, "from_weight": "none",
-                                     "data_path": args.pretrain_path, "epochs": 1, "batch_size": 8,
-                                     "learning_rate": 2e-3}))
+                                     "data_path": args.pretrain_path, "epochs": 2, "batch_size": 2,
+                                     "max_seq_len": 256, "learning_rate": 2e-3}))   # the demo's pretraining
     times["pretrain"] = time.time() - t0
     stage = {**common, "data_path": args.sft_path, "epochs": args.epochs, "batch_size": args.batch_size,
              "learning_rate": args.learning_rate, "max_seq_len": args.max_seq_len}

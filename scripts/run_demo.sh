@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-command demo (README command #1): a tokenizer check, pretraining, SFT and a LoRA adapter for a
 # small MiniMind on the built-in demo corpus, then a scripted chat on questions held out of training.
-# Offline, CPU only, about 11 minutes on 2 cores. Weights go to out/, resume files to checkpoints/,
+# Offline, CPU only, about 10 minutes on 2 cores. Weights go to out/, resume files to checkpoints/,
 # curves to out/demo_loss.png (README's images/demo_loss.png is a committed picture of one run).
 # Afterwards: python eval_llm.py --weight full_sft
 #
@@ -37,7 +37,7 @@ python trainer/train_pretrain.py $RUN --save_dir "$OUT" --data_path "$DATA/pretr
 
 # 4. SFT: learn to answer in the chat template (loss on the assistant's replies only).
 python trainer/train_full_sft.py $RUN --save_dir "$OUT" --data_path "$DATA/sft.jsonl" \
-    --epochs 5 --batch_size 1 --max_seq_len 512 --learning_rate 1e-3
+    --epochs 6 --batch_size 1 --max_seq_len 512 --learning_rate 1e-3
 
 # 5. The scripted chat: answers to the held-out questions, and the accuracy.
 python scripts/eval_demo.py --save_dir "$OUT" --weight full_sft $SIZE --eval_path "$DATA/eval.jsonl" --show 12
