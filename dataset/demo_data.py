@@ -30,8 +30,9 @@ under 90 tokens; the tool conversations, whose preamble is long, up to ~510), R1
 Held out: arithmetic pairs, compare/sort/unit/multi-step instances chosen by a CRC of their numbers never
 appear in any training file; for facts, the last question template of every kind is used only in
 eval.jsonl, while the facts themselves are taught by pretrain paragraphs (several wordings per fact) and the
-other phrasings (SFT states every fact once before its random mix, and opens about a third of its questions
-with "请问", "Quick question: " and the like, so a question's wording matters less than what it asks).
+other phrasings (SFT states every fact once before its random mix, asks each kind in seven phrasings: the three
+training templates of KINDS and four of MORE_QUESTIONS, and opens about a third of its questions with "请问",
+"Quick question: " and the like, so a question's wording matters less than what it asks).
 Output depends only on (seed, scale): two runs write byte-identical files.
 """
 import argparse
