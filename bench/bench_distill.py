@@ -8,7 +8,8 @@ dialogues twice from that same start, with the same data order, steps and learni
   (b) distillation (trainer/train_distillation.py, alpha * CE + (1 - alpha) * T^2 * KL to the teacher).
 Each model is scored on held-out SFT dialogues (the demo generator with another seed, minus any dialogue in
 the training file): mean cross-entropy per supervised token, and greedy accuracy on dataset/demo/eval.jsonl.
-Writes {work_dir}/ (weights, metrics, distill_bench.json) and prints a markdown table.
+Writes {work_dir}/ (weights, metrics, distill_bench.json) and prints a markdown table. The pretrained student
+in {work_dir} is reused by the next run: delete it after changing the pretraining settings or data.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse

@@ -310,12 +310,12 @@ MORE_STATEMENTS = {
 }
 # More training phrasings of the questions, for SFT only (kept apart so that the eval, DPO, RL and LoRA files stay
 # as they were). With three phrasings per kind a tiny model keys on whole templates; with seven in varied word
-# orders it learns to find the entity and the relation. None is, or contains, a held-out phrasing
+# orders it learns to find the entity and the relation. None is, contains, or ends a held-out phrasing
 # (tests/test_demo_data.py).
 MORE_QUESTIONS = {
     "capital": {"zh": ["{c}的首都在哪儿？", "说出{c}的首都。", "{c}的首都城市是？", "哪座城市是{c}的首都？"],
                 "en": ["{C}'s capital is which city?", "Name the capital city of {c}.", "What city is the capital of {c}?",
-                       "Capital of {c}?"]},
+                       "Capital city of {c}, please?"]},
     "continent": {"zh": ["{c}是哪个大洲的？", "说出{c}所在的大洲。", "{c}在世界的哪个洲？", "哪个大洲有{c}这个国家？"],
                   "en": ["Name the continent of {c}.", "{C} is on which continent?", "What continent is {c} part of?",
                          "Which part of the world is {c} in?"]},
@@ -588,7 +588,8 @@ ASK_PREFIXES = {"zh": ["请问", "我想问一下，", "你好，", "麻烦告�
                 "en": ["Please tell me: ", "Quick question: ", "Hi! ", "I wonder: ", "Can you answer this? ", "Hey, "]}
 _LOWER_FIRST = {"What", "Which", "Where", "How", "Tell", "Name", "Count", "Give", "Calculate", "Add", "Subtract",
                 "Multiply", "Sort", "Put", "Compare", "Convert", "Write", "Do", "Who", "Are", "Can", "Introduce",
-                "Say", "From", "In", "After", "Before", "Capital", "Symbol", "Atomic", "Number", "Planet", "Month"}
+                "Say", "From", "In", "After", "Before", "Capital", "Symbol", "Atomic", "Number", "Planet", "Month",
+                "A", "An", "The"}
 
 
 def ask(rng, q: str, lang: str, p: float = 0.35) -> str:

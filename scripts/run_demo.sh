@@ -37,7 +37,7 @@ python trainer/train_pretrain.py $RUN --save_dir "$OUT" --data_path "$DATA/pretr
 
 # 4. SFT: learn to answer in the chat template (loss on the assistant's replies only).
 python trainer/train_full_sft.py $RUN --save_dir "$OUT" --data_path "$DATA/sft.jsonl" \
-    --epochs 6 --batch_size 1 --max_seq_len 512 --learning_rate 1e-3
+    --epochs 5 --batch_size 1 --max_seq_len 512 --learning_rate 1e-3
 
 # 5. The scripted chat: answers to the held-out questions, and the accuracy.
 python scripts/eval_demo.py --save_dir "$OUT" --weight full_sft $SIZE --eval_path "$DATA/eval.jsonl" --show 12

@@ -234,6 +234,17 @@ def test_more_questions_are_taught(full):
                 assert re.search(pattern(t), sft, flags=re.I), (kind, t)
 
 
+def test_no_training_question_is_part_of_a_held_out_one(full):
+    """No SFT question (without its opening) lies inside a held-out fact question: "Capital of Spain?" in
+    training would make "Do you know the name of the capital of Spain?" partly seen (it once did)."""
+    asked = {without_opening(m["content"]).lower() for row in full["sft"] for m in row["conversations"]
+             if m["role"] == "user"}
+    for row in full["eval"]:
+        if row["kind"] in dd.KINDS:
+            q = row["question"].lower()
+            assert not [t for t in asked if len(t) >= 6 and t in q], row["question"]
+
+
 def test_sft_questions_vary_their_opening(full):
     """About a third of SFT questions start with one of the openings people use ("请问", "Quick question: ")."""
     firsts = [m["content"] for row in full["sft"] for m in row["conversations"] if m["role"] == "user"][:2000]
