@@ -605,7 +605,8 @@ def ask(rng, q: str, lang: str, p: float = 0.35) -> str:
 def reword(rng, q: str, kind: str, fill: dict, lang: str) -> str:
     """q, or the same question in one of MORE_QUESTIONS[kind] (each of the seven phrasings about equally often)."""
     extra = MORE_QUESTIONS.get(kind, {}).get(lang)
-    if not extra or rng.random() >= len(extra) / (len(extra) + 3):
+    taught = len(KINDS[kind][2][lang]) - 1 if kind in KINDS else 0   # the last template is held out
+    if not extra or rng.random() >= len(extra) / (len(extra) + taught):
         return q
     return _fill(rng.choice(extra), **fill)
 

@@ -186,6 +186,11 @@ def test_lora_files(full):
     assert not any(d in pretrain_and_sft for d in dishes)  # the LoRA domain is new knowledge
 
 
+def template_pattern(template: str) -> str:
+    """A regex matching the template with any filling of its {fields}."""
+    return re.sub(r"\\\{\w+\\\}", ".+?", re.escape(template)).replace("\\ ", " ")
+
+
 def without_opening(q: str) -> str:
     """q without a leading dataset.demo_data.ask opening, first letter lower-cased."""
     for lang in ("zh", "en"):
@@ -217,21 +222,19 @@ def test_held_out_phrasings_never_in_training(full):
     for kind, (_, _, questions, _) in dd.KINDS.items():
         for lang in ("zh", "en"):
             *taught, held = questions[lang]
-            pattern = lambda t: re.sub(r"\\\{\w+\\\}", ".+?", re.escape(t)).replace("\\ ", " ")
-            assert not re.search(pattern(held), train, flags=re.I), (kind, lang, held)
-            assert all(re.search(pattern(t), train, flags=re.I) for t in taught), (kind, lang)
+            assert not re.search(template_pattern(held), train, flags=re.I), (kind, lang, held)
+            assert all(re.search(template_pattern(t), train, flags=re.I) for t in taught), (kind, lang)
 
 
 def test_more_questions_are_taught(full):
     """Every extra phrasing of a fact question (MORE_QUESTIONS) is asked in SFT; the held-out ones never are
     (test_held_out_phrasings_never_in_training)."""
     sft = training_text({"sft": full["sft"]})
-    pattern = lambda t: re.sub(r"\\\{\w+\\\}", ".+?", re.escape(t)).replace("\\ ", " ")
     assert set(dd.MORE_QUESTIONS) == set(dd.KINDS)
     for kind, by_lang in dd.MORE_QUESTIONS.items():
         for lang, templates in by_lang.items():
             for t in templates:
-                assert re.search(pattern(t), sft, flags=re.I), (kind, t)
+                assert re.search(template_pattern(t), sft, flags=re.I), (kind, t)
 
 
 def test_no_training_question_is_part_of_a_held_out_one(full):
