@@ -112,9 +112,9 @@ def test_hostile_data_lines_are_one_line_naming_the_file_and_line(tmp_path, corp
     res = run_script(tiny_train_args(tmp_path, path, num_workers=workers, packing=1 - workers))
     assert res.returncode == 2
     assert one_error_line(res).startswith(f"error: {path}:6: ")
-    res = run_script(tiny_train_args(tmp_path, path, max_steps=2, num_workers=workers, skip_bad_lines=1))
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "skipped 1 of 49 lines" in res.stderr
+    # --skip_bad_lines 1 trains past it (in this process: the one-line error above is what needs a fresh one)
+    with pytest.warns(UserWarning, match="skipped 1 of 49 lines"):
+        train_pretrain.main(tiny_train_args(tmp_path, path, max_steps=2, num_workers=workers, skip_bad_lines=1))
 
 
 def test_bad_resume_files_and_a_full_disk_are_one_line(tmp_path, corpus):

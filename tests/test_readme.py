@@ -35,9 +35,10 @@ def readme_python_lines():
 
 def test_every_python_command_names_a_real_script_and_real_flags():
     """The flags typed in README exist in the script's own --help (so no command fails on a typo)."""
+    import json
     import subprocess
     import sys
-    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
     lines = []
     for line in readme_python_lines():
         script = line.split()[1]
@@ -45,15 +46,27 @@ def test_every_python_command_names_a_real_script_and_real_flags():
         assert path.is_file(), line
         lines.append((line, path))
 
-    def help_text(path):  # most of the time is imports: run the scripts' --help side by side
-        res = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=300,
-                             cwd=ROOT)
-        assert res.returncode == 0, (path, res.stderr[-500:])
-        return res.stdout
-
-    paths = list(dict.fromkeys(path for _, path in lines))
-    with ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2))) as pool:
-        checked = dict(zip(paths, pool.map(help_text, paths)))
+    # one process runs every script's --help in turn (runpy, as `python script --help` would): the imports,
+    # most of the time, are paid once
+    driver = ("import contextlib, io, json, runpy, sys\n"
+              "out = {}\n"
+              "for path in sys.argv[1:]:\n"
+              "    buf, code = io.StringIO(), None\n"
+              "    sys.argv = [path, '--help']\n"
+              "    with contextlib.redirect_stdout(buf):\n"
+              "        try:\n"
+              "            runpy.run_path(path, run_name='__main__')\n"
+              "        except SystemExit as e:\n"
+              "            code = e.code\n"
+              "    out[path] = [code, buf.getvalue()]\n"
+              "print(json.dumps(out))\n")
+    paths = [str(p) for p in dict.fromkeys(path for _, path in lines)]
+    res = subprocess.run([sys.executable, "-c", driver, *paths], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    helps = json.loads(res.stdout.strip().splitlines()[-1])
+    for path, (code, text) in helps.items():
+        assert code in (0, None) and "usage:" in text, (path, code, text[-500:])
+    checked = {Path(p): text for p, (_, text) in helps.items()}
     for line, path in lines:
         tokens = line.split()
         script = tokens[1]

@@ -3,7 +3,7 @@
     python trainer/train_full_sft.py                        # or: cd trainer && python train_full_sft.py
     torchrun --nproc_per_node 2 trainer/train_full_sft.py   # deepspeed --num_gpus=2 trainer/train_full_sft.py
     python trainer/train_full_sft.py --device cpu --hidden_size 64 --num_hidden_layers 2 \\
-        --data_path dataset/demo/sft.jsonl --max_steps 20   # tiny CPU run, seconds
+        --data_path dataset/demo/sft.jsonl --batch_size 8 --max_steps 20   # tiny CPU run, seconds
 Reads dataset/sft_mini_512.jsonl (the built-in demo corpus when absent) and out/pretrain_<hidden>.pth.
 Writes out/full_sft_<hidden>[_moe].pth (+ .json config) and checkpoints/full_sft_<hidden>[_moe]_resume.pth.
 

@@ -3,7 +3,7 @@
     python trainer/train_pretrain.py                        # or: cd trainer && python train_pretrain.py
     torchrun --nproc_per_node 2 trainer/train_pretrain.py   # deepspeed --num_gpus=2 trainer/train_pretrain.py
     python trainer/train_pretrain.py --device cpu --hidden_size 64 --num_hidden_layers 2 \\
-        --data_path dataset/demo/pretrain.jsonl --max_steps 20   # tiny CPU run, seconds
+        --data_path dataset/demo/pretrain.jsonl --batch_size 8 --max_steps 20   # tiny CPU run, seconds
 Reads dataset/pretrain_hq.jsonl (the built-in demo corpus when that file is absent).
 Writes out/pretrain_<hidden>[_moe].pth (+ .json config) and checkpoints/pretrain_<hidden>[_moe]_resume.pth.
 
