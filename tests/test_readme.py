@@ -1,5 +1,4 @@
 """README's two set-up commands stay true: CI runs exactly the README's test command."""
-import os
 import re
 
 from tests.conftest import ROOT
