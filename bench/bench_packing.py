@@ -3,10 +3,14 @@ batch of packed rows against the same samples one per row, padded per batch.
 
     python bench/bench_packing.py                                  # 512x8 model, 8 rows of 512 tokens, fp32
     python bench/bench_packing.py --hidden_size 64 --num_hidden_layers 2 --rows 2 --max_seq_len 128   # quick
-Samples get lengths from a log-normal draw (median ~120 tokens, like short documents; capped at max_seq_len)
-until they fill `rows` packed rows. Rows of the table:
+    python bench/bench_packing.py --hidden_size 256 --num_hidden_layers 4 --rows 1 --median_len 50   # demo SFT
+Samples get lengths from a log-normal draw (median --median_len tokens, 120 by default, like short documents;
+capped at max_seq_len) until they fill `rows` packed rows. Rows of the table:
   unpacked, padded     the same samples one per row, `rows` per batch, padded to each batch's longest
-  packed, block mask   position_ids restart per sample: block-diagonal causal attention (SDPA, boolean mask)
+  packed, sample by sample  position_ids restart per sample; attention runs per sample (causal SDPA on each
+                       span): what training uses on CPU
+  packed, block mask   the same rows with one block-diagonal causal mask over the whole row (SDPA, boolean
+                       mask): what training uses on accelerators and under torch.compile
   packed, plain causal the packed rows with no position_ids (samples see each other: only to show what the
                        mask itself costs; not a valid training setup)
 The layouts take turns, best of --repeats. Prints a markdown table (time, useful tokens/s, padding share,
@@ -14,24 +18,27 @@ speed-up). Writes nothing.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
+import math
 import random
 import time
 
 import torch
 import torch.nn.functional as F
 
+import model.model_minimind as model_minimind
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.progress import cpu_description
 
 
-def random_lengths(rows: int, width: int, seed: int) -> list:
+def random_lengths(rows: int, width: int, seed: int, median: int = 120) -> list:
     """Lengths that fill `rows` rows of `width` tokens with first-fit packing (returns rows of lengths)."""
     rng = random.Random(seed)
+    mu = math.log(median)
     packed = [[] for _ in range(rows)]
     free = [width] * rows
     misses = 0
     while misses < 50:
-        n = min(width, max(8, int(rng.lognormvariate(4.8, 0.7))))
+        n = min(width, max(8, int(rng.lognormvariate(mu, 0.7))))
         fit = next((r for r in range(rows) if free[r] >= n), None)
         if fit is None:
             misses += 1
@@ -87,10 +94,15 @@ def fwd_bwd(model, batches) -> float:
 def best_times(model, runs: list, repeats: int) -> dict:
     """Best-of-N seconds per layout; the layouts take turns (after one warm-up round), so that a change in the
     machine's load hits all of them alike."""
-    best = {name: float("inf") for name, _ in runs}
+    best = {name: float("inf") for name, _, _ in runs}
+    real = model_minimind.use_packed_spans
     for round_ in range(repeats + 1):
-        for name, batches in runs:
-            seconds = fwd_bwd(model, batches)
+        for name, batches, spans in runs:
+            model_minimind.use_packed_spans = real if spans else (lambda x: False)
+            try:
+                seconds = fwd_bwd(model, batches)
+            finally:
+                model_minimind.use_packed_spans = real
             if round_:
                 best[name] = min(best[name], seconds)
     return best
@@ -103,6 +115,7 @@ def main(argv=None):
     p.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
     p.add_argument("--rows", type=int, default=8, help="packed rows per batch, and samples per unpacked batch")
     p.add_argument("--max_seq_len", type=int, default=512, help="tokens per packed row")
+    p.add_argument("--median_len", type=int, default=120, help="median sample length (log-normal draw)")
     p.add_argument("--repeats", type=int, default=2, help="best of N timed passes (after one warm-up)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = p.parse_args(argv)
@@ -112,13 +125,14 @@ def main(argv=None):
     cfg = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                          use_moe=bool(args.use_moe))
     model = MiniMindForCausalLM(cfg).train()
-    rows = random_lengths(args.rows, args.max_seq_len, seed=0)
+    rows = random_lengths(args.rows, args.max_seq_len, seed=0, median=args.median_len)
     ids, pos, labels, samples = packed_batch(rows, args.max_seq_len, cfg.vocab_size)
     useful = sum(len(s) for s in samples)
     unpacked = unpacked_batches(samples, args.rows, seed=0)
-    runs = [("unpacked, padded", unpacked),
-            ("packed, block mask", [(ids, pos, labels)]),
-            ("packed, plain causal", [(ids, None, labels)])]
+    runs = [("unpacked, padded", unpacked, True),
+            ("packed, sample by sample", [(ids, pos, labels)], True),
+            ("packed, block mask", [(ids, pos, labels)], False),
+            ("packed, plain causal", [(ids, None, labels)], True)]
     print(f"# forward+backward: {args.hidden_size}x{args.num_hidden_layers}{' MoE' if args.use_moe else ''}, fp32, "
           f"{len(samples)} samples ({useful} tokens) in {args.rows} rows of {args.max_seq_len}; torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, {cpu_description()}")
@@ -126,7 +140,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|")
     best = best_times(model, runs, args.repeats)
     base = None
-    for name, batches in runs:
+    for name, batches, _ in runs:
         seconds = best[name]
         total = sum(b[0].numel() for b in batches)
         base = base or seconds

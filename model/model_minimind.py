@@ -4,6 +4,7 @@ Features (state-dict keys, shapes and numerics match the original fa82707 releas
 - GQA attention through F.scaled_dot_product_attention on every path (prefill, decode, padded
   batches, packed rows), with an explicit-mask reference path kept next to it (config.flash_attn=False)
 - packed rows: position_ids that restart at 0 mark sample starts; attention is then block-diagonal causal
+  (on CPU computed sample by sample, so the masked-out blocks cost nothing)
 - RoPE in the half-split ("rotate half") layout, with YaRN extrapolation (config.inference_rope_scaling)
 - SwiGLU feed-forward, intermediate size = 64 * ceil(int(8/3 * hidden) / 64)
 - RMSNorm computed in float32
@@ -223,6 +224,27 @@ class MiniMindCache:
 
 
 # ---- Attention ----
+class PackedSpans(tuple):
+    """The attention "mask" of packed rows on CPU: per row, the (start, end) of each sample. Attention then runs
+    sample by sample (causal SDPA on each span), so the cross-sample blocks that a block-diagonal mask would
+    compute and throw away (most of a 512-token row that holds ten short samples) are never computed."""
+
+
+def packed_spans(position_ids: torch.Tensor, bsz: int) -> PackedSpans:
+    """Samples start where position_ids restart at 0 (a row may also begin inside a sample)."""
+    seq_len = position_ids.shape[-1]
+    cuts = [[0] for _ in range(bsz)]
+    for b, t in (position_ids.expand(bsz, -1)[:, 1:] == 0).nonzero().tolist():
+        cuts[b].append(t + 1)
+    return PackedSpans(tuple(zip(c, c[1:] + [seq_len])) for c in cuts)
+
+
+def use_packed_spans(x: torch.Tensor) -> bool:
+    """Sample-by-sample attention pays off on CPU, where a kernel call is cheap; accelerators (many small
+    launches, a host sync) and torch.compile (a graph per span layout) keep the block-diagonal mask."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 class Attention(nn.Module):
     def __init__(self, config: MiniMindConfig, layer_idx: int = 0):
         super().__init__()
@@ -252,7 +274,16 @@ class Attention(nn.Module):
         if cache is not None:
             xk, xv = cache.update(xk, xv, self.layer_idx)                       # (B, KV, S, D)
         dropout_p = self.dropout if self.training else 0.0
-        if self.flash:
+        if isinstance(attn_mask, PackedSpans):  # packed rows: plain causal attention inside each sample
+            # unbind/split (not slicing): their backward is one stack/cat, not a zero-filled copy per sample
+            rows = []
+            for q, k, v, row in zip(xq.unbind(0), xk.unbind(0), xv.unbind(0), attn_mask):
+                sizes = [e - s for s, e in row]
+                rows.append(torch.cat([F.scaled_dot_product_attention(
+                    qs[None], ks[None], vs[None], dropout_p=dropout_p, is_causal=True, enable_gqa=self.n_rep > 1)[0]
+                    for qs, ks, vs in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1))], dim=1))
+            out = torch.stack(rows)
+        elif self.flash:
             # a plain causal mask only when the queries start at key 0; with a cache and no padding
             # a single query sees every key, otherwise the explicit mask carries causality
             is_causal = attn_mask is None and xk.shape[2] == seq_len and seq_len > 1
@@ -440,6 +471,8 @@ class MiniMindModel(nn.Module):
             causal = k_pos[None, :] <= q_pos[:, None]                              # (T, S)
             attn_mask = causal[None] & attention_mask[:, -total:].bool()[:, None, :]  # (B, T, S)
             attn_mask = (attn_mask | (k_pos[None, :] == q_pos[:, None])[None]).unsqueeze(1)  # a pad query sees itself
+        elif packed and self.config.flash_attn and use_packed_spans(input_ids):
+            attn_mask = packed_spans(position_ids, bsz)
         elif packed:  # block-diagonal causal: same sample (restart count) and not in the future
             sample = (position_ids == 0).cumsum(-1)                                   # (B|1, T)
             causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=input_ids.device).tril()

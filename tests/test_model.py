@@ -444,8 +444,12 @@ def pack_rows(rows, width, seed=0):
     return ids, pos, spans
 
 
+@pytest.mark.parametrize("spans", [True, False], ids=["sample-by-sample", "block-mask"])
 @pytest.mark.parametrize("overrides", PACK_CONFIGS)
-def test_packed_rows_give_each_sample_its_logits_alone(overrides):
+def test_packed_rows_give_each_sample_its_logits_alone(overrides, spans, monkeypatch):
+    """Both packed paths: sample-by-sample attention (CPU) and the block-diagonal mask (CUDA, compile)."""
+    import model.model_minimind as mm
+    monkeypatch.setattr(mm, "use_packed_spans", lambda x: spans)
     model = random_model(seed=7, **overrides)
     ids, pos, spans = pack_rows([[5, 11, 3, 7], [9, 13, 2]], width=32)
     with torch.no_grad():
@@ -468,6 +472,20 @@ def test_packed_sdpa_equals_explicit_mask_path(overrides):
     ids, pos, _ = pack_rows([[6, 10, 4], [3, 3, 12, 1]], width=24, seed=1)
     with torch.no_grad():
         assert (model(ids, position_ids=pos).logits - eager(ids, position_ids=pos).logits).abs().max() <= 1e-5
+
+
+def test_packed_spans_are_the_samples_of_each_row(tiny_model, monkeypatch):
+    import model.model_minimind as mm
+    ids, pos, spans = pack_rows([[5, 11, 3, 7], [9, 13, 2]], width=32)
+    expected = [[(start, start + len(sample)) for start, sample in row] for row in spans]
+    expected = [row + [(row[-1][1], 32)] for row in expected]        # the padding tail: one more pseudo-sample
+    assert [list(row) for row in mm.packed_spans(pos, 2)] == expected
+    assert [list(row) for row in mm.packed_spans(pos[:1], 2)] == [expected[0]] * 2   # (1, T) positions broadcast
+    seen = []
+    monkeypatch.setattr(mm, "packed_spans", lambda *a: seen.append(1) or mm.PackedSpans(expected))
+    with torch.no_grad():
+        tiny_model(ids, position_ids=pos)
+    assert seen == [1]                                                # the CPU forward takes the span path
 
 
 def test_packed_arange_positions_keep_the_plain_causal_path(tiny_model):

@@ -47,3 +47,14 @@ def test_a_packed_epoch_trains_every_sample_once(samples):
     seen = sorted(i for batch in plan for row in batch for i in row)
     assert seen == list(range(len(samples)))
     assert all(sum(lengths[i] for i in row) <= 127 for batch in plan for row in batch)
+
+
+def test_bench_packing_times_both_packed_attention_paths(capsys):
+    from bench import bench_packing
+    import model.model_minimind as mm
+    real = mm.use_packed_spans
+    bench_packing.main(["--hidden_size", "64", "--num_hidden_layers", "2", "--rows", "2", "--max_seq_len", "64",
+                        "--median_len", "16", "--repeats", "1"])
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["unpacked, padded", "packed, sample by sample", "packed, block mask", "packed, plain causal"]
+    assert mm.use_packed_spans is real                                # the bench restores the model's own choice
