@@ -16,8 +16,8 @@ a long-tailed length, SFT dialogues of 1-3 turns) and the original's tokenizer, 
 Columns: useful (non-padding) tokens/s and its ratio to the original, the padding share of the positions
 computed, MFU (6 x params x useful tokens/s over the measured matmul peak), peak RSS of the process.
 Then, with --loss_samples > 0: one epoch of pretraining on the demo corpus (a 128x4 model) unpacked, packed
-with the same --batch_size (rows: fewer, larger steps) and packed with as many samples per step, and the
-cross-entropy of each on held-out demo lines.
+with the same --batch_size (rows: fewer, larger steps), packed with about as many samples per step, unpacked
+with exactly as many samples per step as those packed rows, and the cross-entropy of each on held-out demo lines.
 Nothing is written outside a temporary directory. Prints markdown tables.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -149,7 +149,9 @@ def run_original(stage, data, seq, args, tmp, useful_per_sample):
 
 def loss_check(args, tmp):
     """Held-out CE after one epoch of pretraining on the demo corpus: unpacked, packed with the same --batch_size
-    (rows, so fewer and larger steps), and packed with about as many samples per step as the unpacked run."""
+    (rows, so fewer and larger steps), packed with about as many samples per step as the unpacked run, and
+    unpacked with as many samples per step as those packed rows hold (the like-for-like pair: same samples per
+    step, so about the same number of steps)."""
     import torch
     from transformers import AutoTokenizer
     from dataset.demo_data import write_demo_data
@@ -171,8 +173,12 @@ def loss_check(args, tmp):
     train_ds = PretrainDataset(str(train), tok, max_length=256)
     per_row = 255 / (sum(len(train_ds[i][0]) for i in range(len(train_ds))) / len(train_ds))
     batch = 16
+    rows = max(1, round(batch / per_row))
     runs = [("--packing 0, batch 16 samples", 0, batch), ("--packing 1, batch 16 rows", 1, batch),
-            (f"--packing 1, batch {max(1, round(batch / per_row))} rows (~16 samples)", 1, max(1, round(batch / per_row)))]
+            (f"--packing 1, batch {rows} rows (~{rows * per_row:.0f} samples)", 1, rows)]
+    if round(rows * per_row) != batch:  # the like-for-like pair, unless the first run already is it
+        runs.append((f"--packing 0, batch {round(rows * per_row)} samples (as many as {rows} packed rows)", 0,
+                     round(rows * per_row)))
     print(f"\n# held-out loss after one epoch: demo pretrain text, {len(lines) - held} training / {held} held-out "
           f"lines ({per_row:.1f} samples per packed row), 128x4, max_seq_len 256, lr 2e-3, accumulation 1")
     print("| run | optimizer steps | minutes | held-out CE (nats/token) |")
@@ -209,7 +215,8 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed first micro-batches (compile rows: + compilation)")
     p.add_argument("--samples", type=int, default=3000, help="synthetic samples written per stage")
     p.add_argument("--tokenizer_path", type=str, default=str(UPSTREAM_TOKENIZER))
-    p.add_argument("--rows", type=str, default="pretrain:512,pretrain:340,full_sft:512,full_sft:340")
+    p.add_argument("--rows", type=str, default="pretrain:512,pretrain:340,full_sft:512,full_sft:340",
+                   help='stage:max_seq_len,... ("" = only the loss check)')
     p.add_argument("--labels", type=str, default="original (fa82707),--packing 0 fp32,default,default + compile")
     p.add_argument("--original_dir", type=str, default=str(ROOT.parent / "orig"),
                    help="a checkout of the original at fa82707 (skipped when absent)")
@@ -224,11 +231,13 @@ def main():
         print(f"(the original is not at {args.original_dir} / {args.original_python}: its rows are skipped)")
     print(f"# train: {args.hidden_size}x{args.num_hidden_layers}, batch {args.batch_size} rows, {args.steps} timed "
           f"steps per row, torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu_description()}")
-    print("| stage | max_seq_len | run | useful tokens/s | x original | padding | MFU | peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    rows = [row for row in args.rows.split(",") if row]     # --rows "" runs only the loss check
+    if rows:
+        print("| stage | max_seq_len | run | useful tokens/s | x original | padding | MFU | peak RSS (MiB) |")
+        print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        pre, sft = write_data(Path(tmp), args.samples)
-        for row in args.rows.split(","):
+        pre, sft = write_data(Path(tmp), args.samples) if rows else (None, None)
+        for row in rows:
             stage, seq = row.split(":")
             seq, data, base = int(seq), pre if stage == "pretrain" else sft, None
             for label in labels:
