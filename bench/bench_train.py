@@ -229,9 +229,10 @@ def main():
     labels = [label for label in args.labels.split(",") if have_original or not label.startswith("original")]
     if not have_original:
         print(f"(the original is not at {args.original_dir} / {args.original_python}: its rows are skipped)")
-    print(f"# train: {args.hidden_size}x{args.num_hidden_layers}, batch {args.batch_size} rows, {args.steps} timed "
-          f"steps per row, torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu_description()}")
     rows = [row for row in args.rows.split(",") if row]     # --rows "" runs only the loss check
+    machine = f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu_description()}"
+    print(f"# train: {args.hidden_size}x{args.num_hidden_layers}, batch {args.batch_size} rows, {args.steps} timed "
+          f"steps per row, {machine}" if rows else f"# {machine}")
     if rows:
         print("| stage | max_seq_len | run | useful tokens/s | x original | padding | MFU | peak RSS (MiB) |")
         print("|---|---|---|---|---|---|---|---|")

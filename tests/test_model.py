@@ -444,12 +444,14 @@ def pack_rows(rows, width, seed=0):
     return ids, pos, spans
 
 
-@pytest.mark.parametrize("spans", [True, False], ids=["sample-by-sample", "block-mask"])
+@pytest.mark.parametrize("use_spans", [True, False], ids=["sample-by-sample", "block-mask"])
 @pytest.mark.parametrize("overrides", PACK_CONFIGS)
-def test_packed_rows_give_each_sample_its_logits_alone(overrides, spans, monkeypatch):
+def test_packed_rows_give_each_sample_its_logits_alone(overrides, use_spans, monkeypatch):
     """Both packed paths: sample-by-sample attention (CPU) and the block-diagonal mask (CUDA, compile)."""
     import model.model_minimind as mm
-    monkeypatch.setattr(mm, "use_packed_spans", lambda x: spans)
+    monkeypatch.setattr(mm, "use_packed_spans", lambda x, v=use_spans: v)
+    real_spans, span_calls = mm.packed_spans, []
+    monkeypatch.setattr(mm, "packed_spans", lambda *a: span_calls.append(1) or real_spans(*a))
     model = random_model(seed=7, **overrides)
     ids, pos, spans = pack_rows([[5, 11, 3, 7], [9, 13, 2]], width=32)
     with torch.no_grad():
@@ -462,6 +464,7 @@ def test_packed_rows_give_each_sample_its_logits_alone(overrides, spans, monkeyp
                 if r == 0:
                     assert (first_row[0, start:start + len(sample)] - alone).abs().max().item() <= 1e-5
         assert torch.isfinite(together).all()                         # padding rows too
+    assert bool(span_calls) == use_spans                              # the path the case names was taken
 
 
 @pytest.mark.parametrize("overrides", PACK_CONFIGS[:2])

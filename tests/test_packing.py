@@ -52,9 +52,15 @@ def test_a_packed_epoch_trains_every_sample_once(samples):
 def test_bench_packing_times_both_packed_attention_paths(capsys):
     from bench import bench_packing
     import model.model_minimind as mm
-    real = mm.use_packed_spans
-    bench_packing.main(["--hidden_size", "64", "--num_hidden_layers", "2", "--rows", "2", "--max_seq_len", "64",
-                        "--median_len", "16", "--repeats", "1"])
+    real, real_spans, span_calls = mm.use_packed_spans, mm.packed_spans, []
+    mm.packed_spans = lambda *a: span_calls.append(1) or real_spans(*a)
+    try:
+        with torch.random.fork_rng():                                 # the bench seeds torch's generator
+            bench_packing.main(["--hidden_size", "64", "--num_hidden_layers", "2", "--rows", "2", "--max_seq_len",
+                                "64", "--median_len", "16", "--repeats", "1"])
+    finally:
+        mm.packed_spans = real_spans
     rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert rows[1:] == ["unpacked, padded", "packed, sample by sample", "packed, block mask", "packed, plain causal"]
+    assert len(span_calls) == 2              # warm-up + 1 timed pass of the sample-by-sample row only, not the mask row
     assert mm.use_packed_spans is real                                # the bench restores the model's own choice

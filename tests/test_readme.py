@@ -45,13 +45,17 @@ def test_every_python_command_names_a_real_script_and_real_flags():
         assert path.is_file(), line
         lines.append((line, path))
 
-    # one process runs every script's --help in turn (runpy, as `python script --help` would): the imports,
-    # most of the time, are paid once
-    driver = ("import contextlib, io, json, runpy, sys\n"
-              "out = {}\n"
+    # one process runs every script's --help in turn (runpy, with sys.path[0] the script's folder and not the
+    # current one, as `python script --help` has it): torch and transformers, most of the time, are imported
+    # once; the project's own modules are forgotten between scripts, so each script must find them itself.
+    driver = ("import contextlib, io, json, os, runpy, sys\n"
+              "out, base, root = {}, list(sys.path), os.getcwd() + os.sep\n"
               "for path in sys.argv[1:]:\n"
+              "    for name, mod in list(sys.modules.items()):\n"
+              "        if (getattr(mod, '__file__', None) or '').startswith(root):\n"
+              "            del sys.modules[name]\n"
               "    buf, code = io.StringIO(), None\n"
-              "    sys.argv = [path, '--help']\n"
+              "    sys.argv, sys.path[:] = [path, '--help'], [os.path.dirname(path)] + base\n"
               "    with contextlib.redirect_stdout(buf):\n"
               "        try:\n"
               "            runpy.run_path(path, run_name='__main__')\n"
@@ -60,7 +64,8 @@ def test_every_python_command_names_a_real_script_and_real_flags():
               "    out[path] = [code, buf.getvalue()]\n"
               "print(json.dumps(out))\n")
     paths = [str(p) for p in dict.fromkeys(path for _, path in lines)]
-    res = subprocess.run([sys.executable, "-c", driver, *paths], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    res = subprocess.run([sys.executable, "-P", "-c", driver, *paths], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     helps = json.loads(res.stdout.strip().splitlines()[-1])
     for path, (code, text) in helps.items():
