@@ -46,7 +46,9 @@ if spec.get("compile"):
 engine = None
 if spec.get("engine"):   # what the chat, the server, the web demo and the RL rollouts generate with
     from model.engine import Engine, SamplingParams
-    engine = Engine(model, max_batch=max(spec["batch_sizes"]), eos_token_id=-1)   # -1: no token ends an answer
+    import inspect   # repeats send the same prompts: no prefix cache, or they would skip their prefill
+    fresh = {"prefix_cache": 0} if "prefix_cache" in inspect.signature(Engine).parameters else {}
+    engine = Engine(model, max_batch=max(spec["batch_sizes"]), eos_token_id=-1, **fresh)   # -1: no token ends an answer
 for line in sys.stdin:
     req = json.loads(line)
     prompt = torch.randint(3, 6400, (req["batch"], spec["prompt_len"]), generator=torch.Generator().manual_seed(req["batch"]))

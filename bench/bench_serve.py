@@ -4,10 +4,11 @@
     python bench/bench_serve.py --baseline_dir /work/main         # also today's server (one request at a time)
     python bench/bench_serve.py --hidden_size 64 --num_hidden_layers 2 --levels 1,4 --new_tokens 16   # quick
     python bench/bench_serve.py --batch_sweep 1,4,8,16,32       # the engine alone at several --max_batch
+    python bench/bench_serve.py --no_prefix_cache_levels ""     # without the --prefix_cache 0 rows
 
 Starts the real server in a subprocess (the weight: --weight_file, else a model with random weights
-saved to a temp dir), once with --max_batch N and once with --max_batch 1 (and, with --baseline_dir,
-that checkout's server), and drives each with the `openai` package: C concurrent streaming clients,
+saved to a temp dir), once with --max_batch N, once with --max_batch 1, once with --max_batch N
+--prefix_cache 0 at --no_prefix_cache_levels (and, with --baseline_dir, that checkout's server), and drives each with the `openai` package: C concurrent streaming clients,
 each with a different prompt, temperature 0 and max_tokens --new_tokens. Per server and C it prints
 total completion tokens/s (all streams, wall clock from the first request to the last [DONE]), p50/p95
 time to first token (request handed to the network by httpx -> first content chunk; the clients' own
@@ -102,20 +103,17 @@ def batch_sweep(weight: Path, sizes: list, new_tokens: int):
     from transformers import AutoTokenizer
 
     from model.engine import Engine, SamplingParams
-    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-    from trainer.checkpoint import load_weights
-    cfg = MiniMindConfig.from_dict(__import__("json").loads(weight.with_suffix(".json").read_text()))
-    model = MiniMindForCausalLM(cfg).eval()
-    load_weights(model, weight)
+    from model.loading import load_native
+    model = load_native(weight)
     tokenizer = AutoTokenizer.from_pretrained(str(ROOT / "model"))
     prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": f"{TOPICS[i % len(TOPICS)]}？（第{i}问）"}],
                                                        tokenize=False, add_generation_prompt=True)).input_ids
-               for i in range(max(sizes))]
+               for i in range(max(sizes) + 2)]
     print("| --max_batch (= concurrent requests) | total tokens/s | tokens/s per request | TTFT p50 (ms) |")
     print("|---|---|---|---|")
     for size in sizes:
         with Engine(model, tokenizer, max_batch=size) as engine:
-            engine.generate(prompts[:2], SamplingParams(max_tokens=4))  # warm-up
+            engine.generate(prompts[-2:], SamplingParams(max_tokens=4))  # warm-up (other prompts, as on a server)
             start = time.perf_counter()
             outs = engine.generate(prompts[:size], SamplingParams(max_tokens=new_tokens))
             wall = time.perf_counter() - start
@@ -170,6 +168,15 @@ async def drive(url: str, streams: int, new_tokens: int, offset: int) -> dict:
             "itl50": percentile(gaps, 0.5), "itl95": percentile(gaps, 0.95)}
 
 
+def prompt_counters(url: str) -> tuple:
+    """(prompt tokens, of them taken from the prefix cache) so far, from the server's /metrics."""
+    import httpx
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=30).text
+    values = dict(line.split()[:2] for line in text.splitlines() if line and not line.startswith("#"))
+    return (float(values.get("minimind_prompt_tokens_total", 0)),
+            float(values.get("minimind_prompt_tokens_cached_total", 0)))
+
+
 def machine_line(weight: Path, new_tokens: int) -> str:
     from trainer.progress import cpu_description
     return (f"# serve: {weight.name}, fp32 CPU, {new_tokens} new tokens per request, temperature 0; {os.cpu_count()} "
@@ -184,6 +191,8 @@ def main():
     p.add_argument("--max_batch", type=int, default=16, help="the batching server's --max_batch")
     p.add_argument("--levels", type=str, default="1,4,16,32", help="concurrent streams, comma-separated")
     p.add_argument("--new_tokens", type=int, default=128, help="max_tokens of every request")
+    p.add_argument("--no_prefix_cache_levels", type=str, default="1,16",
+                   help="stream counts for the batching server with --prefix_cache 0 too (empty: not measured)")
     p.add_argument("--baseline_dir", type=str, default=None,
                    help="a checkout whose scripts/serve_openai_api.py is measured too (e.g. main before the engine)")
     p.add_argument("--baseline_levels", type=str, default="1", help="stream counts for the baseline server")
@@ -199,12 +208,16 @@ def main():
             return batch_sweep(weight, [int(x) for x in args.batch_sweep.split(",")], args.new_tokens)
         setups = [(f"engine, --max_batch {args.max_batch}", ROOT, ["--max_batch", str(args.max_batch)], levels),
                   ("engine, --max_batch 1", ROOT, ["--max_batch", "1"], levels)]
+        if args.no_prefix_cache_levels:
+            setups.append((f"engine, --max_batch {args.max_batch} --prefix_cache 0", ROOT,
+                           ["--max_batch", str(args.max_batch), "--prefix_cache", "0"],
+                           [int(x) for x in args.no_prefix_cache_levels.split(",")]))
         if args.baseline_dir:
             setups.append((f"baseline {args.baseline_dir}", Path(args.baseline_dir).resolve(), [],
                            [int(x) for x in args.baseline_levels.split(",")]))
         print("| server | streams | total tokens/s | TTFT p50 (ms) | TTFT p95 (ms) | inter-token p50 (ms) | "
-              "inter-token p95 (ms) | TTFT p95 from the create() call (ms) |")
-        print("|---|---|---|---|---|---|---|---|")
+              "inter-token p95 (ms) | TTFT p95 from the create() call (ms) | prompt tokens from the prefix cache |")
+        print("|---|---|---|---|---|---|---|---|---|")
         results = {}
         with ExitStack() as stack:  # every server up at once (idle ones cost nothing): each level runs on each
             servers = [stack.enter_context(Server(root, weight, extra)) for _, root, extra, _ in setups]
@@ -214,16 +227,21 @@ def main():
                 for (name, _, _, counts), server in zip(setups, servers):
                     if streams not in counts:
                         continue
+                    before = prompt_counters(server.url)
                     r = results[(name, streams)] = asyncio.run(drive(server.url, streams, args.new_tokens, streams))
+                    after = prompt_counters(server.url)
+                    cached = f"{after[1] - before[1]:.0f} of {after[0] - before[0]:.0f}"
                     print(f"| {name} | {streams} | {r['tps']:.1f} | {r['ttft50'] * 1e3:.0f} | {r['ttft95'] * 1e3:.0f} | "
-                          f"{r['itl50'] * 1e3:.1f} | {r['itl95'] * 1e3:.1f} | {r['call95'] * 1e3:.0f} |", flush=True)
+                          f"{r['itl50'] * 1e3:.1f} | {r['itl95'] * 1e3:.1f} | {r['call95'] * 1e3:.0f} | {cached} |",
+                          flush=True)
     batched, single = setups[0][0], setups[1][0]
     for streams in levels:
         if streams > 1:
             print(f"{streams} streams: {results[(batched, streams)]['tps'] / results[(single, streams)]['tps']:.2f}x "
                   f"the total tokens/s of --max_batch 1")
-    if args.baseline_dir and (setups[2][0], 1) in results and 1 in levels:
-        new, old = results[(batched, 1)], results[(setups[2][0], 1)]
+    base = [name for name, root, _, _ in setups if root != ROOT]
+    if base and (base[0], 1) in results and 1 in levels:
+        new, old = results[(batched, 1)], results[(base[0], 1)]
         print(f"1 stream vs baseline: TTFT p50 {new['ttft50'] * 1e3:.0f} vs {old['ttft50'] * 1e3:.0f} ms, "
               f"inter-token p50 {new['itl50'] * 1e3:.1f} vs {old['itl50'] * 1e3:.1f} ms, "
               f"tokens/s {new['tps']:.1f} vs {old['tps']:.1f}")

@@ -17,6 +17,10 @@ position. Every step of the loop (1) drops requests that were cancelled or ran p
 prompt in chunks of `prefill_chunk` tokens, one chunk per step), and (3) runs ONE model forward that
 decodes the next token of every active slot. New requests therefore join the running batch at the
 next step, and finished or cancelled ones leave it at once (their row is refilled by the last one).
+Prefix cache: the keys and values of recent prompts and finished conversations are kept (`prefix_cache`
+tokens in all, least recently used out; forgotten when the weights change in place), and a new prompt
+that begins like one of them (the chat template's system prompt, a conversation's earlier turns) gets
+that beginning copied into its row and is prefilled from where they differ.
 
 Exactness: a request's tokens do not depend on what else is in the batch. The model sees, per row,
 exactly its own keys: slots have different lengths inside one buffer, so the decode step writes each
@@ -287,6 +291,82 @@ class _CacheView:
         return buf_k[rows, :, :end], buf_v[rows, :, :end]
 
 
+class PrefixCache:
+    """Keys and values of recent prompts and finished conversations, so that a new prompt that begins the
+    same way (the chat template's system prompt, the earlier turns of a conversation) is prefilled from
+    where they part instead of from token 0: automatic prefix caching, as in vLLM and llama.cpp's server.
+
+    Entries: token ids (a tuple) -> per layer (K, V) of shape (KV, len, D), at most `capacity` tokens in
+    all, least recently used first out. No entry is a prefix of another (the longer one replaces it), so
+    the entry sharing the longest beginning with a prompt is a neighbour of the prompt in sorted order.
+    Positions are absolute from 0, so a shared beginning has the same keys in every sequence."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.tokens = max(int(capacity), 0), 0
+        self.entries = collections.OrderedDict()   # ids -> [(K, V) per layer], in use order
+        self.keys = []                              # the same ids, sorted
+
+    def clear(self):
+        self.entries.clear()
+        self.keys, self.tokens = [], 0
+
+    @staticmethod
+    def _common(a: tuple, b) -> int:
+        n = min(len(a), len(b))
+        if a[:n] == tuple(b[:n]):
+            return n
+        lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if a[:mid] == tuple(b[:mid]):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def lookup(self, ids: list):
+        """(length of the longest cached beginning of ids, that entry's key) or (0, None)."""
+        if not self.keys:
+            return 0, None
+        q = tuple(ids)
+        i = bisect.bisect_left(self.keys, q)
+        best = max(((self._common(self.keys[j], q), self.keys[j]) for j in (i - 1, i) if 0 <= j < len(self.keys)),
+                   key=lambda t: t[0])
+        return best if best[0] else (0, None)
+
+    def copy_into(self, key: tuple, length: int, cache: "SlotCache", row: int):
+        """The first `length` keys and values of entry `key` into row `row` of the slot cache."""
+        self.entries.move_to_end(key)
+        for layer, (k, v) in enumerate(self.entries[key]):
+            buf_k, buf_v = cache.buffers(layer, length, k[None])
+            buf_k[row, :, :length] = k[:, :length]
+            buf_v[row, :, :length] = v[:, :length]
+
+    def store(self, ids: list, cache: "SlotCache", row: int):
+        """Remember row `row`'s keys and values for the sequence `ids` (its first len(ids) columns)."""
+        key, n = tuple(ids), len(ids)
+        if not n or n > self.capacity or cache.keys[0] is None:
+            return
+        i = bisect.bisect_left(self.keys, key)
+        if i < len(self.keys) and self.keys[i][:n] == key:  # already cached, maybe inside a longer entry
+            self.entries.move_to_end(self.keys[i])
+            return
+        if i and key[:len(self.keys[i - 1])] == self.keys[i - 1]:  # a shorter entry this one extends
+            self._drop(self.keys[i - 1])
+            i -= 1
+        self.entries[key] = [(k[row, :, :n].clone(), v[row, :, :n].clone())
+                             for k, v in zip(cache.keys, cache.values)]
+        self.keys.insert(i, key)
+        self.tokens += n
+        while self.tokens > self.capacity:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: tuple):
+        del self.entries[key]
+        del self.keys[bisect.bisect_left(self.keys, key)]
+        self.tokens -= len(key)
+
+
 # ---- sampling ----
 def process_logits(logits: torch.Tensor, params: list, seen: list) -> torch.Tensor:
     """transformers' logits processors, per row with that row's settings: the repetition penalty over
@@ -373,7 +453,8 @@ class Engine:
     caller's own autocast context does not reach the engine's thread); None = the model's dtype."""
 
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_queue: int = 64, max_seq_len: int = None,
-                 prefill_chunk: int = 512, eos_token_id=None, autocast_dtype: torch.dtype = None):
+                 prefill_chunk: int = 512, eos_token_id=None, autocast_dtype: torch.dtype = None,
+                 prefix_cache: int = 8192):
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, max(prefill_chunk, 1)
@@ -385,12 +466,14 @@ class Engine:
         self.device = model.device if hasattr(model, "device") else next(model.parameters()).device
         self.autocast_dtype = autocast_dtype
         self.cache = SlotCache(cfg.num_hidden_layers, max_batch, self.max_seq_len)
+        self.prefix = PrefixCache(prefix_cache)
+        self.weights_version = None  # the prefix cache holds keys of these weights (in-place updates change it)
         self.slots = []          # row order: decoding slots [0, n_decode), then at most one in chunked prefill
         self.n_decode = 0
         self.waiting = collections.deque()
         self.cv = threading.Condition()
         self.thread, self.closed = None, False
-        self.prompt_tokens_total = self.generation_tokens_total = 0
+        self.prompt_tokens_total = self.generation_tokens_total = self.prompt_tokens_cached_total = 0
         self.finished = collections.Counter()
         self.ttft, self.itl = Histogram(LATENCY_BUCKETS), Histogram(LATENCY_BUCKETS)
 
@@ -467,7 +550,10 @@ class Engine:
         metric("queue_length", "gauge", "Requests waiting for a slot.", [("", self.queue_length)])
         metric("active_slots", "gauge", "Requests being prefilled or decoded.", [("", self.active)])
         metric("max_batch", "gauge", "Slots (requests decoded together).", [("", self.max_batch)])
-        metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", self.prompt_tokens_total)])
+        metric("prompt_tokens_total", "counter", "Prompt tokens of requests that began to generate.",
+               [("", self.prompt_tokens_total)])
+        metric("prompt_tokens_cached_total", "counter", "Prompt tokens taken from the prefix cache, not computed.",
+               [("", self.prompt_tokens_cached_total)])
         metric("generation_tokens_total", "counter", "Tokens generated.", [("", self.generation_tokens_total)])
         metric("requests_finished_total", "counter", "Requests ended, by finish reason.",
                [(f'{{reason="{k}"}}', v) for k, v in sorted(self.finished.items())])
@@ -521,35 +607,60 @@ class Engine:
         with self.cv:
             if not self.waiting or len(self.slots) >= self.max_batch:
                 return
-            batch = [self.waiting.popleft()]
-            if len(batch[0].prompt_ids) > self.prefill_chunk:
-                self.slots.append(batch[0])
-            else:  # as many short prompts as fit in one padded (N x T) forward of prefill_chunk tokens
-                width = len(batch[0].prompt_ids)
+            self._check_weights()
+            batch, hits = [self.waiting.popleft()], []
+            hits.append(self._hit(batch[0]))
+            past = hits[0][0]
+            if len(batch[0].prompt_ids) - past <= self.prefill_chunk:
+                # as many short prompts as fit in one padded (N x T) forward of prefill_chunk tokens; the rows
+                # start after the shortest cached beginning among them
                 while self.waiting and len(self.slots) + len(batch) < self.max_batch:
-                    width2 = max(width, len(self.waiting[0].prompt_ids))
+                    hit = self._hit(self.waiting[0])
+                    past2 = min(past, hit[0])
+                    width2 = max(len(r.prompt_ids) for r in batch + [self.waiting[0]]) - past2
                     if width2 * (len(batch) + 1) > self.prefill_chunk:
                         break
-                    width = width2
+                    past = past2
                     batch.append(self.waiting.popleft())
-                self.slots += batch
-        if len(batch[0].prompt_ids) > self.prefill_chunk:
+                    hits.append(hit)
+            self.slots += batch
+        for i, (r, (_, key)) in enumerate(zip(batch, hits)):
+            if past:
+                self.prefix.copy_into(key, past, self.cache, self.n_decode + i)
+        self.prompt_tokens_cached_total += past * len(batch)
+        if len(batch[0].prompt_ids) - past > self.prefill_chunk:
+            batch[0].w = past
             self._prefill_chunk(batch[0])
         else:
-            self._prefill(batch)
+            self._prefill(batch, past)
 
-    def _prefill(self, batch: list):
-        """Prompts of one or more new requests in one forward (right-padded), first token sampled."""
-        lengths = [len(r.prompt_ids) for r in batch]
+    def _hit(self, req: Request):
+        """(tokens of req's prompt the prefix cache holds, at most all but the last; the entry's key)."""
+        length, key = self.prefix.lookup(req.prompt_ids)
+        return min(length, len(req.prompt_ids) - 1), key
+
+    def _check_weights(self):
+        """Forget cached keys when the model's weights changed in place since they were computed."""
+        if not self.prefix.capacity:
+            return
+        version = sum(p._version for p in self.model.parameters())
+        if version != self.weights_version:
+            self.prefix.clear()
+            self.weights_version = version
+
+    def _prefill(self, batch: list, past: int = 0):
+        """Prompts of one or more new requests in one forward (right-padded), first token sampled; the first
+        `past` tokens of every prompt are already in the rows (from the prefix cache)."""
+        lengths = [len(r.prompt_ids) - past for r in batch]
         width, n = max(lengths), len(batch)
         ids = torch.zeros(n, width, dtype=torch.long)
         for i, r in enumerate(batch):
-            ids[i, :lengths[i]] = torch.tensor(r.prompt_ids)
+            ids[i, :lengths[i]] = torch.tensor(r.prompt_ids[past:])
         same = len(set(lengths)) == 1
-        mask = None if same else torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+        mask = None if same else torch.arange(past + width)[None, :] < past + torch.tensor(lengths)[:, None]
         keep = 1 if same else torch.tensor(sorted(set(n - 1 for n in lengths)))
-        view = _CacheView(self.cache, self.n_decode, n, 0)
-        logits = self._forward(batch, ids, torch.arange(width).expand(n, width), mask, view, keep)
+        view = _CacheView(self.cache, self.n_decode, n, past)
+        logits = self._forward(batch, ids, torch.arange(past, past + width).expand(n, width), mask, view, keep)
         if logits is None:
             return
         if same:
@@ -557,8 +668,9 @@ class Engine:
         else:  # each row's last prompt position among the kept ones
             at = torch.searchsorted(keep, torch.tensor(lengths) - 1).to(logits.device)
             logits = logits[torch.arange(n, device=logits.device), at]
-        for r, length in zip(batch, lengths):
-            r.w = length
+        for i, r in enumerate(batch):
+            r.w = len(r.prompt_ids)
+            self.prefix.store(r.prompt_ids, self.cache, self.n_decode + i)
         self.n_decode += n
         self._accept(batch, logits)
 
@@ -573,6 +685,7 @@ class Engine:
             return
         req.w = start + len(chunk)
         if req.w == len(req.prompt_ids):
+            self.prefix.store(req.prompt_ids, self.cache, self.n_decode)
             self.n_decode += 1
             self._accept([req], logits[:, -1])
 
@@ -645,6 +758,8 @@ class Engine:
         chunked prefill, if any, moves down one), so active rows stay contiguous from 0."""
         if req in self.slots:
             j = self.slots.index(req)
+            if reason != "error":  # its keys so far serve a later prompt that begins the same way
+                self.prefix.store((req.prompt_ids + req.token_ids)[:req.w], self.cache, j)
             if j < self.n_decode:
                 last = self.n_decode - 1
                 if j != last:

@@ -13,10 +13,12 @@ GET /metrics (Prometheus text). Output of reasoning models goes to `reasoning_co
 `<tool_call>` blocks become `tool_calls` (finish_reason "tool_calls").
 
 Concurrent requests are decoded together, up to --max_batch at a time; up to --max_queue more wait,
-beyond that the answer is 429 with Retry-After. A client that disconnects, or a request older than
---request_timeout, frees its slot at the next decode step. Every error is an OpenAI-shaped JSON body;
-bad requests get a 4xx, and no error leaves a keep-alive connection unusable (Connection: close is
-sent when the request body was not read). Model flags are those of eval_llm.py. Writes nothing.
+beyond that the answer is 429 with Retry-After. A prompt that begins like an earlier one (the system
+prompt, the earlier turns of a conversation) is prefilled from where it differs (--prefix_cache). A
+client that disconnects, or a request older than --request_timeout, frees its slot at the next decode
+step. Every error is an OpenAI-shaped JSON body; bad requests get a 4xx, and no error leaves a keep-alive
+connection unusable (Connection: close is sent when the request body was not read). Model flags are those
+of eval_llm.py. Writes nothing.
 """
 import argparse
 import asyncio
@@ -39,7 +41,7 @@ from model.loading import LoadError, add_model_args, load_model  # noqa: E402
 ROLES = ("system", "user", "assistant", "tool")
 DEFAULTS = dict(temperature=0.7, top_p=0.92, top_k=50)  # the original's; top_k 50 is transformers' sampling default
 OPTIONS = dict(max_batch=16, max_queue=64, request_timeout=300.0, default_max_tokens=2048, max_body_bytes=1 << 20,
-               prefill_chunk=512, host="127.0.0.1", allow_any_host=False)
+               prefill_chunk=512, prefix_cache=8192, host="127.0.0.1", allow_any_host=False)
 MAX_JSON_DEPTH = 64
 NOT_RENDERED = ("tool_call_id", "id")  # message fields the chat template ignores
 API_KEY_ENV = "MINIMIND_API_KEY"
@@ -379,7 +381,7 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
         raise TypeError(f"create_app: unknown options {sorted(unknown)}")
     context = min(max_seq_len, model.config.max_position_embeddings)
     engine = Engine(model, tokenizer, max_batch=opt["max_batch"], max_queue=opt["max_queue"], max_seq_len=context,
-                    prefill_chunk=opt["prefill_chunk"])
+                    prefill_chunk=opt["prefill_chunk"], prefix_cache=opt["prefix_cache"])
     control_tokens = tuple(tokenizer.all_special_tokens) or CONTROL_TOKENS
     # no token covers more UTF-8 bytes than this, so a text of B bytes needs at least B / this many tokens
     bytes_per_token = max(len(tokenizer.decode([i]).encode("utf-8")) for i in range(len(tokenizer)))
@@ -595,6 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body accepted, in bytes (413 beyond)")
     p.add_argument("--prefill_chunk", type=int, default=OPTIONS["prefill_chunk"],
                    help="prompt tokens prefilled per step (longer prompts are split, so running streams keep going)")
+    p.add_argument("--prefix_cache", type=int, default=OPTIONS["prefix_cache"],
+                   help="prompt tokens whose keys and values are kept, so a prompt that begins like an earlier one "
+                        "(the system prompt, a conversation's earlier turns) is prefilled from where they differ; "
+                        "0 = off")
     p.add_argument("--allow_any_host", action="store_true",
                    help="without an API key, accept any Host header (by default only addresses, localhost and "
                         "--host, against DNS rebinding)")
@@ -606,6 +612,8 @@ def main(argv=None):
     for flag in ("max_batch", "max_queue", "max_body_bytes", "prefill_chunk", "default_max_tokens"):
         if getattr(args, flag) < 1:
             sys.exit(f"serve_openai_api.py: --{flag} must be >= 1")
+    if args.prefix_cache < 0:
+        sys.exit("serve_openai_api.py: --prefix_cache must be >= 0")
     try:
         import uvicorn
     except ImportError:
@@ -618,7 +626,8 @@ def main(argv=None):
     app = create_app(model, tokenizer, args.model_id, api_key, args.max_seq_len, max_batch=args.max_batch,
                      max_queue=args.max_queue, request_timeout=args.request_timeout, host=args.host,
                      default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_bytes,
-                     prefill_chunk=args.prefill_chunk, allow_any_host=args.allow_any_host)
+                     prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache,
+                     allow_any_host=args.allow_any_host)
     print(f"serving {args.model_id} at http://{args.host}:{args.port}/v1 (max_batch {args.max_batch})",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -1,6 +1,6 @@
 """model/engine.py: continuous batching gives every request exactly what it gets alone (greedy equals
 model.generate, for dense, MoE, YaRN, the explicit-mask path and a transformers Llama), whatever else
-is in the batch and whenever it joins; seeded sampling is batch-independent; the logits processors
+is in the batch and whenever it joins, and whatever part of its prompt comes from the prefix cache; seeded sampling is batch-independent; the logits processors
 equal transformers'; queue limit, oversized prompts, cancellation, timeouts, stop strings and model
 errors behave as documented."""
 import random
@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from model.engine import Engine, PromptTooLong, QueueFull, SamplingParams, process_logits
+from model.engine import Engine, PrefixCache, PromptTooLong, QueueFull, SamplingParams, SlotCache, process_logits
 from model.model_minimind import MiniMindForCausalLM
 from tests.conftest import tiny_config, tokenizer_dir
 
@@ -269,3 +269,64 @@ def test_autocast_dtype_reaches_the_engine_thread():
     with Engine(model, eos_token_id=-1, autocast_dtype=torch.bfloat16) as engine:
         engine.generate([[5, 6]], SamplingParams(max_tokens=2))
     assert seen == [None, None, torch.bfloat16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "yarn"])
+def test_prompts_that_begin_alike_reuse_cached_keys_and_get_their_single_answer(kind):
+    """Chat requests share the template's system part, and a conversation's next turn begins with the last
+    prompt and its answer: those tokens come from the prefix cache (counted), the tokens do not change.
+    A tail longer than prefill_chunk takes chunked prefill from the cached part on."""
+    model = tiny(**CONFIGS[kind])
+    rng = random.Random(1)
+    system = [rng.randrange(3, 6400) for _ in range(20)]
+    tails = prompts(7, low=1, high=12, seed=3) + [[rng.randrange(3, 6400) for _ in range(30)]]
+    ps = [system + t for t in tails]
+    with Engine(model, max_batch=4, prefill_chunk=16, eos_token_id=2) as engine:
+        first = engine.generate(ps[:1], SamplingParams(max_tokens=6))[0]
+        assert engine.prompt_tokens_cached_total == 0
+        outs = engine.generate(ps[1:], SamplingParams(max_tokens=6))  # several at once, joining mid-flight
+        assert engine.prompt_tokens_cached_total >= 7 * len(system)
+        before = engine.prompt_tokens_cached_total
+        follow = ps[0] + first.token_ids + tails[5]   # the next turn: first prompt, its answer, a new question
+        outs += engine.generate([follow], SamplingParams(max_tokens=6))
+        assert engine.prompt_tokens_cached_total - before == len(ps[0]) + len(first.token_ids) - 1
+        outs += engine.generate([ps[2]], SamplingParams(max_tokens=6))  # asked again: all but its last token
+        assert engine.prompt_tokens_cached_total - before == len(ps[0]) + len(first.token_ids) - 1 + len(ps[2]) - 1
+        text = "\n".join(engine.prometheus())
+    for p, out in zip(ps[1:] + [follow, ps[2]], outs):
+        assert out.token_ids == alone(model, p, 6)
+    assert f"minimind_prompt_tokens_cached_total {engine.prompt_tokens_cached_total}" in text
+
+
+def test_prefix_cache_is_forgotten_when_the_weights_change():
+    """An optimizer step or a reloaded state dict changes the weights in place: cached keys are stale."""
+    model, p = tiny(), prompts(1, low=30, high=30)[0]
+    with Engine(model, eos_token_id=2) as engine:
+        engine.generate([p], SamplingParams(max_tokens=4))
+        with torch.no_grad():
+            for w in model.parameters():
+                w.mul_(1.5)
+        out = engine.generate([p], SamplingParams(max_tokens=4))[0]
+        assert engine.prompt_tokens_cached_total == 0
+    assert out.token_ids == alone(model, p, 4)
+
+
+def test_prefix_cache_keeps_the_longest_entries_within_its_capacity():
+    cache = SlotCache(num_layers=1, rows=2, max_len=64)
+    keys, values = cache.buffers(0, 64, torch.zeros(1, 1, 1, 2))
+    keys.copy_(torch.randn(keys.shape))
+    values.copy_(torch.randn(values.shape))
+    pc = PrefixCache(capacity=10)
+    pc.store([1, 2, 3], cache, 0)
+    pc.store([1, 2, 3, 4, 5], cache, 0)   # extends the first: replaces it
+    pc.store([1, 2], cache, 0)            # already inside an entry: nothing new
+    assert list(pc.entries) == [(1, 2, 3, 4, 5)] and pc.tokens == 5
+    assert pc.lookup([1, 2, 3, 9]) == (3, (1, 2, 3, 4, 5)) and pc.lookup([7, 1]) == (0, None)
+    pc.store([1, 2, 7, 7], cache, 1)
+    assert pc.lookup([1, 2, 7, 1]) == (3, (1, 2, 7, 7)) and pc.lookup([1, 2]) == (2, (1, 2, 3, 4, 5))
+    pc.store([9, 9, 9], cache, 0)         # 12 tokens > 10: the least recently used entry goes
+    assert list(pc.entries) == [(1, 2, 7, 7), (9, 9, 9)] and pc.keys == sorted(pc.entries) and pc.tokens == 7
+    assert torch.equal(pc.entries[(1, 2, 7, 7)][0][0], keys[1, :, :4])
+    pc.copy_into((1, 2, 7, 7), 3, cache, 0)
+    assert torch.equal(keys[0, :, :3], keys[1, :, :3]) and torch.equal(values[0, :, :3], values[1, :, :3])
+    assert list(pc.entries)[-1] == (1, 2, 7, 7)   # used last

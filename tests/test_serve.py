@@ -34,7 +34,8 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "descrip
 class ScriptedModel(torch.nn.Module):
     """Stands in for MiniMind: 'generates' the tokens of `self.text` (then eos), or raises after
     `self.fail_after` tokens, sleeping `delay` seconds per step, through the engine (each row's prompt
-    length is kept in its KV-cache row, so rows may come and go)."""
+    length is kept in its KV-cache row, so rows may come and go). Serve it with prefix_cache=0: its cache rows
+    hold that bookkeeping, not keys another prompt could reuse."""
 
     def __init__(self, tokenizer, text=""):
         super().__init__()
@@ -116,7 +117,7 @@ def server(tiny, tokenizer):
 @pytest.fixture(scope="module")
 def scripted(tokenizer):
     model = ScriptedModel(tokenizer)
-    with serving(create_app(model, tokenizer, max_seq_len=1024)) as url:
+    with serving(create_app(model, tokenizer, prefix_cache=0, max_seq_len=1024)) as url:
         yield model, url
 
 
@@ -355,7 +356,7 @@ def test_long_prompt_code_and_unknown_route(scripted):
 
 def test_api_key_is_enforced(tokenizer):
     model = ScriptedModel(tokenizer, "ok")
-    with serving(create_app(model, tokenizer, api_key="sk-test")) as url:
+    with serving(create_app(model, tokenizer, prefix_cache=0, api_key="sk-test")) as url:
         for key in ("none", "sk-wrong"):
             with pytest.raises(openai.AuthenticationError):
                 client(url, key).models.list()
@@ -436,7 +437,7 @@ def test_sixteen_concurrent_openai_streams_equal_their_single_answers(tiny, toke
 def test_full_queue_answers_429_at_once_with_retry_after(tokenizer):
     model = ScriptedModel(tokenizer, "词 " * 400)
     model.delay = 0.01
-    with serving(create_app(model, tokenizer, max_batch=1, max_queue=1)) as url:
+    with serving(create_app(model, tokenizer, prefix_cache=0, max_batch=1, max_queue=1)) as url:
         with httpx.stream("POST", f"{url}/chat/completions", timeout=30,
                           json={"messages": USER, "stream": True}) as running:
             lines = running.iter_lines()  # (a dropped iterator would close the response)
@@ -472,7 +473,7 @@ def until_steps_stop(model, settle=0.3, timeout=20):
 def test_a_client_that_leaves_frees_its_slot_within_a_step(tokenizer, stream):
     model = ScriptedModel(tokenizer, "词 " * 400)
     model.delay = 0.02  # 8+ s if nobody stops it
-    with serving(create_app(model, tokenizer, max_batch=1)) as url:
+    with serving(create_app(model, tokenizer, prefix_cache=0, max_batch=1)) as url:
         body = {"messages": USER, "stream": stream, "max_tokens": 8000}
         if stream:
             with httpx.stream("POST", f"{url}/chat/completions", timeout=30, json=body) as r:
@@ -493,7 +494,7 @@ def test_a_client_that_leaves_frees_its_slot_within_a_step(tokenizer, stream):
 def test_request_timeout_ends_the_answer_and_frees_the_slot(tokenizer):
     model = ScriptedModel(tokenizer, "词 " * 400)
     model.delay = 0.02
-    with serving(create_app(model, tokenizer, max_batch=1, request_timeout=0.3)) as url:
+    with serving(create_app(model, tokenizer, prefix_cache=0, max_batch=1, request_timeout=0.3)) as url:
         r = httpx.post(f"{url}/chat/completions", timeout=30, json={"messages": USER})
         assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
         with httpx.stream("POST", f"{url}/chat/completions", timeout=30, json={"messages": USER, "stream": True}) as r:
@@ -506,7 +507,7 @@ def test_request_timeout_ends_the_answer_and_frees_the_slot(tokenizer):
 def test_health_metrics_and_models_answer_while_the_engine_is_busy(tokenizer):
     model = ScriptedModel(tokenizer, "词 " * 200)
     model.delay = 0.01
-    with serving(create_app(model, tokenizer, max_batch=4)) as url:
+    with serving(create_app(model, tokenizer, prefix_cache=0, max_batch=4)) as url:
         base = url[:-3]
         health = httpx.get(f"{base}/health")
         assert health.status_code == 200 and health.json()["status"] == "ok"
@@ -624,7 +625,7 @@ def test_hostile_requests_are_400s_and_the_connection_stays_usable(scripted):
 
 def test_default_max_tokens_caps_an_answer_without_max_tokens(tokenizer):
     model = ScriptedModel(tokenizer, "词 " * 400)
-    with serving(create_app(model, tokenizer, default_max_tokens=5)) as url:
+    with serving(create_app(model, tokenizer, prefix_cache=0, default_max_tokens=5)) as url:
         r = httpx.post(f"{url}/chat/completions", json={"messages": USER}, timeout=30).json()
         assert r["usage"]["completion_tokens"] == 5 and r["choices"][0]["finish_reason"] == "length"
         r = httpx.post(f"{url}/chat/completions", json={"messages": USER, "max_tokens": 7}, timeout=30).json()
@@ -652,7 +653,7 @@ def test_oversized_bodies_and_prompts_are_refused_early_with_little_memory(scrip
 
 def test_docs_are_off_and_the_bearer_scheme_is_case_insensitive(tokenizer):
     model = ScriptedModel(tokenizer, "ok")
-    with serving(create_app(model, tokenizer, api_key="sk-test")) as url:
+    with serving(create_app(model, tokenizer, prefix_cache=0, api_key="sk-test")) as url:
         base = url[:-3]
         for path in ("/docs", "/redoc", "/openapi.json"):
             assert httpx.get(f"{base}{path}").status_code == 401
@@ -676,7 +677,7 @@ def test_without_a_key_only_json_from_this_host_is_served(scripted, tokenizer):
         assert httpx.get(f"{url}/models", headers={"host": host}).status_code == 403
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", "[::1]"):
         assert httpx.get(f"{url}/models", headers={"host": host}).status_code == 200, host
-    with serving(create_app(ScriptedModel(tokenizer, "ok"), tokenizer, allow_any_host=True)) as other:
+    with serving(create_app(ScriptedModel(tokenizer, "ok"), tokenizer, prefix_cache=0, allow_any_host=True)) as other:
         assert httpx.get(f"{other}/models", headers={"host": "evil.example"}).status_code == 200
 
 
@@ -693,3 +694,24 @@ def test_a_client_leaving_mid_upload_logs_one_line(scripted, capfd):
     time.sleep(0.3)
     err += capfd.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "14 of 1000 bytes" in err
+
+
+def test_bench_serve_prints_its_tables():
+    """bench/bench_serve.py end to end on a tiny model: the real servers (batching, --max_batch 1, --prefix_cache 0)
+    under the openai client, the prefix-cache column read from /metrics, and the engine-only batch sweep."""
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_serve.py"), "--hidden_size", "64", "--num_hidden_layers", "2",
+           "--new_tokens", "4"]
+    out = subprocess.run(cmd + ["--levels", "1,2", "--no_prefix_cache_levels", "2"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[-2].strip()
+            for line in out.stdout.splitlines() if line.startswith("| engine")}
+    assert set(rows) == {("engine, --max_batch 16", "1"), ("engine, --max_batch 1", "1"), ("engine, --max_batch 16", "2"),
+                         ("engine, --max_batch 1", "2"), ("engine, --max_batch 16 --prefix_cache 0", "2")}
+    # every prompt begins with the template's 16-token system turn, cached since the warm-up
+    assert rows[("engine, --max_batch 16", "1")].startswith("16 of ")
+    assert rows[("engine, --max_batch 16 --prefix_cache 0", "2")].startswith("0 of ")
+    assert "2 streams: " in out.stdout
+    sweep = subprocess.run(cmd + ["--batch_sweep", "1,2"], capture_output=True, text=True, timeout=300)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    assert [line.split("|")[1].strip() for line in sweep.stdout.splitlines() if re.match(r"\| \d", line)] == ["1", "2"]

@@ -2,6 +2,7 @@
 against the real server), `streamlit run` with usage statistics off by the app's own config, and a slow
 end-to-end check in headless Chromium (WEB_DEMO_SCREENSHOT=images/web_demo.png refreshes README's picture)."""
 import base64
+import functools
 import html
 import json
 import os
@@ -19,7 +20,7 @@ import torch
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from model import loading  # noqa: E402
+from model import engine, loading  # noqa: E402
 from model.chat_format import build_prompt, parse_output  # noqa: E402
 from tests.conftest import ROOT, tiny_config, tokenizer_dir  # noqa: E402
 from tests.test_inference import QUESTIONS, talkative_seed  # noqa: E402
@@ -88,6 +89,7 @@ def test_reasoning_is_collapsible_and_history_is_sent_not_cut(tmp_path, monkeypa
     tokenizer = loading.load_tokenizer(tokenizer_dir())
     model = ScriptedModel(tokenizer, "<think>\n先想一想。\n</think>\n<answer>\n是蓝色的。\n</answer>")
     monkeypatch.setattr(loading, "load_model", lambda args: (model, tokenizer, "scripted reasoning model"))
+    monkeypatch.setattr(engine, "Engine", functools.partial(engine.Engine, prefix_cache=0))  # see ScriptedModel
     fake = tmp_path / "reason_64.pth"
     fake.write_bytes(b"")
     at = app(monkeypatch, "--load_from", fake, "--max_new_tokens", "64")
