@@ -98,8 +98,11 @@ def test_llama_export_through_transformers_is_batched_exactly():
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     model = LlamaForCausalLM(cfg).eval()
     ps = prompts(6, seed=2)
+    ps += [ps[5][:12] + p for p in prompts(3, seed=4)]  # begin like the 40-token one: that start comes from the cache
     with Engine(model, max_batch=3, prefill_chunk=16, eos_token_id=2) as engine:
-        outs = engine.generate(ps, SamplingParams(max_tokens=8))
+        outs = engine.generate(ps[:6], SamplingParams(max_tokens=8))
+        outs += engine.generate(ps[6:], SamplingParams(max_tokens=8))
+        assert engine.prompt_tokens_cached_total >= 3 * 12
     assert [o.token_ids for o in outs] == [alone(model, p, 8) for p in ps]
 
 
