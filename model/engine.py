@@ -143,6 +143,7 @@ class Request:
         self.eos_ids = eos_ids
         # engine-side slot state: tokens in the cache (= position of the next one), token to feed next
         self.w, self.next_input, self.seen = 0, None, None
+        self.weights = None  # the engine's weights id when the request was admitted (its keys were computed with it)
         self._pieces, self._cond, self._waker, self._done = collections.deque(), threading.Condition(), None, False
 
     @property
@@ -467,7 +468,7 @@ class Engine:
         self.autocast_dtype = autocast_dtype
         self.cache = SlotCache(cfg.num_hidden_layers, max_batch, self.max_seq_len)
         self.prefix = PrefixCache(prefix_cache)
-        self.weights_version = None  # the prefix cache holds keys of these weights (in-place updates change it)
+        self.weights_version = None  # the weights the prefix cache's keys were computed with (_weights_id)
         self.slots = []          # row order: decoding slots [0, n_decode), then at most one in chunked prefill
         self.n_decode = 0
         self.waiting = collections.deque()
@@ -613,16 +614,21 @@ class Engine:
             past = hits[0][0]
             if len(batch[0].prompt_ids) - past <= self.prefill_chunk:
                 # as many short prompts as fit in one padded (N x T) forward of prefill_chunk tokens; the rows
-                # start after the shortest cached beginning among them
+                # start after the shortest cached beginning among them, so a newcomer joins only when the
+                # cached tokens it makes the batch recompute are fewer than the tokens it brings
                 while self.waiting and len(self.slots) + len(batch) < self.max_batch:
-                    hit = self._hit(self.waiting[0])
+                    nxt = self.waiting[0]
+                    hit = self._hit(nxt)
                     past2 = min(past, hit[0])
-                    width2 = max(len(r.prompt_ids) for r in batch + [self.waiting[0]]) - past2
-                    if width2 * (len(batch) + 1) > self.prefill_chunk:
+                    width2 = max(len(r.prompt_ids) for r in batch + [nxt]) - past2
+                    recomputed = len(batch) * (past - past2) + hit[0] - past2
+                    if width2 * (len(batch) + 1) > self.prefill_chunk or recomputed > len(nxt.prompt_ids) - hit[0]:
                         break
                     past = past2
                     batch.append(self.waiting.popleft())
                     hits.append(hit)
+            for r in batch:
+                r.weights = self.weights_version
             self.slots += batch
         for i, (r, (_, key)) in enumerate(zip(batch, hits)):
             if past:
@@ -636,17 +642,35 @@ class Engine:
 
     def _hit(self, req: Request):
         """(tokens of req's prompt the prefix cache holds, at most all but the last; the entry's key)."""
+        if self.weights_version is None:
+            return 0, None
         length, key = self.prefix.lookup(req.prompt_ids)
         return min(length, len(req.prompt_ids) - 1), key
 
+    def _weights_id(self):
+        """What identifies the current weights: each parameter's version counter (bumped by optimizer steps,
+        load_state_dict, in-place ops under no_grad), storage and dtype; None when that cannot be known
+        (parameters made under inference_mode have no version counter), which turns the prefix cache off.
+        Changes made through `.data` in place are not seen: reload the model or use a new Engine after those."""
+        try:
+            return tuple((p._version, p.data_ptr(), p.dtype) for p in self.model.parameters())
+        except RuntimeError:
+            return None
+
     def _check_weights(self):
-        """Forget cached keys when the model's weights changed in place since they were computed."""
+        """Forget cached keys when the weights are not those they were computed with."""
         if not self.prefix.capacity:
             return
-        version = sum(p._version for p in self.model.parameters())
-        if version != self.weights_version:
+        current = self._weights_id()
+        if current is None or current != self.weights_version:
             self.prefix.clear()
-            self.weights_version = version
+        self.weights_version = current
+
+    def _store(self, req: Request, ids: list, row: int):
+        """Cache row `row`'s keys for `ids` when they were computed with the current weights from the start."""
+        if (self.prefix.capacity and req.weights is not None and req.weights == self.weights_version
+                and req.weights == self._weights_id()):
+            self.prefix.store(ids, self.cache, row)
 
     def _prefill(self, batch: list, past: int = 0):
         """Prompts of one or more new requests in one forward (right-padded), first token sampled; the first
@@ -670,7 +694,7 @@ class Engine:
             logits = logits[torch.arange(n, device=logits.device), at]
         for i, r in enumerate(batch):
             r.w = len(r.prompt_ids)
-            self.prefix.store(r.prompt_ids, self.cache, self.n_decode + i)
+            self._store(r, r.prompt_ids, self.n_decode + i)
         self.n_decode += n
         self._accept(batch, logits)
 
@@ -685,7 +709,7 @@ class Engine:
             return
         req.w = start + len(chunk)
         if req.w == len(req.prompt_ids):
-            self.prefix.store(req.prompt_ids, self.cache, self.n_decode)
+            self._store(req, req.prompt_ids, self.n_decode)
             self.n_decode += 1
             self._accept([req], logits[:, -1])
 
@@ -759,7 +783,7 @@ class Engine:
         if req in self.slots:
             j = self.slots.index(req)
             if reason != "error":  # its keys so far serve a later prompt that begins the same way
-                self.prefix.store((req.prompt_ids + req.token_ids)[:req.w], self.cache, j)
+                self._store(req, (req.prompt_ids + req.token_ids)[:req.w], j)
             if j < self.n_decode:
                 last = self.n_decode - 1
                 if j != last:

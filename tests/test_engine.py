@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model.engine import Engine, PrefixCache, PromptTooLong, QueueFull, SamplingParams, SlotCache, process_logits
-from model.model_minimind import MiniMindForCausalLM
+from model.model_minimind import MiniMindCache, MiniMindForCausalLM
 from tests.conftest import tiny_config, tokenizer_dir
 
 CONFIGS = {"dense": {}, "moe": {"use_moe": True}, "yarn": {"inference_rope_scaling": True},
@@ -296,22 +296,95 @@ def test_prompts_that_begin_alike_reuse_cached_keys_and_get_their_single_answer(
         outs += engine.generate([ps[2]], SamplingParams(max_tokens=6))  # asked again: all but its last token
         assert engine.prompt_tokens_cached_total - before == len(ps[0]) + len(first.token_ids) - 1 + len(ps[2]) - 1
         text = "\n".join(engine.prometheus())
+        entries = dict(engine.prefix.entries)
     for p, out in zip(ps[1:] + [follow, ps[2]], outs):
         assert out.token_ids == alone(model, p, 6)
+    assert len(entries) >= 8
+    for ids, layers in entries.items():  # every cached entry holds the keys of exactly its tokens
+        for (k, v), (k_ref, v_ref) in zip(layers, keys_alone(model, ids)):
+            torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-4)
     assert f"minimind_prompt_tokens_cached_total {engine.prompt_tokens_cached_total}" in text
 
 
-def test_prefix_cache_is_forgotten_when_the_weights_change():
-    """An optimizer step or a reloaded state dict changes the weights in place: cached keys are stale."""
+def keys_alone(model, ids):
+    """[(K, V) per layer] of the token sequence ids computed alone, each (KV, len, D)."""
+    cache = MiniMindCache()
+    with torch.inference_mode():
+        model(torch.tensor([list(ids)]), past_key_values=cache, use_cache=True)
+    return [(k[0, :, :len(ids)], v[0, :, :len(ids)]) for k, v in zip(cache.keys, cache.values)]
+
+
+def change_weights(model, how):
+    with torch.no_grad():
+        if how == "in place":          # what an optimizer step does
+            for w in model.parameters():
+                w.mul_(1.5)
+        elif how == "load_state_dict":
+            model.load_state_dict({k: v * 1.5 for k, v in model.state_dict().items()})
+        else:                          # another dtype: new storage
+            model.double()
+
+
+@pytest.mark.parametrize("how", ["in place", "load_state_dict", "dtype"])
+def test_prefix_cache_is_forgotten_when_the_weights_change(how):
+    """An optimizer step, a reloaded state dict or a cast changes the weights: cached keys are stale."""
     model, p = tiny(), prompts(1, low=30, high=30)[0]
     with Engine(model, eos_token_id=2) as engine:
         engine.generate([p], SamplingParams(max_tokens=4))
-        with torch.no_grad():
-            for w in model.parameters():
-                w.mul_(1.5)
+        change_weights(model, how)
         out = engine.generate([p], SamplingParams(max_tokens=4))[0]
         assert engine.prompt_tokens_cached_total == 0
     assert out.token_ids == alone(model, p, 4)
+
+
+def test_keys_computed_before_a_weight_change_are_not_cached_later():
+    """A request that was running when the weights changed ends after a newer one cleared the cache: its
+    keys (partly old weights) must not be stored for the next prompt that begins like it."""
+    model = tiny()
+    slow = Slow(model, delay=0.01)
+    first = prompts(1, low=30, high=30, seed=5)[0]
+    with Engine(slow, eos_token_id=2) as engine:
+        running = engine.submit(first, SamplingParams(max_tokens=40))
+        wait_for(lambda: len(running.token_ids) >= 2)
+        change_weights(model, "in place")
+        engine.generate(prompts(1, low=5, high=5, seed=6), SamplingParams(max_tokens=2))  # admitted after it
+        running.wait()
+        follow = first + running.token_ids[:10]
+        before = engine.prompt_tokens_cached_total
+        out = engine.generate([follow], SamplingParams(max_tokens=4))[0]
+        assert engine.prompt_tokens_cached_total == before
+    assert out.token_ids == alone(model, follow, 4)
+
+
+def test_a_model_made_under_inference_mode_is_served_without_the_prefix_cache():
+    """Inference tensors have no version counter, so changes to them cannot be seen: no prefix cache."""
+    with torch.inference_mode():
+        model = tiny()
+    p = prompts(1, low=20, high=20)[0]
+    with Engine(model, eos_token_id=-1) as engine:
+        reqs = [engine.submit(p, SamplingParams(max_tokens=3)) for _ in range(2)]
+        assert all(r.wait(30).done and r.finish_reason == "length" for r in reqs)
+        assert reqs[0].token_ids == reqs[1].token_ids and engine.prompt_tokens_cached_total == 0
+
+
+def test_a_newcomer_that_would_waste_the_cached_beginnings_waits_for_the_next_forward():
+    """Prompts with a long cached beginning are not prefilled in one forward with a prompt that has none
+    (the batch would recompute every beginning); prompts whose hits differ a little still go together."""
+    model = tiny()
+    slow = Slow(model)
+    rng = random.Random(7)
+    shared = [rng.randrange(3, 6400) for _ in range(50)]
+    hits = [shared + t for t in prompts(5, low=5, high=8, seed=8)]
+    miss = prompts(1, low=12, high=12, seed=9)[0]
+    with Engine(slow, max_batch=8, eos_token_id=-1) as engine:
+        engine.generate([shared + [5]], SamplingParams(max_tokens=1))
+        with engine.cv:  # queue them all before the engine thread looks
+            reqs = [engine.submit(p, SamplingParams(max_tokens=1)) for p in hits + [miss]]
+        for r in reqs:
+            r.wait()
+        assert engine.prompt_tokens_cached_total == 5 * 50
+    assert [r.token_ids for r in reqs] == [alone(model, p, 1) for p in hits + [miss]]
 
 
 def test_prefix_cache_keeps_the_longest_entries_within_its_capacity():
@@ -333,3 +406,29 @@ def test_prefix_cache_keeps_the_longest_entries_within_its_capacity():
     pc.copy_into((1, 2, 7, 7), 3, cache, 0)
     assert torch.equal(keys[0, :, :3], keys[1, :, :3]) and torch.equal(values[0, :, :3], values[1, :, :3])
     assert list(pc.entries)[-1] == (1, 2, 7, 7)   # used last
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_every_cached_entry_holds_the_keys_of_exactly_its_tokens(kind):
+    """Prompts prefilled together in one padded forward (on top of a cached beginning), a fifth request that
+    begins with one of them and starts while it still runs (from the entry stored at its prefill), answers
+    stored as slots free up in another order: each entry equals the keys of its tokens computed alone."""
+    model = tiny(**CONFIGS[kind])
+    rng = random.Random(3)
+    system = [rng.randrange(3, 6400) for _ in range(10)]
+    ps = [system + t for t in prompts(4, low=2, high=9, seed=11)]
+    follow = ps[3] + [9, 9]
+    with Engine(model, max_batch=4, eos_token_id=-1) as engine:
+        engine.generate([system + [7]], SamplingParams(max_tokens=1))
+        with engine.cv:  # all queued before the engine thread looks: the first four in one prefill forward
+            reqs = [engine.submit(p, SamplingParams(max_tokens=2 + 5 * i)) for i, p in enumerate(ps)]
+            reqs.append(engine.submit(follow, SamplingParams(max_tokens=3)))
+        for r in reqs:
+            r.wait()
+        assert engine.prompt_tokens_cached_total == 4 * len(system) + len(ps[3])
+        entries = dict(engine.prefix.entries)
+    assert tuple(follow + reqs[4].token_ids[:2]) in entries and len(entries) == 6
+    for ids, layers in entries.items():
+        for (k, v), (k_ref, v_ref) in zip(layers, keys_alone(model, ids)):
+            torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-4)
