@@ -614,17 +614,19 @@ class Engine:
             past = hits[0][0]
             if len(batch[0].prompt_ids) - past <= self.prefill_chunk:
                 # as many short prompts as fit in one padded (N x T) forward of prefill_chunk tokens; the rows
-                # start after the shortest cached beginning among them, so a newcomer joins only when the
-                # cached tokens it makes the batch recompute are fewer than the tokens it brings
+                # start after the shortest cached beginning among them, so a newcomer does not join when the
+                # cached tokens it makes the batch recompute outnumber both its own and the batch's
+                width = len(batch[0].prompt_ids) - past
                 while self.waiting and len(self.slots) + len(batch) < self.max_batch:
                     nxt = self.waiting[0]
                     hit = self._hit(nxt)
                     past2 = min(past, hit[0])
                     width2 = max(len(r.prompt_ids) for r in batch + [nxt]) - past2
                     recomputed = len(batch) * (past - past2) + hit[0] - past2
-                    if width2 * (len(batch) + 1) > self.prefill_chunk or recomputed > len(nxt.prompt_ids) - hit[0]:
+                    if (width2 * (len(batch) + 1) > self.prefill_chunk
+                            or recomputed > max(len(nxt.prompt_ids) - hit[0], len(batch) * width)):
                         break
-                    past = past2
+                    past, width = past2, width2
                     batch.append(self.waiting.popleft())
                     hits.append(hit)
             for r in batch:
