@@ -15,6 +15,7 @@ import argparse
 import numpy as np
 
 from dataset.lm_dataset import DPODataset, PretrainDataset, RLAIFDataset, SFTDataset
+from model.loading import bad_input
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {"pretrain": PretrainDataset, "sft": SFTDataset, "dpo": DPODataset, "rlaif": RLAIFDataset}
@@ -52,7 +53,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
     if not (Path(args.tokenizer_path) / "tokenizer.json").exists():
-        sys.exit(f"no tokenizer.json in {args.tokenizer_path}; pass --tokenizer_path")
+        bad_input(f"no tokenizer.json in {args.tokenizer_path}; pass --tokenizer_path")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path, local_files_only=True)
     max_len = args.max_seq_len or DEFAULT_LEN[args.kind]
     ds = DATASETS[args.kind](args.data_path, tokenizer, max_len)

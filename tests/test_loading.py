@@ -233,3 +233,22 @@ def test_bench_loading_table_at_toy_size(capsys):
     assert all(r["load_ms"] > 0 and r["verify_ms"] > 0 for r in rows)
     out = capsys.readouterr().out
     assert "| 2 MiB of random fp16 | 2.0 |" in out and "CPU:" in out and "GiB/s" in out
+
+
+@pytest.mark.parametrize("entry, argv, message", [
+    ("scripts.serve_openai_api", ["--max_batch", "0"], "serve_openai_api.py: --max_batch must be >= 1"),
+    ("scripts.serve_openai_api", ["--prefix_cache", "-1"], "serve_openai_api.py: --prefix_cache must be >= 0"),
+    ("scripts.serve_openai_api", ["--save_dir", "{tmp}", "--device", "cpu"], "serve_openai_api.py: weight file {tmp}/full_sft_512.pth not found"),
+    ("eval_llm", ["--save_dir", "{tmp}", "--device", "cpu", "--prompt", "hi"], "eval_llm.py: weight file {tmp}/full_sft_512.pth not found"),
+    ("scripts.inspect_data", ["--data_path", "x.jsonl", "--kind", "pretrain", "--tokenizer_path", "{tmp}"],
+     "no tokenizer.json in {tmp}"),
+])
+def test_bad_flags_and_missing_weights_end_with_one_line_and_exit_code_2(entry, argv, message, tmp_path, capsys):
+    """Bad input is exit code 2 everywhere (the trainers', eval_demo's and convert_model's code), one line."""
+    import importlib
+    main = importlib.import_module(entry).main
+    with pytest.raises(SystemExit) as exit_:
+        main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith(message.replace("{tmp}", str(tmp_path))), err
+    assert len(err.splitlines()) == 1
