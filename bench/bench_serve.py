@@ -6,15 +6,16 @@
     python bench/bench_serve.py --batch_sweep 1,4,8,16,32       # the engine alone at several --max_batch
     python bench/bench_serve.py --no_prefix_cache_levels ""     # without the --prefix_cache 0 rows
 
-Starts the real server in a subprocess (the weight: --weight_file, else a model with random weights
-saved to a temp dir), once with --max_batch N, once with --max_batch 1, once with --max_batch N
---prefix_cache 0 at --no_prefix_cache_levels (and, with --baseline_dir, that checkout's server), and drives each with the `openai` package: C concurrent streaming clients,
-each with a different prompt, temperature 0 and max_tokens --new_tokens. Per server and C it prints
-total completion tokens/s (all streams, wall clock from the first request to the last [DONE]), p50/p95
-time to first token (request handed to the network by httpx -> first content chunk; the clients' own
-request building in this process is not counted, the last column counts it) and p50/p95 inter-token
-latency (gaps between content chunks of a stream), then the ratios the serving issue targets. --batch_sweep measures the
-engine without HTTP instead (B requests at once at --max_batch B). Writes only a temp dir.
+Starts the real server in a subprocess (the weight: --weight_file, else a model with random weights saved to a
+temp dir), once with --max_batch N, once with --max_batch 1, once with --max_batch N --prefix_cache 0 at
+--no_prefix_cache_levels (and, with --baseline_dir, that checkout's server), and drives each with the `openai`
+package: C concurrent streaming clients, each with a different prompt, temperature 0 and max_tokens
+--new_tokens. Per server and C it prints total completion tokens/s (all streams, wall clock from the first
+request to the last [DONE]), p50/p95 time to first token (request handed to the network by httpx -> first
+content chunk; the clients' own request building in this process is not counted, the last column counts it)
+and p50/p95 inter-token latency (gaps between content chunks of a stream), then the ratios the serving issue
+targets. --batch_sweep measures the engine without HTTP instead (B requests at once at --max_batch B). Writes
+only a temp dir.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse

@@ -312,18 +312,9 @@ class PrefixCache:
         self.keys, self.tokens = [], 0
 
     @staticmethod
-    def _common(a: tuple, b) -> int:
-        n = min(len(a), len(b))
-        if a[:n] == tuple(b[:n]):
-            return n
-        lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if a[:mid] == tuple(b[:mid]):
-                lo = mid
-            else:
-                hi = mid
-        return lo
+    def _common(a: tuple, b: tuple) -> int:
+        """Length of the common beginning of a and b."""
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
     def lookup(self, ids: list):
         """(length of the longest cached beginning of ids, that entry's key) or (0, None)."""

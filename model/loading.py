@@ -63,13 +63,6 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
-def bad_input(message: str):
-    """End a command-line program on bad input (a flag, a missing file): the message as one line on stderr
-    and exit code 2, as argparse and the trainers do."""
-    print(message, file=sys.stderr)
-    raise SystemExit(2)
-
-
 # ---- flags ----
 class Typed(argparse.Action):
     """Store the value and record the flag's dest in `namespace.typed`, the set of flags the user typed:

@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 
 from dataset.lm_dataset import DPODataset, PretrainDataset, RLAIFDataset, SFTDataset
-from model.loading import bad_input
+from trainer.trainer_utils import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {"pretrain": PretrainDataset, "sft": SFTDataset, "dpo": DPODataset, "rlaif": RLAIFDataset}
@@ -53,7 +53,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
     if not (Path(args.tokenizer_path) / "tokenizer.json").exists():
-        bad_input(f"no tokenizer.json in {args.tokenizer_path}; pass --tokenizer_path")
+        raise ValueError(f"no tokenizer.json in {args.tokenizer_path}; pass --tokenizer_path")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path, local_files_only=True)
     max_len = args.max_seq_len or DEFAULT_LEN[args.kind]
     ds = DATASETS[args.kind](args.data_path, tokenizer, max_len)
@@ -100,4 +100,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(lambda: sys.exit(main()))

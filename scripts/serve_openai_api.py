@@ -36,7 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.chat_format import CONTROL_TOKENS, OutputParser, build_prompt, find_control_token  # noqa: E402
 from model.engine import Engine, PromptTooLong, QueueFull, SamplingParams  # noqa: E402
-from model.loading import LoadError, add_model_args, bad_input, load_model  # noqa: E402
+from model.loading import add_model_args, load_model  # noqa: E402
+from trainer.trainer_utils import cli  # noqa: E402
 
 ROLES = ("system", "user", "assistant", "tool")
 DEFAULTS = dict(temperature=0.7, top_p=0.92, top_k=50)  # the original's; top_k 50 is transformers' sampling default
@@ -611,17 +612,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     for flag in ("max_batch", "max_queue", "max_body_bytes", "prefill_chunk", "default_max_tokens"):
         if getattr(args, flag) < 1:
-            bad_input(f"serve_openai_api.py: --{flag} must be >= 1")
+            raise ValueError(f"--{flag} must be >= 1")
     if args.prefix_cache < 0:
-        bad_input("serve_openai_api.py: --prefix_cache must be >= 0")
+        raise ValueError("--prefix_cache must be >= 0")
     try:
         import uvicorn
     except ImportError:
         sys.exit("serve_openai_api.py needs fastapi and uvicorn: pip install fastapi uvicorn")
-    try:
-        model, tokenizer, _ = load_model(args)
-    except LoadError as err:
-        bad_input(f"serve_openai_api.py: {err}")
+    model, tokenizer, _ = load_model(args)  # a LoadError is one line from cli()
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(model, tokenizer, args.model_id, api_key, args.max_seq_len, max_batch=args.max_batch,
                      max_queue=args.max_queue, request_timeout=args.request_timeout, host=args.host,
@@ -634,4 +632,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -236,19 +236,28 @@ def test_bench_loading_table_at_toy_size(capsys):
 
 
 @pytest.mark.parametrize("entry, argv, message", [
-    ("scripts.serve_openai_api", ["--max_batch", "0"], "serve_openai_api.py: --max_batch must be >= 1"),
-    ("scripts.serve_openai_api", ["--prefix_cache", "-1"], "serve_openai_api.py: --prefix_cache must be >= 0"),
-    ("scripts.serve_openai_api", ["--save_dir", "{tmp}", "--device", "cpu"], "serve_openai_api.py: weight file {tmp}/full_sft_512.pth not found"),
-    ("eval_llm", ["--save_dir", "{tmp}", "--device", "cpu", "--prompt", "hi"], "eval_llm.py: weight file {tmp}/full_sft_512.pth not found"),
+    ("scripts.serve_openai_api", ["--max_batch", "0"], "--max_batch must be >= 1"),
+    ("scripts.serve_openai_api", ["--prefix_cache", "-1"], "--prefix_cache must be >= 0"),
+    ("scripts.serve_openai_api", ["--save_dir", "{tmp}", "--device", "cpu"], "weight file {tmp}/full_sft_512.pth not found"),
+    ("eval_llm", ["--save_dir", "{tmp}", "--device", "cpu", "--prompt", "hi"], "weight file {tmp}/full_sft_512.pth not found"),
     ("scripts.inspect_data", ["--data_path", "x.jsonl", "--kind", "pretrain", "--tokenizer_path", "{tmp}"],
      "no tokenizer.json in {tmp}"),
 ])
 def test_bad_flags_and_missing_weights_end_with_one_line_and_exit_code_2(entry, argv, message, tmp_path, capsys):
-    """Bad input is exit code 2 everywhere (the trainers', eval_demo's and convert_model's code), one line."""
+    """Bad input is exit code 2 everywhere, one `error:` line: the server, the chat and inspect_data run their
+    main() through trainer_utils.cli as the trainers, eval_demo and convert_model do."""
     import importlib
-    main = importlib.import_module(entry).main
-    with pytest.raises(SystemExit) as exit_:
-        main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    import runpy
+    import sys
+    module = importlib.import_module(entry)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    old = sys.argv
+    sys.argv = [module.__file__, *argv]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path(module.__file__, run_name="__main__")
+    finally:
+        sys.argv = old
     err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and err.startswith(message.replace("{tmp}", str(tmp_path))), err
-    assert len(err.splitlines()) == 1
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: " + message.replace("{tmp}", str(tmp_path))), err
