@@ -497,9 +497,13 @@ class Engine:
     def generate(self, prompts: list, params=None) -> list:
         """Offline batch use: every prompt (token ids) through the engine, the finished Requests in order.
         params: one SamplingParams for all, or one per prompt. The waiting queue limit does not apply here.
-        Raises RuntimeError when the model failed on a request (an offline caller has nobody to tell)."""
+        Raises RuntimeError when the model failed on a request (an offline caller has nobody to tell).
+        All prompts are queued before the loop admits any (cv is re-entrant), so which prompts share a prefill
+        and which take their beginning from the prefix cache does not depend on thread timing: under bf16 those
+        paths round differently, and a seeded caller (the RL rollouts, resumed runs) must sample the same tokens."""
         params = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        reqs = [self.submit(p, s, bounded=False) for p, s in zip(prompts, params)]
+        with self.cv:
+            reqs = [self.submit(p, s, bounded=False) for p, s in zip(prompts, params)]
         for req in reqs:
             if req.wait().finish_reason == "error":
                 raise RuntimeError(f"generation failed: {req.error}")

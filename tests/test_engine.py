@@ -262,6 +262,19 @@ def test_offline_generate_raises_what_the_model_raised():
             engine.generate([[5] * 4, [6] * 4], SamplingParams(max_tokens=2))
 
 
+def test_offline_generate_queues_every_prompt_before_the_loop_admits_one():
+    """How generate()'s prompts are batched, and what of them comes from the prefix cache, must not depend on
+    thread timing: under bf16 those paths round differently, so seeded RL rollouts (and a resumed run's)
+    would sample other tokens. A slow submit loop gives the engine thread every chance to start early."""
+    model = Slow(tiny())
+    with Engine(model, max_batch=4, eos_token_id=-1) as engine:
+        submit = engine.submit
+        engine.submit = lambda *a, **k: (submit(*a, **k), time.sleep(0.05))[0]
+        reqs = engine.generate([[5, 6, 7, 8]] * 4, SamplingParams(max_tokens=1))
+    assert model.calls == 1 and engine.prompt_tokens_cached_total == 0          # one prefill of all four
+    assert all(r.finish_reason == "length" for r in reqs)
+
+
 def test_autocast_dtype_reaches_the_engine_thread():
     """autocast is per thread: the caller's context does not reach the engine's forwards, autocast_dtype does."""
     model, seen = tiny(), []

@@ -41,11 +41,12 @@ def math_finite(x):
     return x == x and abs(x) != float("inf")
 
 
-@pytest.mark.parametrize("packing", [0, 1])
-def test_resume_equals_uninterrupted(tmp_path, packing):
-    """Stop in epoch 2, resume with --from_resume 1: same losses and bit-identical weights."""
+@pytest.mark.parametrize("packing,dtype", [(0, "float32"), (1, "float32"), (1, "bfloat16")])
+def test_resume_equals_uninterrupted(tmp_path, packing, dtype):
+    """Stop in epoch 2, resume with --from_resume 1: same losses and bit-identical weights, in both precisions
+    (--dtype auto would test only the one this CPU picks; bf16 runs the cheaper packed case)."""
     data = write_tiny_corpus(tmp_path / "data", n=64)
-    common = dict(accumulation_steps=2, epochs=2, learning_rate=1e-3, batch_size=4, packing=packing)
+    common = dict(accumulation_steps=2, epochs=2, learning_rate=1e-3, batch_size=4, packing=packing, dtype=dtype)
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     train_pretrain.main(tiny_train_args(full_dir, data["pretrain"], **common))
     full_log = {(r["epoch"], r["step"]): r["loss"] for r in metrics(full_dir / "out" / "pretrain_64_metrics.jsonl")}
