@@ -14,7 +14,8 @@ package: C concurrent streaming clients, each with a different prompt, temperatu
 request to the last [DONE]), p50/p95 time to first token (request handed to the network by httpx -> first
 content chunk; the clients' own request building in this process is not counted, the last column counts it)
 and p50/p95 inter-token latency (gaps between content chunks of a stream), then the ratios the serving issue
-targets. --batch_sweep measures the engine without HTTP instead (B requests at once at --max_batch B). Writes
+targets. Then a burst table: an idle server at --max_batch N --max_queue --burst_queue gets N + Q non-streaming
+requests at once (every one must be answered, none refused with 429), then 2 (N + Q). --batch_sweep measures the engine without HTTP instead (B requests at once at --max_batch B). Writes
 only a temp dir.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -169,6 +170,36 @@ async def drive(url: str, streams: int, new_tokens: int, offset: int) -> dict:
             "itl50": percentile(gaps, 0.5), "itl95": percentile(gaps, 0.95)}
 
 
+async def burst(url: str, n: int, new_tokens: int) -> dict:
+    """n non-streaming requests released at once on an idle server: how many got 200, 429 or anything else."""
+    import httpx
+    async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_connections=1000)) as http:
+        health = (await http.get(url.removesuffix("/v1") + "/health")).json()
+        assert health["active"] == 0 and health["queue"] == 0, health
+
+        async def one(i):
+            body = {"messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": new_tokens, "temperature": 0}
+            return (await http.post(f"{url}/chat/completions", json=body)).status_code
+
+        start = time.perf_counter()
+        statuses = await asyncio.gather(*[one(i) for i in range(n)])
+    return {"ok": statuses.count(200), "busy": statuses.count(429), "other": n - statuses.count(200) -
+            statuses.count(429), "wall": time.perf_counter() - start}
+
+
+def burst_table(weight: Path, max_batch: int, max_queue: int, new_tokens: int):
+    """The batching server at --max_batch B --max_queue Q, idle, hit by B + Q requests at once (all must be
+    answered: the documented capacity), then by 2 (B + Q) (the excess, and only it, gets 429)."""
+    print("| server (idle, then a burst) | requests at once | 200 | 429 | other | wall (s) |")
+    print("|---|---|---|---|---|---|")
+    name = f"engine, --max_batch {max_batch} --max_queue {max_queue}"
+    with Server(ROOT, weight, ["--max_batch", str(max_batch), "--max_queue", str(max_queue)]) as server:
+        asyncio.run(drive(server.url, 2, 8, 100))  # warm-up
+        for n in (max_batch + max_queue, 2 * (max_batch + max_queue)):
+            r = asyncio.run(burst(server.url, n, new_tokens))
+            print(f"| {name} | {n} | {r['ok']} | {r['busy']} | {r['other']} | {r['wall']:.1f} |", flush=True)
+
+
 def prompt_counters(url: str) -> tuple:
     """(prompt tokens, of them taken from the prefix cache) so far, from the server's /metrics."""
     import httpx
@@ -197,6 +228,9 @@ def main():
     p.add_argument("--baseline_dir", type=str, default=None,
                    help="a checkout whose scripts/serve_openai_api.py is measured too (e.g. main before the engine)")
     p.add_argument("--baseline_levels", type=str, default="1", help="stream counts for the baseline server")
+    p.add_argument("--burst_queue", type=int, default=16,
+                   help="the burst table's server runs with this --max_queue (and --max_batch); 0 = no burst table")
+    p.add_argument("--burst_tokens", type=int, default=16, help="max_tokens of each burst request")
     p.add_argument("--batch_sweep", type=str, default=None,
                    help="instead: the engine alone, no server, at these --max_batch values (e.g. 1,4,8,16,32)")
     args = p.parse_args()
@@ -235,6 +269,8 @@ def main():
                     print(f"| {name} | {streams} | {r['tps']:.1f} | {r['ttft50'] * 1e3:.0f} | {r['ttft95'] * 1e3:.0f} | "
                           f"{r['itl50'] * 1e3:.1f} | {r['itl95'] * 1e3:.1f} | {r['call95'] * 1e3:.0f} | {cached} |",
                           flush=True)
+        if args.burst_queue:
+            burst_table(weight, args.max_batch, args.burst_queue, args.burst_tokens)
     batched, single = setups[0][0], setups[1][0]
     for streams in levels:
         if streams > 1:

@@ -22,8 +22,17 @@ tokens in all, least recently used out; forgotten when the weights change in pla
 that begins like one of them (the chat template's system prompt, a conversation's earlier turns) gets
 that beginning copied into its row and is prefilled from where they differ.
 
-Exactness: a request's tokens do not depend on what else is in the batch. The model sees, per row,
-exactly its own keys: slots have different lengths inside one buffer, so the decode step writes each
+Exactness: the model sees, per row, exactly its own keys (below), and each request samples with its own
+generator and its own logits processors, so what else is in the batch changes a request's logits only by
+the float rounding of batched kernels (a matrix product's blocking, the attention's padded width: about
+1e-6 in fp32, up to 1e-2 under bf16 autocast). What holds, and is tested: greedy tokens equal model.generate() alone (a tie within rounding could
+still flip one); a seeded request repeats exactly when run
+alone, with or without the prefix cache, and gives the same tokens alone and in any batch whenever its
+logits are equal (tests/test_serve.py, with a model whose logits are exactly batch-invariant). With a real
+model in a batch, a sampled token can change where a draw falls within that rounding of the boundary
+between two tokens, after which the texts diverge: rare with a trained model, within tens of tokens for
+random weights whose thousands of near-equal probabilities put boundaries everywhere. The model sees, per
+row, exactly its own keys: slots have different lengths inside one buffer, so the decode step writes each
 new key at the row's own column w (kept for later steps) and also at the shared last column, and the
 2D attention mask hides the row's columns between w and that last column; the model's padded-mask
 path (a query always sees its own column) then gives each row attention over exactly its w+1 keys,
@@ -438,7 +447,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5
 class Engine:
     """Continuous batching over `max_batch` slots in a background thread (started by the first submit).
 
-    submit() raises QueueFull when `max_queue` requests already wait, PromptTooLong when the prompt
+    submit() raises QueueFull when `max_batch + max_queue` requests already run or wait, PromptTooLong when the prompt
     leaves no room in `max_seq_len`; both before the request takes a queue place or a slot.
     tokenizer None: no text (token_ids only, no stop strings), for callers that decode themselves.
     autocast_dtype: run the forwards under torch.autocast with this dtype (autocast is per thread, so a
@@ -484,8 +493,8 @@ class Engine:
         with self.cv:
             if self.closed:
                 raise RuntimeError("the engine is closed")
-            if bounded and len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
+            if bounded and self.full:
+                raise QueueFull(self.load())
             req = Request(ids, params, min(params.max_tokens, room), self.tokenizer, self.eos_ids)
             self.waiting.append(req)
             if self.thread is None:
@@ -517,6 +526,13 @@ class Engine:
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join()
 
+    def cancel_all(self):
+        """Cancel every request waiting or running (each ends as "cancelled" at the next step): a server's
+        shutdown when its drain time is over."""
+        with self.cv:
+            for req in list(self.waiting) + list(self.slots):
+                req.cancel()
+
     def __enter__(self):
         return self
 
@@ -530,6 +546,17 @@ class Engine:
     @property
     def queue_length(self) -> int:
         return len(self.waiting)
+
+    @property
+    def full(self) -> bool:
+        """max_batch running + max_queue waiting: a burst on an idle engine fills every slot before the queue
+        counts (requests wait in `waiting` until the loop's next step moves them into free slots)."""
+        return len(self.waiting) + len(self.slots) >= self.max_batch + self.max_queue
+
+    def load(self) -> str:
+        running, waiting = len(self.slots), len(self.waiting)
+        return (f"{running} request{'s are' if running != 1 else ' is'} running and {waiting} waiting "
+                f"(--max_batch {self.max_batch}, --max_queue {self.max_queue})")
 
     @property
     def active(self) -> int:

@@ -12,13 +12,22 @@ the extra fields repetition_penalty and top_k), GET /health (200 when the engine
 GET /metrics (Prometheus text). Output of reasoning models goes to `reasoning_content`; with `tools`,
 `<tool_call>` blocks become `tool_calls` (finish_reason "tool_calls").
 
-Concurrent requests are decoded together, up to --max_batch at a time; up to --max_queue more wait,
-beyond that the answer is 429 with Retry-After. A prompt that begins like an earlier one (the system
+Concurrent requests are decoded together, up to --max_batch at a time; up to --max_queue more wait
+(a burst on an idle server fills the slots first), beyond that the answer is 429 with Retry-After. A prompt that begins like an earlier one (the system
 prompt, the earlier turns of a conversation) is prefilled from where it differs (--prefix_cache). A
 client that disconnects, or a request older than --request_timeout, frees its slot at the next decode
 step. Every error is an OpenAI-shaped JSON body; bad requests get a 4xx, and no error leaves a keep-alive
 connection unusable (Connection: close is sent when the request body was not read). Model flags are those
 of eval_llm.py. Writes nothing.
+
+HTTP limits (scripts/serve_http.py): a request's head must arrive within --header_timeout seconds of the
+connection opening or of the previous answer on it, and its body within --body_timeout seconds of the head,
+else 408 and the connection is closed (a connection that sends nothing is closed silently); a keep-alive
+connection idle for --keep_alive_timeout seconds is closed. A malformed HTTP request (a bad Content-Length
+or Host, both Transfer-Encoding and Content-Length, ...) gets a JSON 400 (414: a URL over 16 KiB, 431:
+headers over 16 KiB) and the connection is closed. SIGTERM or SIGINT: no new connections; running answers
+go on for --shutdown_timeout seconds, then end (a stream with an error event and [DONE], others with 503);
+exit status 0.
 """
 import argparse
 import asyncio
@@ -26,6 +35,7 @@ import hmac
 import ipaddress
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -46,6 +56,10 @@ OPTIONS = dict(max_batch=16, max_queue=64, request_timeout=300.0, default_max_to
 MAX_JSON_DEPTH = 64
 NOT_RENDERED = ("tool_call_id", "id")  # message fields the chat template ignores
 API_KEY_ENV = "MINIMIND_API_KEY"
+HTTP_LIMITS = dict(header_timeout=10.0, body_timeout=60.0, keep_alive_timeout=5.0, shutdown_timeout=10.0)
+HOST_RE = re.compile(r"(?:\[([^\]]*)\]|([A-Za-z0-9._~!$&'()*+,;=%-]*))(?::[0-9]*)?")  # RFC 9110 7.2: host [":" port]
+REFUSED = "minimind.refused"  # scope key: the status the HTTP layer (serve_http.py) answered a request with
+CLIENT_LEFT = 499  # nginx's status for a client that closed the connection first: never sent, only counted
 
 
 class APIError(Exception):
@@ -228,6 +242,34 @@ def scan_strings(body, control_tokens) -> int:
     return size
 
 
+def _neutral(value):
+    """`value` with every non-empty string replaced by "x": the same template branches, no user text."""
+    if isinstance(value, str):
+        return "x" if value else ""
+    if isinstance(value, dict):
+        return {k: _neutral(v) if k not in ("role", "type") else v for k, v in value.items()}
+    if isinstance(value, list):
+        return [_neutral(v) for v in value]
+    return value
+
+
+def check_rendered_prompt(tokenizer, messages: list, tools, prompt: str, control_tokens):
+    """Refuse (400) a request whose texts form a ChatML control token only once joined or templated (text
+    parts split inside a token, or a template that writes two texts side by side): the rendered prompt may
+    hold no more control tokens than the same request with its texts neutralised."""
+    for i, msg in enumerate(messages):  # the joined text parts, named precisely where possible
+        token = find_control_token(msg["content"], control_tokens)
+        if token:
+            raise APIError(400, f"messages[{i}].content contains the ChatML control token {token} once its text "
+                                "parts are joined; it may not appear in message text", f"messages[{i}].content",
+                           "invalid_value")
+    skeleton = build_prompt(tokenizer, _neutral(messages), tools=_neutral(tools))
+    for token in control_tokens:
+        if prompt.count(token) > skeleton.count(token):
+            raise APIError(400, f"the messages form the ChatML control token {token} once rendered with the chat "
+                                "template; it may not appear in message text", "messages", "invalid_value")
+
+
 # ---- one answer ----
 def tool_call_json(call: dict) -> dict:
     args = call["arguments"]
@@ -293,13 +335,28 @@ def json_response(status: int, body: dict, headers=None):
             {"type": "http.response.body", "body": raw})
 
 
+def host_name(host: str):
+    """The lower-case name or address of a Host header ("[::1]:8998" -> "::1"), or None when it is malformed
+    (an unclosed bracket, a bad port, a character no host name has, an address that is not IPv6 in brackets)."""
+    match = HOST_RE.fullmatch(host)
+    if match is None:
+        return None
+    if match.group(1) is not None:
+        try:
+            ipaddress.IPv6Address(match.group(1))
+        except ValueError:
+            return None
+        return match.group(1).lower()
+    return match.group(2).lower()
+
+
 class Guard:
     """The outermost ASGI layer: Host, content type and API key checks before anything is read; a count
     of responses by path and status for /metrics; and no exception ever reaches uvicorn, which would
     drop the keep-alive connection without saying so."""
 
-    def __init__(self, app, api_key: str, host: str, allow_any_host: bool):
-        self.app, self.api_key = app, api_key
+    def __init__(self, app, api_key: str, host: str, allow_any_host: bool, engine=None):
+        self.app, self.api_key, self.engine = app, api_key, engine  # engine: cancelled when a shutdown's drain ends
         self.bound_host, self.check_host = host.lower(), not api_key and not allow_any_host
         self.responses = Counter()
 
@@ -331,12 +388,16 @@ class Guard:
         finally:
             path = scope["path"] if scope["path"] in ("/v1/chat/completions", "/v1/models", "/health",
                                                       "/metrics") else "other"
-            self.responses[(path, status or 499)] += 1  # 499: the client left before an answer
+            # the HTTP layer's own answer (a body timeout, a shutdown) wins over the app's, which was dropped
+            self.responses[(path, scope.get(REFUSED) or status or CLIENT_LEFT)] += 1
 
     def refuse(self, scope):
         """An APIError for a request refused on its headers alone, else None."""
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.check_host and not self.host_ok(headers.get("host", "")):
+        name = host_name(headers.get("host", ""))
+        if name is None:
+            return APIError(400, f"malformed Host header {headers['host']!r}", None, "invalid_host")
+        if self.check_host and not self.host_ok(name):
             return APIError(403, f"Host {headers.get('host', '')!r} is not this server's address; a web page may be "
                                  "driving it (DNS rebinding). Start the server with --allow_any_host or --api_key "
                                  "to accept it.", code="invalid_host", type_="permission_error")
@@ -352,9 +413,7 @@ class Guard:
                                 code="unsupported_media_type")
         return None
 
-    def host_ok(self, host: str) -> bool:
-        name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
-        name = name.lower()
+    def host_ok(self, name: str) -> bool:
         if name in ("localhost", self.bound_host):
             return True
         try:
@@ -445,6 +504,8 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
                     raise too_big
                 chunks.append(chunk)
         except ClientDisconnect:
+            if request.scope.get(REFUSED):  # the HTTP layer answered (408, 503) and said why
+                raise ClientGone() from None
             client = request.client
             print(f"serve_openai_api.py: {client.host if client else 'a client'} disconnected during the upload "
                   f"({size} of {declared or '?'} bytes read)", file=sys.stderr, flush=True)
@@ -461,6 +522,7 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
             prompt = build_prompt(tokenizer, req["messages"], tools=req["tools"])
         except Exception as err:  # a template error is the request's fault (e.g. a message it cannot render)
             raise APIError(400, f"the messages cannot be rendered with the chat template: {err}", "messages") from None
+        check_rendered_prompt(tokenizer, req["messages"], req["tools"], prompt, control_tokens)
         ids = tokenizer(prompt).input_ids
         if len(ids) >= context:
             raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {context} tokens "
@@ -472,7 +534,7 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
         try:
             raw = await read_body(request)
         except ClientGone:
-            return Response(status_code=400)  # nobody reads it
+            return Response(status_code=CLIENT_LEFT)  # nobody reads it; /metrics counts it apart from errors
         try:
             body = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
@@ -480,7 +542,7 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
             raise APIError(400, f"the request body is not valid UTF-8 JSON: {why}", None, "invalid_json") from None
         text_bytes = scan_strings(body, control_tokens)
         req = parse_request(body, context)
-        if engine.queue_length >= engine.max_queue:
+        if engine.full:
             raise busy()
         ids = await run_in_threadpool(prepare, req, text_bytes)
         max_tokens = req["max_tokens"] or opt["default_max_tokens"]
@@ -503,14 +565,17 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
         return await whole(job, head, request)
 
     def busy():
-        return APIError(429, f"the server is busy: {engine.max_batch} requests are running and {engine.max_queue} "
-                             "waiting (--max_queue); retry later", code="queue_full", type_="rate_limit_error",
-                        headers={"Retry-After": "1"})
+        return APIError(429, f"the server is busy: {engine.load()}; retry later", code="queue_full",
+                        type_="rate_limit_error", headers={"Retry-After": "1"})
 
     async def whole(job: Job, head: dict, request: Request):
+        left = False
+
         async def watch():  # the body is read: the next message is the client leaving
+            nonlocal left
             while (await request.receive())["type"] != "http.disconnect":
                 pass
+            left = True
             job.handle.cancel()
 
         watcher = asyncio.ensure_future(watch())
@@ -523,6 +588,8 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
         finally:
             watcher.cancel()
             job.handle.cancel()
+        if left:
+            return Response(status_code=CLIENT_LEFT)
         failure = job.failure()
         if failure is not None:
             raise failure
@@ -570,7 +637,7 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
                 yield chunk(None, usage=job.usage())
         yield "data: [DONE]\n\n"
 
-    guard = Guard(app, api_key, opt["host"], opt["allow_any_host"])
+    guard = Guard(app, api_key, opt["host"], opt["allow_any_host"], engine)
     return guard
 
 
@@ -605,6 +672,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow_any_host", action="store_true",
                    help="without an API key, accept any Host header (by default only addresses, localhost and "
                         "--host, against DNS rebinding)")
+    p.add_argument("--header_timeout", type=float, default=HTTP_LIMITS["header_timeout"],
+                   help="seconds a client has to send a request's head (request line and headers), from when it "
+                        "connects or from the end of the previous answer on the connection: then 408 and the "
+                        "connection is closed (closed without an answer if nothing came)")
+    p.add_argument("--body_timeout", type=float, default=HTTP_LIMITS["body_timeout"],
+                   help="seconds a client has to send a request's whole body, from the end of its head: then 408 "
+                        "and the connection is closed")
+    p.add_argument("--keep_alive_timeout", type=float, default=HTTP_LIMITS["keep_alive_timeout"],
+                   help="seconds an idle connection is kept open after an answer")
+    p.add_argument("--shutdown_timeout", type=float, default=HTTP_LIMITS["shutdown_timeout"],
+                   help="on SIGTERM/SIGINT the server stops accepting and lets running answers finish for this many "
+                        "seconds, then ends them (a stream with an error event and [DONE], others with 503) and "
+                        "exits with status 0")
     return p
 
 
@@ -615,8 +695,13 @@ def main(argv=None):
             raise ValueError(f"--{flag} must be >= 1")
     if args.prefix_cache < 0:
         raise ValueError("--prefix_cache must be >= 0")
+    for flag in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+        if not getattr(args, flag) > 0:
+            raise ValueError(f"--{flag} must be > 0")
+    if not args.shutdown_timeout >= 0:
+        raise ValueError("--shutdown_timeout must be >= 0")
     try:
-        import uvicorn
+        from scripts.serve_http import make_server  # uvicorn, with this server's HTTP limits
     except ImportError:
         sys.exit("serve_openai_api.py needs fastapi and uvicorn: pip install fastapi uvicorn")
     model, tokenizer, _ = load_model(args)  # a LoadError is one line from cli()
@@ -628,7 +713,8 @@ def main(argv=None):
                      allow_any_host=args.allow_any_host)
     print(f"serving {args.model_id} at http://{args.host}:{args.port}/v1 (max_batch {args.max_batch})",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    make_server(app, args.host, args.port, header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                keep_alive_timeout=args.keep_alive_timeout, shutdown_timeout=args.shutdown_timeout).run()
 
 
 if __name__ == "__main__":

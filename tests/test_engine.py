@@ -1,6 +1,6 @@
 """model/engine.py: continuous batching gives every request exactly what it gets alone (greedy equals
 model.generate, for dense, MoE, YaRN, the explicit-mask path and a transformers Llama), whatever else
-is in the batch and whenever it joins, and whatever part of its prompt comes from the prefix cache; seeded sampling is batch-independent; the logits processors
+is in the batch and whenever it joins, and whatever part of its prompt comes from the prefix cache; seeded sampling draws from each request's own generator (the same tokens alone and in a batch for this tiny model); the logits processors
 equal transformers'; queue limit, oversized prompts, cancellation, timeouts, stop strings and model
 errors behave as documented."""
 import random
