@@ -551,10 +551,12 @@ class Engine:
     def full(self) -> bool:
         """max_batch running + max_queue waiting: a burst on an idle engine fills every slot before the queue
         counts (requests wait in `waiting` until the loop's next step moves them into free slots)."""
-        return len(self.waiting) + len(self.slots) >= self.max_batch + self.max_queue
+        with self.cv:  # re-entrant; a request moves from waiting to slots under it, so it is never counted twice
+            return len(self.waiting) + len(self.slots) >= self.max_batch + self.max_queue
 
     def load(self) -> str:
-        running, waiting = len(self.slots), len(self.waiting)
+        with self.cv:
+            running, waiting = len(self.slots), len(self.waiting)
         return (f"{running} request{'s are' if running != 1 else ' is'} running and {waiting} waiting "
                 f"(--max_batch {self.max_batch}, --max_queue {self.max_queue})")
 

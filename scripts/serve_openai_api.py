@@ -54,7 +54,8 @@ DEFAULTS = dict(temperature=0.7, top_p=0.92, top_k=50)  # the original's; top_k 
 OPTIONS = dict(max_batch=16, max_queue=64, request_timeout=300.0, default_max_tokens=2048, max_body_bytes=1 << 20,
                prefill_chunk=512, prefix_cache=8192, host="127.0.0.1", allow_any_host=False)
 MAX_JSON_DEPTH = 64
-NOT_RENDERED = ("tool_call_id", "id")  # message fields the chat template ignores
+NOT_RENDERED = ("tool_call_id", "id")  # fields of a message or of its tool calls that the chat template ignores
+NOT_RENDERED_AT = re.compile(r"messages\[\d+\](\.tool_calls\[\d+\])?")
 API_KEY_ENV = "MINIMIND_API_KEY"
 HTTP_LIMITS = dict(header_timeout=10.0, body_timeout=60.0, keep_alive_timeout=5.0, shutdown_timeout=10.0)
 HOST_RE = re.compile(r"(?:\[([^\]]*)\]|([A-Za-z0-9._~!$&'()*+,;=%-]*))(?::[0-9]*)?")  # RFC 9110 7.2: host [":" port]
@@ -214,7 +215,7 @@ def parse_request(body, context: int) -> dict:
 def scan_strings(body, control_tokens) -> int:
     """Walk the parsed body once (no recursion): refuse nesting deeper than MAX_JSON_DEPTH, a lone
     UTF-16 surrogate anywhere (it cannot be encoded), and a ChatML control token in a value inside
-    `messages` or `tools` (it would become a real special token, e.g. a forged system turn). Returns
+    `messages` or `tools`, keys included (it would become a real special token, e.g. a forged system turn). Returns
     the UTF-8 size of the values the chat template renders (messages and tools)."""
     size, stack = 0, [(body, "", 0, False)]
     while stack:
@@ -223,8 +224,9 @@ def scan_strings(body, control_tokens) -> int:
             raise APIError(400, f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep", None, "invalid_json")
         if isinstance(value, dict):
             for key, item in value.items():
-                stack.append((key, path, depth + 1, False))
-                inside = (rendered or (depth == 0 and key in ("messages", "tools"))) and key not in NOT_RENDERED
+                stack.append((key, path, depth + 1, rendered))  # tool definitions and arguments render their keys
+                inside = (rendered or (depth == 0 and key in ("messages", "tools"))) and not (
+                    key in NOT_RENDERED and NOT_RENDERED_AT.fullmatch(path))
                 stack.append((item, f"{path}.{key}" if path else key, depth + 1, inside))
         elif isinstance(value, list):
             stack += [(item, f"{path}[{i}]", depth + 1, rendered) for i, item in enumerate(value)]
@@ -242,12 +244,17 @@ def scan_strings(body, control_tokens) -> int:
     return size
 
 
+TEMPLATE_KEYS = ("role", "content", "reasoning_content", "tool_calls", "function", "name", "arguments", "type")
+
+
 def _neutral(value):
-    """`value` with every non-empty string replaced by "x": the same template branches, no user text."""
+    """`value` with every non-empty string replaced by "x" and every key a chat template does not look up
+    renamed: the same template branches, no user text (tool definitions and arguments render their keys)."""
     if isinstance(value, str):
         return "x" if value else ""
     if isinstance(value, dict):
-        return {k: _neutral(v) if k not in ("role", "type") else v for k, v in value.items()}
+        return {(k if k in TEMPLATE_KEYS else f"k{i}"): _neutral(v) if k not in ("role", "type") else v
+                for i, (k, v) in enumerate(value.items())}
     if isinstance(value, list):
         return [_neutral(v) for v in value]
     return value
@@ -680,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a client has to send a request's whole body, from the end of its head: then 408 "
                         "and the connection is closed")
     p.add_argument("--keep_alive_timeout", type=float, default=HTTP_LIMITS["keep_alive_timeout"],
-                   help="seconds an idle connection is kept open after an answer")
+                   help="seconds an idle connection is kept open after an answer (at most --header_timeout)")
     p.add_argument("--shutdown_timeout", type=float, default=HTTP_LIMITS["shutdown_timeout"],
                    help="on SIGTERM/SIGINT the server stops accepting and lets running answers finish for this many "
                         "seconds, then ends them (a stream with an error event and [DONE], others with 503) and "
