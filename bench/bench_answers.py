@@ -17,7 +17,7 @@ from dataset.scoring import answer_questions
 from model.loading import TOKENIZER_DIR, load_tokenizer
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.progress import cpu_description
-from trainer.trainer_utils import ROOT
+from model.loading import ROOT
 
 
 def generate_batched(model, tokenizer, questions, max_new_tokens, batch_size):
@@ -26,7 +26,8 @@ def generate_batched(model, tokenizer, questions, max_new_tokens, batch_size):
     for i in range(0, len(questions), batch_size):
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                                  add_generation_prompt=True) for q in questions[i:i + batch_size]]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                        return_token_type_ids=False).to(model.device)   # transformers 4 adds them; generate() refuses
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

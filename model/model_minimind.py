@@ -77,8 +77,9 @@ class MiniMindConfig(PretrainedConfig):
         self.aux_loss_alpha = aux_loss_alpha
         self.seq_aux = seq_aux
         self.norm_topk_prob = norm_topk_prob
-        self.tie_word_embeddings = kwargs.pop("tie_word_embeddings", True)
+        tie_word_embeddings = kwargs.pop("tie_word_embeddings", True)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+        self.tie_word_embeddings = tie_word_embeddings  # after super(): transformers 4 resets it to True there
 
     # transformers 5 turns `rope_scaling` into its own `rope_parameters` scheme; MiniMind keeps the
     # original field name and value (None or the YaRN dict), so it is stored as a plain attribute.
@@ -526,8 +527,9 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
         elif isinstance(module, MiniMindModel):
             freqs_cos, freqs_sin = module.rope_tables()
-            init.copy_(module.freqs_cos, freqs_cos)
-            init.copy_(module.freqs_sin, freqs_sin)
+            copy_ = getattr(init, "copy_", torch.Tensor.copy_)  # torch.nn.init (transformers 4) has no copy_
+            copy_(module.freqs_cos, freqs_cos)
+            copy_(module.freqs_sin, freqs_sin)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

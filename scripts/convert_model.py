@@ -15,12 +15,14 @@ against its CRC-32s, and a missing, damaged or mismatched input is one `error:` 
 Output (`--to`), by default under `--save_dir`:
     minimind  {stem}-minimind/  config.json (auto_map), model_minimind.py, model.safetensors, tokenizer, generation_config
               (the tokenizer runs no custom code: AutoTokenizer.from_pretrained(folder, trust_remote_code=False))
-    llama     {stem}-llama/     LlamaForCausalLM, loads with no custom code (dense models only; YaRN -> rope_parameters)
+    llama     {stem}-llama/     LlamaForCausalLM, loads with no custom code (dense models only; YaRN -> rope_parameters,
+              rope_scaling under transformers 4)
     gguf      {stem}-gguf/{stem}.gguf + Modelfile   llama.cpp "llama" architecture, gpt2-style BPE tokenizer
     torch     {save_dir}/{save_weight}_{hidden}[_moe].pth + .json   fp16, the original's keys (both tied keys)
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -93,12 +95,16 @@ def llama_config(lm_config: MiniMindConfig):
                     "factor": float(scaling.get("factor", 16)), "original_max_position_embeddings": orig,
                     "beta_fast": float(scaling.get("beta_fast", 32.0)), "beta_slow": float(scaling.get("beta_slow", 1.0)),
                     "attention_factor": float(scaling.get("attention_factor", 1.0)), "truncate": True}
+    rope_kwargs = dict(rope_parameters=rope)
+    if "rope_parameters" not in inspect.signature(LlamaConfig.__init__).parameters:  # transformers 4: the old keys
+        theta = rope.pop("rope_theta")
+        rope_kwargs = dict(rope_theta=theta, rope_scaling=rope if rope["rope_type"] == "yarn" else None)
     return LlamaConfig(vocab_size=lm_config.vocab_size, hidden_size=lm_config.hidden_size,
                        intermediate_size=lm_config.intermediate_size, num_hidden_layers=lm_config.num_hidden_layers,
                        num_attention_heads=lm_config.num_attention_heads, num_key_value_heads=lm_config.num_key_value_heads,
                        head_dim=lm_config.head_dim, hidden_act=lm_config.hidden_act,
                        max_position_embeddings=lm_config.max_position_embeddings, rms_norm_eps=lm_config.rms_norm_eps,
-                       rope_parameters=rope, tie_word_embeddings=lm_config.tie_word_embeddings,
+                       **rope_kwargs, tie_word_embeddings=lm_config.tie_word_embeddings,
                        attention_bias=False, mlp_bias=False, **GENERATION)
 
 

@@ -7,6 +7,7 @@ with gguf.GGUFReader, and a forward pass written here in llama.cpp's conventions
 RoPE, llama.cpp tensor names) on the GGUF tensors reproduces our logits; with llama-cpp-python
 installed, llama.cpp itself (slow). Clear errors for missing or mismatched weights.
 """
+import inspect
 import json
 import math
 import os
@@ -79,7 +80,8 @@ def test_minimind_folder_loads_with_remote_code_in_fresh_process(native, tmp_pat
     assert cfg["architectures"] == ["MiniMindForCausalLM"] and cfg["model_type"] == "minimind"
     assert cfg["auto_map"] == {"AutoConfig": "model_minimind.MiniMindConfig",
                                "AutoModelForCausalLM": "model_minimind.MiniMindForCausalLM"}
-    assert cfg["dtype"] == "float32" and cfg["hidden_size"] == 64 and cfg["tie_word_embeddings"]
+    assert cfg["dtype"] == "float32" and cfg["hidden_size"] == 64
+    assert cfg.get("tie_word_embeddings", True)   # transformers 4 leaves out a value equal to its default (True)
     gen_cfg = json.loads((out / "generation_config.json").read_text())
     assert (gen_cfg["bos_token_id"], gen_cfg["eos_token_id"], gen_cfg["pad_token_id"]) == (1, 2, 0)
     assert (out / "model_minimind.py").read_bytes() == (ROOT / "model" / "model_minimind.py").read_bytes()
@@ -140,7 +142,8 @@ def test_llama_export_matches_transformers_llama(native, tmp_path, yarn):
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama" and "auto_map" not in cfg
     assert cfg["tie_word_embeddings"] is True and cfg["rms_norm_eps"] == 1e-5 and cfg["intermediate_size"] == 192
     assert cfg["max_position_embeddings"] == 32768 and cfg["num_key_value_heads"] == 2 and cfg["head_dim"] == 16
-    rope = cfg["rope_parameters"]
+    rope = cfg.get("rope_parameters") or {**(cfg["rope_scaling"] or {"rope_type": "default"}),   # transformers 4
+                                          "rope_theta": cfg["rope_theta"]}
     assert rope["rope_theta"] == 1e6 and rope["rope_type"] == ("yarn" if yarn else "default")
     if yarn:
         assert (rope["factor"], rope["original_max_position_embeddings"], rope["attention_factor"]) == (16, 2048, 1.0)
@@ -161,8 +164,11 @@ def test_yarn_matches_transformers_yarn_frequencies(head_dim):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     rope = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 2048,
             "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0, "truncate": True}
-    cfg = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim, rope_parameters=rope,
-                      max_position_embeddings=32768)
+    rope_kwargs = dict(rope_parameters=rope)
+    if "rope_parameters" not in inspect.signature(LlamaConfig.__init__).parameters:  # transformers 4: the old keys
+        rope_kwargs = dict(rope_theta=rope.pop("rope_theta"), rope_scaling=rope)
+    cfg = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim, max_position_embeddings=32768,
+                      **rope_kwargs)
     theirs, scale = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
     _, sin = precompute_freqs_cis(head_dim, 32768, 1e6, dict(YARN_ROPE_SCALING))
     ours = torch.asin(sin[1, : head_dim // 2].double())   # position 1: the angle is the inverse frequency (all < 1)
