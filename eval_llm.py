@@ -32,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model.chat_format import OutputParser, build_prompt  # noqa: E402
 from model.engine import HF_TOP_K, Engine, PromptTooLong, SamplingParams  # noqa: E402
-from model.loading import Typed, add_model_args, load_model, was_typed  # noqa: E402
-from trainer.trainer_utils import cli  # noqa: E402
+from model.cli import Typed, add_model_args, cli, was_typed  # noqa: E402
+from model.loading import load_model  # noqa: E402
 
 PRESET_QUESTIONS = ["你有什么特长？", "为什么天空是蓝色的", "请用Python写一个计算斐波那契数列的函数", '解释一下"光合作用"的基本过程',
                     "如果明天下雨，我应该如何出门", "比较一下猫和狗作为宠物的优缺点", "解释什么是机器学习", "推荐一些中国的美食"]

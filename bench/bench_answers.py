@@ -14,10 +14,9 @@ import torch
 
 from dataset.lm_dataset import read_jsonl
 from dataset.scoring import answer_questions
-from model.loading import TOKENIZER_DIR, load_tokenizer
+from model.loading import ROOT, TOKENIZER_DIR, load_tokenizer
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.progress import cpu_description
-from model.loading import ROOT
 
 
 def generate_batched(model, tokenizer, questions, max_new_tokens, batch_size):

@@ -21,9 +21,10 @@ import torch
 
 from dataset import demo_data, scoring
 from dataset.lm_dataset import SFTDataset, pad_collate
-from model.loading import find_weight, load_native, load_tokenizer, weight_path
+from model.loading import ROOT, TOKENIZER_DIR, find_weight, load_native, load_tokenizer
+from model.weights import weight_path
 from trainer import train_distillation, train_full_sft, train_pretrain
-from trainer.trainer_utils import OUT, ROOT, TOKENIZER_DIR, masked_cross_entropy, to_argv
+from trainer.trainer_utils import OUT, masked_cross_entropy, to_argv
 
 DEMO = ROOT / "dataset" / "demo"
 

@@ -16,7 +16,7 @@ import zlib
 
 import torch
 
-from model.loading import read_state_dict, verify_checkpoint
+from model.weights import read_state_dict, verify_checkpoint
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.progress import cpu_description
 

@@ -31,8 +31,9 @@ from dataset import demo_data
 from dataset.lm_dataset import read_jsonl
 from trainer import train_full_sft, train_grpo, train_ppo, train_spo
 from trainer.rl_utils import Rewards, encode_prompts, rollout
-from model.loading import find_weight, load_native, load_tokenizer, weight_path
-from trainer.trainer_utils import OUT, ROOT, TOKENIZER_DIR, to_argv
+from model.loading import ROOT, TOKENIZER_DIR, find_weight, load_native, load_tokenizer
+from model.weights import weight_path
+from trainer.trainer_utils import OUT, to_argv
 
 DEMO = ROOT / "dataset" / "demo"
 

@@ -56,7 +56,7 @@ def random_weight(directory: Path, hidden_size: int, num_hidden_layers: int) -> 
     from transformers import AutoTokenizer
 
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-    from trainer.checkpoint import save_weights, weight_path
+    from model.weights import save_weights, weight_path
     tokenizer = AutoTokenizer.from_pretrained(str(ROOT / "model"))
     hidden = [i for i in range(len(tokenizer)) if i in tokenizer.all_special_ids
               or "\ufffd" in tokenizer.decode([i]) or not tokenizer.decode([i]).strip()]

@@ -422,7 +422,8 @@ def sample_next(logits: torch.Tensor, reqs: list) -> list:
 
 # ---- metrics ----
 class Histogram:
-    """A Prometheus histogram: cumulative buckets, sum and count."""
+    """Latency counts: counts[i] holds the values in (buckets[i-1], buckets[i]], the last one those above every
+    bound; plus sum and count. Plain data: the server writes the Prometheus text (scripts/serve_openai_api.py)."""
 
     def __init__(self, buckets):
         self.buckets, self.counts, self.sum, self.count = list(buckets), [0] * (len(buckets) + 1), 0.0, 0
@@ -431,13 +432,6 @@ class Histogram:
         self.counts[bisect.bisect_left(self.buckets, value)] += 1
         self.sum += value
         self.count += 1
-
-    def lines(self, name: str, help_text: str) -> list:
-        out, total = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"], 0
-        for bound, n in zip(self.buckets + [math.inf], self.counts):
-            total += n
-            out.append(f'{name}_bucket{{le="{"+Inf" if bound == math.inf else bound}"}} {total}')
-        return out + [f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
 
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -563,27 +557,6 @@ class Engine:
     @property
     def active(self) -> int:
         return len(self.slots)
-
-    def prometheus(self, prefix: str = "minimind") -> list:
-        """The engine's metrics in Prometheus text format (one line per entry)."""
-        out = []
-
-        def metric(name, kind, help_text, samples):
-            out.extend([f"# HELP {prefix}_{name} {help_text}", f"# TYPE {prefix}_{name} {kind}"])
-            out.extend(f"{prefix}_{name}{labels} {value}" for labels, value in samples)
-
-        metric("queue_length", "gauge", "Requests waiting for a slot.", [("", self.queue_length)])
-        metric("active_slots", "gauge", "Requests being prefilled or decoded.", [("", self.active)])
-        metric("max_batch", "gauge", "Slots (requests decoded together).", [("", self.max_batch)])
-        metric("prompt_tokens_total", "counter", "Prompt tokens of requests that began to generate.",
-               [("", self.prompt_tokens_total)])
-        metric("prompt_tokens_cached_total", "counter", "Prompt tokens taken from the prefix cache, not computed.",
-               [("", self.prompt_tokens_cached_total)])
-        metric("generation_tokens_total", "counter", "Tokens generated.", [("", self.generation_tokens_total)])
-        metric("requests_finished_total", "counter", "Requests ended, by finish reason.",
-               [(f'{{reason="{k}"}}', v) for k, v in sorted(self.finished.items())])
-        out += self.ttft.lines(f"{prefix}_time_to_first_token_seconds", "Submission to first generated token.")
-        return out + self.itl.lines(f"{prefix}_inter_token_latency_seconds", "Time between two tokens of a request.")
 
     # ---- the loop ----
     def _run(self):

@@ -1,123 +1,50 @@
 """Loading MiniMind models, written once: every entry point uses this module (eval_llm.py, the server, the
 web demo, the eval scripts, convert_model.py, the benches, and the trainers for their weight files).
 
-    python -c "from model.loading import verify_checkpoint; verify_checkpoint('out/full_sft_256.pth')"
-    # in a script:
+    # in a script (the flags are model/cli.py's):
     #   args = add_model_args(argparse.ArgumentParser(allow_abbrev=False)).parse_args()
     #   model, tokenizer, description = load_model(args)
 
 What it does, each in one place:
-  * file names: `{save_dir}/{name}_{hidden}[_moe].pth` (weight_path);
   * finding a weight by stage, size and MoE (find_weight): the size flags name the file; when no size flag
     was typed and the original's default `{weight}_512.pth` is absent, the one `{weight}_<hidden>[_moe].pth`
     in the folder is used, and several are an error that lists them with the flags that pick each;
   * its config (native_config): the `.json` the trainers write next to the weight (a typed size flag that
     contradicts it is an error), else the size in the file name and the size flags;
-  * native `.pth` files, loaded strictly (every key, every shape); transformers folders (MiniMind and Llama
-    folders are read directly into MiniMindForCausalLM, any other architecture through
-    AutoModelForCausalLM); LoRA adapters, a name under `{save_dir}/lora/` (also the original's name without
-    `_moe`) or a path, merged into the weights; the tokenizer, which never runs custom code;
-  * integrity: torch.save writes a zip archive with a CRC-32 per record; verify_checkpoint checks them before
-    every torch.load here, so a damaged file is an error naming it, never silently wrong weights;
+  * native `.pth` files (read and CRC-checked by model/weights.py), loaded strictly (every key, every shape);
+    transformers folders (MiniMind and Llama folders are read directly into MiniMindForCausalLM, any other
+    architecture through AutoModelForCausalLM); LoRA adapters, a name under `{save_dir}/lora/` (also the
+    original's name without `_moe`) or a path, merged into the weights; the tokenizer, which never runs
+    custom code;
   * paths the user types (resolve_path): an absolute path as given; a relative path against the current
-    directory when it exists there, else against the repository root, so the original's `--save_dir out`
-    and `--load_from model` work from any directory;
-  * one exception type, LoadError, whose message is one line naming the file and what to do
+    directory when it exists there, else against the repository root (ROOT, defined here once), so the
+    original's `--save_dir out` and `--load_from model` work from any directory;
+  * errors are model/weights.py's LoadError, whose message is one line naming the file and what to do
     (NotFoundError, for a missing file, is a LoadError and also a FileNotFoundError).
-Reads files only; writes nothing. Imports model_minimind and model_lora only.
+Reads files only; writes nothing. Imports model_minimind, model_lora, weights and cli only.
 """
 import argparse
 import json
 import re
 import sys
-import zipfile
 from pathlib import Path
 
 import torch
 
+from model.cli import SIZE_DEFAULTS, typed_sizes
 from model.model_lora import apply_lora, load_lora, merge_lora
 from model.model_minimind import YARN_ROPE_SCALING, MiniMindConfig, MiniMindForCausalLM
+from model.weights import LoadError, NotFoundError, read_state_dict, short_error, weight_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ROOT / "model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-SIZE_DEFAULTS = {"hidden_size": 512, "num_hidden_layers": 8, "use_moe": 0}   # the original's
 # which stage writes which weight prefix (for error messages)
 PRODUCED_BY = {"pretrain": "trainer/train_pretrain.py", "full_sft": "trainer/train_full_sft.py",
                "dpo": "trainer/train_dpo.py", "reason": "trainer/train_reason.py",
                "full_dist": "trainer/train_distillation.py", "ppo_actor": "trainer/train_ppo.py",
                "grpo": "trainer/train_grpo.py", "spo": "trainer/train_spo.py"}
 _WEIGHT_NAME = re.compile(r"(?P<prefix>.+)_(?P<hidden>\d+)(?P<moe>_moe)?")
-
-
-class LoadError(ValueError):
-    """A model, adapter, config or tokenizer that cannot be loaded; the message is one line for the user."""
-
-
-class NotFoundError(LoadError, FileNotFoundError):
-    """A LoadError for a file or folder that does not exist (also a FileNotFoundError)."""
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
-
-
-# ---- flags ----
-class Typed(argparse.Action):
-    """Store the value and record the flag's dest in `namespace.typed`, the set of flags the user typed:
-    a default may then be replaced by what the files say (a size flag left alone lets the one weight file
-    that exists decide), while a typed value never is."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        namespace.typed = set(getattr(namespace, "typed", ())) | {self.dest}
-
-
-def was_typed(args, name: str) -> bool:
-    """Did the user type flag `--name` (declared with action=Typed)?"""
-    return name in getattr(args, "typed", ())
-
-
-def add_size_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """--hidden_size --num_hidden_layers --use_moe with the original's defaults (typed_sizes tells which were typed)."""
-    p = parser
-    p.add_argument("--hidden_size", type=int, default=SIZE_DEFAULTS["hidden_size"], action=Typed,
-                   help="names the weight file {weight}_{hidden}[_moe].pth (default 512); when not typed and that "
-                        "file is missing, the one {weight}_*.pth in --save_dir is used")
-    p.add_argument("--num_hidden_layers", type=int, default=SIZE_DEFAULTS["num_hidden_layers"], action=Typed,
-                   help="layers, used when the weight has no .json config (default 8)")
-    p.add_argument("--use_moe", type=int, default=SIZE_DEFAULTS["use_moe"], choices=[0, 1], action=Typed,
-                   help="1 = the MoE weight file ({weight}_{hidden}_moe.pth); default 0")
-    p.set_defaults(typed=set())
-    return p
-
-
-def typed_sizes(args) -> dict:
-    """{"hidden_size", "num_hidden_layers", "use_moe"}: the typed value, or None where the flag was not typed."""
-    return {name: getattr(args, name) if was_typed(args, name) else None for name in SIZE_DEFAULTS}
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The original's model-loading flags with its defaults (eval_llm.py, the server, the web demo, eval_bench.py)."""
-    p = parser
-    p.add_argument("--load_from", type=str, default="model",
-                   help="a transformers model folder (one with config.json), a native .pth weight file, or the "
-                        "folder holding the tokenizer of native weights (default: model)")
-    p.add_argument("--save_dir", type=str, default="out", help="folder of the native weight files (default: out)")
-    p.add_argument("--weight", type=str, default="full_sft",
-                   help="weight prefix: pretrain, full_sft, dpo, reason, ppo_actor, grpo, spo, full_dist")
-    p.add_argument("--lora_weight", type=str, default="None",
-                   help="LoRA name (file {save_dir}/lora/{name}_{hidden}.pth) or a .pth path; None = no LoRA")
-    add_size_args(p)
-    p.add_argument("--inference_rope_scaling", action="store_true",
-                   help="YaRN RoPE scaling (16x longer positions, from 2048 original positions)")
-    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda (default when available), cpu, cuda:1, ...")
-    p.add_argument("--tokenizer_path", type=str, default=None,
-                   help="tokenizer folder for native weights (default: --load_from if it holds tokenizer files, "
-                        "else the repo's model/)")
-    return p
 
 
 # ---- paths ----
@@ -136,13 +63,6 @@ def is_transformers_folder(path) -> bool:
 
 def has_tokenizer(folder) -> bool:
     return Path(folder).is_dir() and any((Path(folder) / f).is_file() for f in TOKENIZER_FILES)
-
-
-def weight_path(save_dir, name: str, cfg, suffix: str = ".pth") -> Path:
-    """The one place weight file names are built: `{save_dir}/{name}_{hidden}[_moe]{suffix}`
-    (cfg: anything with hidden_size and use_moe)."""
-    moe = "_moe" if getattr(cfg, "use_moe", False) else ""
-    return Path(save_dir) / f"{name}_{cfg.hidden_size}{moe}{suffix}"
 
 
 def _size_flags(path: Path) -> str:
@@ -216,7 +136,7 @@ def native_config(path, hidden_size: int = None, num_hidden_layers: int = None, 
         try:
             values = json.loads(config_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise LoadError(f"{config_file}: not a readable config ({_one_line(err)}); delete it and pass the size "
+            raise LoadError(f"{config_file}: not a readable config ({short_error(err)}); delete it and pass the size "
                             "flags") from None
         for key, value in given.items():
             if value is not None and key in values and (bool(value) if key == "use_moe" else value) != values[key]:
@@ -256,50 +176,6 @@ def llama_to_minimind_config(cfg: dict, source) -> MiniMindConfig:
                           inference_rope_scaling=scaling is not None, rope_scaling=scaling,
                           tie_word_embeddings=cfg.get("tie_word_embeddings", True),
                           bos_token_id=cfg.get("bos_token_id", 1), eos_token_id=cfg.get("eos_token_id", 2))
-
-
-# ---- reading weight files ----
-def verify_checkpoint(path) -> None:
-    """Check every record of a torch.save file against its CRC-32 (the zip format torch.save writes) before
-    it is loaded; a mismatch, a damaged or a truncated archive is a LoadError naming the file. Files in the
-    legacy non-zip format carry no checksums and pass unchecked (torch.load still reports garbage).
-    Streams each record once in 1 MiB chunks; bench/bench_loading.py measures it next to torch.load."""
-    path = Path(path)
-    record = None
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":
-                return
-        with zipfile.ZipFile(path) as archive:
-            for record in archive.namelist():
-                with archive.open(record) as stream:   # the CRC is compared when the record's end is read
-                    while stream.read(1 << 20):
-                        pass
-    except OSError as err:
-        raise LoadError(f"{path}: cannot be read ({_one_line(err)})") from None
-    except Exception as err:  # zipfile raises BadZipFile, EOFError, ValueError, ... for damaged bytes
-        if record is None:
-            reason = f"damaged or truncated zip archive: {_one_line(err)}"
-        elif "CRC" in str(err):
-            reason = f"CRC mismatch in record {record}"
-        else:
-            reason = f"damaged record {record}: {_one_line(err)}"
-        raise LoadError(f"{path} is corrupted ({reason}); restore it or retrain") from None
-
-
-def read_state_dict(path) -> dict:
-    """The verified state dict of a .pth file (CPU, DDP `module.` and compile `_orig_mod.` prefixes removed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise NotFoundError(f"{path} not found")
-    verify_checkpoint(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a file that is not a checkpoint
-        raise LoadError(f"{path}: not a readable weight file ({_one_line(err)})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise LoadError(f"{path}: not a state dict of tensors (a resume file? load out/*.pth weights instead)")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
 def load_state(model, state: dict, source) -> None:
@@ -347,7 +223,7 @@ def _folder_state(folder: Path) -> dict:
         try:
             return {k: v for f in files for k, v in load_file(f).items()}
         except Exception as err:  # safetensors raises its own error type for a damaged file
-            raise LoadError(f"{folder}: unreadable safetensors file ({_one_line(err)})") from None
+            raise LoadError(f"{folder}: unreadable safetensors file ({short_error(err)})") from None
     if (folder / "pytorch_model.bin").is_file():  # the original exporter's format
         return read_state_dict(folder / "pytorch_model.bin")
     raise NotFoundError(f"{folder}: no *.safetensors or pytorch_model.bin weight file")
@@ -364,7 +240,7 @@ def load_transformers(folder, rope_scaling: bool = False):
     try:
         cfg = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise LoadError(f"{config_file}: not a readable config ({_one_line(err)})") from None
+        raise LoadError(f"{config_file}: not a readable config ({short_error(err)})") from None
     model_type = cfg.get("model_type")
     if model_type not in ("minimind", "llama"):
         from transformers import AutoModelForCausalLM

@@ -32,11 +32,11 @@ from contextlib import contextmanager
 
 import torch
 
-from model.loading import (ROOT, TOKENIZER_DIR, TOKENIZER_FILES, LoadError, add_lora, add_size_args, find_weight,
-                           load_native, load_transformers, resolve_path, typed_sizes, weight_path)
+from model.cli import add_size_args, cli, typed_sizes
+from model.loading import (ROOT, TOKENIZER_DIR, TOKENIZER_FILES, add_lora, find_weight, load_native, load_transformers,
+                           resolve_path)
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.checkpoint import atomic_save, save_weights
-from trainer.trainer_utils import cli
+from model.weights import LoadError, atomic_save, save_weights, weight_path
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 GENERATION = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -22,8 +22,8 @@ import warnings
 
 import torch
 
-from model.loading import add_model_args, load_model
-from trainer.trainer_utils import cli
+from model.cli import add_model_args, cli
+from model.loading import load_model
 
 LETTERS = ("A", "B", "C", "D")
 HEADER = "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n"   # C-Eval's official prompt

@@ -14,9 +14,8 @@ import argparse
 import json
 
 from dataset.scoring import evaluate
-from model.loading import (ROOT, TOKENIZER_DIR, add_lora, add_size_args, find_weight, load_native, load_tokenizer,
-                           resolve_path, typed_sizes)
-from trainer.trainer_utils import cli
+from model.cli import add_size_args, cli, typed_sizes
+from model.loading import ROOT, TOKENIZER_DIR, add_lora, find_weight, load_native, load_tokenizer, resolve_path
 
 
 def build_parser() -> argparse.ArgumentParser:

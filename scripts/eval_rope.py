@@ -23,10 +23,10 @@ import textwrap
 
 import torch
 
-from model.loading import (ROOT, TOKENIZER_DIR, add_size_args, find_weight, load_native, load_tokenizer, native_config,
-                           resolve_path, typed_sizes)
+from model.cli import add_size_args, cli, typed_sizes
+from model.loading import (ROOT, TOKENIZER_DIR, find_weight, load_native, load_tokenizer, native_config,
+                           resolve_path)
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.trainer_utils import cli
 
 
 def read_text(path) -> str:

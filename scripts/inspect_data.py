@@ -15,9 +15,9 @@ import argparse
 import numpy as np
 
 from dataset.lm_dataset import DPODataset, PretrainDataset, RLAIFDataset, SFTDataset
-from trainer.trainer_utils import cli
+from model.cli import cli
+from model.loading import TOKENIZER_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {"pretrain": PretrainDataset, "sft": SFTDataset, "dpo": DPODataset, "rlaif": RLAIFDataset}
 # the --max_seq_len each stage trains with by default (rlaif: the prompt budget of train_ppo)
 DEFAULT_LEN = {"pretrain": 512, "sft": 512, "dpo": 1024, "rlaif": 66}
@@ -45,7 +45,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Validate a MiniMind jsonl and show what a sample trains", allow_abbrev=False)
     p.add_argument("--data_path", type=str, required=True, help="jsonl file (resolved against the cwd)")
     p.add_argument("--kind", choices=sorted(DATASETS), required=True, help="which dataset reads it")
-    p.add_argument("--tokenizer_path", type=str, default=str(ROOT / "model"), help="tokenizer directory")
+    p.add_argument("--tokenizer_path", type=str, default=str(TOKENIZER_DIR), help="tokenizer directory")
     p.add_argument("--max_seq_len", type=int, default=None,
                    help="truncation length in tokens (default: the stage's, pretrain/sft 512, dpo 1024, rlaif 66)")
     p.add_argument("--show", type=int, default=0, help="index of the sample to print token by token; -1 = none")

@@ -34,6 +34,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import math
 import os
 import re
 import sys
@@ -45,9 +46,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.chat_format import CONTROL_TOKENS, OutputParser, build_prompt, find_control_token  # noqa: E402
+from model.cli import add_model_args, cli  # noqa: E402
 from model.engine import Engine, PromptTooLong, QueueFull, SamplingParams  # noqa: E402
-from model.loading import add_model_args, load_model  # noqa: E402
-from trainer.trainer_utils import cli  # noqa: E402
+from model.loading import load_model  # noqa: E402
 
 ROLES = ("system", "user", "assistant", "tool")
 DEFAULTS = dict(temperature=0.7, top_p=0.92, top_k=50)  # the original's; top_k 50 is transformers' sampling default
@@ -332,6 +333,41 @@ class Job:
         return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
 
 
+# ---- metrics ----
+def histogram_lines(name: str, help_text: str, hist) -> list:
+    """An engine Histogram in Prometheus text format: cumulative buckets, sum and count."""
+    out, total = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"], 0
+    for bound, n in zip(hist.buckets + [math.inf], hist.counts):
+        total += n
+        out.append(f'{name}_bucket{{le="{"+Inf" if bound == math.inf else bound}"}} {total}')
+    return out + [f"{name}_sum {hist.sum}", f"{name}_count {hist.count}"]
+
+
+def metrics_text(engine: Engine, responses: Counter, prefix: str = "minimind") -> str:
+    """GET /metrics: the engine's counters and latencies, and the HTTP responses by (path, status)."""
+    out = []
+
+    def metric(name, kind, help_text, samples):
+        out.extend([f"# HELP {prefix}_{name} {help_text}", f"# TYPE {prefix}_{name} {kind}"])
+        out.extend(f"{prefix}_{name}{labels} {value}" for labels, value in samples)
+
+    metric("queue_length", "gauge", "Requests waiting for a slot.", [("", engine.queue_length)])
+    metric("active_slots", "gauge", "Requests being prefilled or decoded.", [("", engine.active)])
+    metric("max_batch", "gauge", "Slots (requests decoded together).", [("", engine.max_batch)])
+    metric("prompt_tokens_total", "counter", "Prompt tokens of requests that began to generate.",
+           [("", engine.prompt_tokens_total)])
+    metric("prompt_tokens_cached_total", "counter", "Prompt tokens taken from the prefix cache, not computed.",
+           [("", engine.prompt_tokens_cached_total)])
+    metric("generation_tokens_total", "counter", "Tokens generated.", [("", engine.generation_tokens_total)])
+    metric("requests_finished_total", "counter", "Requests ended, by finish reason.",
+           [(f'{{reason="{k}"}}', v) for k, v in sorted(engine.finished.items())])
+    out += histogram_lines(f"{prefix}_time_to_first_token_seconds", "Submission to first generated token.", engine.ttft)
+    out += histogram_lines(f"{prefix}_inter_token_latency_seconds", "Time between two tokens of a request.", engine.itl)
+    metric("http_responses_total", "counter", "HTTP responses by path and status.",
+           [(f'{{path="{p}",status="{st}"}}', n) for (p, st), n in sorted(responses.items())])
+    return "\n".join(out) + "\n"
+
+
 # ---- app ----
 def json_response(status: int, body: dict, headers=None):
     """(start, body) ASGI messages of a JSON response."""
@@ -490,11 +526,7 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
 
     @app.get("/metrics")
     async def metrics():
-        lines = engine.prometheus() + ["# HELP minimind_http_responses_total HTTP responses by path and status.",
-                                       "# TYPE minimind_http_responses_total counter"]
-        lines += [f'minimind_http_responses_total{{path="{p}",status="{s}"}} {n}'
-                  for (p, s), n in sorted(guard.responses.items())]
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics_text(engine, guard.responses), media_type="text/plain; version=0.0.4")
 
     async def read_body(request: Request) -> bytes:
         """The body, refused (413, connection closed) as soon as it is known to exceed --max_body_bytes."""

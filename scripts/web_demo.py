@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import streamlit as st  # noqa: E402
 
 from model.chat_format import OutputParser, build_prompt  # noqa: E402
+from model.cli import add_model_args, typed_sizes  # noqa: E402
 from model.engine import HF_TOP_K, Engine, SamplingParams  # noqa: E402
-from model.loading import (ROOT, LoadError, add_model_args, find_weight, is_transformers_folder,  # noqa: E402
-                           load_model, resolve_path, typed_sizes)
+from model.loading import ROOT, find_weight, is_transformers_folder, load_model, resolve_path  # noqa: E402
+from model.weights import LoadError  # noqa: E402
 
 REASONING = "Reasoning (click to expand)"
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from model.model_lora import apply_lora, save_lora
 from model.model_minimind import YARN_ROPE_SCALING, MiniMindForCausalLM, precompute_freqs_cis
 from model.loading import load_native
+from model.weights import save_weights
 from scripts.convert_model import main, permute_rope_rows, unpermute_rope_rows, write_modelfile
 from tests.conftest import ROOT, tiny_config, tokenizer_dir
-from trainer.checkpoint import save_weights
 
 IDS = torch.randint(3, 6400, (2, 24), generator=torch.Generator().manual_seed(0))
 

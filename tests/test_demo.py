@@ -11,7 +11,7 @@ from tests.conftest import ROOT, tiny_config
 
 def test_run_demo_script_end_to_end(tmp_path):
     from model.model_minimind import MiniMindForCausalLM
-    from trainer.checkpoint import save_weights, weight_path
+    from model.weights import save_weights, weight_path
     other = tiny_config()   # out/full_sft_64.pth, as after README's "Try the plumbing on CPU" block
     save_weights(MiniMindForCausalLM(other), weight_path(tmp_path / "out", "full_sft", other), other)
     picture = ROOT / "images" / "demo_loss.png"

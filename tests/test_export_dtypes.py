@@ -17,9 +17,9 @@ import torch
 
 from model.model_minimind import MiniMindForCausalLM
 from model.loading import load_native
+from model.weights import save_weights
 from scripts.convert_model import main
 from tests.conftest import tiny_config, tokenizer_dir
-from trainer.checkpoint import save_weights
 
 PROMPT = torch.randint(3, 6400, (2, 12), generator=torch.Generator().manual_seed(0))
 NEW_TOKENS = 8

@@ -16,9 +16,10 @@ import torch
 
 import eval_llm
 from model.chat_format import OutputParser, build_prompt, parse_output
-from model.loading import LoadError, add_model_args, load_model, load_native, load_tokenizer, weight_path
+from model.cli import add_model_args
+from model.loading import load_model, load_native, load_tokenizer
+from model.weights import LoadError, save_weights, weight_path
 from tests.conftest import ROOT, tiny_config, tokenizer_dir
-from trainer.checkpoint import save_weights
 
 QUESTIONS = ["你好", "1+1等于几？"]
 
@@ -153,7 +154,7 @@ def test_lora_is_loaded_and_changes_the_answers(native, tmp_path, monkeypatch, c
 def test_missing_weight_is_one_line_naming_file_and_stage(tmp_path, monkeypatch, capsys, weight, stage):
     with pytest.raises(LoadError) as exc:
         run_main(monkeypatch, capsys, ["--save_dir", str(tmp_path), "--weight", weight])
-    message = str(exc.value)  # one line, printed by trainer_utils.cli with exit code 2 (test_loading checks that)
+    message = str(exc.value)  # one line, printed by model.cli.cli with exit code 2 (test_loading checks that)
     assert "\n" not in message and str(tmp_path / f"{weight}_512.pth") in message and stage in message
 
 

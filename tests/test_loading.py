@@ -10,13 +10,13 @@ import shutil
 import pytest
 import torch
 
-from model.loading import (ROOT, LoadError, NotFoundError, Typed, add_lora, add_model_args, find_weight, load_model,
-                           load_native, load_transformers, load_weights, native_config, read_state_dict, resolve_path,
-                           typed_sizes, verify_checkpoint, was_typed, weight_path)
+from model.cli import Typed, add_model_args, typed_sizes, was_typed
+from model.loading import (ROOT, add_lora, find_weight, load_model, load_native, load_transformers, load_weights,
+                           native_config, resolve_path)
 from model.model_lora import apply_lora, save_lora
 from model.model_minimind import MiniMindForCausalLM
+from model.weights import LoadError, NotFoundError, read_state_dict, save_weights, verify_checkpoint, weight_path
 from tests.conftest import tiny_config, tokenizer_dir
-from trainer.checkpoint import save_weights
 
 IDS = torch.randint(3, 6400, (1, 12), generator=torch.Generator().manual_seed(0))
 
@@ -245,7 +245,7 @@ def test_bench_loading_table_at_toy_size(capsys):
 ])
 def test_bad_flags_and_missing_weights_end_with_one_line_and_exit_code_2(entry, argv, message, tmp_path, capsys):
     """Bad input is exit code 2 everywhere, one `error:` line: the server, the chat and inspect_data run their
-    main() through trainer_utils.cli as the trainers, eval_demo and convert_model do."""
+    main() through model/cli.py's cli as the trainers, eval_demo and convert_model do."""
     import importlib
     import runpy
     import sys

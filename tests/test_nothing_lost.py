@@ -134,7 +134,7 @@ def test_bad_resume_files_and_a_full_disk_are_one_line(tmp_path, corpus):
              "real = torch.save\n"
              "def full(obj, f, *a, **k): raise OSError(errno.ENOSPC, 'No space left on device', str(f))\n"
              "torch.save = full\n"
-             "from trainer import train_pretrain; from trainer.trainer_utils import cli\n"
+             "from trainer import train_pretrain; from model.cli import cli\n"
              "cli(lambda: train_pretrain.main(sys.argv[3:]))")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", probe, SCRIPT, str(ROOT), *args, "--max_steps", "3"],

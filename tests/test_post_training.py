@@ -81,7 +81,7 @@ def test_missing_weight_is_one_line_naming_the_size_that_exists(tmp_path):
     import sys
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
     from tests.conftest import ROOT
-    from trainer.checkpoint import save_weights, weight_path
+    from model.weights import save_weights, weight_path
     cfg = MiniMindConfig(hidden_size=64, num_hidden_layers=2)
     save_weights(MiniMindForCausalLM(cfg), weight_path(tmp_path, "full_sft", cfg), cfg)
     res = subprocess.run([sys.executable, str(ROOT / "trainer" / "train_dpo.py"), "--device", "cpu",

@@ -21,7 +21,7 @@ httpx = pytest.importorskip("httpx")
 
 from model.chat_format import build_prompt, parse_output  # noqa: E402
 from model.loading import load_tokenizer  # noqa: E402
-from scripts.serve_openai_api import create_app  # noqa: E402
+from scripts.serve_openai_api import create_app, metrics_text  # noqa: E402
 from tests.conftest import ROOT, tiny_config, tokenizer_dir  # noqa: E402
 from tests.test_inference import talkative_seed  # noqa: E402
 
@@ -511,6 +511,64 @@ def test_request_timeout_ends_the_answer_and_frees_the_slot(tokenizer):
         assert json.loads(events[-2][6:])["error"]["code"] == "request_timeout" and events[-1] == "data: [DONE]"
         model.text = "好"
         assert httpx.post(f"{url}/chat/completions", timeout=30, json={"messages": USER}).status_code == 200
+
+
+def test_metrics_text_is_the_prometheus_text_format():
+    """GET /metrics, byte for byte: names, HELP and TYPE lines, label order, cumulative buckets (the engine
+    keeps plain counts; the server writes the format)."""
+    from collections import Counter
+
+    from model.engine import Histogram
+    ttft, itl = Histogram((0.1, 1.0)), Histogram((0.1, 1.0))
+    for value in (0.05, 0.5, 3.0):
+        ttft.observe(value)
+    itl.observe(0.25)
+    engine = SimpleNamespace(queue_length=2, active=1, max_batch=4, prompt_tokens_total=15,
+                             prompt_tokens_cached_total=3, generation_tokens_total=12,
+                             finished=Counter(stop=1, length=3), ttft=ttft, itl=itl)
+    responses = Counter({("/v1/chat/completions", 200): 4, ("/health", 503): 1})
+    expected = """# HELP minimind_queue_length Requests waiting for a slot.
+# TYPE minimind_queue_length gauge
+minimind_queue_length 2
+# HELP minimind_active_slots Requests being prefilled or decoded.
+# TYPE minimind_active_slots gauge
+minimind_active_slots 1
+# HELP minimind_max_batch Slots (requests decoded together).
+# TYPE minimind_max_batch gauge
+minimind_max_batch 4
+# HELP minimind_prompt_tokens_total Prompt tokens of requests that began to generate.
+# TYPE minimind_prompt_tokens_total counter
+minimind_prompt_tokens_total 15
+# HELP minimind_prompt_tokens_cached_total Prompt tokens taken from the prefix cache, not computed.
+# TYPE minimind_prompt_tokens_cached_total counter
+minimind_prompt_tokens_cached_total 3
+# HELP minimind_generation_tokens_total Tokens generated.
+# TYPE minimind_generation_tokens_total counter
+minimind_generation_tokens_total 12
+# HELP minimind_requests_finished_total Requests ended, by finish reason.
+# TYPE minimind_requests_finished_total counter
+minimind_requests_finished_total{reason="length"} 3
+minimind_requests_finished_total{reason="stop"} 1
+# HELP minimind_time_to_first_token_seconds Submission to first generated token.
+# TYPE minimind_time_to_first_token_seconds histogram
+minimind_time_to_first_token_seconds_bucket{le="0.1"} 1
+minimind_time_to_first_token_seconds_bucket{le="1.0"} 2
+minimind_time_to_first_token_seconds_bucket{le="+Inf"} 3
+minimind_time_to_first_token_seconds_sum 3.55
+minimind_time_to_first_token_seconds_count 3
+# HELP minimind_inter_token_latency_seconds Time between two tokens of a request.
+# TYPE minimind_inter_token_latency_seconds histogram
+minimind_inter_token_latency_seconds_bucket{le="0.1"} 0
+minimind_inter_token_latency_seconds_bucket{le="1.0"} 1
+minimind_inter_token_latency_seconds_bucket{le="+Inf"} 1
+minimind_inter_token_latency_seconds_sum 0.25
+minimind_inter_token_latency_seconds_count 1
+# HELP minimind_http_responses_total HTTP responses by path and status.
+# TYPE minimind_http_responses_total counter
+minimind_http_responses_total{path="/health",status="503"} 1
+minimind_http_responses_total{path="/v1/chat/completions",status="200"} 4
+"""
+    assert metrics_text(engine, responses) == expected
 
 
 def test_health_metrics_and_models_answer_while_the_engine_is_busy(tokenizer):

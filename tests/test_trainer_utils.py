@@ -1,5 +1,5 @@
-"""trainer_utils / checkpoint / data_order: schedule, names, atomic writes, resume bookkeeping, batch order
-(shuffled, grouped, packed), flags, precision, one-line errors."""
+"""trainer_utils / checkpoint / data_order: schedule, names, resume bookkeeping, batch order (shuffled, grouped,
+packed), flags, precision, one-line errors. Atomic writes and the weight format: tests/test_weights.py."""
 import json
 import math
 import os
@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import ROOT, tiny_config
-from trainer import checkpoint
+from model.cli import one_line
 from model.loading import load_weights
-from trainer.checkpoint import lm_checkpoint, save_weights, weight_path
+from model.weights import save_weights, weight_path
+from trainer.checkpoint import lm_checkpoint
 from trainer.data_order import best_fit, packed_batches, shuffled_batches
 from trainer.loop import get_lr
-from trainer.trainer_utils import (OUT, build_parser, choose_dtype, init_run, masked_cross_entropy, one_line,
-                                   resolve_data, supervised_loss)
+from trainer.trainer_utils import (OUT, build_parser, choose_dtype, init_run, masked_cross_entropy, resolve_data,
+                                   supervised_loss)
 
 
 def test_get_lr_reference_values():
@@ -64,37 +65,6 @@ def test_supervised_loss_equals_the_full_logits_loss(moe):
     zero, out = supervised_loss(model, {**batch, "loss_mask": torch.zeros_like(mask)})
     assert out.logits.shape == (0, model.config.vocab_size)
     assert torch.allclose(zero, out.aux_loss) and zero.requires_grad
-
-
-def test_atomic_save_survives_a_crash(tmp_path, monkeypatch):
-    target = tmp_path / "w.pth"
-    checkpoint.atomic_save({"a": torch.ones(3)}, target)
-    real_save = torch.save
-
-    def crash(obj, f, *a, **k):
-        real_save({"partial": torch.zeros(1)}, f)
-        raise KeyboardInterrupt("killed mid-write")
-
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.atomic_save({"a": torch.zeros(3)}, target)
-    monkeypatch.setattr(torch, "save", real_save)
-    assert torch.equal(torch.load(target)["a"], torch.ones(3))   # the old file is intact
-    assert [p.name for p in tmp_path.iterdir()] == ["w.pth"]     # and no temp file is left behind
-
-
-def test_save_weights_format_and_config(tmp_path):
-    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-    cfg = tiny_config()
-    model = MiniMindForCausalLM(cfg)
-    path = save_weights(model, weight_path(tmp_path, "pretrain", cfg), cfg)
-    sd = torch.load(path)
-    assert list(sd) == list(model.state_dict()) and all(v.dtype == torch.float16 for v in sd.values())
-    saved_cfg = MiniMindConfig.from_json_file(path.with_suffix(".json"))
-    assert saved_cfg.hidden_size == 64 and saved_cfg.num_hidden_layers == 2
-    fresh = MiniMindForCausalLM(cfg)
-    load_weights(fresh, path)
-    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight.half().float())
 
 
 def test_load_weights_errors_name_the_file_and_stage(tmp_path):
@@ -208,26 +178,6 @@ def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
         monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(fake if p == "/proc/cpuinfo" else p, *a, **k))
         assert tu.cpu_has_bf16_units() is expected
         monkeypatch.setattr(builtins, "open", real_open)
-
-
-def test_stale_temp_files_of_a_killed_save_are_removed(tmp_path):
-    import subprocess
-    import sys
-    target = tmp_path / "w.pth"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".w.pth.{dead.stdout.strip()}.abc123.tmp"      # left by a writer that was killed
-    stale.write_bytes(b"x" * 1000)
-    alive = tmp_path / f".w.pth.{os.getppid()}.def456.tmp"             # a live writer's file is kept
-    alive.write_bytes(b"y")
-    checkpoint.atomic_save({"a": torch.ones(1)}, target)
-    assert not stale.exists() and alive.exists() and target.exists()
-    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())   # not the 0600 of a temp file
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def test_corrupted_or_truncated_files_are_one_clear_error(tmp_path):

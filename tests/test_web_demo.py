@@ -25,7 +25,7 @@ from model.chat_format import build_prompt, parse_output  # noqa: E402
 from tests.conftest import ROOT, tiny_config, tokenizer_dir  # noqa: E402
 from tests.test_inference import QUESTIONS, talkative_seed  # noqa: E402
 from tests.test_serve import ScriptedModel, free_port, serving  # noqa: E402
-from trainer.checkpoint import save_weights, weight_path  # noqa: E402
+from model.weights import save_weights, weight_path  # noqa: E402
 
 APP = ROOT / "scripts" / "web_demo.py"
 

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trainer.checkpoint import lm_checkpoint, save_weights, weight_path
+from model.cli import CLIError
+from model.weights import save_weights, weight_path
+from trainer.checkpoint import lm_checkpoint
 from trainer.data_order import BatchPlan
 from trainer.fsdp import full_model_state, full_optimizer_state, is_fsdp, no_sync
 from trainer.progress import Logger, Progress, is_main_process
@@ -39,8 +41,10 @@ from trainer.progress import Logger, Progress, is_main_process
 MAX_NONFINITE = 5   # optimizer steps in a row with a non-finite gradient before training stops
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. it diverged); the message is one line for the user."""
+class TrainingError(CLIError, RuntimeError):
+    """Training cannot go on (e.g. it diverged); the message is one line for the user. cli() exits with 1 (the
+    run failed), not the 2 of bad input."""
+    exit_code = 1
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.checkpoint import weight_path
+from model.weights import weight_path
 
 
 def is_main_process() -> bool:

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from dataset.scoring import ANSWER_PART, answer_correct, format_reward
 from model.engine import HF_TOP_K, Engine, SamplingParams
+from model.loading import ROOT
 from trainer.loop import unwrap
-from trainer.trainer_utils import ROOT, resolve_data
+from trainer.trainer_utils import resolve_data
 
 ASSISTANT_START = "<|im_start|>assistant\n"   # what a chat-templated prompt with add_generation_prompt ends with
 

@@ -21,11 +21,12 @@ real range is used ([-3, 3] for the reward model alone, as the original).
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
+from model.cli import cli
 from trainer.loop import train_loop
 from trainer.rl_utils import (Rewards, adamw_cosine, add_rl_args, base_weight,
                               completion_logps, frozen, k3_kl, masked_mean, rl_collate, rl_prompts, rollout)
 from trainer.tracking import init_tracker
-from trainer.trainer_utils import DATA, build_parser, cli, init_config, init_model, init_run, restore, wrap_model
+from trainer.trainer_utils import DATA, build_parser, init_config, init_model, init_run, restore, wrap_model
 
 
 class AutoAdaptiveValueTracker:

@@ -1,6 +1,8 @@
 """Plumbing shared by every training stage, written once: flags, device/precision/DDP set-up, model
-loading and resume. The loop itself is trainer/loop.py; checkpoint files are trainer/checkpoint.py, the
+loading and resume. The loop itself is trainer/loop.py; resume files are trainer/checkpoint.py, the
 batch order trainer/data_order.py, progress lines trainer/progress.py, experiment tracking trainer/tracking.py.
+What serving shares lives in model/: weight files (model/weights.py), ROOT and the tokenizer (model/loading.py),
+the one-line error wrapper cli (model/cli.py).
 
 A stage script (train_pretrain.py, train_full_sft.py, ...) shows only what differs: its defaults, its
 data, what it trains and its loss, in the numbered steps of the original:
@@ -11,7 +13,6 @@ import argparse
 import atexit
 import os
 import random
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,43 +22,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+from model.cli import Typed, was_typed
+from model.loading import ROOT, TOKENIZER_DIR, load_tokenizer, load_weights
+from model.weights import weight_path
+from trainer.checkpoint import lm_checkpoint
+from trainer.loop import ResumePoint, set_rng_state
+from trainer.progress import Logger, is_main_process
+
 DATA = ROOT / "dataset"
 OUT = ROOT / "out"
 CKPT = ROOT / "checkpoints"
-TOKENIZER_DIR = ROOT / "model"
-
-from model.loading import Typed, load_tokenizer, load_weights, was_typed, weight_path  # noqa: E402
-from trainer.checkpoint import lm_checkpoint  # noqa: E402
-from trainer.loop import ResumePoint, TrainingError, set_rng_state  # noqa: E402
-from trainer.progress import Logger, is_main_process  # noqa: E402
 
 
 # ---- small helpers ----
-def cli(main) -> None:
-    """Run a stage's main(): a bad flag, path or data line, a full disk or a diverged run ends with one
-    `error:` line (exit code 2, or 1 when training itself failed), not a traceback. MINIMIND_DEBUG=1 shows it."""
-    try:
-        main()
-    except (ValueError, OSError, TrainingError) as err:
-        if os.environ.get("MINIMIND_DEBUG"):
-            raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        raise SystemExit(1 if isinstance(err, TrainingError) else 2) from None
-
-
-def one_line(err: BaseException) -> str:
-    """The message of an error, or for an error re-raised from a DataLoader worker (whose message holds
-    the worker's whole traceback) the original error's own last line."""
-    text = str(err)
-    if "Original Traceback" in text:
-        last = [line for line in text.strip().splitlines() if line.strip()][-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    if isinstance(err, OSError) and err.filename:
-        text = f"{err.filename}: {err.strerror or text}"
-    return text
-
-
 def setup_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
