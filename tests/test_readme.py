@@ -1,4 +1,5 @@
-"""README's two set-up commands stay true: CI runs exactly the README's test command."""
+"""README's two set-up commands stay true: CI runs exactly the README's test command. The commands in README and
+in docs/*.md name real scripts and flags, and their links lead somewhere."""
 import re
 
 from tests.conftest import ROOT
@@ -18,9 +19,14 @@ def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
         "python -m pip install --quiet -r requirements.txt") < ci.index(tests)
 
 
+def doc_pages():
+    """README.md and every page under docs/."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def readme_python_lines():
-    """Every `python <file>.py ...` command in README's bash blocks (continuation lines joined)."""
-    text = (ROOT / "README.md").read_text()
+    """Every `python <file>.py ...` command in the bash blocks of README and docs/*.md (continuation lines joined)."""
+    text = "\n".join(page.read_text() for page in doc_pages())
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -33,7 +39,7 @@ def readme_python_lines():
 
 
 def test_every_python_command_names_a_real_script_and_real_flags():
-    """The flags typed in README exist in the script's own --help (so no command fails on a typo)."""
+    """The flags typed in README and docs/ exist in the script's own --help (so no command fails on a typo)."""
     import json
     import subprocess
     import sys
@@ -96,3 +102,28 @@ def test_cpu_quick_start_block_runs_as_written(tmp_path):
                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
         assert res.returncode == 0, (line, res.stderr[-2000:])
     assert (copy / "out" / "full_sft_64.pth").is_file() and res.stdout.strip()
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_in_readme_and_docs_resolve():
+    """Every relative link (file and #anchor) in README and docs/*.md points at a file and heading that exist,
+    and README links every docs/ page."""
+    readme = (ROOT / "README.md").read_text()
+    for page in doc_pages():
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            assert file.exists(), f"{page.name}: {target}"
+            if anchor and file.suffix == ".md":
+                body = re.sub(r"```.*?```", "", file.read_text(), flags=re.S)
+                anchors = {github_anchor(h) for h in re.findall(r"^#+ (.*)$", body, re.M)}
+                assert anchor in anchors, f"{page.name}: {target}"
+    for doc in (ROOT / "docs").glob("*.md"):
+        assert f"(docs/{doc.name})" in readme, f"README does not link docs/{doc.name}"
