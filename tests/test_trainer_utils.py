@@ -13,7 +13,6 @@ from model.cli import one_line
 from model.loading import load_weights
 from model.weights import save_weights, weight_path
 from trainer.checkpoint import lm_checkpoint
-from trainer.data_order import best_fit, packed_batches, shuffled_batches
 from trainer.loop import get_lr
 from trainer.trainer_utils import (OUT, build_parser, choose_dtype, init_run, masked_cross_entropy, resolve_data,
                                    supervised_loss)
@@ -95,45 +94,6 @@ def test_resume_step_rescaled_by_world_size(tmp_path, capsys):
     torch.save(ckp, path)
     assert lm_checkpoint(cfg, "pretrain", save_dir=tmp_path)["step"] == 120
     assert lm_checkpoint(cfg, "missing", save_dir=tmp_path) is None
-
-
-def test_shuffled_batches_order_and_ranks():
-    full = shuffled_batches(50, 4, epoch=0)
-    assert len(full) == 13 and sorted(sum(full, [])) == list(range(50))
-    assert shuffled_batches(50, 4, epoch=0) == full                                 # depends only on (seed, epoch)
-    assert shuffled_batches(50, 4, epoch=1) != full                                 # a new order every epoch
-    r0 = sum(shuffled_batches(50, 4, epoch=0, rank=0, world_size=2), [])
-    r1 = sum(shuffled_batches(50, 4, epoch=0, rank=1, world_size=2), [])
-    assert len(r0) == len(r1) == 25 and set(r0) | set(r1) == set(range(50)) and not set(r0) & set(r1)
-    lengths = [i % 7 for i in range(64)]
-    grouped = shuffled_batches(64, 8, epoch=0, lengths=lengths)
-    assert sorted(sum(grouped, [])) == list(range(64))
-    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in grouped)
-    assert spread < sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in full[:8] if b)
-
-
-def test_best_fit_rows_hold_every_sample_once_within_capacity():
-    import random
-    rng = random.Random(0)
-    lengths = [rng.randint(1, 63) for _ in range(500)]
-    rows = best_fit(list(range(500)), lengths, capacity=63, window=128)
-    assert sorted(i for row in rows for i in row) == list(range(500))
-    assert all(sum(lengths[i] for i in row) <= 63 for row in rows)
-    # best fit fills rows: at most one row per window is less than half full
-    assert sum(sum(lengths[i] for i in row) < 32 for row in rows) <= 4
-    assert len(rows) <= sum(lengths) / 63 * 1.1 + 4
-    # a sample longer than the row is truncated there (the dataset truncates it the same way)
-    assert best_fit([0, 1], [100, 5], capacity=63) == [[0], [1]]
-
-
-def test_packed_batches_depend_on_seed_epoch_and_split_ranks():
-    lengths = [(i * 7) % 30 + 1 for i in range(200)]
-    a = packed_batches(lengths, 31, batch_size=4, epoch=0)
-    assert a == packed_batches(lengths, 31, batch_size=4, epoch=0) and a != packed_batches(lengths, 31, 4, epoch=1)
-    assert sorted(i for batch in a for row in batch for i in row) == list(range(200))
-    ranks = [packed_batches(lengths, 31, 4, epoch=0, rank=r, world_size=2) for r in (0, 1)]
-    rows = [[tuple(row) for batch in plan for row in batch] for plan in ranks]
-    assert len(rows[0]) == len(rows[1]) and not set(rows[0]) & set(rows[1]) - set(rows[0][:1])
 
 
 def test_parser_has_upstream_flags_and_defaults():

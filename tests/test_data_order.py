@@ -1,0 +1,137 @@
+"""trainer/data_order.py on its own: the order of the batches (seeded per epoch, split across ranks, packed by
+best fit or length-grouped), BatchPlan's loaders (exactly the batches after a resume's skip, the samples each
+batch holds, packed rows within capacity) and the sample-length cache (reused, rebuilt when the data changes)."""
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dataset.lm_dataset import PretrainDataset, SFTDataset, pack_collate, pad_collate
+from model.loading import load_tokenizer
+from tests.conftest import tokenizer_dir, write_tiny_corpus
+from trainer import data_order
+from trainer.data_order import BatchPlan, best_fit, packed_batches, shuffled_batches
+
+
+def test_shuffled_batches_order_and_ranks():
+    full = shuffled_batches(50, 4, epoch=0)
+    assert len(full) == 13 and sorted(sum(full, [])) == list(range(50))
+    assert shuffled_batches(50, 4, epoch=0) == full                                 # depends only on (seed, epoch)
+    assert shuffled_batches(50, 4, epoch=1) != full                                 # a new order every epoch
+    r0 = sum(shuffled_batches(50, 4, epoch=0, rank=0, world_size=2), [])
+    r1 = sum(shuffled_batches(50, 4, epoch=0, rank=1, world_size=2), [])
+    assert len(r0) == len(r1) == 25 and set(r0) | set(r1) == set(range(50)) and not set(r0) & set(r1)
+    lengths = [i % 7 for i in range(64)]
+    grouped = shuffled_batches(64, 8, epoch=0, lengths=lengths)
+    assert sorted(sum(grouped, [])) == list(range(64))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in grouped)
+    assert spread < sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in full[:8] if b)
+
+
+def test_best_fit_rows_hold_every_sample_once_within_capacity():
+    import random
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 63) for _ in range(500)]
+    rows = best_fit(list(range(500)), lengths, capacity=63, window=128)
+    assert sorted(i for row in rows for i in row) == list(range(500))
+    assert all(sum(lengths[i] for i in row) <= 63 for row in rows)
+    # best fit fills rows: at most one row per window is less than half full
+    assert sum(sum(lengths[i] for i in row) < 32 for row in rows) <= 4
+    assert len(rows) <= sum(lengths) / 63 * 1.1 + 4
+    # a sample longer than the row is truncated there (the dataset truncates it the same way)
+    assert best_fit([0, 1], [100, 5], capacity=63) == [[0], [1]]
+
+
+def test_packed_batches_depend_on_seed_epoch_and_split_ranks():
+    lengths = [(i * 7) % 30 + 1 for i in range(200)]
+    a = packed_batches(lengths, 31, batch_size=4, epoch=0)
+    assert a == packed_batches(lengths, 31, batch_size=4, epoch=0) and a != packed_batches(lengths, 31, 4, epoch=1)
+    assert sorted(i for batch in a for row in batch for i in row) == list(range(200))
+    ranks = [packed_batches(lengths, 31, 4, epoch=0, rank=r, world_size=2) for r in (0, 1)]
+    rows = [[tuple(row) for batch in plan for row in batch] for plan in ranks]
+    assert len(rows[0]) == len(rows[1]) and not set(rows[0]) & set(rows[1]) - set(rows[0][:1])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(tokenizer_dir())
+
+
+def plan_args(tmp_path, **flags):
+    args = dict(packing=0, max_seq_len=64, batch_size=4, seed=42, epochs=2, num_workers=0, pad_to_max=0,
+                use_compile=0, group_by_length=0, checkpoint_dir=str(tmp_path / "ckpt"))
+    return SimpleNamespace(**(args | flags))
+
+
+def one_rank(rank=0, world_size=1):
+    return SimpleNamespace(rank=rank, world_size=world_size, device_type="cpu")
+
+
+def same_batch(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+@pytest.mark.parametrize("packing", [0, 1])
+def test_a_loader_after_a_skip_yields_exactly_the_remaining_batches(tmp_path, tokenizer, packing):
+    """What a resumed run sees: the same plan as the uninterrupted run (a new BatchPlan, same seed and epoch),
+    minus exactly the first `skip` batches; each loaded batch is the collate of the planned samples."""
+    data = write_tiny_corpus(tmp_path / "data", n=40)
+    ds = SFTDataset(data["sft"], tokenizer, max_length=64)
+    args = plan_args(tmp_path, packing=packing)
+    plan = BatchPlan(ds, args, one_rank())
+    batches = plan.batches(0)
+    assert plan.num_batches(0) == len(batches) and batches == BatchPlan(ds, args, one_rank()).batches(0)
+    assert plan.batches(1) != batches                                   # a new order every epoch
+    if packing:
+        samples = [i for batch in batches for row in batch for i in row]
+        assert all(len(batch) <= args.batch_size for batch in batches)
+        assert all(sum(len(ds[i][0]) for i in row) <= args.max_seq_len - 1 for batch in batches for row in batch)
+    else:
+        samples = [i for batch in batches for i in batch]
+        assert len(batches) == math.ceil(len(ds) / args.batch_size)
+    assert sorted(samples) == list(range(len(ds)))                      # every sample once per epoch
+    loaded = list(plan.loader(0, skip=3))
+    assert len(loaded) == len(batches) - 3
+    for got, planned in zip(loaded, batches[3:]):
+        expected = pack_collate([[ds[i] for i in row] for row in planned]) if packing else \
+            pad_collate([ds[i] for i in planned])
+        assert same_batch(got, expected)
+
+
+def test_packed_plans_split_ranks_and_fixed_shapes_pad_every_row(tmp_path, tokenizer):
+    data = write_tiny_corpus(tmp_path / "data", n=60)
+    ds = PretrainDataset(data["pretrain"], tokenizer, max_length=32)
+    args = plan_args(tmp_path, packing=1, max_seq_len=32, batch_size=2)
+    ranks = [BatchPlan(ds, args, one_rank(r, 2)).batches(0) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1])                               # every rank takes as many steps
+    rows = [{tuple(row) for batch in plan for row in batch} for plan in ranks]
+    assert rows[0] & rows[1] <= {tuple(ranks[0][0][0])}                 # disjoint, but for the head row repeated
+    assert sorted(i for r in rows[0] | rows[1] for i in r) == list(range(len(ds)))      # to even the ranks out
+    static = BatchPlan(ds, plan_args(tmp_path, packing=1, max_seq_len=32, batch_size=2, use_compile=1), one_rank())
+    assert {b["input_ids"].shape[1] for b in static.loader(0)} == {31}  # compile: one shape, max_seq_len - 1
+
+
+def test_sample_lengths_are_cached_and_rebuilt_when_the_data_changes(tmp_path, tokenizer, monkeypatch):
+    data = write_tiny_corpus(tmp_path / "data", n=30)
+    args = plan_args(tmp_path, packing=1)
+    first = BatchPlan(SFTDataset(data["sft"], tokenizer, max_length=64), args, one_rank()).lengths
+    assert list(first) == [len(s[0]) for s in SFTDataset(data["sft"], tokenizer, max_length=64)]
+
+    def no_measuring(*a, **k):
+        raise AssertionError("measured again")
+
+    with monkeypatch.context() as m:
+        m.setattr(data_order, "_measure_lengths", no_measuring)
+        again = BatchPlan(SFTDataset(data["sft"], tokenizer, max_length=64), args, one_rank()).lengths
+    assert list(again) == list(first)                                   # read from the cache
+    lines = data["sft"].read_text(encoding="utf-8").splitlines()      # one answer longer, as many lines
+    conv = [{"role": "user", "content": "再来一个问题"}, {"role": "assistant", "content": "好的。" * 5}]
+    data["sft"].write_text("\n".join([json.dumps({"conversations": conv}, ensure_ascii=False)] + lines[1:]) + "\n",
+                           encoding="utf-8")
+    changed = BatchPlan(SFTDataset(data["sft"], tokenizer, max_length=64), args, one_rank()).lengths
+    assert changed[0] > first[0] and list(changed[1:]) == list(first[1:])       # measured anew
+    long, short = (BatchPlan(PretrainDataset(data["pretrain"], tokenizer, max_length=n),
+                             plan_args(tmp_path, packing=1, max_seq_len=n), one_rank()).lengths for n in (64, 16))
+    assert max(short) <= 16 < max(long)                                 # max_seq_len is part of the key
