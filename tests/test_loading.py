@@ -261,3 +261,17 @@ def test_bad_flags_and_missing_weights_end_with_one_line_and_exit_code_2(entry, 
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("error: " + message.replace("{tmp}", str(tmp_path))), err
+
+
+def test_load_weights_errors_name_the_file_and_stage(tmp_path):
+    from model.model_minimind import MiniMindForCausalLM
+    model = MiniMindForCausalLM(tiny_config())
+    with pytest.raises(FileNotFoundError, match=r"full_sft_64\.pth.*train_full_sft\.py"):
+        load_weights(model, tmp_path / "full_sft_64.pth")
+    other = MiniMindForCausalLM(tiny_config(hidden_size=128))
+    path = save_weights(other, tmp_path / "pretrain_64.pth")
+    with pytest.raises(ValueError, match=r"pretrain_64\.pth.*hidden_size"):
+        load_weights(model, path)
+    (tmp_path / "junk_64.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk_64.pth"):
+        load_weights(model, tmp_path / "junk_64.pth")

@@ -150,3 +150,23 @@ def test_unreachable_wandb_server_is_one_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     args = build_parser("t").parse_args(["--use_wandb", "--tracker", "wandb", "--save_dir", str(tmp_path)])
     assert "wandb" in _one_warning(args)
+
+
+def test_tracker_missing_package_is_one_warning(monkeypatch):
+    import builtins
+    from trainer.tracking import init_tracker
+    real_import = builtins.__import__
+
+    def no_trackers(name, *a, **k):
+        if name in ("swanlab", "wandb"):
+            raise ImportError(f"No module named '{name}'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_trackers)
+    for tracker in ("swanlab", "wandb"):
+        args = build_parser("t").parse_args(["--use_wandb", "--tracker", tracker])
+        with pytest.warns(UserWarning, match=tracker):
+            run = init_tracker(args)
+        run.log({"loss": 1.0})   # a no-op tracker: the loop never needs `if wandb:`
+        run.finish()
+    assert init_tracker(build_parser("t").parse_args([])).id is None

@@ -1,5 +1,6 @@
 """model/weights.py: weight files are written atomically (a crash leaves the old file, a killed writer's temp
-files are removed), in the original's format (fp16, every key) with the .json config next to them."""
+files are removed), in the original's format (fp16, every key) with the .json config next to them; names; a corrupted
+or truncated file is one clear error."""
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 from model.loading import load_weights
 from model.weights import atomic_save, save_weights, weight_path
 from tests.conftest import tiny_config
+from trainer.checkpoint import lm_checkpoint
 
 
 def test_atomic_save_survives_a_crash(tmp_path, monkeypatch):
@@ -59,3 +61,30 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_weight_path_names():
+    assert weight_path("out", "pretrain", tiny_config(hidden_size=512)).name == "pretrain_512.pth"
+    assert weight_path("out", "dpo", tiny_config(hidden_size=640, use_moe=True)).name == "dpo_640_moe.pth"
+    assert weight_path("ck", "full_sft", tiny_config(), suffix="_resume.pth").name == "full_sft_64_resume.pth"
+
+
+def test_corrupted_or_truncated_files_are_one_clear_error(tmp_path):
+    from model.model_minimind import MiniMindForCausalLM
+    cfg = tiny_config()
+    model = MiniMindForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters())
+    resume = lm_checkpoint(cfg, "pretrain", model=model, optimizer=opt, epoch=0, step=3, save_dir=tmp_path)
+    weights = save_weights(model, weight_path(tmp_path, "pretrain", cfg), cfg)
+    for path in (resume, weights):
+        data = bytearray(path.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 4096] = os.urandom(4096)
+        path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{resume}.*corrupted"):
+        lm_checkpoint(cfg, "pretrain", save_dir=tmp_path)
+    with pytest.raises(ValueError, match=f"{weights}.*corrupted"):
+        load_weights(MiniMindForCausalLM(cfg), weights)
+    weights.write_bytes(weights.read_bytes()[:5000])                      # truncated
+    with pytest.raises(ValueError, match="corrupted .damaged or truncated"):
+        load_weights(MiniMindForCausalLM(cfg), weights)

@@ -1,0 +1,23 @@
+"""model/cli.py: one-line errors, and flags that must be spelled out in every command."""
+from model.cli import one_line
+from tests.conftest import ROOT
+
+
+def test_one_line_keeps_the_file_and_line_of_a_dataloader_worker_error():
+    err = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                     '  File "x.py", line 3, in f\n    raise ValueError(msg)\nValueError: data.jsonl:7: bad JSON: x\n')
+    assert one_line(err) == "data.jsonl:7: bad JSON: x"
+    assert one_line(OSError(28, "No space left on device", "out/w.pth")) == "out/w.pth: No space left on device"
+
+
+def test_no_command_accepts_abbreviated_flags():
+    """One behaviour everywhere: `--max_step` is an error, not a silent `--max_steps` (argparse allow_abbrev=False)."""
+    import re
+    offenders = []
+    for path in ROOT.glob("**/*.py"):
+        if ".git" in path.parts or "tests" in path.parts:
+            continue
+        for call in re.findall(r"ArgumentParser\((?:[^()]|\([^()]*\))*\)", path.read_text(encoding="utf-8")):
+            if "allow_abbrev=False" not in call:
+                offenders.append(f"{path.relative_to(ROOT)}: {call[:60]}")
+    assert not offenders, offenders
