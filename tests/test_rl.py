@@ -268,6 +268,74 @@ def test_internlm2_style_get_score_reward_model(tmp_path, tokenizer):
     assert rewards.tolist() == pytest.approx([1.5 + 0.4 * full + 0.6 * 3, 1 - 2])
 
 
+# ---- the RL form of the loop: rollout, then K updates, each a guarded optimizer step ----
+def toy_rl_loop(tmp_path, updates, bad=(), accumulation_steps=1, max_steps=0):
+    """trainer.loop.train_loop on a tiny model with a toy loss, 8 rows in rollouts of 2, under CPU bf16 autocast.
+    `bad`: the (rollout, update) pairs whose loss is NaN. Returns what the functions and the hook saw."""
+    from trainer.loop import ResumePoint, train_loop
+    from trainer.trainer_utils import build_parser, init_run
+    from trainer.tracking import NoTracker
+    from model.model_minimind import MiniMindForCausalLM
+    args = build_parser("toy", save_weight="toy").parse_args(tiny_train_args(
+        tmp_path, tmp_path / "unused.jsonl", dtype="bfloat16", batch_size=2, accumulation_steps=accumulation_steps,
+        max_steps=max_steps, grad_clip=0))
+    run, cfg = init_run(args), tiny_config()
+    (tmp_path / "out").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(cfg)
+    layer = model.model.layers[0].mlp.gate_proj                    # a Linear: autocast caches its bf16 cast
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    seen = {"rollouts": [], "updates": [], "hook": []}
+
+    def rollout_fn(rows):
+        assert not torch.is_grad_enabled()                          # rollouts take no gradients
+        seen["rollouts"].append(list(rows))
+        return {"n": len(seen["rollouts"]), "x": torch.ones(2, 64)}
+
+    def update_fn(ro, k):
+        out = layer(ro["x"])
+        seen["updates"].append((ro["n"], k, out.detach().float().clone(), opt.param_groups[0]["lr"]))
+        loss = out.float().pow(2).mean()
+        return loss * float("nan") if (ro["n"], k) in bad else loss, {"tokens": 2}
+
+    def on_update(k):
+        seen["hook"].append((len(seen["rollouts"]), k, int(opt.state[layer.weight]["step"])))
+
+    train_loop(run, args, model, [opt], list(range(8)), rollout_fn=rollout_fn, update_fn=update_fn,
+               updates=updates, on_update=on_update, lm_config=cfg, tracker=NoTracker(), start=ResumePoint(),
+               collate_fn=lambda rows: rows, schedulers=[sched])
+    return seen, opt, sched, layer
+
+
+def test_rl_loop_runs_every_update_through_the_guarded_step(tmp_path, capsys):
+    seen, opt, sched, layer = toy_rl_loop(tmp_path, updates=3, bad={(2, 1)})
+    assert len(seen["rollouts"]) == 4 and sorted(sum(seen["rollouts"], [])) == list(range(8))
+    assert [(n, k) for n, k, *_ in seen["updates"]] == [(n, k) for n in range(1, 5) for k in range(3)]
+    # the hook follows every applied update; rollout 2's update 2 was NaN: skipped, counted, no hook
+    assert [(n, k) for n, k, _ in seen["hook"]] == [(n, k) for n in range(1, 5) for k in range(3) if (n, k) != (2, 1)]
+    assert [s for *_, s in seen["hook"]] == list(range(1, 12)) and int(opt.state[layer.weight]["step"]) == 11
+    assert "step 2 update 2/3: the loss or a gradient is not finite" in capsys.readouterr().out
+    outs = {(n, k): out for n, k, out, _ in seen["updates"]}
+    for n in range(1, 5):   # each update sees the weights the previous one wrote (not autocast's cached cast)...
+        assert not torch.equal(outs[n, 0], outs[n, 1])
+    assert torch.equal(outs[2, 1], outs[2, 2])                        # ...and the skipped one changed nothing
+    # the scheduler counts rollouts (its length does): constant lr within one, a step after each
+    assert [lr for n, k, _, lr in seen["updates"]] == [1e-2 * 0.5 ** (n - 1) for n in range(1, 5) for _ in range(3)]
+    assert sched.last_epoch == 4
+
+
+def test_rl_loop_stops_after_max_nonfinite_updates_in_a_row(tmp_path):
+    from trainer.loop import MAX_NONFINITE, TrainingError
+    bad = {(n, k) for n in range(1, 5) for k in range(2)}
+    with pytest.raises(TrainingError, match=f"{MAX_NONFINITE} optimizer steps in a row"):
+        toy_rl_loop(tmp_path, updates=2, bad=bad)
+    seen, opt, sched, layer = toy_rl_loop(tmp_path / "one", updates=1, bad={(3, 0)}, max_steps=3)
+    assert [(n, s) for n, _, s in seen["hook"]] == [(1, 1), (2, 2)] and sched.last_epoch == 2   # no step for 3
+    with pytest.raises(ValueError, match="accumulation_steps 1"):
+        toy_rl_loop(tmp_path, updates=2, accumulation_steps=2)
+
+
 # ---- the trainers end to end ----
 @pytest.fixture(scope="module")
 def sft_chain(tmp_path_factory):
@@ -285,7 +353,8 @@ def sft_chain(tmp_path_factory):
 RL = {"ppo": (train_ppo, "ppo_actor_64", ["scheduler", "critic_model", "critic_optimizer", "critic_scheduler",
                                           "old_actor"], dict(critic_learning_rate=1e-3, update_old_actor_freq=2)),
       "grpo": (train_grpo, "grpo_64", ["scheduler"], dict(num_generations=2)),
-      "spo": (train_spo, "spo_64", ["scheduler", "value_tracker"], dict(accumulation_steps=1))}
+      "spo": (train_spo, "spo_64", ["scheduler", "value_tracker"], dict(accumulation_steps=1)),
+      "grpo_2_updates": (train_grpo, "grpo_64", ["scheduler"], dict(num_generations=2, num_iterations=2))}
 
 
 def rl_args(chain, out, **flags):
@@ -339,6 +408,20 @@ def test_grpo_inner_iterations_clip_the_ratio(sft_chain, tmp_path, monkeypatch):
     assert math.isfinite(loss) and max(r["ratio_clip"] for r in log) > 0      # later iterations moved off-policy
     with pytest.raises(ValueError, match="num_generations"):
         train_grpo.main(rl_args(sft_chain, tmp_path, num_generations=1))
+
+
+def test_ppo_resumes_exactly_from_an_old_actor_refresh(sft_chain, tmp_path, monkeypatch):
+    """The refresh hook runs right after the optimizer step, so a resume file written at a refresh step holds the
+    refreshed old actor (the actor's weights) and the resumed run goes on as the uninterrupted one."""
+    monkeypatch.setattr(rl_utils, "answer_correct", lambda text, ref: len(text) % 2 == 0)
+    flags = dict(critic_learning_rate=1e-3, update_old_actor_freq=2, dtype="float32")
+    full, _ = train_ppo.main(rl_args(sft_chain, tmp_path / "full", max_steps=4, **flags))
+    train_ppo.main(rl_args(sft_chain, tmp_path / "cut", max_steps=2, **flags))
+    ckp = torch.load(tmp_path / "cut" / "ckpt" / "ppo_actor_64_resume.pth", weights_only=False)
+    assert all(torch.equal(ckp["old_actor"][k], ckp["model"][k]) for k in ckp["model"])
+    resumed, _ = train_ppo.main(rl_args(sft_chain, tmp_path / "cut", max_steps=4, from_resume=1, **flags))
+    a, b = torch.load(full), torch.load(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ppo_sequence_advantage_runs(sft_chain, tmp_path, monkeypatch):

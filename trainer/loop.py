@@ -1,27 +1,42 @@
 """The one training loop. Every stage (pretrain, full SFT, LoRA, DPO, distillation, reasoning, PPO, GRPO,
-SPO) ends its main() with one call to train_loop, passing a step function written in its own script:
+SPO) ends its main() with one call to train_loop. A supervised stage passes a step function written in its
+own script:
 
     loss, stats = step_fn(batch)      # stats: floats to log, plus "tokens" (useful tokens of the batch)
                                       # and, optionally, "positions" (all positions, padding included)
 
+an RL stage (PPO, GRPO, SPO) passes a rollout and an update, and the loop runs, for every batch of prompts:
+
+    rollout = rollout_fn(batch)                    # no gradients: sampling, rewards, advantages, reference log-probs
+    for k in range(updates):                       # K policy updates of the same rollout (GRPO --num_iterations)
+        loss, stats = update_fn(rollout, k)        # backward, then the guarded optimizer step below
+        on_update(k)                               # after every applied step (PPO refreshes its old actor)
+
+so no stage ever steps an optimizer itself. With K > 1 (--accumulation_steps 1) every update is its own
+optimizer step; the schedulers, whose length counts batches, step once per rollout (as the lr stays
+constant over its updates).
+
 train_loop owns everything else, once:
   * the batch order of every epoch (seeded, split across ranks, packed or length-grouped: data_order.py)
     and, on resume, skipping exactly the micro-batches already done;
-  * the learning rate: the original's cosine (get_lr) per micro-batch, or the stage's schedulers,
-    stepped after every optimizer step (the RL stages);
+  * the learning rate: the original's cosine (get_lr) per micro-batch, or the stage's schedulers (the RL
+    stages), stepped after every optimizer step, or after a rollout's K updates if any was applied;
   * gradient accumulation: backward of loss / accumulation_steps, an optimizer step every
     --accumulation_steps micro-batches and at the end of an epoch, where a partial window is rescaled
     to a mean over the micro-batches it holds; DDP all-reduces only at the window's last micro-batch;
   * one optimizer step for every optimizer: GradScaler (CUDA fp16), the gradient norm, clipping to
     --grad_clip, and a guard: a non-finite gradient (or loss) skips the step with a warning, and
     MAX_NONFINITE skips in a row stop training with one clear line; non-finite weights are never saved;
+  * autocast: one region for a rollout and one for each update (autocast caches the low-precision copy of
+    a weight until its region ends: an update must not see the weights of before the previous step);
   * saving on optimizer-step boundaries (--save_interval, the last step, Ctrl-C): the fp16 weights to
     --save_dir, the resume file to --checkpoint_dir. A boundary's state is written at the next optimizer
     step, once that step's gradients show its weights are sound (finite), before the update: a step that
     blows the weights up never replaces good files (the last step is saved at once);
   * --max_steps, and the progress line: step, loss, lr, useful tokens/s, padding share, MFU, ETA of the run.
 
-Steps count micro-batches, 1-based within an epoch, as in the original; `global step` = epoch * iters + step.
+Steps count micro-batches (an RL stage's: batches of prompts, each one rollout), 1-based within an epoch,
+as in the original; `global step` = epoch * iters + step. Resuming, --max_steps, logging and saving go by them.
 """
 import shlex
 import signal
@@ -89,21 +104,25 @@ def apply_step(run, optimizers, finite: bool) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def optimizer_step(run, optimizers, grad_clip: float, scale: float = 1.0) -> bool:
-    """Both halves: returns False, without changing any weight, when a gradient is not finite."""
-    finite = clip_and_check(run, optimizers, grad_clip, scale)
-    apply_step(run, optimizers, finite)
-    return finite
-
-
-def train_loop(run, args, model, optimizers, dataset, step_fn, *, lm_config, tracker, start: ResumePoint,
-               collate_fn=None, schedulers=None, save_fn=None, state=None):
+def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config, tracker, start: ResumePoint,
+               collate_fn=None, schedulers=None, save_fn=None, state=None,
+               rollout_fn=None, update_fn=None, updates: int = 1, on_update=None):
     """8. Train `model` (already wrapped for DDP/compile) with `optimizers` on `dataset` until the last epoch or
-    --max_steps. `schedulers`: one per optimizer, stepped after each optimizer step (default: get_lr on every
-    micro-batch with the peak --learning_rate). `save_fn(raw_model)` replaces the default weight save (LoRA saves
+    --max_steps. `schedulers`: one per optimizer, stepped after each optimizer step (after each rollout, below;
+    default: get_lr on every micro-batch with the peak --learning_rate). `save_fn(raw_model)` replaces the default weight save (LoRA saves
     only its adapter); `state` holds what the resume file keeps besides the model, the first optimizer and its
     scheduler (a critic, its optimizer, SPO's tracker...).
+    The RL stages pass, instead of step_fn, `rollout_fn(batch) -> rollout` (run without gradients) and
+    `update_fn(rollout, k) -> (loss, stats)` for k in range(updates); with updates > 1 (needs
+    --accumulation_steps 1) each update is its own guarded optimizer step, and the schedulers step once per
+    rollout that applied at least one. `on_update(k)` is called after every applied optimizer step.
     Returns (path of the saved weight, loss of the last logged window)."""
+    if (step_fn is None) == (update_fn is None):
+        raise TypeError("train_loop takes either step_fn or update_fn (with an optional rollout_fn)")
+    if step_fn is not None:
+        update_fn = lambda batch, k: step_fn(batch)
+    if updates > 1 and args.accumulation_steps > 1:
+        raise ValueError(f"{updates} optimizer steps per rollout need --accumulation_steps 1")
     raw = unwrap(model)
     out_path = weight_path(args.save_dir, args.save_weight, lm_config)
     plan = BatchPlan(dataset, args, run, collate_fn)
@@ -122,6 +141,31 @@ def train_loop(run, args, model, optimizers, dataset, step_fn, *, lm_config, tra
     progress = Progress(args, lm_config, run, tracker, iters, end, done)
     saver = _Saver(run, args, raw, optimizers, schedulers, lm_config, tracker, save_fn, state, out_path)
     nonfinite, last_loss = 0, float("nan")
+
+    def guarded_step(scale, epoch, step, k, loss) -> bool:
+        """One optimizer step of every optimizer, or none when a gradient is not finite (counted)."""
+        nonlocal nonfinite
+        finite = clip_and_check(run, optimizers, args.grad_clip, scale)
+        if finite and saver.due is not None:   # the last step's weights gave finite gradients: save
+            saver.save(saver.due)              # them now, before this step changes them
+        apply_step(run, optimizers, finite)
+        if finite:
+            nonfinite = 0
+            if on_update is not None:
+                on_update(k)
+            return True
+        nonfinite += 1
+        progress.skipped += 1
+        where = f"epoch {epoch + 1} step {step}" + (f" update {k + 1}/{updates}" if updates > 1 else "")
+        Logger(f"warning: {where}: the loss or a gradient is not finite (loss {loss.item():.4g}); optimizer step "
+               f"skipped ({nonfinite} in a row, {progress.skipped} in this run)")
+        if nonfinite >= MAX_NONFINITE:
+            raise TrainingError(
+                f"training diverged: {nonfinite} optimizer steps in a row had a non-finite loss or gradient "
+                f"({where}); {saver.last_saved_text()}. Lower --learning_rate or set --grad_clip, then resume "
+                "with --from_resume 1")
+        return False
+
     with _StopOnCtrlC() as ctrl_c:
         for epoch in range(start.epoch, args.epochs):
             skip = start.step if epoch == start.epoch else 0
@@ -132,7 +176,7 @@ def train_loop(run, args, model, optimizers, dataset, step_fn, *, lm_config, tra
             for step, batch in enumerate(batches, start=skip + 1):
                 global_step = offset[epoch] + step
                 last = step == iters[epoch] or global_step >= end
-                boundary = step % accum == 0 or last
+                boundary = step % accum == 0 or last        # always, with several updates per rollout
                 if schedulers is None:
                     lr = get_lr(global_step, total, args.learning_rate)
                     for opt in optimizers:
@@ -140,32 +184,24 @@ def train_loop(run, args, model, optimizers, dataset, step_fn, *, lm_config, tra
                             group["lr"] = lr
                 lr = optimizers[0].param_groups[0]["lr"]
                 _set_grad_sync(model, boundary)
-                with run.autocast_ctx:
-                    loss, stats = step_fn(_to_device(batch, run.device))
-                run.scaler.scale(loss / accum).backward()
+                batch = _to_device(batch, run.device)
+                if rollout_fn is not None:
+                    with run.autocast_ctx, torch.no_grad():
+                        batch = rollout_fn(batch)
                 window += 1
-                progress.add(loss.detach(), stats)
+                applied = False
+                for k in range(updates):
+                    with run.autocast_ctx:    # one region per update: autocast caches weight casts until it exits
+                        loss, stats = update_fn(batch, k)
+                    run.scaler.scale(loss / accum).backward()
+                    if boundary:
+                        applied |= guarded_step(accum / window, epoch, step, k, loss)
+                progress.add(loss.detach(), stats)     # the rollout's last update
                 saver.pending |= step % args.save_interval == 0 or last
                 if boundary:
-                    finite = clip_and_check(run, optimizers, args.grad_clip, accum / window)
-                    if finite and saver.due is not None:   # the last step's weights gave finite gradients: save
-                        saver.save(saver.due)              # them now, before this step changes them
-                    apply_step(run, optimizers, finite)
-                    if finite:
-                        nonfinite = 0
+                    if applied:
                         for sched in schedulers or []:
                             sched.step()
-                    else:
-                        nonfinite += 1
-                        progress.skipped += 1
-                        Logger(f"warning: epoch {epoch + 1} step {step}: the loss or a gradient is not finite "
-                               f"(loss {loss.item():.4g}); optimizer step skipped ({nonfinite} in a row, "
-                               f"{progress.skipped} in this run)")
-                        if nonfinite >= MAX_NONFINITE:
-                            raise TrainingError(
-                                f"training diverged: {nonfinite} optimizer steps in a row had a non-finite loss or "
-                                f"gradient (epoch {epoch + 1}, step {step}); {saver.last_saved_text()}. Lower "
-                                "--learning_rate or set --grad_clip, then resume with --from_resume 1")
                     saver.boundary = ResumePoint(epoch, step)   # a skipped step consumed its batches, kept the weights
                     window = 0
                     if saver.pending:         # the last step is saved at once; any other at the next step,

@@ -15,7 +15,9 @@ group std, then renormalised over the whole batch (--batch_adv_norm 0 turns that
 -(min(ratio * A, clip(ratio, 1 +- eps) * A) - beta * k3_kl), averaged over each completion's tokens
 (up to and including its EOS), then over completions. With --num_iterations 1 (the original) the
 ratio is pi / stop_grad(pi) == 1 and the update is the plain policy gradient; with N > 1 the same
-rollout is reused for N optimizer steps against the rollout-time log-probs, and the clip matters.
+rollout is reused for N optimizer steps against the rollout-time log-probs, and the clip matters. Each
+of the N steps is the loop's guarded optimizer step (a non-finite one is skipped and counted); the
+scheduler steps once per rollout, as its length counts rollouts.
 Logged: the fraction of groups whose rewards are all equal (no learning signal) and of completions
 cut at --max_gen_len without an EOS.
 """
@@ -23,7 +25,7 @@ import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).reso
 import torch
 
 from model.cli import cli
-from trainer.loop import optimizer_step, train_loop
+from trainer.loop import train_loop
 from trainer.rl_utils import (Rewards, adamw_cosine, add_rl_args, base_weight, completion_logps, frozen, k3_kl,
                               masked_mean, rl_collate, rl_prompts, rollout)
 from trainer.tracking import init_tracker
@@ -51,30 +53,30 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, beta: float, clip_eps: float)
     return loss, masked_mean(kl, mask).detach(), clipped.detach()
 
 
-def grpo_step(model, ref_model, optimizer, run, args, tokenizer, reward_fn, batch):
-    """One batch of prompts: G sampled answers each, rewards, group advantages and the GRPO loss, returned for the
-    loop to back-propagate. With --num_iterations N > 1 the same rollout first takes N - 1 optimizer steps here."""
+def grpo_rollout(model, ref_model, run, args, tokenizer, reward_fn, batch):
+    """One batch of prompts (no gradients): G sampled answers each, their rewards, group advantages and the
+    reference's log-probs; with --num_iterations N > 1 also the rollout-time log-probs the later updates clip to."""
     group = args.num_generations
     roll = rollout(model, tokenizer, batch["prompt"], args, group, run.autocast_ctx)
     rep = lambda xs: [x for x in xs for _ in range(group)]
     rewards, stats = reward_fn(rep(batch["messages"]), roll.texts, rep(batch["reference"]))
-    adv = group_advantages(rewards, group, bool(args.batch_adv_norm)).to(run.device)
-    mask = roll.completion_mask.float()
-    with torch.no_grad():
-        ref_logp = completion_logps(ref_model, roll)[0]
-        old_logp = completion_logps(model, roll)[0] if args.num_iterations > 1 else None
-    for it in range(args.num_iterations):
-        logp, aux = completion_logps(model, roll)
-        loss, kl, clip_frac = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp,
-                                        adv, mask, args.beta, args.clip_epsilon)
-        loss = loss + aux
-        if it < args.num_iterations - 1:   # reuse the rollout: step now; the loop steps on the last iteration's loss
-            run.scaler.scale(loss).backward()
-            optimizer_step(run, [optimizer], args.grad_clip)
     r = rewards.view(-1, group)
-    return loss, {**stats, "kl": kl.item(), "zero_std": (r.max(1).values == r.min(1).values).float().mean().item(),
-                  "truncated": roll.clipped.float().mean().item(), "resp_len": roll.lengths.float().mean().item(),
-                  "ratio_clip": clip_frac.item(), "tokens": int(roll.lengths.sum())}
+    stats = {**stats, "zero_std": (r.max(1).values == r.min(1).values).float().mean().item(),
+             "truncated": roll.clipped.float().mean().item(), "resp_len": roll.lengths.float().mean().item(),
+             "tokens": int(roll.lengths.sum())}
+    return {"roll": roll, "adv": group_advantages(rewards, group, bool(args.batch_adv_norm)).to(run.device),
+            "ref_logp": completion_logps(ref_model, roll)[0], "stats": stats,
+            "old_logp": completion_logps(model, roll)[0] if args.num_iterations > 1 else None}
+
+
+def grpo_update(model, args, ro, k):
+    """Update k of a rollout: the GRPO loss of the current policy (with N = 1 the ratio is pi / stop_grad(pi) == 1),
+    returned for the loop to back-propagate and step."""
+    logp, aux = completion_logps(model, ro["roll"])
+    old_logp = logp.detach() if ro["old_logp"] is None else ro["old_logp"]
+    loss, kl, clip_frac = grpo_loss(logp, old_logp, ro["ref_logp"], ro["adv"], ro["roll"].completion_mask.float(),
+                                    args.beta, args.clip_epsilon)
+    return loss + aux, {**ro["stats"], "kl": kl.item(), "ratio_clip": clip_frac.item()}
 
 
 def main(argv=None):
@@ -104,8 +106,9 @@ def main(argv=None):
     optimizer, scheduler = adamw_cosine(model.parameters(), args, run, len(prompts), args.learning_rate)
     start = restore(ckp, model, optimizer, run.scaler, scheduler=scheduler)     # 6. resume
     model = wrap_model(model, run, args, rollouts=True)               # 7. DDP
-    return train_loop(run, args, model, [optimizer], prompts,         # 8. train
-                      lambda batch: grpo_step(model, ref_model, optimizer, run, args, tokenizer, reward_fn, batch),
+    return train_loop(run, args, model, [optimizer], prompts,         # 8. train: rollout, then N updates
+                      rollout_fn=lambda batch: grpo_rollout(model, ref_model, run, args, tokenizer, reward_fn, batch),
+                      update_fn=lambda ro, k: grpo_update(model, args, ro, k), updates=args.num_iterations,
                       lm_config=lm_config, tracker=tracker, start=start, collate_fn=rl_collate, schedulers=[scheduler])
 
 

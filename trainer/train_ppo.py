@@ -19,7 +19,8 @@ for the state before each completion token; the reward is paid on the last token
 --advantage sequence (the original's code): one value per answer (the critic at the answer's last token),
 A = r - V, the ratio is exp of the SUMMED log-ratio of the whole answer (it explodes easily), and the
 KL term is the mean difference of summed log-probs. Both: loss = policy + vf_coef * value + kl_coef * kl.
-The old actor is a copy of the actor refreshed every --update_old_actor_freq steps, as the original.
+The old actor is a copy of the actor refreshed after every --update_old_actor_freq-th optimizer step,
+as the original (the loop's on_update hook; the resume file keeps it as refreshed).
 Fixed here: the first generated token is in the response mask, the loss is divided by the accumulation
 steps, prompts are truncated from the left, and the critic applies the final norm once.
 """
@@ -83,20 +84,25 @@ def ppo_losses(args, logp, old_logp, ref_logp, values, rewards, roll):
     return policy, F.mse_loss(v, rewards), (seq(logp) - seq(ref_logp)).mean(), adv.mean()
 
 
-def ppo_step(actor, critic, old_actor, ref_model, run, args, tokenizer, reward_fn, batch):
-    """One batch of prompts: a sampled answer each, its reward, the critic's values and the PPO loss (policy +
-    value + KL), returned for the loop to back-propagate into the actor and the critic."""
+def ppo_rollout(actor, old_actor, ref_model, run, args, tokenizer, reward_fn, batch):
+    """One batch of prompts (no gradients): a sampled answer each, its reward, and the old actor's and the
+    reference's log-probs."""
     roll = rollout(actor, tokenizer, batch["prompt"], args, 1, run.autocast_ctx)
     rewards, stats = reward_fn(batch["messages"], roll.texts, batch["reference"])
-    rewards = rewards.to(run.device)
-    with torch.no_grad():
-        old_logp, ref_logp = completion_logps(old_actor, roll)[0], completion_logps(ref_model, roll)[0]
+    return {"roll": roll, "rewards": rewards.to(run.device), "stats": stats,
+            "old_logp": completion_logps(old_actor, roll)[0], "ref_logp": completion_logps(ref_model, roll)[0]}
+
+
+def ppo_update(actor, critic, args, ro):
+    """The PPO loss of a rollout (policy + value + KL), returned for the loop to back-propagate into the actor and
+    the critic and to step both."""
+    roll, old_logp = ro["roll"], ro["old_logp"]
     logp, aux = completion_logps(actor, roll)
     values, critic_aux = critic(roll.sequences, roll.attention_mask)
-    policy, value, kl_ref, adv = ppo_losses(args, logp, old_logp, ref_logp, values.float(), rewards, roll)
+    policy, value, kl_ref, adv = ppo_losses(args, logp, old_logp, ro["ref_logp"], values.float(), ro["rewards"], roll)
     loss = policy + args.vf_coef * value + args.kl_coef * kl_ref + aux + critic_aux
     kl_old = ((logp.detach() - old_logp) * roll.completion_mask).sum(1).mean()
-    return loss, {**stats, "policy_loss": policy.item(), "value_loss": value.item(), "kl": kl_old.item(),
+    return loss, {**ro["stats"], "policy_loss": policy.item(), "value_loss": value.item(), "kl": kl_old.item(),
                   "kl_ref": kl_ref.item(), "advantage": adv.item(), "resp_len": roll.lengths.float().mean().item(),
                   "tokens": int(roll.lengths.sum())}
 
@@ -137,16 +143,15 @@ def main(argv=None):
              "old_actor": old_actor}
     start = restore(ckp, actor, actor_opt, run.scaler, scheduler=actor_sched, **state)   # 6. resume
     actor, critic = (wrap_model(m, run, args, rollouts=True) for m in (actor, critic))    # 7. DDP
-    refreshed = [None]
 
-    def step(batch):
-        n = optimizer_steps(actor_opt)
-        if n and n % args.update_old_actor_freq == 0 and refreshed[0] != n:   # after every freq-th update
+    def refresh_old_actor(k):          # after every --update_old_actor_freq-th actor update, as the original
+        if optimizer_steps(actor_opt) % args.update_old_actor_freq == 0:
             old_actor.load_state_dict(unwrap(actor).state_dict())
-            refreshed[0] = n
-        return ppo_step(actor, critic, old_actor, ref_model, run, args, tokenizer, reward_fn, batch)
 
-    return train_loop(run, args, actor, [actor_opt, critic_opt], prompts, step,   # 8. train
+    return train_loop(run, args, actor, [actor_opt, critic_opt], prompts,   # 8. train: rollout, update, refresh
+                      rollout_fn=lambda batch: ppo_rollout(actor, old_actor, ref_model, run, args, tokenizer,
+                                                           reward_fn, batch),
+                      update_fn=lambda ro, k: ppo_update(actor, critic, args, ro), on_update=refresh_old_actor,
                       lm_config=lm_config, tracker=tracker, start=start, collate_fn=rl_collate,
                       schedulers=[actor_sched, critic_sched], state=state)
 

@@ -76,20 +76,24 @@ def spo_loss(logp, ref_logp, adv, mask, beta: float):
     return masked_mean(-logp * adv.unsqueeze(1) + beta * kl, mask), masked_mean(kl, mask).detach()
 
 
-def spo_step(model, ref_model, value_tracker, run, args, tokenizer, reward_fn, batch):
-    """One batch of prompts: one sampled answer each, its advantage over the tracker's baseline and the SPO loss
-    (returned for the loop); then the batch is folded into the tracker."""
+def spo_rollout(model, ref_model, value_tracker, run, args, tokenizer, reward_fn, batch):
+    """One batch of prompts (no gradients): one sampled answer each, its reward, its advantage over the tracker's
+    baseline and the reference's log-probs."""
     roll = rollout(model, tokenizer, batch["prompt"], args, 1, run.autocast_ctx)
     rewards, stats = reward_fn(batch["messages"], roll.texts, batch["reference"])
     baseline = value_tracker.baseline_reward()             # read before this batch updates it
-    adv = (rewards - baseline).clamp(-5, 5).to(run.device)
-    mask = roll.completion_mask.float()
-    with torch.no_grad():
-        ref_logp = completion_logps(ref_model, roll)[0]
+    return {"roll": roll, "rewards": rewards, "adv": (rewards - baseline).clamp(-5, 5).to(run.device),
+            "ref_logp": completion_logps(ref_model, roll)[0], "stats": {**stats, "baseline": baseline}}
+
+
+def spo_update(model, value_tracker, args, ro):
+    """The SPO loss of a rollout (returned for the loop); then the batch is folded into the tracker (SPO takes
+    one update per rollout)."""
+    roll, mask = ro["roll"], ro["roll"].completion_mask.float()
     logp, aux = completion_logps(model, roll)
-    loss, kl = spo_loss(logp, ref_logp, adv, mask, args.beta)
-    rho = value_tracker.update(rewards, logp.detach(), mask)
-    return loss + aux, {**stats, "baseline": baseline, "kl": kl.item(), "rho": rho,
+    loss, kl = spo_loss(logp, ro["ref_logp"], ro["adv"], mask, args.beta)
+    rho = value_tracker.update(ro["rewards"], logp.detach(), mask)
+    return loss + aux, {**ro["stats"], "kl": kl.item(), "rho": rho,
                         "resp_len": roll.lengths.float().mean().item(), "tokens": int(roll.lengths.sum())}
 
 
@@ -112,8 +116,10 @@ def main(argv=None):
     start = restore(ckp, model, optimizer, run.scaler, scheduler=scheduler,    # 6. resume
                     value_tracker=value_tracker)
     model = wrap_model(model, run, args, rollouts=True)               # 7. DDP
-    return train_loop(run, args, model, [optimizer], prompts,         # 8. train
-                      lambda batch: spo_step(model, ref_model, value_tracker, run, args, tokenizer, reward_fn, batch),
+    return train_loop(run, args, model, [optimizer], prompts,         # 8. train: rollout, then one update
+                      rollout_fn=lambda batch: spo_rollout(model, ref_model, value_tracker, run, args, tokenizer,
+                                                           reward_fn, batch),
+                      update_fn=lambda ro, k: spo_update(model, value_tracker, args, ro),
                       lm_config=lm_config, tracker=tracker, start=start, collate_fn=rl_collate,
                       schedulers=[scheduler], state={"value_tracker": value_tracker})
 
