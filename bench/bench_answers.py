@@ -16,7 +16,7 @@ from dataset.lm_dataset import read_jsonl
 from dataset.scoring import answer_questions
 from model.loading import ROOT, TOKENIZER_DIR, load_tokenizer
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.progress import cpu_description
+from trainer.core.progress import cpu_description
 
 
 def generate_batched(model, tokenizer, questions, max_new_tokens, batch_size):

@@ -24,7 +24,7 @@ from dataset.lm_dataset import SFTDataset, pad_collate
 from model.loading import ROOT, TOKENIZER_DIR, find_weight, load_native, load_tokenizer
 from model.weights import weight_path
 from trainer import train_distillation, train_full_sft, train_pretrain
-from trainer.trainer_utils import OUT, masked_cross_entropy, to_argv
+from trainer.core.stage import OUT, masked_cross_entropy, to_argv
 
 DEMO = ROOT / "dataset" / "demo"
 

@@ -25,7 +25,7 @@ import time
 import torch
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.progress import cpu_description
+from trainer.core.progress import cpu_description
 
 ROOT = Path(__file__).resolve().parents[1]
 

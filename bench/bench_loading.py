@@ -18,7 +18,7 @@ import torch
 
 from model.weights import read_state_dict, verify_checkpoint
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.progress import cpu_description
+from trainer.core.progress import cpu_description
 
 MODELS = {"minimind2-small": dict(hidden_size=512, num_hidden_layers=8),
           "minimind2": dict(hidden_size=768, num_hidden_layers=16)}

@@ -27,7 +27,7 @@ import argparse
 import torch
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.progress import cpu_description
+from trainer.core.progress import cpu_description
 
 GiB = 2 ** 30
 CONFIGS = [  # (name, MiniMindConfig fields); heads of the bigger ones keep the published 4:1 GQA ratio
@@ -104,7 +104,7 @@ def measured_bytes_per_token(fields: dict, seq_len: int = 128) -> float:
     """Saved-for-backward bytes per token of a real CPU forward under bf16 autocast: every tensor the
     autograd graph saves (saved_tensors_hooks), unique storages, parameters excluded; the difference
     between batch 2 and batch 1 removes what does not grow with tokens (the bf16 weight copies)."""
-    from trainer.trainer_utils import masked_cross_entropy
+    from trainer.core.stage import masked_cross_entropy
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig(**fields))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import model.model_minimind as model_minimind
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.progress import cpu_description
+from trainer.core.progress import cpu_description
 
 
 def random_lengths(rows: int, width: int, seed: int, median: int = 120) -> list:

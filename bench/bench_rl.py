@@ -8,7 +8,7 @@ the demo's unit-conversion RL prompts and are scored on held-out prompts before 
     python bench/bench_rl.py --mode tasks --hidden_size 128    # its own small arithmetic SFT model first
 Demo mode (default): (1) the SFT weight `{from_dir}/full_sft_<hidden>.pth`; (2) RL prompts --rl_data
 (dataset/demo/rlaif_units.jsonl: unit conversions on training pairs, with the reference answer); reward = 1
-if the answer's last number is right (rl_utils, --reward rule); (3) held-out prompts --eval_data
+if the answer's last number is right (rl, --reward rule); (3) held-out prompts --eval_data
 (dataset/demo/rlaif_units_eval.jsonl: every (unit, number) pair no training file contains, in all phrasings).
 Tasks mode: SFT from scratch on the demo generator's arithmetic dialogues, then RL prompts and held-out
 prompts from the same generator (--tasks). Each algorithm runs in segments through its real trainer
@@ -30,10 +30,10 @@ import torch
 from dataset import demo_data
 from dataset.lm_dataset import read_jsonl
 from trainer import train_full_sft, train_grpo, train_ppo, train_spo
-from trainer.rl_utils import Rewards, encode_prompts, rollout
+from trainer.core.rl import Rewards, encode_prompts, rollout
 from model.loading import ROOT, TOKENIZER_DIR, find_weight, load_native, load_tokenizer
 from model.weights import weight_path
-from trainer.trainer_utils import OUT, to_argv
+from trainer.core.stage import OUT, to_argv
 
 DEMO = ROOT / "dataset" / "demo"
 

@@ -210,7 +210,7 @@ def prompt_counters(url: str) -> tuple:
 
 
 def machine_line(weight: Path, new_tokens: int) -> str:
-    from trainer.progress import cpu_description
+    from trainer.core.progress import cpu_description
     return (f"# serve: {weight.name}, fp32 CPU, {new_tokens} new tokens per request, temperature 0; {os.cpu_count()} "
             f"CPUs ({cpu_description()}), load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
 

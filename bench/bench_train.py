@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 import time
 
-from trainer.progress import cpu_description  # noqa: E402
+from trainer.core.progress import cpu_description  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM_TOKENIZER = ROOT / "tests" / "goldens" / "upstream_tokenizer"
@@ -158,7 +158,7 @@ def loss_check(args, tmp):
     from dataset.lm_dataset import PretrainDataset, pad_collate
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
     from model.loading import load_weights
-    from trainer.trainer_utils import masked_cross_entropy
+    from trainer.core.stage import masked_cross_entropy
     demo = Path(tmp) / "demo"
     write_demo_data(demo)
     lines = (demo / "pretrain.jsonl").read_text(encoding="utf-8").splitlines()

@@ -1,5 +1,5 @@
 """Scoring generated answers against reference answers: the demo evaluation (scripts/eval_demo.py, the benches)
-and the rule rewards of the RL stages (trainer/rl_utils.py: answer_correct, format_reward) both live here.
+and the rule rewards of the RL stages (trainer/core/rl.py: answer_correct, format_reward) both live here.
 
     python -c "from dataset.scoring import check_answer; print(check_answer('I am MiniMind, a tiny AI assistant.', 'MiniMind'))"
     # with a model: evaluate(model, tokenizer, 'dataset/demo/eval.jsonl') -> accuracy, per kind, every answer

@@ -1,6 +1,6 @@
 """A continuous-batching inference engine for MiniMind (and transformers Llama exports), the one generation path
 of the project: the server, eval_llm.py, the web demo's local mode, dataset/scoring.py (eval_demo, the benches)
-and the RL rollouts (trainer/rl_utils.py) all generate through it.
+and the RL rollouts (trainer/core/rl.py) all generate through it.
 
     from model.engine import Engine, SamplingParams
     engine = Engine(model, tokenizer, max_batch=16)

@@ -51,7 +51,7 @@ def write_tiny_corpus(directory: Path, n: int = 96, seed: int = 0) -> dict:
 
 def tiny_train_args(tmp: Path, data: Path, **extra) -> list:
     """Flags for a seconds-long CPU run of a training stage, writing only under tmp."""
-    from trainer.trainer_utils import to_argv
+    from trainer.core.stage import to_argv
     flags = {"device": "cpu", "hidden_size": 64, "num_hidden_layers": 2, "batch_size": 4, "max_seq_len": 64,
              "save_dir": tmp / "out", "checkpoint_dir": tmp / "ckpt", "tokenizer_path": tokenizer_dir(),
              "data_path": data, "num_workers": 0, "log_interval": 1, "save_interval": 1000, **extra}

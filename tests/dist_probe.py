@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 tests/dist_probe.py OUT_DIR trainer/train_pretrain.py --device cpu ...
     deepspeed --num_gpus 2 tests/dist_probe.py OUT_DIR trainer/train_pretrain.py --device cpu ...
 
-The script runs unchanged (as __main__, its own flags) except that trainer.loop.train_loop is wrapped
+The script runs unchanged (as __main__, its own flags) except that trainer.core.loop.train_loop is wrapped
 so that its step function notes every sample the rank trains on (each sample of a packed row apart). Writes OUT_DIR/rank{RANK}.json: `rows` (a hash per
 trained sample), `checksum` and `first` (the rank's weights after training), `writes` (every path the
 rank opened for writing or renamed onto, seen through an audit hook). The deepspeed launcher's
@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
-from trainer import loop
+from trainer.core import loop
 
 
 def record_writes(writes: list):
@@ -63,7 +63,7 @@ def main():
             return step_fn(batch)
         return real_loop(run, args, m, optimizers, dataset, step, **kw)
 
-    loop.train_loop = recording_loop          # the stage script imports it from trainer.loop when it runs
+    loop.train_loop = recording_loop          # the stage script imports it from trainer.core.loop when it runs
     record_writes(writes)
     sys.argv = [script, *local_rank, *flags]
     runpy.run_path(script, run_name="__main__")

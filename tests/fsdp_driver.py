@@ -1,4 +1,4 @@
-"""Two-rank FSDP2 check driver for tests/test_fsdp.py: trains a tiny MiniMind with trainer/fsdp.py.
+"""Two-rank FSDP2 check driver for tests/test_fsdp.py: trains a tiny MiniMind with trainer/core/fsdp.py.
 
     torchrun --nproc_per_node 2 tests/fsdp_driver.py OUT_DIR     # CPU, gloo, a few seconds
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.distributed as dist
 
-from trainer.fsdp import (clip_grad_norm, full_model_state, full_optimizer_state, load_full_state, no_sync,
+from trainer.core.fsdp import (clip_grad_norm, full_model_state, full_optimizer_state, load_full_state, no_sync,
                           wrap_fsdp)
 
 STEPS, ACCUM, CUT, CLIP, LR = 8, 2, 4, 0.5, 1e-2   # 8 micro-batches = 4 optimizer steps; resume after 2
@@ -48,7 +48,7 @@ def train_micro_batches(model, optimizer, batches, start: int, end: int, rank: i
                         autocast=nullcontext()):
     """Micro-batches start..end-1 (this rank's rows), optimizer step every ACCUM. Returns the global
     mean loss of each micro-batch and the gradient norm before clipping of each optimizer step."""
-    from trainer.trainer_utils import masked_cross_entropy
+    from trainer.core.stage import masked_cross_entropy
     losses, norms = [], []
     rows = GLOBAL_BATCH // world
     for i in range(start, end):

@@ -381,7 +381,7 @@ def test_rlaif_prompt_answer_and_reference(tmp_path, tokenizer):
     assert first["prompt"].endswith("<|im_start|>user\n1+1=?<|im_end|>\n<|im_start|>assistant\n")
     assert second["reference"] == "" and "<|im_start|>assistant\nA1<|im_end|>" in second["prompt"]
     assert second["prompt"].endswith("Q2<|im_end|>\n<|im_start|>assistant\n")
-    from trainer.rl_utils import rl_collate
+    from trainer.core.rl import rl_collate
     batch = next(iter(DataLoader(ds, batch_size=2, collate_fn=rl_collate)))
     assert batch["reference"] == ["2", ""] and len(batch["messages"][1]) == 3
 

@@ -1,4 +1,4 @@
-"""trainer/fsdp.py: FSDP2 (fully_shard) on 2 CPU ranks (gloo) against a single-process run of the same
+"""trainer/core/fsdp.py: FSDP2 (fully_shard) on 2 CPU ranks (gloo) against a single-process run of the same
 global batch; resume equality; the gathered weight file in a plain model; the one-process fallbacks."""
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import torch
 from tests import fsdp_driver as driver
 from tests.conftest import ROOT, free_port, launcher_env, tiny_config
 from model.loading import load_weights
-from trainer.fsdp import clip_grad_norm, full_model_state, full_optimizer_state, load_full_state, no_sync, wrap_fsdp
+from trainer.core.fsdp import clip_grad_norm, full_model_state, full_optimizer_state, load_full_state, no_sync, wrap_fsdp
 
 
 @pytest.fixture(scope="module")

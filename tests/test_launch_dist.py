@@ -44,7 +44,8 @@ def test_progress_total_and_eta_honour_max_steps(tmp_path, capsys, monkeypatch):
     import re
     from types import SimpleNamespace
     from tests.conftest import tiny_train_args
-    from trainer import progress, train_pretrain
+    from trainer import train_pretrain
+    from trainer.core import progress
     clock = itertools.count(0, 60)                                          # a minute per reading: ETAs visible
     monkeypatch.setattr(progress, "time", SimpleNamespace(time=lambda: float(next(clock)),
                                                           perf_counter=progress.time.perf_counter))

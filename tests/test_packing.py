@@ -6,7 +6,7 @@ import torch
 
 from dataset.lm_dataset import SFTDataset, pack_collate, pad_collate
 from tests.conftest import tiny_config, tokenizer_dir, write_tiny_corpus
-from trainer.data_order import best_fit
+from trainer.core.batch_plan import best_fit
 from trainer.train_full_sft import sft_loss
 
 
@@ -41,7 +41,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(samples, moe
 
 
 def test_a_packed_epoch_trains_every_sample_once(samples):
-    from trainer.data_order import packed_batches
+    from trainer.core.batch_plan import packed_batches
     lengths = [len(s[0]) for s in samples]
     plan = packed_batches(lengths, capacity=127, batch_size=2, epoch=3)
     seen = sorted(i for batch in plan for row in batch for i in row)

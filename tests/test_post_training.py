@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import tiny_train_args, tokenizer_dir, write_tiny_corpus
 from trainer import train_distillation, train_dpo, train_full_sft, train_lora, train_pretrain, train_reason
-from trainer.rl_utils import sequence_logps, token_logps
+from trainer.core.rl import sequence_logps, token_logps
 
 
 def write_jsonl(path, rows):

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config, tiny_train_args, tokenizer_dir, write_tiny_corpus
-from trainer import rl_utils, train_full_sft, train_grpo, train_ppo, train_spo
-from trainer.rl_utils import (ASSISTANT_START, RewardModel, Rewards, answer_correct, completion_logps,
+from trainer import train_full_sft, train_grpo, train_ppo, train_spo
+from trainer.core import rl
+from trainer.core.rl import (ASSISTANT_START, RewardModel, Rewards, answer_correct, completion_logps,
                               completion_mask, encode_prompts, format_reward, k3_kl, masked_mean, rollout)
 
 
@@ -270,11 +271,11 @@ def test_internlm2_style_get_score_reward_model(tmp_path, tokenizer):
 
 # ---- the RL form of the loop: rollout, then K updates, each a guarded optimizer step ----
 def toy_rl_loop(tmp_path, updates, bad=(), accumulation_steps=1, max_steps=0):
-    """trainer.loop.train_loop on a tiny model with a toy loss, 8 rows in rollouts of 2, under CPU bf16 autocast.
+    """trainer.core.loop.train_loop on a tiny model with a toy loss, 8 rows in rollouts of 2, under CPU bf16 autocast.
     `bad`: the (rollout, update) pairs whose loss is NaN. Returns what the functions and the hook saw."""
-    from trainer.loop import ResumePoint, train_loop
-    from trainer.trainer_utils import build_parser, init_run
-    from trainer.tracking import NoTracker
+    from trainer.core.loop import ResumePoint, train_loop
+    from trainer.core.stage import build_parser, init_run
+    from trainer.core.tracking import NoTracker
     from model.model_minimind import MiniMindForCausalLM
     args = build_parser("toy", save_weight="toy").parse_args(tiny_train_args(
         tmp_path, tmp_path / "unused.jsonl", dtype="bfloat16", batch_size=2, accumulation_steps=accumulation_steps,
@@ -326,7 +327,7 @@ def test_rl_loop_runs_every_update_through_the_guarded_step(tmp_path, capsys):
 
 
 def test_rl_loop_stops_after_max_nonfinite_updates_in_a_row(tmp_path):
-    from trainer.loop import MAX_NONFINITE, TrainingError
+    from trainer.core.loop import MAX_NONFINITE, TrainingError
     bad = {(n, k) for n in range(1, 5) for k in range(2)}
     with pytest.raises(TrainingError, match=f"{MAX_NONFINITE} optimizer steps in a row"):
         toy_rl_loop(tmp_path, updates=2, bad=bad)
@@ -369,7 +370,7 @@ def test_rl_stage_runs_and_resumes_exactly(stage, dtype, sft_chain, tmp_path, mo
     """Both precisions, whatever --dtype auto picks on this machine: under bf16 the rollouts' tokens depend on
     how the engine batched their prefills, so that must not depend on thread timing (Engine.generate)."""
     # a tiny untrained model never answers right: reward even-length answers so the rewards vary
-    monkeypatch.setattr(rl_utils, "answer_correct", lambda text, ref: len(text) % 2 == 0)
+    monkeypatch.setattr(rl, "answer_correct", lambda text, ref: len(text) % 2 == 0)
     module, name, keys, flags = RL[stage]
     flags = {**flags, "dtype": dtype}
     path, loss = module.main(rl_args(sft_chain, tmp_path / "full", max_steps=4, **flags))
@@ -401,7 +402,7 @@ def test_rl_stage_runs_and_resumes_exactly(stage, dtype, sft_chain, tmp_path, mo
 
 
 def test_grpo_inner_iterations_clip_the_ratio(sft_chain, tmp_path, monkeypatch):
-    monkeypatch.setattr(rl_utils, "answer_correct", lambda text, ref: len(text) % 2 == 0)
+    monkeypatch.setattr(rl, "answer_correct", lambda text, ref: len(text) % 2 == 0)
     path, loss = train_grpo.main(rl_args(sft_chain, tmp_path, max_steps=2, num_generations=2, num_iterations=3,
                                          clip_epsilon=0.05, learning_rate=1e-2))
     log = [json.loads(line) for line in open(tmp_path / "out" / "grpo_64_metrics.jsonl")]
@@ -413,7 +414,7 @@ def test_grpo_inner_iterations_clip_the_ratio(sft_chain, tmp_path, monkeypatch):
 def test_ppo_resumes_exactly_from_an_old_actor_refresh(sft_chain, tmp_path, monkeypatch):
     """The refresh hook runs right after the optimizer step, so a resume file written at a refresh step holds the
     refreshed old actor (the actor's weights) and the resumed run goes on as the uninterrupted one."""
-    monkeypatch.setattr(rl_utils, "answer_correct", lambda text, ref: len(text) % 2 == 0)
+    monkeypatch.setattr(rl, "answer_correct", lambda text, ref: len(text) % 2 == 0)
     flags = dict(critic_learning_rate=1e-3, update_old_actor_freq=2, dtype="float32")
     full, _ = train_ppo.main(rl_args(sft_chain, tmp_path / "full", max_steps=4, **flags))
     train_ppo.main(rl_args(sft_chain, tmp_path / "cut", max_steps=2, **flags))
@@ -425,7 +426,7 @@ def test_ppo_resumes_exactly_from_an_old_actor_refresh(sft_chain, tmp_path, monk
 
 
 def test_ppo_sequence_advantage_runs(sft_chain, tmp_path, monkeypatch):
-    monkeypatch.setattr(rl_utils, "answer_correct", lambda text, ref: len(text) % 2 == 0)
+    monkeypatch.setattr(rl, "answer_correct", lambda text, ref: len(text) % 2 == 0)
     path, loss = train_ppo.main(rl_args(sft_chain, tmp_path, max_steps=2, advantage="sequence",
                                         critic_learning_rate=1e-3))
     assert path.name == "ppo_actor_64.pth" and math.isfinite(loss)

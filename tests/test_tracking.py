@@ -1,4 +1,4 @@
-"""trainer/tracking.py with the real swanlab and wandb packages, fully offline: a tiny pretraining run
+"""trainer/core/tracking.py with the real swanlab and wandb packages, fully offline: a tiny pretraining run
 logs loss, lr and tok/s into the tracker's own run files (read back here with the tracker's record
 format), --from_resume 1 continues the same run id and step axis; a missing package or an unreachable
 server is one warning and training goes on."""
@@ -13,9 +13,9 @@ import torch
 
 from tests.conftest import tiny_train_args, write_tiny_corpus
 from trainer import train_pretrain
-from trainer.loop import get_lr
-from trainer.trainer_utils import build_parser
-from trainer.tracking import NoTracker, init_tracker
+from trainer.core.loop import get_lr
+from trainer.core.stage import build_parser
+from trainer.core.tracking import NoTracker, init_tracker
 
 
 def swanlab_runs(log_dir: Path) -> list:
@@ -154,7 +154,7 @@ def test_unreachable_wandb_server_is_one_warning(tmp_path, monkeypatch):
 
 def test_tracker_missing_package_is_one_warning(monkeypatch):
     import builtins
-    from trainer.tracking import init_tracker
+    from trainer.core.tracking import init_tracker
     real_import = builtins.__import__
 
     def no_trackers(name, *a, **k):

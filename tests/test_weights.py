@@ -11,7 +11,7 @@ import torch
 from model.loading import load_weights
 from model.weights import atomic_save, save_weights, weight_path
 from tests.conftest import tiny_config
-from trainer.checkpoint import lm_checkpoint
+from trainer.core.resume import lm_checkpoint
 
 
 def test_atomic_save_survives_a_crash(tmp_path, monkeypatch):

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from dataset.lm_dataset import SFTDataset
 from model.cli import cli
 from model.model_minimind import MiniMindConfig
-from trainer.loop import train_loop
-from trainer.tracking import init_tracker
-from trainer.trainer_utils import (DATA, batch_stats, build_parser, data_kwargs, init_config, init_model, init_run,
+from trainer.core.loop import train_loop
+from trainer.core.tracking import init_tracker
+from trainer.core.stage import (DATA, batch_stats, build_parser, data_kwargs, init_config, init_model, init_run,
                                    masked_cross_entropy, resolve_data, restore, wrap_model)
 
 

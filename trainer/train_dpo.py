@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from dataset.lm_dataset import DPODataset, dpo_collate
 from model.cli import cli
-from trainer.rl_utils import sequence_logps, token_logps
-from trainer.loop import train_loop
-from trainer.tracking import init_tracker
-from trainer.trainer_utils import (DATA, Logger, build_parser, data_kwargs, init_config, init_model, init_run,
+from trainer.core.rl import sequence_logps, token_logps
+from trainer.core.loop import train_loop
+from trainer.core.tracking import init_tracker
+from trainer.core.stage import (DATA, Logger, build_parser, data_kwargs, init_config, init_model, init_run,
                                    resolve_data, restore, wrap_model)
 
 

@@ -8,7 +8,7 @@ Reads dataset/sft_mini_512.jsonl (the built-in demo corpus when absent) and out/
 Writes out/full_sft_<hidden>[_moe].pth (+ .json config) and checkpoints/full_sft_<hidden>[_moe]_resume.pth.
 
 A jsonl line becomes a sample in dataset/lm_dataset.py (SFTDataset: chat template, then a loss mask that
-is 1 on the assistant's tokens only); trainer/loop.py batches samples (packed rows by default), calls
+is 1 on the assistant's tokens only); trainer/core/loop.py batches samples (packed rows by default), calls
 sft_loss below on each batch and steps the optimizer; the model is model/model_minimind.py.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -16,9 +16,9 @@ import torch
 
 from dataset.lm_dataset import SFTDataset
 from model.cli import cli
-from trainer.loop import train_loop
-from trainer.tracking import init_tracker
-from trainer.trainer_utils import (DATA, batch_stats, build_parser, data_kwargs, init_config, init_model, init_run,
+from trainer.core.loop import train_loop
+from trainer.core.tracking import init_tracker
+from trainer.core.stage import (DATA, batch_stats, build_parser, data_kwargs, init_config, init_model, init_run,
                                    resolve_data, restore, supervised_loss, wrap_model)
 
 

@@ -16,9 +16,9 @@ from dataset.lm_dataset import SFTDataset
 from model.cli import cli
 from model.model_lora import apply_lora, freeze_non_lora, lora_parameters, save_lora
 from model.weights import weight_path
-from trainer.loop import train_loop
-from trainer.tracking import init_tracker
-from trainer.trainer_utils import (DATA, OUT, Logger, batch_stats, build_parser, data_kwargs, init_config, init_model,
+from trainer.core.loop import train_loop
+from trainer.core.tracking import init_tracker
+from trainer.core.stage import (DATA, OUT, Logger, batch_stats, build_parser, data_kwargs, init_config, init_model,
                                    init_run, resolve_data, restore, supervised_loss, wrap_model)
 
 

@@ -15,9 +15,9 @@ import torch
 
 from dataset.lm_dataset import PretrainDataset
 from model.cli import cli
-from trainer.loop import train_loop
-from trainer.tracking import init_tracker
-from trainer.trainer_utils import (DATA, batch_stats, build_parser, data_kwargs, init_config, init_model, init_run,
+from trainer.core.loop import train_loop
+from trainer.core.tracking import init_tracker
+from trainer.core.stage import (DATA, batch_stats, build_parser, data_kwargs, init_config, init_model, init_run,
                                    resolve_data, restore, supervised_loss, wrap_model)
 
 

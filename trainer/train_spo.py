@@ -22,11 +22,11 @@ import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).reso
 import torch
 
 from model.cli import cli
-from trainer.loop import train_loop
-from trainer.rl_utils import (Rewards, adamw_cosine, add_rl_args, base_weight,
+from trainer.core.loop import train_loop
+from trainer.core.rl import (Rewards, adamw_cosine, add_rl_args, base_weight,
                               completion_logps, frozen, k3_kl, masked_mean, rl_collate, rl_prompts, rollout)
-from trainer.tracking import init_tracker
-from trainer.trainer_utils import DATA, build_parser, init_config, init_model, init_run, restore, wrap_model
+from trainer.core.tracking import init_tracker
+from trainer.core.stage import DATA, build_parser, init_config, init_model, init_run, restore, wrap_model
 
 
 class AutoAdaptiveValueTracker:

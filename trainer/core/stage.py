@@ -1,6 +1,6 @@
 """Plumbing shared by every training stage, written once: flags, device/precision/DDP set-up, model
-loading and resume. The loop itself is trainer/loop.py; resume files are trainer/checkpoint.py, the
-batch order trainer/data_order.py, progress lines trainer/progress.py, experiment tracking trainer/tracking.py.
+loading and resume. The loop itself is trainer/core/loop.py; resume files are trainer/core/resume.py, the
+batch order trainer/core/batch_plan.py, progress lines trainer/core/progress.py, experiment tracking trainer/core/tracking.py.
 What serving shares lives in model/: weight files (model/weights.py), ROOT and the tokenizer (model/loading.py),
 the one-line error wrapper cli (model/cli.py).
 
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from model.cli import Typed, was_typed
 from model.loading import ROOT, TOKENIZER_DIR, load_tokenizer, load_weights
 from model.weights import weight_path
-from trainer.checkpoint import lm_checkpoint
-from trainer.loop import ResumePoint, set_rng_state
-from trainer.progress import Logger, is_main_process
+from trainer.core.resume import lm_checkpoint
+from trainer.core.loop import ResumePoint, set_rng_state
+from trainer.core.progress import Logger, is_main_process
 
 DATA = ROOT / "dataset"
 OUT = ROOT / "out"
@@ -62,7 +62,7 @@ def supervised_loss(model, batch: dict):
     The model computes logits only where loss_mask > 0 (`logits_at`): prompt tokens, padding and the last
     token of each packed sample skip the output layer, and the batch x seq x vocab logits (and their gradient)
     are never held, which lowers peak memory (README, bench/bench_train.py). Equals masked_cross_entropy over
-    the full logits (tests/test_trainer_utils.py)."""
+    the full logits (tests/test_stage.py)."""
     at = (batch["loss_mask"].reshape(-1) > 0).nonzero().squeeze(1)
     out = model(batch["input_ids"], position_ids=batch.get("position_ids"), logits_at=at)
     if at.numel() == 0:
@@ -344,7 +344,7 @@ def wrap_model(model, run: RunContext, args, optimizers=(), rollouts: bool = Fal
         Logger("--use_compile/--fsdp are not used by the RL stages: rollouts generate with the whole raw model and "
                "change shapes on every step")
     if run.ddp and getattr(args, "fsdp", 0) and not rollouts:
-        from trainer.fsdp import wrap_fsdp
+        from trainer.core.fsdp import wrap_fsdp
         Logger(f"FSDP2: parameters, gradients and optimizer state sharded over {run.world_size} processes")
         model = wrap_fsdp(model, run, optimizers)
     elif run.ddp:

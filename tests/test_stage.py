@@ -1,5 +1,5 @@
-"""trainer/trainer_utils.py (and the loop's get_lr): schedule, the supervised losses, flags, precision, the demo-data
-fallback. Elsewhere: tests/test_data_order.py, test_checkpoint.py, test_weights.py, test_cli.py, test_progress.py."""
+"""trainer/core/stage.py (and the loop's get_lr): schedule, the supervised losses, flags, precision, the demo-data
+fallback. Elsewhere: tests/test_batch_plan.py, test_resume.py, test_weights.py, test_cli.py, test_progress.py."""
 import math
 import os
 
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import ROOT, tiny_config
-from trainer.loop import get_lr
-from trainer.trainer_utils import (OUT, build_parser, choose_dtype, init_run, masked_cross_entropy, resolve_data,
+from trainer.core.loop import get_lr
+from trainer.core.stage import (OUT, build_parser, choose_dtype, init_run, masked_cross_entropy, resolve_data,
                                    supervised_loss)
 
 
@@ -72,7 +72,7 @@ def test_parser_has_upstream_flags_and_defaults():
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):
-    import trainer.trainer_utils as tu
+    import trainer.core.stage as tu
     monkeypatch.setattr(tu, "cpu_has_bf16_units", lambda: False)
     run = init_run(build_parser("t").parse_args(["--device", "cpu"]))
     assert run.dtype == torch.float32 and not run.scaler.is_enabled()
@@ -89,7 +89,7 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
 
 def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
     import builtins
-    import trainer.trainer_utils as tu
+    import trainer.core.stage as tu
     real_open = builtins.open
     for flags, expected in (("fpu sse avx2", False), ("fpu avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True)):
         fake = tmp_path / "cpuinfo"
@@ -100,7 +100,7 @@ def test_cpu_bf16_detection_reads_the_cpu_flags(monkeypatch, tmp_path):
 
 
 def test_resolve_data_falls_back_to_demo(tmp_path, monkeypatch):
-    import trainer.trainer_utils as tu
+    import trainer.core.stage as tu
     monkeypatch.setattr(tu, "DATA", tmp_path)
     demo = tmp_path / "demo" / "pretrain.jsonl"
     demo.parent.mkdir()

@@ -17,7 +17,7 @@ optimizer step; the schedulers, whose length counts batches, step once per rollo
 constant over its updates).
 
 train_loop owns everything else, once:
-  * the batch order of every epoch (seeded, split across ranks, packed or length-grouped: data_order.py)
+  * the batch order of every epoch (seeded, split across ranks, packed or length-grouped: batch_plan.py)
     and, on resume, skipping exactly the micro-batches already done;
   * the learning rate: the original's cosine (get_lr) per micro-batch, or the stage's schedulers (the RL
     stages), stepped after every optimizer step, or after a rollout's K updates if any was applied;
@@ -48,10 +48,10 @@ import torch.distributed as dist
 
 from model.cli import CLIError
 from model.weights import save_weights, weight_path
-from trainer.checkpoint import lm_checkpoint
-from trainer.data_order import BatchPlan
-from trainer.fsdp import full_model_state, full_optimizer_state, is_fsdp, no_sync
-from trainer.progress import Logger, Progress, is_main_process
+from trainer.core.resume import lm_checkpoint
+from trainer.core.batch_plan import BatchPlan
+from trainer.core.fsdp import full_model_state, full_optimizer_state, is_fsdp, no_sync
+from trainer.core.progress import Logger, Progress, is_main_process
 
 MAX_NONFINITE = 5   # optimizer steps in a row with a non-finite gradient before training stops
 

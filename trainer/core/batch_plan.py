@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from trainer.progress import Logger, is_main_process
+from trainer.core.progress import Logger, is_main_process
 
 PACK_WINDOW = 8192   # samples packed together: large enough for ~99% full rows, small enough to stay shuffled
 

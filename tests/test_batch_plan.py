@@ -1,4 +1,4 @@
-"""trainer/data_order.py on its own: the order of the batches (seeded per epoch, split across ranks, packed by
+"""trainer/core/batch_plan.py on its own: the order of the batches (seeded per epoch, split across ranks, packed by
 best fit or length-grouped), BatchPlan's loaders (exactly the batches after a resume's skip, the samples each
 batch holds, packed rows within capacity) and the sample-length cache (reused, rebuilt when the data changes)."""
 import json
@@ -11,8 +11,8 @@ import torch
 from dataset.lm_dataset import PretrainDataset, SFTDataset, pack_collate, pad_collate
 from model.loading import load_tokenizer
 from tests.conftest import tokenizer_dir, write_tiny_corpus
-from trainer import data_order
-from trainer.data_order import BatchPlan, best_fit, packed_batches, shuffled_batches
+from trainer.core import batch_plan
+from trainer.core.batch_plan import BatchPlan, best_fit, packed_batches, shuffled_batches
 
 
 def test_shuffled_batches_order_and_ranks():
@@ -123,7 +123,7 @@ def test_sample_lengths_are_cached_and_rebuilt_when_the_data_changes(tmp_path, t
         raise AssertionError("measured again")
 
     with monkeypatch.context() as m:
-        m.setattr(data_order, "_measure_lengths", no_measuring)
+        m.setattr(batch_plan, "_measure_lengths", no_measuring)
         again = BatchPlan(SFTDataset(data["sft"], tokenizer, max_length=64), args, one_rank()).lengths
     assert list(again) == list(first)                                   # read from the cache
     lines = data["sft"].read_text(encoding="utf-8").splitlines()      # one answer longer, as many lines

@@ -1,9 +1,9 @@
-"""trainer/checkpoint.py: the resume file (its keys, fp32 master weights, the step rescaled when the world size
+"""trainer/core/resume.py: the resume file (its keys, fp32 master weights, the step rescaled when the world size
 changes, a missing file is None)."""
 import torch
 
 from tests.conftest import tiny_config
-from trainer.checkpoint import lm_checkpoint
+from trainer.core.resume import lm_checkpoint
 
 
 def test_resume_step_rescaled_by_world_size(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Helpers shared by the preference and RL stages (DPO, PPO, GRPO, SPO), written once: per-token
 log-probs, rollouts, rewards, the RL flags, the prompts and the optimizer with the original's RL schedule.
-The loop is trainer/loop.py, as for every stage; an RL stage's step function does rollout, reward and loss.
+The loop is trainer/core/loop.py, as for every stage; an RL stage's step function does rollout, reward and loss.
 
     roll = rollout(policy, tokenizer, prompts, args, num_return_sequences=G)    # sampled by model/engine.py
     logp, aux = completion_logps(policy, roll)       # (N, R) log-probs of the sampled tokens, masks honoured
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from dataset.scoring import ANSWER_PART, answer_correct, format_reward
 from model.engine import HF_TOP_K, Engine, SamplingParams
 from model.loading import ROOT
-from trainer.loop import unwrap
-from trainer.trainer_utils import resolve_data
+from trainer.core.loop import unwrap
+from trainer.core.stage import resolve_data
 
 ASSISTANT_START = "<|im_start|>assistant\n"   # what a chat-templated prompt with add_generation_prompt ends with
 
