@@ -472,3 +472,36 @@ def test_bench_rl_without_sft_weight_says_what_to_run(tmp_path):
     from bench import bench_rl
     with pytest.raises(SystemExit, match="run_demo.sh"):
         bench_rl.main(["--work_dir", str(tmp_path / "w"), "--from_dir", str(tmp_path / "none")])
+
+
+@pytest.mark.parametrize("stage, flags", [("grpo", {}), ("spo", {"accumulation_steps": 2})])
+def test_rl_resumes_exactly_from_a_save_written_mid_run(stage, flags, sft_chain, tmp_path, monkeypatch):
+    """A --save_interval save is written at the next optimizer step (once that step's gradients show the weights
+    are sound), after the next rollout has drawn from the RNG and (SPO) updated its baseline: the resume file
+    must still hold the RNG and stage state of its own boundary. Resuming from the file as it was written mid-run
+    gives the uninterrupted run's weights."""
+    from trainer.core import loop
+    monkeypatch.setattr(rl, "answer_correct", lambda text, ref: len(text) % 2 == 0)
+    module, name, _, base_flags = RL[stage]
+    flags = {**base_flags, **flags, "dtype": "float32", "save_interval": 2}
+    path, _ = module.main(rl_args(sft_chain, tmp_path / "full", max_steps=6, **flags))
+    kept, real_save = tmp_path / "kept.pth", loop._Saver.save
+
+    def keep_first_mid_run_file(self, point, barrier=True):
+        real_save(self, point, barrier)
+        if not kept.exists():
+            __import__("shutil").copy(tmp_path / "run" / "ckpt" / f"{name}_resume.pth", kept)
+
+    monkeypatch.setattr(loop._Saver, "save", keep_first_mid_run_file)
+    module.main(rl_args(sft_chain, tmp_path / "run", max_steps=6, **flags))
+    monkeypatch.setattr(loop._Saver, "save", real_save)
+    assert torch.load(kept, weights_only=False)["step"] == 2
+    __import__("shutil").copy(kept, tmp_path / "run" / "ckpt" / f"{name}_resume.pth")   # as if killed after it
+    module.main(rl_args(sft_chain, tmp_path / "run", max_steps=6, from_resume=1, **flags))
+    full, resumed = torch.load(path), torch.load(tmp_path / "run" / "out" / f"{name}.pth")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_grpo_refuses_zero_iterations_before_loading_anything(tmp_path):
+    with pytest.raises(ValueError, match="--num_iterations must be at least 1"):
+        train_grpo.main(rl_args(tmp_path, tmp_path / "out", num_iterations=0))

@@ -17,7 +17,7 @@ group std, then renormalised over the whole batch (--batch_adv_norm 0 turns that
 ratio is pi / stop_grad(pi) == 1 and the update is the plain policy gradient; with N > 1 the same
 rollout is reused for N optimizer steps against the rollout-time log-probs, and the clip matters. Each
 of the N steps is the loop's guarded optimizer step (a non-finite one is skipped and counted); the
-scheduler steps once per rollout, as its length counts rollouts.
+scheduler steps once per rollout (its length counts optimizer steps at --num_iterations 1).
 Logged: the fraction of groups whose rewards are all equal (no learning signal) and of completions
 cut at --max_gen_len without an EOS.
 """
@@ -92,6 +92,8 @@ def main(argv=None):
     parser.add_argument("--batch_adv_norm", type=int, default=1, choices=[0, 1],
                         help="1 = renormalise group advantages over the batch (original); 0 = group only")
     args = parser.parse_args(argv)
+    if args.num_iterations < 1:
+        raise ValueError("--num_iterations must be at least 1 (optimizer steps per rollout)")
     if args.num_generations < 2:
         raise ValueError("--num_generations must be at least 2 (the group baseline needs two answers)")
     if args.num_iterations > 1 and args.accumulation_steps > 1:

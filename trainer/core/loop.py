@@ -38,6 +38,7 @@ train_loop owns everything else, once:
 Steps count micro-batches (an RL stage's: batches of prompts, each one rollout), 1-based within an epoch,
 as in the original; `global step` = epoch * iters + step. Resuming, --max_steps, logging and saving go by them.
 """
+import copy
 import shlex
 import signal
 import sys
@@ -121,6 +122,8 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
         raise TypeError("train_loop takes either step_fn or update_fn (with an optional rollout_fn)")
     if step_fn is not None:
         update_fn = lambda batch, k: step_fn(batch)
+    if updates < 1:
+        raise ValueError(f"updates per rollout must be at least 1, got {updates}")
     if updates > 1 and args.accumulation_steps > 1:
         raise ValueError(f"{updates} optimizer steps per rollout need --accumulation_steps 1")
     raw = unwrap(model)
@@ -202,13 +205,13 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
                     if applied:
                         for sched in schedulers or []:
                             sched.step()
-                    saver.boundary = ResumePoint(epoch, step)   # a skipped step consumed its batches, kept the weights
+                    saver.mark(ResumePoint(epoch, step))   # a skipped step consumed its batches, kept the weights
                     window = 0
                     if saver.pending:         # the last step is saved at once; any other at the next step,
                         if last:              # once its gradients show that these weights are sound
                             saver.save(saver.boundary)
                         else:
-                            saver.due = saver.boundary
+                            saver.due, saver.due_snapshot = saver.boundary, saver.snapshot
                         saver.pending = False
                 if step % args.log_interval == 0 or last:
                     last_loss = progress.log(epoch, step, lr)
@@ -285,6 +288,17 @@ class _Saver:
         self.run, self.args, self.raw, self.optimizers, self.schedulers = run, args, raw, optimizers, schedulers
         self.lm_config, self.tracker, self.save_fn, self.state, self.out_path = lm_config, tracker, save_fn, state, out_path
         self.pending, self.boundary, self.saved, self.due = False, None, None, None
+        self.snapshot = self.due_snapshot = None   # (RNG states, volatile stage state) at self.boundary / self.due
+
+    def mark(self, point: ResumePoint):
+        """An optimizer-step boundary. A save of it may be written later (at the next step, or on Ctrl-C), after
+        the next batches drew from the RNG (RL sampling, dropout) and updated stage state such as SPO's value
+        tracker: what those change is kept now, so the file holds exactly this boundary's state. Models,
+        optimizers and schedulers change only at the next optimizer step, after a due save is written."""
+        frozen = (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
+        volatile = {k: copy.deepcopy(v.state_dict() if hasattr(v, "state_dict") else v)
+                    for k, v in (self.state or {}).items() if not isinstance(v, frozen)}
+        self.boundary, self.snapshot = point, (rng_state(), volatile)
 
     def save(self, point: ResumePoint, barrier: bool = True):
         if not _weights_finite(self.raw):
@@ -301,15 +315,20 @@ class _Saver:
             else:
                 save_weights(model_state, self.out_path, self.lm_config)
             extra = {k: unwrap(v) if isinstance(v, torch.nn.Module) else v for k, v in (self.state or {}).items()}
+            rng = rng_state()
+            snapshot = self.due_snapshot if point == self.due else self.snapshot if point == self.boundary else None
+            if snapshot is not None:
+                rng, volatile = snapshot
+                extra.update(volatile)
             if self.schedulers:
                 extra["scheduler"] = self.schedulers[0]
             lm_checkpoint(self.lm_config, self.args.save_weight, model=model_state, optimizer=optim_state,
                           epoch=point.epoch, step=point.step, wandb=self.tracker, save_dir=self.args.checkpoint_dir,
-                          scaler=self.run.scaler, rng=rng_state(), **extra)
+                          scaler=self.run.scaler, rng=rng, **extra)
             self.raw.train(was_training)
         if barrier and dist.is_initialized():
             dist.barrier()
-        self.due, self.saved = None, point
+        self.due, self.due_snapshot, self.saved = None, None, point
 
     def where(self) -> str:
         return f"{self.out_path}" + (f" (epoch {self.saved.epoch + 1}, step {self.saved.step})" if self.saved else "")

@@ -1,6 +1,7 @@
 """Helpers shared by the preference and RL stages (DPO, PPO, GRPO, SPO), written once: per-token
 log-probs, rollouts, rewards, the RL flags, the prompts and the optimizer with the original's RL schedule.
-The loop is trainer/core/loop.py, as for every stage; an RL stage's step function does rollout, reward and loss.
+The loop is trainer/core/loop.py, as for every stage; an RL stage passes a rollout function
+(sampling, rewards, reference log-probs) and an update function (the loss).
 
     roll = rollout(policy, tokenizer, prompts, args, num_return_sequences=G)    # sampled by model/engine.py
     logp, aux = completion_logps(policy, roll)       # (N, R) log-probs of the sampled tokens, masks honoured
