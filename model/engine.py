@@ -25,9 +25,9 @@ that beginning copied into its row and is prefilled from where they differ.
 Exactness: the model sees, per row, exactly its own keys (below), and each request samples with its own
 generator and its own logits processors, so what else is in the batch changes a request's logits only by
 the float rounding of batched kernels (a matrix product's blocking, the attention's padded width: about
-1e-6 in fp32, up to 1e-2 under bf16 autocast). What holds, and is tested: greedy tokens equal model.generate() alone (a tie within rounding could
-still flip one); a seeded request repeats exactly when run
-alone, with or without the prefix cache, and gives the same tokens alone and in any batch whenever its
+1e-6 in fp32, up to 1e-2 under bf16 autocast). What holds, and is tested: greedy tokens equal
+model.generate() alone (a tie within rounding could still flip one); a seeded request repeats exactly when
+run alone, with or without the prefix cache, and gives the same tokens alone and in any batch whenever its
 logits are equal (tests/test_serve.py, with a model whose logits are exactly batch-invariant). With a real
 model in a batch, a sampled token can change where a draw falls within that rounding of the boundary
 between two tokens, after which the texts diverge: rare with a trained model, within tens of tokens for

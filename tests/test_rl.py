@@ -3,6 +3,7 @@
 few-step run of each trainer on a tiny model chained from SFT, with an exact resume round trip."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -490,13 +491,13 @@ def test_rl_resumes_exactly_from_a_save_written_mid_run(stage, flags, sft_chain,
     def keep_first_mid_run_file(self, point, barrier=True):
         real_save(self, point, barrier)
         if not kept.exists():
-            __import__("shutil").copy(tmp_path / "run" / "ckpt" / f"{name}_resume.pth", kept)
+            shutil.copy(tmp_path / "run" / "ckpt" / f"{name}_resume.pth", kept)
 
     monkeypatch.setattr(loop._Saver, "save", keep_first_mid_run_file)
     module.main(rl_args(sft_chain, tmp_path / "run", max_steps=6, **flags))
     monkeypatch.setattr(loop._Saver, "save", real_save)
     assert torch.load(kept, weights_only=False)["step"] == 2
-    __import__("shutil").copy(kept, tmp_path / "run" / "ckpt" / f"{name}_resume.pth")   # as if killed after it
+    shutil.copy(kept, tmp_path / "run" / "ckpt" / f"{name}_resume.pth")   # as if killed after it
     module.main(rl_args(sft_chain, tmp_path / "run", max_steps=6, from_resume=1, **flags))
     full, resumed = torch.load(path), torch.load(tmp_path / "run" / "out" / f"{name}.pth")
     assert all(torch.equal(full[k], resumed[k]) for k in full)

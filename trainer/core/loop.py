@@ -13,8 +13,8 @@ an RL stage (PPO, GRPO, SPO) passes a rollout and an update, and the loop runs, 
         on_update(k)                               # after every applied step (PPO refreshes its old actor)
 
 so no stage ever steps an optimizer itself. With K > 1 (--accumulation_steps 1) every update is its own
-optimizer step; the schedulers, whose length counts batches, step once per rollout (as the lr stays
-constant over its updates).
+optimizer step, and the schedulers (whose length counts optimizer steps of one update) step once per
+rollout, so the lr stays constant over its updates.
 
 train_loop owns everything else, once:
   * the batch order of every epoch (seeded, split across ranks, packed or length-grouped: batch_plan.py)
