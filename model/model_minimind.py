@@ -442,8 +442,9 @@ class MiniMindModel(nn.Module):
                                     rope_scaling=c.rope_scaling)
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, position_ids=None,
-                **kwargs):
-        """Returns (hidden_states (B, T, C) after the final norm, cache or None, aux_loss)."""
+                packed=None, **kwargs):
+        """Returns (hidden_states (B, T, C) after the final norm, cache or None, aux_loss). `packed`: whether
+        position_ids restart inside a row (a trainer's collate knows it on the host; None = look, one host sync)."""
         bsz, seq_len = input_ids.shape
         cache = past_key_values
         if isinstance(cache, (list, tuple)):
@@ -457,7 +458,7 @@ class MiniMindModel(nn.Module):
         # packed rows (several samples per row, transformers' "position_ids packing"): positions restart at 0
         # at each sample's first token, and each sample attends only to itself
         packed = (position_ids is not None and past_len == 0 and not padded and seq_len > 1
-                  and bool((position_ids[:, 1:] == 0).any()))
+                  and (bool((position_ids[:, 1:] == 0).any()) if packed is None else packed))
         if position_ids is None:
             if padded:  # left padding must not shift positions: count real tokens only
                 position_ids = (attention_mask[:, -total:].long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
@@ -541,11 +542,11 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         return self.lm_head
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
-                logits_to_keep=0, labels=None, position_ids=None, logits_at=None, **kwargs):
+                logits_to_keep=0, labels=None, position_ids=None, logits_at=None, packed=None, **kwargs):
         """logits_at (training losses): flat indices into the batch x seq positions; logits are then computed
         for those positions only, shape (len(logits_at), vocab), so prompt and padding rows skip the output layer."""
         hidden_states, cache, aux_loss = self.model(input_ids, attention_mask, past_key_values, use_cache,
-                                                    position_ids)
+                                                    position_ids, packed)
         if logits_at is not None:
             logits = self.lm_head(hidden_states.flatten(0, 1).index_select(0, logits_at))
             return MiniMindCausalLMOutput(logits=logits, past_key_values=cache, hidden_states=hidden_states,

@@ -16,11 +16,11 @@ PLOTS=${DEMO_PLOTS:-$OUT}                      # loss curves (run outputs stay u
 SIZE=${DEMO_SIZE:-"--hidden_size 256 --num_hidden_layers 4"}   # 4.5M parameters: a CPU-sized MiniMind
 SCALE=${DEMO_SCALE:-1}                         # corpus size factor
 STEPS=${DEMO_MAX_STEPS:-0}                     # 0 = full epochs
-# Defaults that matter here: --packing 1 (whole samples packed into rows, each attending only to itself),
-# --dtype auto (bf16 where the CPU has bf16 matrix units, else fp32). --num_workers 0: on 2 cores a loader
-# process only takes CPU time from the training threads. Rows of 2x256 (pretrain) and 1x512 (SFT) tokens hold
-# about 8 samples, as many as the original's batch of 8: on a corpus this small the number of optimizer
-# steps, not the tokens per step, is what teaches the model.
+# Defaults that matter here: --packing 1 (each micro-batch's samples packed into rows, each attending only to
+# itself), --dtype auto (bf16 where the CPU has bf16 matrix units, else fp32). --num_workers 0: on 2 cores a
+# loader process only takes CPU time from the training threads. --batch_size counts samples (8-9 per step, as
+# the original's batch of 8): on a corpus this small the number of optimizer steps, not the tokens per step, is
+# what teaches the model.
 RUN="--device cpu $SIZE --checkpoint_dir $CKPT --max_steps $STEPS --num_workers 0 --log_interval 50"
 start=$(date +%s)
 
@@ -33,11 +33,11 @@ python scripts/inspect_data.py --data_path "$DATA/sft.jsonl" --kind sft --show 0
 
 # 3. Pretraining from random weights: learn to continue the demo text (next-token prediction).
 python trainer/train_pretrain.py $RUN --save_dir "$OUT" --data_path "$DATA/pretrain.jsonl" \
-    --epochs 2 --batch_size 2 --max_seq_len 256 --accumulation_steps 1 --learning_rate 2e-3
+    --epochs 2 --batch_size 8 --max_seq_len 256 --accumulation_steps 1 --learning_rate 2e-3
 
 # 4. SFT: learn to answer in the chat template (loss on the assistant's replies only).
 python trainer/train_full_sft.py $RUN --save_dir "$OUT" --data_path "$DATA/sft.jsonl" \
-    --epochs 5 --batch_size 1 --max_seq_len 512 --learning_rate 1e-3
+    --epochs 5 --batch_size 9 --max_seq_len 512 --learning_rate 1e-3
 
 # 5. The scripted chat: answers to the held-out questions, and the accuracy.
 python scripts/eval_demo.py --save_dir "$OUT" --weight full_sft $SIZE --eval_path "$DATA/eval.jsonl" --show 12
@@ -45,7 +45,7 @@ python scripts/eval_demo.py --save_dir "$OUT" --weight full_sft $SIZE --eval_pat
 # 6. Post-training: a LoRA adapter (base weights frozen) trained on who the model is; identity questions before and after.
 python scripts/eval_demo.py --save_dir "$OUT" --weight full_sft $SIZE --eval_path "$DATA/eval.jsonl" --kinds identity --show 4
 python trainer/train_lora.py $RUN --save_dir "$OUT/lora" --from_dir "$OUT" --data_path "$DATA/lora_identity.jsonl" \
-    --lora_name lora_identity --epochs 6 --batch_size 2 --max_seq_len 128 --learning_rate 2e-3 --save_interval 1000
+    --lora_name lora_identity --epochs 6 --batch_size 5 --max_seq_len 128 --learning_rate 2e-3 --save_interval 1000
 python scripts/eval_demo.py --save_dir "$OUT" --weight full_sft $SIZE --lora_weight lora_identity \
     --eval_path "$DATA/eval.jsonl" --kinds identity --show 4
 

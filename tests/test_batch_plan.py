@@ -1,6 +1,7 @@
 """trainer/core/batch_plan.py on its own: the order of the batches (seeded per epoch, split across ranks, packed by
-best fit or length-grouped), BatchPlan's loaders (exactly the batches after a resume's skip, the samples each
-batch holds, packed rows within capacity) and the sample-length cache (reused, rebuilt when the data changes)."""
+best fit or length-grouped), BatchPlan's loaders (exactly the batches after a resume's skip; --batch_size
+samples per micro-batch whatever the layout; --batch_unit rows), the collates (PackRows, PadRows: layouts,
+host-side counts, fixed-shape buckets) and the sample-length cache (reused, rebuilt when the data changes)."""
 import json
 import math
 from types import SimpleNamespace
@@ -12,7 +13,8 @@ from dataset.lm_dataset import PretrainDataset, SFTDataset, pack_collate, pad_co
 from model.loading import load_tokenizer
 from tests.conftest import tokenizer_dir, write_tiny_corpus
 from trainer.core import batch_plan
-from trainer.core.batch_plan import BatchPlan, best_fit, packed_batches, shuffled_batches
+from trainer.core.batch_plan import (BatchPlan, PackRows, PadRows, best_fit, packed_batches, shuffled_batches,
+                                     supervised_collate)
 
 
 def test_shuffled_batches_order_and_ranks():
@@ -61,7 +63,8 @@ def tokenizer():
 
 def plan_args(tmp_path, **flags):
     args = dict(packing=0, max_seq_len=64, batch_size=4, seed=42, epochs=2, num_workers=0, pad_to_max=0,
-                use_compile=0, group_by_length=0, checkpoint_dir=str(tmp_path / "ckpt"))
+                use_compile=0, group_by_length=0, batch_unit="samples", accumulation_steps=2,
+                checkpoint_dir=str(tmp_path / "ckpt"))
     return SimpleNamespace(**(args | flags))
 
 
@@ -76,47 +79,78 @@ def same_batch(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("packing", [0, 1])
 def test_a_loader_after_a_skip_yields_exactly_the_remaining_batches(tmp_path, tokenizer, packing):
     """What a resumed run sees: the same plan as the uninterrupted run (a new BatchPlan, same seed and epoch),
-    minus exactly the first `skip` batches; each loaded batch is the collate of the planned samples."""
+    minus exactly the first `skip` batches; each loaded batch is the collate of the planned samples. Packing or
+    not, a micro-batch holds --batch_size samples of the same order: an epoch has the original's step count."""
     data = write_tiny_corpus(tmp_path / "data", n=40)
     ds = SFTDataset(data["sft"], tokenizer, max_length=64)
     args = plan_args(tmp_path, packing=packing)
-    plan = BatchPlan(ds, args, one_rank())
+    plan = BatchPlan(ds, args, one_rank(), supervised_collate(args))
     batches = plan.batches(0)
     assert plan.num_batches(0) == len(batches) and batches == BatchPlan(ds, args, one_rank()).batches(0)
+    assert batches == shuffled_batches(len(ds), args.batch_size, 0, args.seed)    # the layout never changes them
     assert plan.batches(1) != batches                                   # a new order every epoch
-    if packing:
-        samples = [i for batch in batches for row in batch for i in row]
-        assert all(len(batch) <= args.batch_size for batch in batches)
-        assert all(sum(len(ds[i][0]) for i in row) <= args.max_seq_len - 1 for batch in batches for row in batch)
-    else:
-        samples = [i for batch in batches for i in batch]
-        assert len(batches) == math.ceil(len(ds) / args.batch_size)
-    assert sorted(samples) == list(range(len(ds)))                      # every sample once per epoch
+    assert len(batches) == math.ceil(len(ds) / args.batch_size)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(ds)))   # every sample once per epoch
     loaded = list(plan.loader(0, skip=3))
     assert len(loaded) == len(batches) - 3
     for got, planned in zip(loaded, batches[3:]):
-        expected = pack_collate([[ds[i] for i in row] for row in planned]) if packing else \
-            pad_collate([ds[i] for i in planned])
-        assert same_batch(got, expected)
+        assert same_batch(got, plan.collate([ds[i] for i in planned]))
+        assert got["samples"] == len(planned) and got["tokens"] == sum(len(ds[i][0]) for i in planned)
+        assert got["loss_tokens"] == sum(int(ds[i][2].sum()) for i in planned)
+        if packing:
+            assert got["input_ids"].shape[1] <= args.max_seq_len - 1 and got["input_ids"].shape[0] <= args.batch_size
+    text = plan.describe()
+    assert f"{args.batch_size * args.accumulation_steps} samples per optimizer step" in text
+    assert f"{len(batches)} micro-batches = {math.ceil(len(batches) / 2)} optimizer steps per epoch" in text
 
 
-def test_packed_plans_split_ranks_and_fixed_shapes_pad_every_row(tmp_path, tokenizer):
+def test_pack_rows_lays_out_a_micro_batch_and_counts_on_the_host(tmp_path, tokenizer):
+    """PackRows: every sample of the micro-batch once, whole, in rows within capacity, positions restarting at
+    each sample; loss_at are exactly the supervised flat positions; fixed shapes pad rows to a bucket."""
+    data = write_tiny_corpus(tmp_path / "data", n=16)
+    ds = SFTDataset(data["sft"], tokenizer, max_length=128)
+    samples = [ds[i] for i in range(10)]
+    lengths = [len(x) for x, _, _ in samples]
+    batch = PackRows(127, batch_size=10)(samples)
+    rows = batch["input_ids"].shape[0]
+    assert rows < 10 and batch["input_ids"].shape[1] <= 127 and batch["packed"] and batch["samples"] == 10
+    layout = best_fit(list(range(10)), lengths, 127)                     # each sample once, rows within capacity
+    assert sorted(i for row in layout for i in row) == list(range(10)) and len(layout) == rows
+    assert same_batch(batch, batch_plan._finish(pack_collate([[samples[i] for i in row] for row in layout]), 10))
+    assert torch.equal(batch["loss_at"], batch["loss_mask"].view(-1).nonzero().squeeze(1))
+    static = PackRows(127, batch_size=10, static=True)(samples)
+    assert static["input_ids"].shape == (3 * ((rows + 2) // 3), 127)   # a multiple of ceil(10 / 4) = 3 rows
+    assert static["loss_tokens"] == batch["loss_tokens"] and static["tokens"] == batch["tokens"]
+    assert torch.equal(static["loss_mask"][rows:], torch.zeros_like(static["loss_mask"][rows:]))
+    padded = PadRows(width=127)(samples)
+    assert padded["input_ids"].shape == (10, 127) and not padded["packed"] and "position_ids" not in padded
+
+
+def test_batch_unit_rows_packs_the_epoch_and_splits_ranks(tmp_path, tokenizer):
+    """--batch_unit rows: a micro-batch is --batch_size packed rows (more samples per step, fewer steps); ranks
+    get disjoint rows (but for the head row, repeated to even them out); fixed shapes keep one width."""
     data = write_tiny_corpus(tmp_path / "data", n=60)
     ds = PretrainDataset(data["pretrain"], tokenizer, max_length=32)
-    args = plan_args(tmp_path, packing=1, max_seq_len=32, batch_size=2)
-    ranks = [BatchPlan(ds, args, one_rank(r, 2)).batches(0) for r in (0, 1)]
+    args = plan_args(tmp_path, packing=1, max_seq_len=32, batch_size=2, batch_unit="rows")
+    ranks = [BatchPlan(ds, args, one_rank(r, 2), supervised_collate(args)).batches(0) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1])                               # every rank takes as many steps
     rows = [{tuple(row) for batch in plan for row in batch} for plan in ranks]
     assert rows[0] & rows[1] <= {tuple(ranks[0][0][0])}                 # disjoint, but for the head row repeated
     assert sorted(i for r in rows[0] | rows[1] for i in r) == list(range(len(ds)))      # to even the ranks out
-    static = BatchPlan(ds, plan_args(tmp_path, packing=1, max_seq_len=32, batch_size=2, use_compile=1), one_rank())
-    assert {b["input_ids"].shape[1] for b in static.loader(0)} == {31}  # compile: one shape, max_seq_len - 1
+    plan = BatchPlan(ds, args, one_rank(), supervised_collate(args))
+    assert plan.num_batches(0) < math.ceil(len(ds) / args.batch_size) and "packed rows of" in plan.describe()
+    static = plan_args(tmp_path, packing=1, max_seq_len=32, batch_size=2, use_compile=1, batch_unit="rows")
+    static = BatchPlan(ds, static, one_rank(), supervised_collate(static))
+    assert {b["input_ids"].shape for b in static.loader(0)} == {(2, 31)}   # compile: one shape
+    with pytest.raises(ValueError, match="needs --packing 1"):
+        BatchPlan(ds, plan_args(tmp_path, batch_unit="rows"), one_rank(), supervised_collate(plan_args(tmp_path)))
 
 
 def test_sample_lengths_are_cached_and_rebuilt_when_the_data_changes(tmp_path, tokenizer, monkeypatch):
     data = write_tiny_corpus(tmp_path / "data", n=30)
-    args = plan_args(tmp_path, packing=1)
-    first = BatchPlan(SFTDataset(data["sft"], tokenizer, max_length=64), args, one_rank()).lengths
+    args = plan_args(tmp_path, packing=1, batch_unit="rows")
+    collate = supervised_collate(args)
+    first = BatchPlan(SFTDataset(data["sft"], tokenizer, max_length=64), args, one_rank(), collate).lengths
     assert list(first) == [len(s[0]) for s in SFTDataset(data["sft"], tokenizer, max_length=64)]
 
     def no_measuring(*a, **k):
@@ -124,14 +158,29 @@ def test_sample_lengths_are_cached_and_rebuilt_when_the_data_changes(tmp_path, t
 
     with monkeypatch.context() as m:
         m.setattr(batch_plan, "_measure_lengths", no_measuring)
-        again = BatchPlan(SFTDataset(data["sft"], tokenizer, max_length=64), args, one_rank()).lengths
+        again = BatchPlan(SFTDataset(data["sft"], tokenizer, max_length=64), args, one_rank(), collate).lengths
     assert list(again) == list(first)                                   # read from the cache
     lines = data["sft"].read_text(encoding="utf-8").splitlines()      # one answer longer, as many lines
     conv = [{"role": "user", "content": "再来一个问题"}, {"role": "assistant", "content": "好的。" * 5}]
     data["sft"].write_text("\n".join([json.dumps({"conversations": conv}, ensure_ascii=False)] + lines[1:]) + "\n",
                            encoding="utf-8")
-    changed = BatchPlan(SFTDataset(data["sft"], tokenizer, max_length=64), args, one_rank()).lengths
+    changed = BatchPlan(SFTDataset(data["sft"], tokenizer, max_length=64), args, one_rank(), collate).lengths
     assert changed[0] > first[0] and list(changed[1:]) == list(first[1:])       # measured anew
     long, short = (BatchPlan(PretrainDataset(data["pretrain"], tokenizer, max_length=n),
-                             plan_args(tmp_path, packing=1, max_seq_len=n), one_rank()).lengths for n in (64, 16))
+                             plan_args(tmp_path, packing=1, max_seq_len=n, batch_unit="rows"), one_rank(),
+                             PackRows(n - 1, 4)).lengths for n in (64, 16))
     assert max(short) <= 16 < max(long)                                 # max_seq_len is part of the key
+
+
+def test_one_loader_with_persistent_workers_serves_every_epoch(tmp_path, tokenizer):
+    """With --num_workers 1 the same DataLoader (and worker process) gives each epoch's batches, after a skip too."""
+    data = write_tiny_corpus(tmp_path / "data", n=20)
+    ds = PretrainDataset(data["pretrain"], tokenizer, max_length=64)
+    args = plan_args(tmp_path, packing=1, num_workers=1)
+    plan = BatchPlan(ds, args, one_rank(), supervised_collate(args))
+    first = plan.loader(0)
+    assert first.persistent_workers and len(list(first)) == plan.num_batches(0)
+    again = plan.loader(1, skip=2)
+    assert again is first
+    for got, planned in zip(again, plan.batches(1)[2:], strict=True):
+        assert same_batch(got, plan.collate([ds[i] for i in planned]))

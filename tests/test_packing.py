@@ -1,12 +1,12 @@
-"""Packing end to end at the loss: the same samples packed into rows and padded one per row give the same
-token-level loss and the same gradients (dense and MoE), so packing changes how many samples share a step,
-never what a sample contributes; and the packed batch plan covers every sample of the epoch exactly once."""
+"""Packing end to end at the loss: the same micro-batch of samples packed into rows and padded one per row
+give the same token-level loss and the same gradients (dense and MoE), so packing changes only the layout of
+a step, never what a sample contributes; and the --batch_unit rows plan covers every sample exactly once."""
 import pytest
 import torch
 
-from dataset.lm_dataset import SFTDataset, pack_collate, pad_collate
+from dataset.lm_dataset import SFTDataset
 from tests.conftest import tiny_config, tokenizer_dir, write_tiny_corpus
-from trainer.core.batch_plan import best_fit
+from trainer.core.batch_plan import PackRows, PadRows
 from trainer.train_full_sft import sft_loss
 
 
@@ -23,10 +23,11 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(samples, moe
     from model.model_minimind import MiniMindForCausalLM
     torch.manual_seed(0)
     model = MiniMindForCausalLM(tiny_config(use_moe=moe, aux_loss_alpha=0.0)).train()   # aux loss: a row-level regulariser
-    rows = best_fit(list(range(len(samples))), [len(s[0]) for s in samples], capacity=127)
-    packed = pack_collate([[samples[i] for i in row] for row in rows])
-    padded = pad_collate(samples)
+    packed = PackRows(capacity=127, batch_size=len(samples))(samples)     # one micro-batch, two layouts
+    padded = PadRows()(samples)
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0] and packed["tokens"] == padded["tokens"]
+    assert packed["packed"] and not padded["packed"] and packed["samples"] == padded["samples"] == len(samples)
+    assert packed["loss_tokens"] == padded["loss_tokens"] == sum(int(s[2].sum()) for s in samples)
     results = []
     for batch in (packed, padded):
         model.zero_grad()

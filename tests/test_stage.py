@@ -1,4 +1,4 @@
-"""trainer/core/stage.py (and the loop's get_lr): schedule, the supervised losses, flags, precision, the demo-data
+"""trainer/core/stage.py (and the loop's get_lr): schedule, each stage's supervised loss, flags, precision, the demo-data
 fallback. Elsewhere: tests/test_batch_plan.py, test_resume.py, test_weights.py, test_cli.py, test_progress.py."""
 import math
 import os
@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from tests.conftest import ROOT, tiny_config
 from trainer.core.loop import get_lr
-from trainer.core.stage import (OUT, build_parser, choose_dtype, init_run, masked_cross_entropy, resolve_data,
-                                   supervised_loss)
+from trainer.core.batch_plan import _finish
+from trainer.core.stage import OUT, build_parser, choose_dtype, init_run, masked_cross_entropy, resolve_data
 
 
 def test_get_lr_reference_values():
@@ -32,17 +32,24 @@ def test_masked_cross_entropy_matches_formula():
 
 
 @pytest.mark.parametrize("moe", [False, True])
-def test_supervised_loss_equals_the_full_logits_loss(moe):
-    """Logits computed only at supervised positions give the same loss and gradients as the full logits
-    followed by masked_cross_entropy (packed rows with position_ids too); an all-zero mask gives 0 + aux."""
+@pytest.mark.parametrize("stage", ["pretrain", "full_sft", "lora"])
+def test_each_stage_loss_equals_the_full_logits_loss(moe, stage):
+    """Each supervised script's loss, with logits computed only at the collate's supervised positions (loss_at)
+    and the collate's packed flag, gives the loss and gradients of the full logits followed by
+    masked_cross_entropy (packed rows with position_ids)."""
+    import importlib
     from model.model_minimind import MiniMindForCausalLM
+    loss_fn = {"pretrain": "pretrain_loss", "full_sft": "sft_loss", "lora": "lora_loss"}[stage]
+    loss_fn = getattr(importlib.import_module(f"trainer.train_{stage}"), loss_fn)
     torch.manual_seed(0)
     model = MiniMindForCausalLM(tiny_config(use_moe=moe))
     ids = torch.randint(3, 400, (3, 12))
     mask = (torch.rand(3, 12) < 0.4).long()
-    batch = {"input_ids": ids, "labels": torch.randint(0, 400, (3, 12)), "loss_mask": mask,
-             "position_ids": torch.tensor([list(range(5)) + list(range(7))] * 3)}
-    loss, _ = supervised_loss(model, batch)
+    batch = _finish({"input_ids": ids, "labels": torch.randint(0, 400, (3, 12)), "loss_mask": mask, "tokens": 36,
+                     "position_ids": torch.tensor([list(range(5)) + list(range(7))] * 3)}, samples=6)
+    assert batch["packed"] is True and batch["loss_tokens"] == int(mask.sum())
+    loss, stats = loss_fn(model, batch)
+    assert stats == {"tokens": 36, "positions": 36}
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
     out = model(ids, position_ids=batch["position_ids"])
     full = masked_cross_entropy(out.logits, batch["labels"], mask) + out.aux_loss
@@ -50,9 +57,6 @@ def test_supervised_loss_equals_the_full_logits_loss(moe):
     assert torch.allclose(loss, full, atol=1e-6, rtol=0)
     for g, h in zip(grads, full_grads):
         assert (g is None) == (h is None) and (g is None or torch.allclose(g, h, atol=1e-6, rtol=1e-5))
-    zero, out = supervised_loss(model, {**batch, "loss_mask": torch.zeros_like(mask)})
-    assert out.logits.shape == (0, model.config.vocab_size)
-    assert torch.allclose(zero, out.aux_loss) and zero.requires_grad
 
 
 def test_parser_has_upstream_flags_and_defaults():

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from dataset.lm_dataset import SFTDataset
 from model.cli import cli
 from model.model_minimind import MiniMindConfig
+from trainer.core.batch_plan import supervised_collate
 from trainer.core.loop import train_loop
 from trainer.core.tracking import init_tracker
 from trainer.core.stage import (DATA, batch_stats, build_parser, data_kwargs, init_config, init_model, init_run,
@@ -39,14 +40,14 @@ def distillation_loss(student_logits, teacher_logits, targets, loss_mask, alpha:
 
 def distill_step(student, teacher, batch, alpha: float, temperature: float):
     """The student's distillation loss on one batch (+ its MoE aux loss); the teacher runs without a graph."""
-    position_ids = batch.get("position_ids")
-    at = (batch["loss_mask"].reshape(-1) > 0).nonzero().squeeze(1)   # both output layers run on these positions only
-    out = student(batch["input_ids"], position_ids=position_ids, logits_at=at)
+    at = batch["loss_at"]                     # both output layers run on the supervised positions only
+    inputs = dict(position_ids=batch.get("position_ids"), packed=batch["packed"], logits_at=at)
+    out = student(batch["input_ids"], **inputs)
     with torch.no_grad():
-        teacher_logits = teacher(batch["input_ids"], position_ids=position_ids, logits_at=at).logits
+        teacher_logits = teacher(batch["input_ids"], **inputs).logits
     targets = batch["labels"].reshape(-1).index_select(0, at)
     loss, ce, kd = distillation_loss(out.logits, teacher_logits, targets, torch.ones_like(targets), alpha, temperature)
-    return loss + out.aux_loss, {"ce": ce.item(), "distill": kd.item(), **batch_stats(batch)}
+    return loss + out.aux_loss, {"ce": ce.detach(), "distill": kd.detach(), **batch_stats(batch)}
 
 
 def main(argv=None):
@@ -82,7 +83,7 @@ def main(argv=None):
     model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
     return train_loop(run, args, model, [optimizer], train_ds,        # 8. train
                       lambda batch: distill_step(model, teacher, batch, args.alpha, args.temperature),
-                      lm_config=lm_config, tracker=tracker, start=start)
+                      collate_fn=supervised_collate(args), lm_config=lm_config, tracker=tracker, start=start)
 
 
 if __name__ == "__main__":

@@ -8,24 +8,29 @@ Reads dataset/sft_mini_512.jsonl (the built-in demo corpus when absent) and out/
 Writes out/full_sft_<hidden>[_moe].pth (+ .json config) and checkpoints/full_sft_<hidden>[_moe]_resume.pth.
 
 A jsonl line becomes a sample in dataset/lm_dataset.py (SFTDataset: chat template, then a loss mask that
-is 1 on the assistant's tokens only); trainer/core/loop.py batches samples (packed rows by default), calls
+is 1 on the assistant's tokens only); trainer/core/loop.py takes --batch_size samples per micro-batch,
+lays them out with the collate chosen below (supervised_collate: packed rows, trainer/core/batch_plan.py), calls
 sft_loss below on each batch and steps the optimizer; the model is model/model_minimind.py.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
+import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
 from model.cli import cli
+from trainer.core.batch_plan import supervised_collate
 from trainer.core.loop import train_loop
 from trainer.core.tracking import init_tracker
 from trainer.core.stage import (DATA, batch_stats, build_parser, data_kwargs, init_config, init_model, init_run,
-                                   resolve_data, restore, supervised_loss, wrap_model)
+                                   resolve_data, restore, wrap_model)
 
 
 def sft_loss(model, batch):
-    """Cross-entropy on the assistant's tokens only (loss_mask), plus the MoE load-balancing loss."""
-    loss, _ = supervised_loss(model, batch)
-    return loss, batch_stats(batch)
+    """Token-mean cross-entropy on the assistant's tokens only (loss_mask), plus the MoE load-balancing loss.
+    Prompt tokens and padding skip the output layer: only loss_at (the collate's supervised positions) reach it."""
+    at = batch["loss_at"]
+    out = model(batch["input_ids"], position_ids=batch.get("position_ids"), packed=batch["packed"], logits_at=at)
+    return F.cross_entropy(out.logits.float(), batch["labels"].view(-1)[at]) + out.aux_loss, batch_stats(batch)
 
 
 def main(argv=None):
@@ -42,7 +47,8 @@ def main(argv=None):
     start = restore(ckp, model, optimizer, run.scaler)                # 6. resume
     model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
     return train_loop(run, args, model, [optimizer], train_ds,        # 8. train
-                      lambda batch: sft_loss(model, batch), lm_config=lm_config, tracker=tracker, start=start)
+                      lambda batch: sft_loss(model, batch), collate_fn=supervised_collate(args),
+                      lm_config=lm_config, tracker=tracker, start=start)
 
 
 if __name__ == "__main__":

@@ -11,21 +11,25 @@ into the base weight with scripts/convert_model.py --lora_path.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
+import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
 from model.cli import cli
 from model.model_lora import apply_lora, freeze_non_lora, lora_parameters, save_lora
 from model.weights import weight_path
+from trainer.core.batch_plan import supervised_collate
 from trainer.core.loop import train_loop
 from trainer.core.tracking import init_tracker
 from trainer.core.stage import (DATA, OUT, Logger, batch_stats, build_parser, data_kwargs, init_config, init_model,
-                                   init_run, resolve_data, restore, supervised_loss, wrap_model)
+                                   init_run, resolve_data, restore, wrap_model)
 
 
 def lora_loss(model, batch):
-    """The SFT loss (assistant tokens only); gradients reach only the adapters."""
-    loss, _ = supervised_loss(model, batch)
-    return loss, batch_stats(batch)
+    """The SFT loss (token-mean cross-entropy on the assistant's tokens, + MoE aux loss); gradients reach only
+    the adapters."""
+    at = batch["loss_at"]
+    out = model(batch["input_ids"], position_ids=batch.get("position_ids"), packed=batch["packed"], logits_at=at)
+    return F.cross_entropy(out.logits.float(), batch["labels"].view(-1)[at]) + out.aux_loss, batch_stats(batch)
 
 
 def main(argv=None):
@@ -55,7 +59,8 @@ def main(argv=None):
     model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
     save_path = weight_path(args.save_dir, args.lora_name, lm_config)
     _, loss = train_loop(run, args, model, [optimizer], train_ds,     # 8. train, saving only the adapters
-                         lambda batch: lora_loss(model, batch), lm_config=lm_config, tracker=tracker, start=start,
+                         lambda batch: lora_loss(model, batch), collate_fn=supervised_collate(args),
+                         lm_config=lm_config, tracker=tracker, start=start,
                          save_fn=lambda raw: save_lora(raw, save_path))
     return save_path, loss
 

@@ -7,24 +7,29 @@
 Reads dataset/pretrain_hq.jsonl (the built-in demo corpus when that file is absent).
 Writes out/pretrain_<hidden>[_moe].pth (+ .json config) and checkpoints/pretrain_<hidden>[_moe]_resume.pth.
 
-Samples are packed (--packing 1): several texts share a row of max_seq_len tokens, each attending only to
-itself, so almost no position is padding; --packing 0 gives the original's one text per row.
+--batch_size counts texts, as the original. Each micro-batch's texts are packed (--packing 1): several share a
+row of max_seq_len tokens, each attending only to itself, so almost no position is padding; --packing 0 gives
+the original's one text per row, padded.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
+import torch.nn.functional as F
 
 from dataset.lm_dataset import PretrainDataset
 from model.cli import cli
+from trainer.core.batch_plan import supervised_collate
 from trainer.core.loop import train_loop
 from trainer.core.tracking import init_tracker
 from trainer.core.stage import (DATA, batch_stats, build_parser, data_kwargs, init_config, init_model, init_run,
-                                   resolve_data, restore, supervised_loss, wrap_model)
+                                   resolve_data, restore, wrap_model)
 
 
 def pretrain_loss(model, batch):
-    """Cross-entropy on every real token (the loss mask is 0 only on padding), plus the MoE load-balancing loss."""
-    loss, _ = supervised_loss(model, batch)
-    return loss, batch_stats(batch)
+    """Token-mean cross-entropy on every real token (the loss mask is 0 only on padding), plus the MoE
+    load-balancing loss. Only the supervised positions (loss_at, from the collate) reach the output layer."""
+    at = batch["loss_at"]
+    out = model(batch["input_ids"], position_ids=batch.get("position_ids"), packed=batch["packed"], logits_at=at)
+    return F.cross_entropy(out.logits.float(), batch["labels"].view(-1)[at]) + out.aux_loss, batch_stats(batch)
 
 
 def main(argv=None):
@@ -41,7 +46,8 @@ def main(argv=None):
     start = restore(ckp, model, optimizer, run.scaler)                # 6. resume
     model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
     return train_loop(run, args, model, [optimizer], train_ds,        # 8. train
-                      lambda batch: pretrain_loss(model, batch), lm_config=lm_config, tracker=tracker, start=start)
+                      lambda batch: pretrain_loss(model, batch), collate_fn=supervised_collate(args),
+                      lm_config=lm_config, tracker=tracker, start=start)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from dataset.lm_dataset import SFTDataset
 from dataset.scoring import TAGS
 from model.cli import cli
+from trainer.core.batch_plan import supervised_collate
 from trainer.core.loop import train_loop
 from trainer.core.tracking import init_tracker
 from trainer.core.stage import (DATA, batch_stats, build_parser, data_kwargs, init_config, init_model, init_run,
@@ -41,12 +42,11 @@ def tag_weights(targets: torch.Tensor, loss_mask: torch.Tensor, tag_ids, weight:
 def reason_loss(model, batch, tag_ids, tag_weight: float):
     """Cross-entropy on supervised tokens with `tag_weight` on the think/answer tags, normalised by the
     unweighted count of supervised tokens (as the original); plus the MoE load-balancing loss."""
-    targets, loss_mask = batch["labels"], batch["loss_mask"]
-    weights = tag_weights(targets, loss_mask, tag_ids, tag_weight).reshape(-1)
-    at = (weights > 0).nonzero().squeeze(1)                # only supervised positions reach the output layer
-    out = model(batch["input_ids"], position_ids=batch.get("position_ids"), logits_at=at)
+    targets, at = batch["labels"], batch["loss_at"]      # only supervised positions reach the output layer
+    weights = tag_weights(targets, batch["loss_mask"], tag_ids, tag_weight).reshape(-1).index_select(0, at)
+    out = model(batch["input_ids"], position_ids=batch.get("position_ids"), packed=batch["packed"], logits_at=at)
     ce = F.cross_entropy(out.logits.float(), targets.reshape(-1).index_select(0, at), reduction="none")
-    return (ce * weights.index_select(0, at)).sum() / loss_mask.sum().clamp_min(1) + out.aux_loss, batch_stats(batch)
+    return (ce * weights).sum() / max(batch["loss_tokens"], 1) + out.aux_loss, batch_stats(batch)
 
 
 def main(argv=None):
@@ -66,8 +66,8 @@ def main(argv=None):
     start = restore(ckp, model, optimizer, run.scaler)                # 6. resume
     model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
     return train_loop(run, args, model, [optimizer], train_ds,        # 8. train
-                      lambda batch: reason_loss(model, batch, tag_ids, args.tag_weight), lm_config=lm_config,
-                      tracker=tracker, start=start)
+                      lambda batch: reason_loss(model, batch, tag_ids, args.tag_weight),
+                      collate_fn=supervised_collate(args), lm_config=lm_config, tracker=tracker, start=start)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,25 @@
-"""The order of the batches: seeded per epoch, split across ranks, packed (or length-grouped), and with
-the batches a resumed run has already done skipped exactly.
+"""The batches of every epoch: which samples each micro-batch holds (seeded per epoch, split across ranks,
+skipping exactly what a resumed run has done) and how they are laid out (the collate).
 
-    plan = BatchPlan(dataset, args, run)        # --packing 1: measures every sample's length once (cached)
+    collate = PackRows(args.max_seq_len - 1, static=...)   # or PadRows(...): the stage script chooses
+    plan = BatchPlan(dataset, args, run, collate)
     plan.num_batches(epoch)                     # this rank's micro-batches in that epoch
     loader = plan.loader(epoch, skip=12)        # a DataLoader over the rest of the epoch
 
-Packing (--packing 1, the default for the stages that train on single sequences): whole samples are
-placed into rows of max_seq_len - 1 positions (the width of the original's padded rows) by best fit,
-decreasing, inside windows of the epoch's shuffled order; the rows are shuffled, split across ranks and
-grouped --batch_size rows to a batch. The plan depends only on the sample lengths and (seed, epoch), so a
-resumed run and every rank see the same plan. Without packing, batches hold --batch_size samples in
-shuffled order (or grouped by length with --group_by_length 1), padded to their longest.
+--batch_size counts samples, as in the original (--batch_unit samples, the default): a micro-batch holds
+--batch_size samples of one shuffled order, so an epoch has the original's number of optimizer steps.
+Packing is only their layout: PackRows places a micro-batch's samples into rows of max_seq_len - 1
+positions (the width of the original's padded rows) by best fit, each sample attending only to itself, so
+at most --batch_size rows and the original's memory envelope (batch_size x (max_seq_len - 1) positions)
+hold them, with almost no padding; PadRows gives the original's one sample per row, padded to the batch's
+longest. With fixed shapes (--use_compile 1, --pad_to_max 1) rows are max_seq_len - 1 wide and their count
+is rounded up to a multiple of a quarter of --batch_size (at most 4 shapes).
+--batch_unit rows (the previous meaning): the whole epoch is packed at once (best fit inside shuffled windows
+of PACK_WINDOW samples) and a micro-batch is --batch_size packed rows, 2-3x more samples each: an epoch then
+has that many times fewer optimizer steps, so scale --learning_rate (or lower --batch_size) to match.
+Every collate also gives what the step needs without asking the device: "loss_at" (flat indices of the
+supervised positions), "loss_tokens" (their count), "packed" (whether a row holds several samples) and
+"samples".
 """
 import hashlib
 import json
@@ -18,7 +27,6 @@ import math
 import os
 import time
 from bisect import bisect_left, insort
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from dataset.lm_dataset import pack_collate, pad_collate
 from trainer.core.progress import Logger, is_main_process
 
 PACK_WINDOW = 8192   # samples packed together: large enough for ~99% full rows, small enough to stay shuffled
@@ -99,29 +108,100 @@ class _Rows(Dataset):
         return [self.ds[i] for i in row]
 
 
-class BatchPlan:
-    """The batches of every epoch for one run (see the module docstring)."""
+def _finish(batch: dict, samples: int, rows_to: int = 0) -> dict:
+    """Add the host-side facts of a supervised batch (module docstring); pad with empty rows up to `rows_to`."""
+    extra = rows_to - batch["input_ids"].shape[0]
+    if extra > 0:
+        width = batch["input_ids"].shape[1]
+        for key in ("input_ids", "labels", "loss_mask"):
+            batch[key] = torch.cat([batch[key], batch[key].new_zeros(extra, width)])
+        if "position_ids" in batch:
+            batch["position_ids"] = torch.cat([batch["position_ids"], torch.arange(width).expand(extra, width)])
+    pos = batch.get("position_ids")
+    batch["packed"] = pos is not None and bool((pos[:, 1:] == 0).any())
+    batch["loss_at"] = batch["loss_mask"].reshape(-1).nonzero().squeeze(1)
+    batch["loss_tokens"] = int(batch["loss_at"].numel())
+    batch["samples"] = samples
+    return batch
 
-    def __init__(self, dataset, args, run, collate_fn=None):
-        from dataset.lm_dataset import pack_collate, pad_collate
+
+def _bucket(rows: int, batch_size: int) -> int:
+    """Row counts for fixed shapes: multiples of a quarter of the batch size (at most 4 shapes)."""
+    step = max(1, math.ceil(batch_size / 4))
+    return math.ceil(rows / step) * step
+
+
+class PadRows:
+    """Collate: one sample per row, right-padded to the batch's longest (to max_seq_len - 1 with `width`), as
+    the original. Picklable, for DataLoader workers."""
+
+    def __init__(self, width: int | None = None, pad_id: int = 0):
+        self.width, self.pad_id = width, pad_id
+
+    def __call__(self, samples):
+        return _finish(pad_collate(samples, self.pad_id, self.width), len(samples))
+
+    def describe(self, args) -> str:
+        return f"one sample per row, padded to {'max_seq_len - 1' if self.width else 'the longest in the batch'}"
+
+
+class PackRows:
+    """Collate: the micro-batch's samples packed into rows of `capacity` positions by best fit (longest first),
+    each sample with positions from 0 and its own targets. `static`: rows `capacity` wide and their count a
+    bucket of `batch_size` (fixed shapes for torch.compile). Also takes already planned rows (--batch_unit rows)."""
+
+    def __init__(self, capacity: int, batch_size: int, static: bool = False, pad_id: int = 0):
+        self.capacity, self.batch_size, self.static, self.pad_id = capacity, batch_size, static, pad_id
+
+    def __call__(self, batch):
+        planned = bool(batch) and isinstance(batch[0], list)     # rows planned over the whole epoch
+        if planned:
+            rows = batch
+        else:
+            lengths = [len(x) for x, _, _ in batch]
+            rows = [[batch[i] for i in row] for row in best_fit(list(range(len(batch))), lengths, self.capacity)]
+        out = pack_collate(rows, self.pad_id, self.capacity if self.static else None)
+        rows_to = (self.batch_size if planned else _bucket(len(rows), self.batch_size)) if self.static else 0
+        return _finish(out, sum(len(row) for row in rows), rows_to)
+
+    def describe(self, args) -> str:
+        if args.batch_unit == "rows":
+            return f"packed rows of {self.capacity} positions (--batch_unit rows)"
+        return (f"packed into at most {self.batch_size} rows of {self.capacity} positions "
+                f"(budget {self.batch_size} x {self.capacity} = {self.batch_size * self.capacity:,} tokens)")
+
+
+def supervised_collate(args, pad_id: int = 0):
+    """The collate of the supervised stages: PackRows with --packing 1 (their default), else PadRows; fixed
+    shapes with --use_compile 1 or --pad_to_max 1."""
+    static = bool(getattr(args, "pad_to_max", 0) or getattr(args, "use_compile", 0))
+    if getattr(args, "packing", 0):
+        return PackRows(args.max_seq_len - 1, args.batch_size, static, pad_id)
+    return PadRows(args.max_seq_len - 1 if static else None, pad_id)
+
+
+class BatchPlan:
+    """The batches of every epoch for one run (see the module docstring). `collate`: PackRows, PadRows, or any
+    function of a list of samples (DPO, the RL stages)."""
+
+    def __init__(self, dataset, args, run, collate=None):
         self.dataset, self.args, self.run = dataset, args, run
-        self.packing = bool(getattr(args, "packing", 0))
-        self.capacity = args.max_seq_len - 1
-        static = bool(getattr(args, "pad_to_max", 0) or getattr(args, "use_compile", 0))   # fixed shapes
-        if self.packing:
+        self.collate = collate or PadRows()
+        self.by_rows = getattr(args, "batch_unit", "samples") == "rows"
+        if self.by_rows and not isinstance(self.collate, PackRows):
+            raise ValueError("--batch_unit rows counts packed rows: it needs --packing 1")
+        if self.by_rows:
             self.lengths = sample_lengths(dataset, args)
-            self.collate = partial(pack_collate, length=self.capacity if static else None)
         else:
             grouped = getattr(args, "group_by_length", 0) and hasattr(dataset, "lengths")
             self.lengths = dataset.lengths() if grouped else None
-            self.collate = collate_fn or pad_collate
-        self._epochs = {}
+        self._epochs, self._loader, self._sampler = {}, None, None
 
     def batches(self, epoch: int) -> list:
         if epoch not in self._epochs:
             a, rank, world = self.args, self.run.rank, self.run.world_size
-            if self.packing:
-                plan = packed_batches(self.lengths, self.capacity, a.batch_size, epoch, a.seed, rank, world)
+            if self.by_rows:
+                plan = packed_batches(self.lengths, self.collate.capacity, a.batch_size, epoch, a.seed, rank, world)
             else:
                 plan = shuffled_batches(len(self.dataset), a.batch_size, epoch, a.seed, rank, world, self.lengths)
             self._epochs[epoch] = plan
@@ -130,14 +210,50 @@ class BatchPlan:
     def num_batches(self, epoch: int) -> int:
         return len(self.batches(epoch))
 
+    def describe(self) -> str:
+        """The first log line about batches: samples per optimizer step, the layout, steps per epoch."""
+        a, world = self.args, self.run.world_size
+        steps = math.ceil(self.num_batches(0) / a.accumulation_steps)
+        layout = self.collate.describe(a) if hasattr(self.collate, "describe") else "collated by the stage"
+        if self.by_rows:
+            per = sum(len(row) for batch in self.batches(0) for row in batch) / max(1, self.num_batches(0))
+            head = (f"~{per * a.accumulation_steps * world:.0f} samples per optimizer step ({a.batch_size} packed rows "
+                    f"of ~{per / a.batch_size:.1f} samples per micro-batch")
+        else:
+            head = (f"{a.batch_size * a.accumulation_steps * world:,} samples per optimizer step ({a.batch_size} per "
+                    "micro-batch")
+        return (f"batches: {head} x {a.accumulation_steps} accumulation x {world} process"
+                f"{'es' if world > 1 else ''}); {layout}; {self.num_batches(0):,} micro-batches = {steps:,} "
+                "optimizer steps per epoch")
+
     def loader(self, epoch: int, skip: int = 0) -> DataLoader:
-        """A DataLoader over this rank's batches of `epoch` after the first `skip`."""
-        batches = self.batches(epoch)[skip:]
+        """A DataLoader over this rank's batches of `epoch` after the first `skip`. One DataLoader serves every
+        epoch, so its --num_workers processes persist; on CUDA batches come in pinned memory (copied with
+        non_blocking)."""
         if skip:
             Logger(f"Epoch [{epoch + 1}/{self.args.epochs}]: skipping the first {skip} steps, starting at step {skip + 1}")
-        return DataLoader(_Rows(self.dataset) if self.packing else self.dataset, batch_sampler=batches,
-                          num_workers=self.args.num_workers, collate_fn=self.collate,
-                          pin_memory=self.run.device_type == "cuda", persistent_workers=False)
+        if self._loader is None:
+            workers = self.args.num_workers
+            self._sampler = _EpochBatches(self)
+            self._loader = DataLoader(_Rows(self.dataset) if self.by_rows else self.dataset,
+                                      batch_sampler=self._sampler, num_workers=workers, collate_fn=self.collate,
+                                      pin_memory=self.run.device_type == "cuda", persistent_workers=workers > 0)
+        self._sampler.epoch, self._sampler.skip = epoch, skip
+        return self._loader
+
+
+class _EpochBatches:
+    """The batch sampler of the one DataLoader: the batches of the epoch (and skip) the plan last set. The
+    DataLoader reads it in the main process when an iterator starts, so workers never need to know."""
+
+    def __init__(self, plan):
+        self.plan, self.epoch, self.skip = plan, 0, 0
+
+    def __iter__(self):
+        return iter(self.plan.batches(self.epoch)[self.skip:])
+
+    def __len__(self):
+        return max(0, self.plan.num_batches(self.epoch) - self.skip)
 
 
 # ---- sample lengths for packing ----

@@ -17,13 +17,14 @@ optimizer step, and the schedulers (whose length counts optimizer steps of one u
 rollout, so the lr stays constant over its updates.
 
 train_loop owns everything else, once:
-  * the batch order of every epoch (seeded, split across ranks, packed or length-grouped: batch_plan.py)
-    and, on resume, skipping exactly the micro-batches already done;
+  * the batches of every epoch (--batch_size samples each, seeded, split across ranks, laid out by the
+    stage's collate: batch_plan.py) and, on resume, skipping exactly the micro-batches already done;
   * the learning rate: the original's cosine (get_lr) per micro-batch, or the stage's schedulers (the RL
     stages), stepped after every optimizer step, or after a rollout's K updates if any was applied;
-  * gradient accumulation: backward of loss / accumulation_steps, an optimizer step every
-    --accumulation_steps micro-batches and at the end of an epoch, where a partial window is rescaled
-    to a mean over the micro-batches it holds; DDP all-reduces only at the window's last micro-batch;
+  * gradient accumulation: an optimizer step every --accumulation_steps micro-batches and at the end of an
+    epoch. The step's loss is the token mean over its whole window: each supervised micro-batch's mean loss
+    is weighted by its share of the window's supervised tokens (counted by the collate, on the host); other
+    batches (DPO, RL) by 1 / the window's micro-batches. DDP all-reduces only at the window's last micro-batch;
   * one optimizer step for every optimizer: GradScaler (CUDA fp16), the gradient norm, clipping to
     --grad_clip, and a guard: a non-finite gradient (or loss) skips the step with a warning, and
     MAX_NONFINITE skips in a row stop training with one clear line; non-finite weights are never saved;
@@ -76,17 +77,15 @@ def get_lr(current_step: int, total_steps: int, lr: float) -> float:
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * current_step / total_steps)))
 
 
-def clip_and_check(run, optimizers, grad_clip: float, scale: float = 1.0) -> bool:
-    """First half of an optimizer step: unscale, rescale a partial accumulation window by `scale`, clip to
-    grad_clip (0 = no clipping). Returns whether every gradient is finite (one host sync)."""
+def clip_and_check(run, optimizers, grad_clip: float) -> bool:
+    """First half of an optimizer step: unscale, clip to grad_clip (0 = no clipping). Returns whether every
+    gradient (and so the loss) is finite: the one host sync of an optimizer step."""
     norms = []
     for opt in optimizers:
         run.scaler.unscale_(opt)
         grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             continue
-        if scale != 1.0:
-            torch._foreach_mul_(grads, scale)
         norm = torch.nn.utils.get_total_norm(grads)          # FSDP: reduced over the shards (a DTensor)
         if grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, norm)
@@ -141,14 +140,15 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
         return out_path, float("nan")
 
     accum = args.accumulation_steps
+    Logger(plan.describe())
     progress = Progress(args, lm_config, run, tracker, iters, end, done)
     saver = _Saver(run, args, raw, optimizers, schedulers, lm_config, tracker, save_fn, state, out_path)
     nonfinite, last_loss = 0, float("nan")
 
-    def guarded_step(scale, epoch, step, k, loss) -> bool:
+    def guarded_step(epoch, step, k, loss) -> bool:
         """One optimizer step of every optimizer, or none when a gradient is not finite (counted)."""
         nonlocal nonfinite
-        finite = clip_and_check(run, optimizers, args.grad_clip, scale)
+        finite = clip_and_check(run, optimizers, args.grad_clip)
         if finite and saver.due is not None:   # the last step's weights gave finite gradients: save
             saver.save(saver.due)              # them now, before this step changes them
         apply_step(run, optimizers, finite)
@@ -175,50 +175,48 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
             rng = torch.get_rng_state()       # creating a DataLoader iterator draws a seed from the global RNG,
             batches = iter(plan.loader(epoch, skip))    # which would shift a resumed run's sampling by one draw
             torch.set_rng_state(rng)
-            window = 0
-            for step, batch in enumerate(batches, start=skip + 1):
-                global_step = offset[epoch] + step
-                last = step == iters[epoch] or global_step >= end
-                boundary = step % accum == 0 or last        # always, with several updates per rollout
-                if schedulers is None:
-                    lr = get_lr(global_step, total, args.learning_rate)
-                    for opt in optimizers:
-                        for group in opt.param_groups:
-                            group["lr"] = lr
-                lr = optimizers[0].param_groups[0]["lr"]
-                _set_grad_sync(model, boundary)
-                batch = _to_device(batch, run.device)
-                if rollout_fn is not None:
-                    with run.autocast_ctx, torch.no_grad():
-                        batch = rollout_fn(batch)
-                window += 1
-                applied = False
-                for k in range(updates):
-                    with run.autocast_ctx:    # one region per update: autocast caches weight casts until it exits
-                        loss, stats = update_fn(batch, k)
-                    run.scaler.scale(loss / accum).backward()
+            stop = min(iters[epoch], end - offset[epoch])      # the epoch's last micro-batch in this run
+            for window in _windows(batches, skip + 1, accum, stop):
+                weights = _token_weights([batch for _, batch in window])
+                for (step, batch), weight in zip(window, weights):
+                    global_step = offset[epoch] + step
+                    last = step == stop
+                    boundary = step == window[-1][0]        # always, with several updates per rollout
+                    if schedulers is None:
+                        lr = get_lr(global_step, total, args.learning_rate)
+                        for opt in optimizers:
+                            for group in opt.param_groups:
+                                group["lr"] = lr
+                    lr = optimizers[0].param_groups[0]["lr"]
+                    _set_grad_sync(model, boundary)
+                    batch = _to_device(batch, run.device)
+                    if rollout_fn is not None:
+                        with run.autocast_ctx, torch.no_grad():
+                            batch = rollout_fn(batch)
+                    applied = False
+                    for k in range(updates):
+                        with run.autocast_ctx:    # one region per update: autocast caches weight casts until it exits
+                            loss, stats = update_fn(batch, k)
+                        run.scaler.scale(loss * weight).backward()
+                        if boundary:
+                            applied |= guarded_step(epoch, step, k, loss)
+                    progress.add(loss.detach(), stats)     # the rollout's last update
+                    saver.pending |= step % args.save_interval == 0 or last
                     if boundary:
-                        applied |= guarded_step(accum / window, epoch, step, k, loss)
-                progress.add(loss.detach(), stats)     # the rollout's last update
-                saver.pending |= step % args.save_interval == 0 or last
-                if boundary:
-                    if applied:
-                        for sched in schedulers or []:
-                            sched.step()
-                    saver.mark(ResumePoint(epoch, step))   # a skipped step consumed its batches, kept the weights
-                    window = 0
-                    if saver.pending:         # the last step is saved at once; any other at the next step,
-                        if last:              # once its gradients show that these weights are sound
-                            saver.save(saver.boundary)
-                        else:
-                            saver.due, saver.due_snapshot = saver.boundary, saver.snapshot
-                        saver.pending = False
-                if step % args.log_interval == 0 or last:
-                    last_loss = progress.log(epoch, step, lr)
-                if ctrl_c.pressed:
-                    saver.interrupted(ResumePoint(epoch, step))
-                if last:
-                    break
+                        if applied:
+                            for sched in schedulers or []:
+                                sched.step()
+                        saver.mark(ResumePoint(epoch, step))   # a skipped step consumed its batches, kept the weights
+                        if saver.pending:         # the last step is saved at once; any other at the next step,
+                            if last:              # once its gradients show that these weights are sound
+                                saver.save(saver.boundary)
+                            else:
+                                saver.due, saver.due_snapshot = saver.boundary, saver.snapshot
+                            saver.pending = False
+                    if step % args.log_interval == 0 or last:
+                        last_loss = progress.log(epoch, step, lr)
+                    if ctrl_c.pressed:
+                        saver.interrupted(ResumePoint(epoch, step))
             if offset[epoch] + iters[epoch] >= end:
                 break
     tracker.finish()
@@ -232,6 +230,33 @@ def unwrap(model):
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
     return model
+
+
+def _windows(batches, first: int, accum: int, stop: int):
+    """Group (step, batch) from step `first` on into accumulation windows: each ends at a multiple of `accum`
+    or at `stop` (the epoch's last micro-batch in this run), where the optimizer steps."""
+    window = []
+    for step, batch in enumerate(batches, start=first):
+        window.append((step, batch))
+        if step % accum == 0 or step == stop:
+            yield window
+            window = []
+        if step == stop:
+            return
+    if window:
+        yield window
+
+
+def _token_weights(batches: list) -> list[float]:
+    """What each micro-batch's (mean) loss is multiplied by before backward. Supervised batches (whose collate
+    counts "loss_tokens" on the host): its share of the window's supervised tokens, so the step's gradient is
+    that of the token mean over the whole window (no host sync). Otherwise the mean over the window's
+    micro-batches, as the original (1/accum; a partial window at the end of an epoch is rescaled to its size)."""
+    counts = [b.get("loss_tokens") if isinstance(b, dict) else None for b in batches]
+    if None in counts or sum(counts) == 0:
+        return [1.0 / len(batches)] * len(batches)
+    total = sum(counts)
+    return [n / total for n in counts]
 
 
 def _to_device(batch, device):
@@ -324,7 +349,8 @@ class _Saver:
                 extra["scheduler"] = self.schedulers[0]
             lm_checkpoint(self.lm_config, self.args.save_weight, model=model_state, optimizer=optim_state,
                           epoch=point.epoch, step=point.step, wandb=self.tracker, save_dir=self.args.checkpoint_dir,
-                          scaler=self.run.scaler, rng=rng, **extra)
+                          scaler=self.run.scaler, rng=rng, batch_unit=getattr(self.args, "batch_unit", None),
+                          **extra)
             self.raw.train(was_training)
         if barrier and dist.is_initialized():
             dist.barrier()

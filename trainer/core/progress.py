@@ -119,7 +119,8 @@ class Progress:
             self.metrics_path.unlink(missing_ok=True)      # a fresh run starts a fresh file; a resumed one appends
 
     def add(self, loss: torch.Tensor, stats: dict):
-        """One micro-batch: its loss (a 0-dim tensor, read only when logging) and its step function's stats."""
+        """One micro-batch: its loss and its step function's stats (floats, or 0-dim tensors: read only when
+        logging, so a step never waits for the device)."""
         stats = dict(stats)
         tokens = int(stats.pop("tokens", 0))
         self.tokens += tokens
@@ -127,7 +128,7 @@ class Progress:
         self.positions += int(stats.pop("positions", tokens))
         self.losses.append(loss)
         for k, v in stats.items():
-            self.extra.setdefault(k, []).append(float(v))
+            self.extra.setdefault(k, []).append(v.detach() if torch.is_tensor(v) else v)
         self.done += 1
 
     def log(self, epoch: int, step: int, lr: float) -> float:
@@ -139,7 +140,7 @@ class Progress:
         pad = 1 - self.tokens / self.positions if self.positions else 0.0
         mfu = self.flops_per_token * tok_s / world / self.peak if self.peak else None
         eta_min = (now - self.t0) / max(self.done - self.done0, 1) * (self.end - self.done) / 60
-        extra = {k: sum(v) / len(v) for k, v in self.extra.items()}
+        extra = {k: sum(float(x) for x in v) / len(v) for k, v in self.extra.items()}
         self.losses, self.extra, self.tokens, self.positions, self.window_t = [], {}, 0, 0, now
         extras = "".join(f" {k}:{v:.4f}" for k, v in extra.items())
         mfu_text = f" mfu:{100 * mfu:.1f}%" if mfu is not None else ""

@@ -56,23 +56,9 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_mask:
     return F.cross_entropy(rows.float(), targets.reshape(-1)[mask])
 
 
-def supervised_loss(model, batch: dict):
-    """(token-level mean cross-entropy over the supervised positions + MoE load-balancing loss, model output).
-
-    The model computes logits only where loss_mask > 0 (`logits_at`): prompt tokens, padding and the last
-    token of each packed sample skip the output layer, and the batch x seq x vocab logits (and their gradient)
-    are never held, which lowers peak memory (README, bench/bench_train.py). Equals masked_cross_entropy over
-    the full logits (tests/test_stage.py)."""
-    at = (batch["loss_mask"].reshape(-1) > 0).nonzero().squeeze(1)
-    out = model(batch["input_ids"], position_ids=batch.get("position_ids"), logits_at=at)
-    if at.numel() == 0:
-        return out.logits.sum() * 0.0 + out.aux_loss, out
-    ce = F.cross_entropy(out.logits.float(), batch["labels"].reshape(-1).index_select(0, at))
-    return ce + out.aux_loss, out
-
-
 def batch_stats(batch: dict) -> dict:
-    """What the loop logs about a supervised batch: useful tokens and all positions (padding included)."""
+    """What the loop logs about a supervised batch: useful tokens and all positions (padding included), counted by
+    the collate on the host."""
     return {"tokens": batch["tokens"], "positions": batch["input_ids"].numel()}
 
 
@@ -99,7 +85,7 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--save_weight", type=str, default=d["save_weight"], help="prefix of the saved weight file")
     p.add_argument("--epochs", type=int, default=d["epochs"])
     p.add_argument("--batch_size", type=int, default=d["batch_size"],
-                   help="rows per micro-batch and process (a packed row holds several samples)")
+                   help="samples per micro-batch and process, as the original (see --batch_unit)")
     p.add_argument("--learning_rate", type=float, default=d["learning_rate"], help="peak LR (cosine to LR/10)")
     p.add_argument("--device", type=str, default="cuda:0" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", type=str, default=d["dtype"], choices=["auto", "bfloat16", "float16", "float32"],
@@ -128,8 +114,13 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     # added flags; their defaults keep the original's behaviour
     if d["packing"] is not None:
         p.add_argument("--packing", type=int, default=d["packing"], choices=[0, 1],
-                       help="1 = pack whole samples into rows of max_seq_len (each attends only to itself); "
-                            "0 = one sample per row, as the original")
+                       help="1 = pack each micro-batch's samples into rows of max_seq_len (each attends only to "
+                            "itself): the same samples, far fewer padded positions; 0 = one sample per row, as the "
+                            "original")
+        p.add_argument("--batch_unit", type=str, default="samples", choices=["samples", "rows"],
+                       help="what --batch_size counts: samples (the original's meaning) or, with --packing 1, "
+                            "packed rows of max_seq_len (2-3x more samples per step, 2-3x fewer steps per "
+                            "epoch: raise --learning_rate to match)")
     p.add_argument("--tracker", type=str, default="swanlab", choices=["swanlab", "wandb"],
                    help="experiment tracker used by --use_wandb (the original imports swanlab)")
     p.add_argument("--tokenizer_path", type=str, default=str(TOKENIZER_DIR), help="tokenizer directory")
@@ -286,6 +277,14 @@ def init_config(args, **extra):
                                     f"{out}. Point --checkpoint_dir at the run's resume files, or drop --from_resume "
                                     "(or move the weight) to start a new run")
         Logger(f"--from_resume 1: no resume file at {looked} and no {out.name} yet: starting a new run")
+    elif getattr(args, "packing", 0):
+        unit = ckp.get("batch_unit")   # steps count micro-batches: resuming under another unit would skip other samples
+        if unit is None:
+            Logger("the resume file does not say what its --batch_size counted (written before --batch_unit existed, "
+                   "when a packed run's micro-batch was --batch_size rows): add --batch_unit rows to continue it exactly")
+        elif unit != args.batch_unit:
+            raise ValueError(f"the resume file was written with --batch_unit {unit}; its steps count those micro-batches: "
+                             f"resume with --batch_unit {unit}")
     return lm_config, ckp
 
 
