@@ -1,11 +1,12 @@
-"""Datasets for every training stage, read lazily from jsonl files.
+"""Datasets for every training stage, read lazily from jsonl files, optionally through a token cache.
 
     from dataset.lm_dataset import PretrainDataset, SFTDataset, DPODataset, RLAIFDataset, pad_collate
     ds = SFTDataset("dataset/sft_mini_512.jsonl", tokenizer, max_length=512)
     loader = DataLoader(ds, batch_size=16, collate_fn=pad_collate)   # {"input_ids", "labels", "loss_mask", "tokens"}
+    ds = SFTDataset("dataset/sft_mini_512.jsonl", tokenizer, max_length=512, cache_dir="cache")  # tokenize once
     python scripts/inspect_data.py --data_path dataset/demo/sft.jsonl --kind sft   # check a file first
 
-Same samples as the original MiniMind (fa82707, spec section 4), with three differences:
+Same samples as the original MiniMind (fa82707, spec section 4), with four differences:
 * Rows are not loaded into Python objects. `JsonlIndex` scans the file once for line offsets
   (numpy over chunked reads: 0.4 s and 24 bytes a line for 1 GiB, see bench/bench_data.py) and
   parses a line only when it is requested, so DataLoader workers and DDP ranks never copy the
@@ -13,26 +14,36 @@ Same samples as the original MiniMind (fa82707, spec section 4), with three diff
 * Samples come back unpadded, as (X, Y, loss_mask) of length min(len(ids), max_length) - 1, and
   `pad_collate` / `dpo_collate` pad each batch to its longest sample. `pad_to_max=True` pads to
   max_length instead and returns exactly the original tensors. `lengths()` gives the byte length
-  of each line, a cheap proxy for its token count, for length-grouped sampling.
-* Bad input raises ValueError("path:line: reason") when the line is read, or with
-  `skip_bad_lines=True` is dropped at construction (counted in `num_skipped`, one warning).
+  of each line, a cheap proxy for its token count; `token_lengths()` gives the exact input lengths.
+* With `cache_dir`, the constructor tokenizes the whole file once, in a process pool, into a token
+  cache (dataset/token_cache.py) or loads the one built before, and samples are then slices of its
+  memory-mapped ids plus a mask filled from its spans: training never calls the tokenizer. Without
+  it every sample is tokenized when it is read, as the original does. Both give identical tensors.
+* Bad input raises ValueError("path:line: reason") when the line is read (with a cache: while the
+  cache is built, for the first bad line in the file), or with `skip_bad_lines=True` is dropped at
+  construction (counted in `num_skipped`, one warning).
   Chat rows must be well formed: an optional system message first (the only place one may be),
   then user and assistant alternating, `tool` messages only after an assistant turn, non-empty
   string content, and no literal <|im_start|>/<|im_end|> inside a message (it would corrupt the
-  loss mask). Pretrain `text` must be a non-empty string. An SFT/DPO sample with no supervised
-  token left after truncation is an error, and so is a file with no usable line.
+  loss mask). Pretrain `text` must be a non-empty string. A file with no usable line is an error.
+  An SFT/DPO sample whose assistant tokens all lie past max_length raises `NothingToSupervise`
+  when read; with a cache such samples are always dropped (the original trains on them with an
+  all-zero mask), counted in `num_unsupervised` and reported in one line.
 """
 from __future__ import annotations
 
 import json
 import os
 import warnings
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from dataset.token_cache import TokenCache, log_main
 
 # the DataLoader forks workers after the tokenizer has run; Rust's thread pool does not survive fork
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -190,15 +201,19 @@ def assistant_loss_mask(ids: np.ndarray, start_ids: Sequence[int], end_ids: Sequ
     return mask
 
 
-def _shifted(ids: Sequence[int], max_length: int, pad_to_max: bool, pad_id: int,
-             mask_fn: Callable[[np.ndarray], np.ndarray]) -> Sample:
-    """Truncate (keeping the head), pad, mask, and shift into (X, Y, loss_mask) for next-token loss.
-    Unpadded samples keep at least 2 tokens (padded) so that X is never empty."""
-    ids = list(ids)[:max_length]
-    arr = np.full(max_length if pad_to_max else max(len(ids), 2), pad_id, dtype=np.int64)
-    arr[:len(ids)] = ids
-    mask = mask_fn(arr).astype(np.int64)
-    return torch.from_numpy(arr[:-1].copy()), torch.from_numpy(arr[1:].copy()), torch.from_numpy(mask[1:].copy())
+def mask_spans(mask: np.ndarray) -> np.ndarray:
+    """The (start, end) runs of nonzero values in `mask`, as int32 (k, 2): the loss mask, compressed."""
+    framed = np.zeros(len(mask) + 2, dtype=bool)
+    framed[1:-1] = mask
+    return np.flatnonzero(framed[1:] != framed[:-1]).astype(np.int32).reshape(-1, 2)  # rises and falls alternate
+
+
+def _fill(spans: np.ndarray, width: int, dtype=np.int64) -> np.ndarray:
+    """The mask of `width` positions that `spans` describe (runs past `width` are cut)."""
+    mask = np.zeros(width, dtype=dtype)
+    for start, end in spans:
+        mask[start:end] = 1
+    return mask
 
 
 def _pad_stack(seqs: Sequence[torch.Tensor], length: int, pad_id: int = 0) -> torch.Tensor:
@@ -273,22 +288,64 @@ def _check_conversation(conv: Any, where: str) -> None:
 
 
 # ---- datasets ----
-class _JsonlDataset(Dataset):
-    """Offset-indexed rows plus what every dataset shares: tokenizer ids, lengths, bad-line skipping."""
-    required: tuple[str, ...] = ()
+class NothingToSupervise(ValueError):
+    """A well-formed chat sample whose assistant tokens all lie past max_length: nothing to train on.
+    The original trains on it anyway (an all-zero mask); with a token cache it is dropped and counted."""
 
-    def __init__(self, path: str | Path, tokenizer, max_length: int, pad_to_max: bool, skip_bad_lines: bool):
+
+Part = tuple[np.ndarray, np.ndarray]  # (ids truncated to max_length, int64; loss-mask spans, int32 (k, 2))
+
+
+class _JsonlDataset(Dataset):
+    """Offset-indexed rows plus what every dataset shares: tokenizer ids, the token cache, lengths,
+    bad-line skipping. A subclass says how a row becomes texts (`_texts`, one per part) and how ids
+    are masked (`_mask`, `_check`); every sample is built from `_parts`, cached or freshly tokenized.
+    `cache_dir`: build or load the token cache there (None: tokenize each sample when read);
+    `workers`: processes for building it (0: min(cpu count, 8))."""
+    required: tuple[str, ...] = ()
+    part_names: tuple[str, ...] = ("sample",)  # one (ids, mask) per name: DPO has chosen and rejected
+
+    def __init__(self, path: str | Path, tokenizer, max_length: int, pad_to_max: bool, skip_bad_lines: bool,
+                 cache_dir: str | Path | None = None, workers: int = 0):
         self.rows = JsonlIndex(path)
         self.tokenizer, self.max_length, self.pad_to_max = tokenizer, max_length, pad_to_max
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        # token patterns of the assistant header and the turn end, from the tokenizer (spec 4.2)
-        self.start_ids = tokenizer(IM_START + "assistant", add_special_tokens=False).input_ids
-        self.end_ids = tokenizer(IM_END, add_special_tokens=False).input_ids
-        self.num_skipped = 0
-        if skip_bad_lines:
+        self.num_skipped = self.num_unsupervised = 0
+        self.cache = None
+        if cache_dir is not None and len(self.rows):
+            self._attach_cache(cache_dir, skip_bad_lines, workers)
+        elif skip_bad_lines:
             self._drop_bad_lines()
         if len(self.rows) == 0:  # an empty epoch would "train" without a word
             raise ValueError(f"{self.rows.path}: no usable lines")
+
+    @property
+    def parts(self) -> int:
+        return len(self.part_names)
+
+    # token patterns of the assistant header and the turn end, from the tokenizer (spec 4.2); computed
+    # on first use, so a dataset read from its token cache never calls the tokenizer
+    @cached_property
+    def start_ids(self) -> list[int]:
+        return self.tokenizer(IM_START + "assistant", add_special_tokens=False).input_ids
+
+    @cached_property
+    def end_ids(self) -> list[int]:
+        return self.tokenizer(IM_END, add_special_tokens=False).input_ids
+
+    def _attach_cache(self, cache_dir: str | Path, skip_bad_lines: bool, workers: int) -> None:
+        """Build or load the token cache, then keep only the rows it kept (dataset indices stay contiguous)."""
+        lines = len(self.rows)
+        self.cache = TokenCache.open(self, cache_dir, skip_bad_lines, workers)
+        if self.cache.num_samples != lines:
+            self.rows.select(self.cache.rows())
+        self.num_skipped, self.num_unsupervised = self.cache.num_skipped, self.cache.num_unsupervised
+        if self.num_skipped:
+            warnings.warn(f"{self.rows.path}: skipped {self.num_skipped} of {lines} lines; first: "
+                          f"{self.cache.first_skipped}", stacklevel=4)
+        if self.num_unsupervised:
+            log_main(f"{self.rows.path}: skipped {self.num_unsupervised:,} of {lines:,} samples: no answer within "
+                     f"max_seq_len {self.max_length}")
 
     def _drop_bad_lines(self) -> None:
         """Build every sample once (tokenizing the whole file) and drop the lines that fail."""
@@ -312,8 +369,105 @@ class _JsonlDataset(Dataset):
         count (for length-grouped sampling; no tokenizing). Aligned with dataset indices."""
         return self.rows.nbytes()
 
+    def token_lengths(self) -> np.ndarray:
+        """Input length (len of X, unpadded) of every sample, int32; DPO: the longer of its two parts.
+        Read from the token cache when there is one; otherwise every sample is tokenized once."""
+        if self.cache is not None:
+            counts = self.cache.entry_lengths()
+        else:
+            counts = np.array([len(ids) for i in range(len(self)) for ids, _ in self._parts(i)], dtype=np.int64)
+        return (np.maximum(counts, 2) - 1).reshape(-1, self.parts).max(axis=1).astype(np.int32)
+
+    # ---- from a row to token ids and mask ----
     def _row(self, i: int) -> tuple[dict, str]:
         return self.rows.read(int(i), self.required), self.rows.where(int(i))
+
+    def _texts(self, i: int) -> list[str]:
+        """The text each part of row i is tokenized from; ValueError("path:line: ...") for a bad row."""
+        raise NotImplementedError
+
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text: one batched tokenizer call (the same ids as one call per text)."""
+        if not texts:
+            return []
+        return self.tokenizer(texts, return_attention_mask=False, return_token_type_ids=False).input_ids
+
+    def _mask(self, arr: np.ndarray) -> np.ndarray:
+        """The loss mask of a (padded) id array, before the shift."""
+        raise NotImplementedError
+
+    def _check(self, mask: np.ndarray, length: int, ids: np.ndarray, where: str, what: str, pad_to_max: bool) -> None:
+        """Raise if a part would train nothing (chat data); pretrain accepts any sample."""
+
+    def _layout(self, ids: Sequence[int], where: str, what: str, pad_to_max: bool) -> Part:
+        """Truncate one part's ids (keeping the head) and compute its mask on the ids padded to
+        max_length, so the spans also give every padded sample exactly its mask. `pad_to_max` picks the
+        width the supervision check looks at (the cache checks the unpadded sample)."""
+        full = np.asarray(ids, dtype=np.int64)
+        cut = full[:self.max_length]
+        arr = np.full(max(self.max_length, 2), self.pad_id, dtype=np.int64)
+        arr[:len(cut)] = cut
+        mask = self._mask(arr)
+        self._check(mask, len(cut), full, where, what, pad_to_max)
+        return cut, mask_spans(mask)
+
+    def _parts(self, i: int) -> list[Part]:
+        """(ids, spans) of every part of sample i: from the cache, else tokenized now."""
+        if self.cache is not None:
+            return [self.cache.entry(int(i) * self.parts + p) for p in range(self.parts)]
+        where = self.rows.where(int(i))
+        ids = self._encode_texts(self._texts(i))
+        return [self._layout(x, where, what, self.pad_to_max) for x, what in zip(ids, self.part_names)]
+
+    def _encode_range(self, start: int, stop: int) -> tuple[list, list, list]:
+        """Rows [start, stop) with one batched tokenizer call, for the token cache's build:
+        ([(row, parts)] of the usable rows, [(row, message)] of the bad ones, [(row, message)] of those
+        with nothing to supervise), each in file order. A row's errors come in the order reading it
+        would raise them, so the first bad message is the one `ds[i]` gives."""
+        good, texts, bad, unsupervised, samples = [], [], [], [], []
+        for i in range(start, stop):
+            try:
+                texts += self._texts(i)
+                good.append(i)
+            except ValueError as e:
+                bad.append((i, str(e)))
+        ids, P = self._encode_texts(texts), self.parts
+        for k, i in enumerate(good):
+            where = self.rows.where(i)
+            try:
+                samples.append((i, [self._layout(ids[k * P + p], where, self.part_names[p], False) for p in range(P)]))
+            except NothingToSupervise as e:
+                unsupervised.append((i, str(e)))
+            except ValueError as e:
+                bad.append((i, str(e)))
+        return samples, sorted(bad), unsupervised
+
+    def tokens(self, i: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids int64, mask uint8) of each part of sample i (1 part; DPO: chosen, rejected): truncated to
+        max_length, unshifted and unpadded. From the cache when attached (no tokenizer call)."""
+        return [(ids, _fill(spans, len(ids), np.uint8)) for ids, spans in self._parts(i)]
+
+    def _sample(self, part: Part) -> Sample:
+        """(X, Y, loss_mask) of one part, padded to max_length or to its own length (at least 2 tokens,
+        so X is never empty), shifted for next-token loss: the original's tensors, exactly."""
+        ids, spans = part
+        width = self.max_length if self.pad_to_max else max(len(ids), 2)
+        arr = np.full(width, self.pad_id, dtype=np.int64)
+        arr[:len(ids)] = ids
+        mask = _fill(spans, width)
+        return torch.from_numpy(arr[:-1].copy()), torch.from_numpy(arr[1:].copy()), torch.from_numpy(mask[1:].copy())
+
+    def encode(self, i: int) -> list[int] | tuple[list[int], ...]:
+        """Token ids of sample i before truncation (DPO: a (chosen, rejected) pair)."""
+        ids = self._encode_texts(self._texts(i))
+        return ids[0] if self.parts == 1 else tuple(ids)
+
+    def __getitem__(self, i: int) -> Sample:
+        return self._sample(self._parts(i)[0])
+
+
+class _ChatDataset(_JsonlDataset):
+    """Rows rendered through the chat template, supervising the assistant turns only (spec 4.2)."""
 
     def _render(self, conv: list, where: str, tools: Any = None) -> str:
         _check_conversation(conv, where)
@@ -323,16 +477,17 @@ class _JsonlDataset(Dataset):
         except Exception as e:  # a template error would otherwise not say which line caused it
             raise ValueError(f"{where}: chat template failed: {e}") from e
 
-    def _chat_sample(self, ids: list[int], where: str, what: str = "sample") -> Sample:
-        X, Y, mask = _shifted(ids, self.max_length, self.pad_to_max, self.pad_id,
-                              lambda a: assistant_loss_mask(a, self.start_ids, self.end_ids))
-        if not mask.any():
-            if not any(assistant_loss_mask(ids, self.start_ids, self.end_ids)):
+    def _mask(self, arr: np.ndarray) -> np.ndarray:
+        return assistant_loss_mask(arr, self.start_ids, self.end_ids)
+
+    def _check(self, mask: np.ndarray, length: int, ids: np.ndarray, where: str, what: str, pad_to_max: bool) -> None:
+        width = self.max_length if pad_to_max else max(length, 2)
+        if not mask[1:width].any():  # the shifted mask of the sample as trained
+            if not self._mask(ids).any():
                 raise ValueError(f"{where}: {what} has no assistant token to supervise")
-            raise ValueError(f"{where}: {what} has no assistant token to supervise after truncation to "
-                             f"max_length={self.max_length} (raise --max_seq_len, or drop such samples with "
-                             "--skip_bad_lines 1)")
-        return X, Y, mask
+            raise NothingToSupervise(f"{where}: {what} has no assistant token to supervise after truncation to "
+                                     f"max_length={self.max_length} (raise --max_seq_len, or drop such samples "
+                                     "with --skip_bad_lines 1)")
 
 
 class PretrainDataset(_JsonlDataset):
@@ -340,60 +495,56 @@ class PretrainDataset(_JsonlDataset):
     required = ("text",)
 
     def __init__(self, data_path, tokenizer, max_length: int = 512, pad_to_max: bool = False,
-                 skip_bad_lines: bool = False):
-        super().__init__(data_path, tokenizer, max_length, pad_to_max, skip_bad_lines)
+                 skip_bad_lines: bool = False, cache_dir: str | Path | None = None, workers: int = 0):
+        super().__init__(data_path, tokenizer, max_length, pad_to_max, skip_bad_lines, cache_dir, workers)
 
-    def encode(self, i: int) -> list[int]:
-        """Token ids of sample i before truncation."""
+    def _texts(self, i: int) -> list[str]:
         row, where = self._row(i)
         text = row["text"]
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{where}: 'text' must be a non-empty string")
-        return self.tokenizer(text).input_ids
+        return [text]
 
-    def __getitem__(self, i: int) -> Sample:
-        return _shifted(self.encode(i), self.max_length, self.pad_to_max, self.pad_id, lambda a: a != self.pad_id)
+    def _mask(self, arr: np.ndarray) -> np.ndarray:
+        return arr != self.pad_id
 
 
-class SFTDataset(_JsonlDataset):
+class SFTDataset(_ChatDataset):
     """{"conversations": [...]} rows -> (X, Y, loss_mask) supervising assistant turns only.
     Also the reasoning (R1) data: the <think>/<answer> tags are ordinary assistant content."""
     required = ("conversations",)
 
     def __init__(self, jsonl_path, tokenizer, max_length: int = 1024, pad_to_max: bool = False,
-                 skip_bad_lines: bool = False):
-        super().__init__(jsonl_path, tokenizer, max_length, pad_to_max, skip_bad_lines)
+                 skip_bad_lines: bool = False, cache_dir: str | Path | None = None, workers: int = 0):
+        super().__init__(jsonl_path, tokenizer, max_length, pad_to_max, skip_bad_lines, cache_dir, workers)
 
-    def encode(self, i: int) -> list[int]:
+    def _texts(self, i: int) -> list[str]:
         row, where = self._row(i)
         conv = row["conversations"]
         first = conv[0] if isinstance(conv, list) and conv and isinstance(conv[0], dict) else {}
         tools = first.get("functions") if first.get("role") == "system" else None
         if tools and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             raise ValueError(f"{where}: 'functions' must be a list of tool definitions (objects)")
-        return self.tokenizer(self._render(conv, where, tools or None)).input_ids
-
-    def __getitem__(self, i: int) -> Sample:
-        return self._chat_sample(self.encode(i), self.rows.where(int(i)))
+        return [self._render(conv, where, tools or None)]
 
 
-class DPODataset(_JsonlDataset):
+class DPODataset(_ChatDataset):
     """{"chosen": [...], "rejected": [...]} rows -> dict of x/y/mask for each side (no tools, as the original)."""
     required = ("chosen", "rejected")
+    part_names = ("chosen", "rejected")
 
     def __init__(self, file_path, tokenizer, max_length: int = 4096, pad_to_max: bool = False,
-                 skip_bad_lines: bool = False):
-        super().__init__(file_path, tokenizer, max_length, pad_to_max, skip_bad_lines)
+                 skip_bad_lines: bool = False, cache_dir: str | Path | None = None, workers: int = 0):
+        super().__init__(file_path, tokenizer, max_length, pad_to_max, skip_bad_lines, cache_dir, workers)
 
-    def encode(self, i: int) -> tuple[list[int], list[int]]:
+    def _texts(self, i: int) -> list[str]:
         row, where = self._row(i)
-        return tuple(self.tokenizer(self._render(row[key], f"{where}: {key}")).input_ids
-                     for key in ("chosen", "rejected"))
+        return [self._render(row[key], f"{where}: {key}") for key in self.part_names]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        where, out = self.rows.where(int(i)), {}
-        for key, ids in zip(("chosen", "rejected"), self.encode(i)):
-            out[f"x_{key}"], out[f"y_{key}"], out[f"mask_{key}"] = self._chat_sample(ids, where, key)
+        out = {}
+        for key, part in zip(self.part_names, self._parts(i)):
+            out[f"x_{key}"], out[f"y_{key}"], out[f"mask_{key}"] = self._sample(part)
         return out
 
 

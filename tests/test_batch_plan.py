@@ -1,15 +1,14 @@
 """trainer/core/batch_plan.py on its own: the order of the batches (seeded per epoch, split across ranks, packed by
 best fit or length-grouped), BatchPlan's loaders (exactly the batches after a resume's skip; --batch_size
 samples per micro-batch whatever the layout; --batch_unit rows), the collates (PackRows, PadRows: layouts,
-host-side counts, fixed-shape buckets) and the sample-length cache (reused, rebuilt when the data changes)."""
-import json
+host-side counts, fixed-shape buckets) and the rows plan's sample lengths (from the token cache)."""
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from dataset.lm_dataset import PretrainDataset, SFTDataset, pack_collate, pad_collate
+from dataset.lm_dataset import PretrainDataset, SFTDataset, pack_collate
 from model.loading import load_tokenizer
 from tests.conftest import tokenizer_dir, write_tiny_corpus
 from trainer.core import batch_plan
@@ -146,30 +145,24 @@ def test_batch_unit_rows_packs_the_epoch_and_splits_ranks(tmp_path, tokenizer):
         BatchPlan(ds, plan_args(tmp_path, batch_unit="rows"), one_rank(), supervised_collate(plan_args(tmp_path)))
 
 
-def test_sample_lengths_are_cached_and_rebuilt_when_the_data_changes(tmp_path, tokenizer, monkeypatch):
+def test_rows_plans_take_sample_lengths_from_the_token_cache(tmp_path, tokenizer, monkeypatch):
+    """--batch_unit rows packs by each sample's input length: the dataset's token_lengths(), read from the token
+    cache without tokenizing (its rebuild rules: tests/test_token_cache.py); max_seq_len bounds them."""
     data = write_tiny_corpus(tmp_path / "data", n=30)
     args = plan_args(tmp_path, packing=1, batch_unit="rows")
-    collate = supervised_collate(args)
-    first = BatchPlan(SFTDataset(data["sft"], tokenizer, max_length=64), args, one_rank(), collate).lengths
+    cache = tmp_path / "ckpt" / "tokens"
+    first = BatchPlan(SFTDataset(data["sft"], tokenizer, max_length=64, cache_dir=cache), args, one_rank(),
+                      supervised_collate(args)).lengths
     assert list(first) == [len(s[0]) for s in SFTDataset(data["sft"], tokenizer, max_length=64)]
-
-    def no_measuring(*a, **k):
-        raise AssertionError("measured again")
-
     with monkeypatch.context() as m:
-        m.setattr(batch_plan, "_measure_lengths", no_measuring)
-        again = BatchPlan(SFTDataset(data["sft"], tokenizer, max_length=64), args, one_rank(), collate).lengths
-    assert list(again) == list(first)                                   # read from the cache
-    lines = data["sft"].read_text(encoding="utf-8").splitlines()      # one answer longer, as many lines
-    conv = [{"role": "user", "content": "再来一个问题"}, {"role": "assistant", "content": "好的。" * 5}]
-    data["sft"].write_text("\n".join([json.dumps({"conversations": conv}, ensure_ascii=False)] + lines[1:]) + "\n",
-                           encoding="utf-8")
-    changed = BatchPlan(SFTDataset(data["sft"], tokenizer, max_length=64), args, one_rank(), collate).lengths
-    assert changed[0] > first[0] and list(changed[1:]) == list(first[1:])       # measured anew
-    long, short = (BatchPlan(PretrainDataset(data["pretrain"], tokenizer, max_length=n),
+        m.setattr(type(tokenizer), "__call__", lambda *a, **k: (_ for _ in ()).throw(AssertionError("tokenized")))
+        again = BatchPlan(SFTDataset(data["sft"], tokenizer, max_length=64, cache_dir=cache), args, one_rank(),
+                          supervised_collate(args)).lengths
+    assert list(again) == list(first)
+    long, short = (BatchPlan(PretrainDataset(data["pretrain"], tokenizer, max_length=n, cache_dir=cache),
                              plan_args(tmp_path, packing=1, max_seq_len=n, batch_unit="rows"), one_rank(),
                              PackRows(n - 1, 4)).lengths for n in (64, 16))
-    assert max(short) <= 16 < max(long)                                 # max_seq_len is part of the key
+    assert max(short) <= 15 < max(long)
 
 
 def test_one_loader_with_persistent_workers_serves_every_epoch(tmp_path, tokenizer):

@@ -21,21 +21,14 @@ Every collate also gives what the step needs without asking the device: "loss_at
 supervised positions), "loss_tokens" (their count), "packed" (whether a row holds several samples) and
 "samples".
 """
-import hashlib
-import json
 import math
-import os
-import time
 from bisect import bisect_left, insort
-from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from dataset.lm_dataset import pack_collate, pad_collate
-from trainer.core.progress import Logger, is_main_process
+from trainer.core.progress import Logger
 
 PACK_WINDOW = 8192   # samples packed together: large enough for ~99% full rows, small enough to stay shuffled
 
@@ -191,7 +184,7 @@ class BatchPlan:
         if self.by_rows and not isinstance(self.collate, PackRows):
             raise ValueError("--batch_unit rows counts packed rows: it needs --packing 1")
         if self.by_rows:
-            self.lengths = sample_lengths(dataset, args)
+            self.lengths = dataset.token_lengths()          # from the token cache: no tokenizing
         else:
             grouped = getattr(args, "group_by_length", 0) and hasattr(dataset, "lengths")
             self.lengths = dataset.lengths() if grouped else None
@@ -254,56 +247,3 @@ class _EpochBatches:
 
     def __len__(self):
         return max(0, self.plan.num_batches(self.epoch) - self.skip)
-
-
-# ---- sample lengths for packing ----
-def sample_lengths(dataset, args) -> np.ndarray:
-    """Length of every sample's input (after truncation), measured by building each sample once, in
-    --num_workers processes. Cached under --checkpoint_dir/lengths/, keyed by the data file, the
-    tokenizer and max_seq_len; rank 0 measures, the other ranks wait and read the cache."""
-    cache = _lengths_cache_path(dataset, args)
-    if is_main_process() and not cache.exists():
-        lengths = _measure_lengths(dataset, args.num_workers)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, lengths)
-        os.replace(tmp, cache)
-    if dist.is_initialized():
-        dist.barrier()
-    lengths = np.load(cache)
-    if len(lengths) != len(dataset):      # the data changed without changing size and mtime
-        cache.unlink(missing_ok=True)
-        return sample_lengths(dataset, args)
-    return lengths
-
-
-def _lengths_cache_path(dataset, args) -> Path:
-    rows = dataset.rows
-    stat = os.stat(rows.path)
-    tok = dataset.tokenizer
-    key = json.dumps([os.path.abspath(rows.path), stat.st_size, stat.st_mtime_ns, type(dataset).__name__,
-                      dataset.max_length, len(dataset), int(rows.linenos[-1]) if len(rows) else 0,
-                      hashlib.sha1(tok.backend_tokenizer.to_str().encode()).hexdigest(),
-                      getattr(tok, "chat_template", None) or ""])
-    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    return Path(args.checkpoint_dir) / "lengths" / f"{Path(rows.path).stem}-{digest}.npy"
-
-
-def _lengths_of(samples) -> list[int]:
-    return [len(sample[0]) for sample in samples]
-
-
-def _measure_lengths(dataset, num_workers: int) -> np.ndarray:
-    n, out, t0, shown = len(dataset), [], time.time(), time.time()
-    loader = DataLoader(dataset, batch_size=256, num_workers=num_workers, collate_fn=_lengths_of)
-    for chunk in loader:
-        out += chunk
-        if time.time() - shown > 10:
-            shown = time.time()
-            eta = (shown - t0) / len(out) * (n - len(out)) / 60
-            Logger(f"measuring sample lengths for packing: {len(out):,}/{n:,} ({100 * len(out) / n:.0f}%), "
-                   f"eta {eta:.1f}min")
-    if time.time() - t0 > 10:
-        Logger(f"measured {n:,} sample lengths in {time.time() - t0:.0f}s (cached for the next run)")
-    return np.asarray(out, dtype=np.int32)

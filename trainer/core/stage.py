@@ -162,8 +162,10 @@ def resolve_data(args) -> str:
 
 
 def data_kwargs(args) -> dict:
-    """Dataset options every stage takes from its flags."""
-    return dict(max_length=args.max_seq_len, pad_to_max=bool(args.pad_to_max), skip_bad_lines=bool(args.skip_bad_lines))
+    """Dataset options every stage takes from its flags. The samples are tokenized once, into a cache under
+    --checkpoint_dir/tokens/ (dataset/token_cache.py): training then only slices token ids."""
+    return dict(max_length=args.max_seq_len, pad_to_max=bool(args.pad_to_max), skip_bad_lines=bool(args.skip_bad_lines),
+                cache_dir=Path(args.checkpoint_dir) / "tokens")
 
 
 # ---- 1. run context: distributed, device, precision ----
