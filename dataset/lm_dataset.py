@@ -8,7 +8,7 @@
 
 Same samples as the original MiniMind (fa82707, spec section 4), with four differences:
 * Rows are not loaded into Python objects. `JsonlIndex` scans the file once for line offsets
-  (numpy over chunked reads: 0.4 s and 24 bytes a line for 1 GiB, see bench/bench_data.py) and
+  (numpy over chunked reads: 0.4 s and 8 bytes a line for 1 GiB, see bench/bench_data.py) and
   parses a line only when it is requested, so DataLoader workers and DDP ranks never copy the
   corpus (the original's lists of dicts take 1.6 GiB per process for that file).
 * Samples come back unpadded, as (X, Y, loss_mask) of length min(len(ids), max_length) - 1, and
@@ -84,12 +84,16 @@ def _parse_line(raw: bytes, where: str, required: Sequence[str] = ()) -> dict:
 
 
 def _scan_lines(path: str, chunk_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(start, end, line number) of every non-blank line; `end` excludes the newline.
+    """(start, length, blanks) of the non-blank lines: `start` byte offsets (uint32 for files under 4 GiB,
+    else int64), `length` in bytes without the newline (uint32), and `blanks`, for each blank line, the index
+    of the kept line it precedes (line numbers follow from it: usually empty).
 
     Reads fixed-size chunks and carries the unfinished last line into the next one, so memory is a
-    few chunks plus 24 bytes a line whatever the file size; a line longer than a chunk grows it."""
-    starts, ends, linenos = [], [], []
-    buf, have, base, nlines = bytearray(chunk_bytes), 0, 0, 0
+    few chunks plus 8 bytes a line whatever the file size; a line longer than a chunk grows it."""
+    size = os.path.getsize(path)
+    offset_type = np.uint32 if size < 2 ** 32 else np.int64
+    starts, lengths, blanks = [], [], []
+    buf, have, base, kept = bytearray(chunk_bytes), 0, 0, 0
     with open(path, "rb", buffering=0) as f:
         while True:
             if have == len(buf):
@@ -111,52 +115,70 @@ def _scan_lines(path: str, chunk_bytes: int) -> tuple[np.ndarray, np.ndarray, np
             keep = (end > start) & _TEXT[a[start]]
             for k in np.flatnonzero(~keep & (end > start)):
                 keep[k] = bool(a[start[k]:end[k]].tobytes().strip())
-            starts.append(base + start[keep])
-            ends.append(base + end[keep])
-            linenos.append(nlines + 1 + np.flatnonzero(keep))
-            nlines += len(start)
+            starts.append((base + start[keep]).astype(offset_type))
+            lengths.append((end[keep] - start[keep]).astype(np.uint32))
+            before = np.cumsum(keep) - keep                  # kept lines before each line of the chunk
+            blanks.append(kept + before[~keep])
+            kept += int(keep.sum())
             del a  # release the buffer export before it is shifted
             buf[:have - cut] = buf[cut:have]
             base, have = base + cut, have - cut
             if eof:
                 break
-    cat = lambda parts: np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)
-    return cat(starts), cat(ends), cat(linenos)
+    cat = lambda parts, t: np.concatenate(parts).astype(t, copy=False) if parts else np.zeros(0, t)
+    return cat(starts, offset_type), cat(lengths, np.uint32), cat(blanks, np.int64)
 
 
 class JsonlIndex:
     """Random access to the rows of a jsonl file through an offset index; blank lines are skipped.
 
-    The file is opened lazily once per process (reads are seek+read on that handle, so one reader
-    thread per process), which makes the index picklable for spawned DataLoader workers and safe
-    across fork: a forked worker opens its own handle instead of sharing the parent's offset."""
+    The index is 8 bytes a line (offset and length); line numbers, needed only for messages, follow from
+    the positions of the blank lines. The file is opened lazily once per process (reads are seek+read on
+    that handle, so one reader thread per process), which makes the index picklable for spawned DataLoader
+    workers and safe across fork: a forked worker opens its own handle instead of sharing the parent's offset."""
 
     def __init__(self, path: str | Path, chunk_bytes: int = 4 << 20):
         self.path = str(path)
-        self.starts, self.ends, self.linenos = _scan_lines(self.path, chunk_bytes)
+        self.starts, self.lengths, self._blanks = _scan_lines(self.path, chunk_bytes)
+        self._linenos = None           # explicit line numbers, once rows were dropped (select)
         self._file, self._pid = None, None
 
     def __len__(self) -> int:
         return len(self.starts)
 
+    def lineno(self, i: int) -> int:
+        """1-based line number of row i in the file (blank lines counted)."""
+        if self._linenos is not None:
+            return int(self._linenos[i])
+        return int(i) + 1 + int(np.searchsorted(self._blanks, i, side="right"))
+
+    @property
+    def linenos(self) -> np.ndarray:
+        if self._linenos is not None:
+            return self._linenos
+        index = np.arange(len(self), dtype=np.int64)
+        return index + 1 + np.searchsorted(self._blanks, index, side="right")
+
     def where(self, i: int) -> str:
-        return f"{self.path}:{self.linenos[i]}"
+        return f"{self.path}:{self.lineno(i)}"
 
     def raw(self, i: int) -> bytes:
         if self._pid != os.getpid():
             self._file, self._pid = open(self.path, "rb"), os.getpid()
-        self._file.seek(int(self.starts[i]))
-        raw = self._file.read(int(self.ends[i] - self.starts[i]))
-        return raw[len(_BOM):] if self.starts[i] == 0 and raw.startswith(_BOM) else raw  # Windows editors add one
+        start = int(self.starts[i])
+        self._file.seek(start)
+        raw = self._file.read(int(self.lengths[i]))
+        return raw[len(_BOM):] if start == 0 and raw.startswith(_BOM) else raw  # Windows editors add one
 
     def read(self, i: int, required: Sequence[str] = ()) -> dict:
         return _parse_line(self.raw(i), self.where(i), required)
 
     def nbytes(self) -> np.ndarray:
-        return self.ends - self.starts
+        return self.lengths.astype(np.int64)
 
     def select(self, keep: np.ndarray) -> None:
-        self.starts, self.ends, self.linenos = self.starts[keep], self.ends[keep], self.linenos[keep]
+        self._linenos = self.linenos[keep].astype(np.int64)
+        self.starts, self.lengths = self.starts[keep], self.lengths[keep]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_file": None, "_pid": None}

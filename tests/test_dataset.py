@@ -17,8 +17,7 @@ from hypothesis import given, settings, strategies as st
 from torch.utils.data import DataLoader
 
 from dataset.lm_dataset import (DPODataset, JsonlIndex, PretrainDataset, RLAIFDataset, SFTDataset,
-                                assistant_loss_mask, dpo_collate, pack_collate, pad_collate, read_jsonl,
-                                _scan_lines)
+                                assistant_loss_mask, dpo_collate, pack_collate, pad_collate, read_jsonl)
 
 GOLDENS = Path(__file__).resolve().parent / "goldens"
 UPSTREAM_TOKENIZER = GOLDENS / "upstream_tokenizer"
@@ -243,7 +242,9 @@ def test_scan_finds_every_non_blank_line(tmp_path_factory, lines, trailing, chun
     path = tmp_path_factory.mktemp("scan") / "f.jsonl"
     data = b"\n".join(lines) + (b"\n" if trailing and lines else b"")
     path.write_bytes(data)
-    starts, ends, linenos = _scan_lines(str(path), chunk)
+    index = JsonlIndex(str(path), chunk)                  # 8 bytes a line: offset, length; line numbers derived
+    starts, ends, linenos = index.starts.astype(int), index.starts.astype(int) + index.lengths, index.linenos
+    assert [index.lineno(i) for i in range(len(index))] == linenos.tolist()
     expected, pos = [], 0
     for lineno, line in enumerate(data.split(b"\n"), start=1):
         if line.strip():
