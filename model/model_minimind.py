@@ -17,6 +17,8 @@ Features (state-dict keys, shapes and numerics match the original fa82707 releas
 This file imports nothing from the project: scripts/convert_model.py copies it into exported
 transformers folders, where it runs under trust_remote_code.
 """
+import functools
+import json
 import math
 from dataclasses import dataclass
 
@@ -141,6 +143,12 @@ def precompute_freqs_cis(dim: int, end: int = 32768, rope_base: float = 1e6, rop
     freqs_cos = torch.cat([torch.cos(freqs), torch.cos(freqs)], dim=-1) * attn_factor
     freqs_sin = torch.cat([torch.sin(freqs), torch.sin(freqs)], dim=-1) * attn_factor
     return freqs_cos, freqs_sin
+
+
+@functools.lru_cache(maxsize=8)
+def _rope_tables(dim: int, end: int, rope_base: float, rope_scaling_json, device: str):
+    scaling = json.loads(rope_scaling_json) if rope_scaling_json is not None else None
+    return precompute_freqs_cis(dim=dim, end=end, rope_base=rope_base, rope_scaling=scaling)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -437,9 +445,13 @@ class MiniMindModel(nn.Module):
         self.register_buffer("freqs_sin", freqs_sin, persistent=False)
 
     def rope_tables(self):
+        """Copies of the cos/sin tables of this config (computed once per process for each config: a 32k-row
+        table costs ~0.1 s, and models are built and re-initialised often)."""
         c = self.config
-        return precompute_freqs_cis(dim=c.head_dim, end=c.max_position_embeddings, rope_base=c.rope_theta,
-                                    rope_scaling=c.rope_scaling)
+        scaling = json.dumps(c.rope_scaling, sort_keys=True) if c.rope_scaling is not None else None
+        tables = _rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta, scaling,
+                              str(torch.get_default_device()))     # meta while transformers builds an empty model
+        return tuple(t.clone() for t in tables)
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, position_ids=None,
                 packed=None, **kwargs):

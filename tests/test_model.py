@@ -603,3 +603,19 @@ def test_save_pretrained_round_trip(tmp_path, overrides):
         # bit-identical weights; logits may differ in the last bit because safetensors memory-maps the
         # weights at other alignments, which changes the BLAS kernel's summation order
         assert torch.allclose(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_rope_tables_are_computed_once_per_config_and_never_shared():
+    """Models of one config share one computation of the cos/sin tables but each owns a copy (an in-place change
+    to one model's buffer must not reach another); a model built on the meta device gets meta tables."""
+    from model.model_minimind import MiniMindForCausalLM, precompute_freqs_cis
+    a, b = MiniMindForCausalLM(tiny_config()), MiniMindForCausalLM(tiny_config())
+    c = a.config
+    cos, sin = precompute_freqs_cis(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling)
+    assert torch.equal(a.model.freqs_cos, cos) and torch.equal(a.model.freqs_sin, sin)
+    assert a.model.freqs_cos.data_ptr() != b.model.freqs_cos.data_ptr()
+    a.model.freqs_cos.zero_()
+    assert torch.equal(b.model.freqs_cos, cos)
+    with torch.device("meta"):
+        assert MiniMindForCausalLM(tiny_config()).model.freqs_cos.is_meta
+    assert not MiniMindForCausalLM(tiny_config()).model.freqs_cos.is_meta
