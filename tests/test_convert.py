@@ -436,9 +436,11 @@ def test_clear_errors(native, tmp_path):
         convert("--hf_path", tmp_path / "nowhere", "--to", "torch")
 
 
-def test_weight_is_found_as_the_chat_finds_it_and_errors_are_one_line(tmp_path):
+def test_weight_is_found_as_the_chat_finds_it_and_errors_are_one_line(tmp_path, capfd, monkeypatch):
     """Issue 21 item 3: `convert_model.py --weight full_sft` after the demo (only full_sft_256 there) converts
-    that weight, as eval_llm.py and the server find it; several sizes or none are one `error:` line, exit 2."""
+    that weight, as eval_llm.py and the server find it; several sizes or none are one `error:` line, exit 2
+    (the first case runs the script in a subprocess, the others its `cli(main)` in this process)."""
+    from model.cli import cli
     out = tmp_path / "out"
     path = make_weight(out)                                              # full_sft_64.pth, the only one
     folder = convert("--save_dir", out, "--weight", "full_sft", "--dtype", "float32")
@@ -449,10 +451,19 @@ def test_weight_is_found_as_the_chat_finds_it_and_errors_are_one_line(tmp_path):
                   r"full_sft_64\.pth"),
              (["--weight", "dpo"], r"dpo_512\.pth not found: it is written by trainer/train_dpo\.py"),
              (["--torch_path", str(path.with_name("nope.pth"))], r"nope\.pth not found")]
-    for flags, message in cases:
-        run = subprocess.run(script + flags, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-        assert run.returncode == 2 and run.stdout == "", run.stderr
-        assert len(run.stderr.strip().splitlines()) == 1 and re.match(r"error: .*" + message, run.stderr), run.stderr
+    monkeypatch.delenv("MINIMIND_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for i, (flags, message) in enumerate(cases):
+        if i == 0:
+            run = subprocess.run(script + flags, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+            code, stdout, stderr = run.returncode, run.stdout, run.stderr
+        else:
+            capfd.readouterr()
+            with pytest.raises(SystemExit) as exit_:
+                cli(lambda: main(script[2:] + flags))
+            code, (stdout, stderr) = exit_.value.code, capfd.readouterr()
+        assert code == 2 and stdout == "", stderr
+        assert len(stderr.strip().splitlines()) == 1 and re.match(r"error: .*" + message, stderr), stderr
 
 
 def test_exported_tokenizer_loads_without_custom_code_or_question(native, tmp_path):

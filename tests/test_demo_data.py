@@ -137,14 +137,17 @@ def test_rlaif_format(full):
 def test_rlaif_units_train_and_held_out_prompts(full):
     """rlaif_units.jsonl: unit conversions on training pairs in training phrasings; rlaif_units_eval.jsonl:
     every held-out pair in every phrasing, none of them in any training file, answers = number x factor."""
+    asked = {}   # every unit question the generator can ask -> (unit, number, held-out phrasing); the first wins
+    for i in range(len(dd.UNITS)):
+        for v in range(1, 13):
+            for lang in ("zh", "en"):
+                for k, t in enumerate(dd.UNIT_QUESTIONS[lang]):
+                    asked.setdefault(dd.unit_qa(i, v, lang, t)["q"], (i, v, k == len(dd.UNIT_QUESTIONS[lang]) - 1))
+
     def pair(q):
-        for i in range(len(dd.UNITS)):
-            for v in range(1, 13):
-                for lang in ("zh", "en"):
-                    for k, t in enumerate(dd.UNIT_QUESTIONS[lang]):
-                        if dd.unit_qa(i, v, lang, t)["q"] == q:
-                            return i, v, k == len(dd.UNIT_QUESTIONS[lang]) - 1
-        raise AssertionError(q)
+        if q not in asked:
+            raise AssertionError(q)
+        return asked[q]
     for row in full["rlaif_units"]:
         i, v, held_template = pair(row["conversations"][0]["content"])
         assert not dd.held_out(f"unit:{i}:{v}", 8) and not held_template
@@ -152,10 +155,19 @@ def test_rlaif_units_train_and_held_out_prompts(full):
     evals = full["rlaif_units_eval"]
     assert len(evals) == len({r["question"] for r in evals}) == 96
     train = training_text(full)
+
+    def unseen(text):
+        r"""No occurrence of text in training that does not follow a digit ("1千克" is not "11千克"): what
+        re.search(r"(?<!\d)" + re.escape(text), train) finds, with str.find (the regex takes 0.1 s a search)."""
+        at = train.find(text)
+        while at != -1:
+            if at == 0 or not train[at - 1].isdecimal():
+                return False
+            at = train.find(text, at + 1)
+        return True
     for row in evals:
         i, v, _ = pair(row["question"])
         assert dd.held_out(f"unit:{i}:{v}", 8) and row["answer"] == str(v * dd.UNITS[i][4])
-        unseen = lambda text: not re.search(r"(?<!\d)" + re.escape(text), train)   # "1千克" is not "11千克"
         assert list(row) == ["question", "answer", "kind"] and unseen(row["question"])
         # the pair's answer sentence never appears in training either ("6周等于42天。", "6 weeks is 42 days.")
         for lang in ("zh", "en"):

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,10 +81,20 @@ def parse(argv):
     return add_model_args(argparse.ArgumentParser()).parse_args(argv)
 
 
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    """The talkative tiny model saved once per module (out/full_sft_64.pth + .json), and the tokenizer."""
+    return save_tiny(tmp_path_factory.mktemp("native") / "out"), load_tokenizer(tokenizer_dir())
+
+
 @pytest.fixture
-def native(tmp_path):
-    path = save_tiny(tmp_path / "out")
-    return path, load_native(path).eval(), load_tokenizer(tokenizer_dir())
+def native(tmp_path, saved_tiny):
+    """(weight path, model, tokenizer): a copy of the saved model in this test's own tmp_path/out (tests add
+    files beside it), loaded afresh (tests change the model)."""
+    saved, tokenizer = saved_tiny
+    shutil.copytree(saved.parent, tmp_path / "out")
+    path = tmp_path / "out" / saved.name
+    return path, load_native(path).eval(), tokenizer
 
 
 def test_piped_stdin_from_another_cwd_prints_one_line_per_answer(native, tmp_path):

@@ -1,16 +1,20 @@
 """Training never destroys good weights and fails in one clear line (issue: nothing lost): a resume request
 that finds no file, non-finite losses, a finished run resumed, bad data lines, bad resume files, a full
-disk, and Ctrl-C. Each test drives the real stage script (in-process or as a subprocess) on a tiny model."""
+disk, and Ctrl-C. Each test drives the real stage script on a tiny model: its main() under the script's own
+cli() wrapper in this process (run_cli), or the script itself in a subprocess where the process is what is
+tested (the command line's exit code and stderr, Ctrl-C)."""
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from model.cli import cli
 from tests.conftest import ROOT, tiny_train_args, write_tiny_corpus
 from trainer import train_pretrain
 
@@ -21,6 +25,25 @@ def run_script(args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MINIMIND_DEBUG", None)
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300, env=env, **kw)
+
+
+@pytest.fixture
+def run_cli(capfd, monkeypatch):
+    """What `python trainer/train_pretrain.py ARGS` does (`cli(main)`, see the script's last lines), in this
+    process: returns (returncode, stdout, stderr) as run_script does, stdout and stderr read at the file
+    descriptors (DataLoader workers included)."""
+    monkeypatch.delenv("MINIMIND_DEBUG", raising=False)
+
+    def run(args):
+        capfd.readouterr()
+        code = 0
+        try:
+            cli(lambda: train_pretrain.main(args))
+        except SystemExit as exit_:
+            code = exit_.code
+        out, err = capfd.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return run
 
 
 def one_error_line(res):
@@ -36,7 +59,7 @@ def corpus(tmp_path):
     return write_tiny_corpus(tmp_path / "data", n=48)
 
 
-def test_resume_without_a_resume_file_never_overwrites_trained_weights(tmp_path, corpus):
+def test_resume_without_a_resume_file_never_overwrites_trained_weights(tmp_path, corpus, run_cli):
     args = tiny_train_args(tmp_path, corpus["pretrain"], max_steps=4)
     train_pretrain.main(args)
     out = tmp_path / "out" / "pretrain_64.pth"
@@ -49,18 +72,18 @@ def test_resume_without_a_resume_file_never_overwrites_trained_weights(tmp_path,
     assert out.read_bytes() == before
     # with no trained weight in the way, a first --from_resume 1 run starts fresh and says so
     fresh = tiny_train_args(tmp_path / "new", corpus["pretrain"], max_steps=2, from_resume=1)
-    res = run_script(fresh)
+    res = run_cli(fresh)
     assert res.returncode == 0 and "no resume file" in res.stdout and "starting a new run" in res.stdout
 
 
-def test_non_finite_loss_skips_steps_then_stops_without_saving(tmp_path, corpus):
+def test_non_finite_loss_skips_steps_then_stops_without_saving(tmp_path, corpus, run_cli):
     good = tiny_train_args(tmp_path, corpus["pretrain"], max_steps=3, packing=0, accumulation_steps=1)
     train_pretrain.main(good)
     out = tmp_path / "out" / "pretrain_64.pth"
     before = out.read_bytes()
     bad = tiny_train_args(tmp_path, corpus["pretrain"], learning_rate=1e5, grad_clip=0, save_interval=1,
                           packing=0, accumulation_steps=1, epochs=3)
-    res = run_script(bad)
+    res = run_cli(bad)
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
     assert "optimizer step skipped" in res.stdout
     line = one_error_line(res)
@@ -104,41 +127,39 @@ def test_a_finished_run_resumed_is_a_no_op(tmp_path, corpus, capsys):
     ('{"text": ' + "1" * 5000 + "}", "4300 digits"),
 ], ids=["lone-surrogate", "deep-nesting", "5000-digits"])
 @pytest.mark.parametrize("workers", [0, 1])
-def test_hostile_data_lines_are_one_line_naming_the_file_and_line(tmp_path, corpus, line, skip, workers):
+def test_hostile_data_lines_are_one_line_naming_the_file_and_line(tmp_path, corpus, line, skip, workers, run_cli):
     path = tmp_path / "bad.jsonl"
     lines = corpus["pretrain"].read_text(encoding="utf-8").splitlines()
     path.write_text("\n".join(lines[:5] + [line] + lines[5:]) + "\n", encoding="utf-8")
     # workers 0: packing measures every sample at start-up; workers 1: unpacked, the bad line fails in a worker
-    res = run_script(tiny_train_args(tmp_path, path, num_workers=workers, packing=1 - workers))
+    res = run_cli(tiny_train_args(tmp_path, path, num_workers=workers, packing=1 - workers))
     assert res.returncode == 2
     assert one_error_line(res).startswith(f"error: {path}:6: ")
-    # --skip_bad_lines 1 trains past it (in this process: the one-line error above is what needs a fresh one)
+    # --skip_bad_lines 1 trains past it
     with pytest.warns(UserWarning, match="skipped 1 of 49 lines"):
         train_pretrain.main(tiny_train_args(tmp_path, path, max_steps=2, num_workers=workers, skip_bad_lines=1))
 
 
-def test_bad_resume_files_and_a_full_disk_are_one_line(tmp_path, corpus):
+def test_bad_resume_files_and_a_full_disk_are_one_line(tmp_path, corpus, run_cli, monkeypatch):
     args = tiny_train_args(tmp_path, corpus["pretrain"], max_steps=2)
     train_pretrain.main(args)
     resume = tmp_path / "ckpt" / "pretrain_64_resume.pth"
     good = resume.read_bytes()
     resume.write_bytes(good[: len(good) // 2])                         # truncated
-    res = run_script(args + ["--from_resume", "1", "--max_steps", "4"])
+    res = run_cli(args + ["--from_resume", "1", "--max_steps", "4"])
     assert res.returncode == 2 and "is corrupted (damaged or truncated" in one_error_line(res)
     resume.write_bytes(good)
     other = [a if a != "2" else "3" for a in args]                     # --num_hidden_layers 3, same file name
-    res = run_script(other + ["--from_resume", "1", "--max_steps", "4"])
+    res = run_cli(other + ["--from_resume", "1", "--max_steps", "4"])
     assert res.returncode == 2 and "does not fit this run" in one_error_line(res)
     # a full disk: the save fails with ENOSPC, the previous files stay as they were
-    probe = ("import errno, sys, torch; sys.argv[0] = sys.argv[1]; sys.path.insert(0, sys.argv[2]);"
-             "real = torch.save\n"
-             "def full(obj, f, *a, **k): raise OSError(errno.ENOSPC, 'No space left on device', str(f))\n"
-             "torch.save = full\n"
-             "from trainer import train_pretrain; from model.cli import cli\n"
-             "cli(lambda: train_pretrain.main(sys.argv[3:]))")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", probe, SCRIPT, str(ROOT), *args, "--max_steps", "3"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    import errno
+
+    def full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "save", full)
+        res = run_cli(args + ["--max_steps", "3"])
     assert res.returncode == 2 and "No space left on device" in one_error_line(res)
     assert resume.read_bytes() == good
 

@@ -365,20 +365,36 @@ def rl_args(chain, out, **flags):
     return tiny_train_args(out, chain / "data" / "rlaif.jsonl", **flags)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(sft_chain, tmp_path_factory):
+    """run(module, **flags): the uninterrupted run `module.main(rl_args(...))` of these flags, run once in this
+    module (a resume test and another one compare against the same run) under the tests' even-length reward;
+    returns (its directory, the weight path main returned, the loss)."""
+    runs = {}
+
+    def run(module, **flags):
+        key = (module.__name__, tuple(sorted(flags.items())))
+        if key not in runs:
+            out = tmp_path_factory.mktemp("full")
+            runs[key] = (out, *module.main(rl_args(sft_chain, out, **flags)))
+        return runs[key]
+    return run
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("stage", RL)
-def test_rl_stage_runs_and_resumes_exactly(stage, dtype, sft_chain, tmp_path, monkeypatch):
+def test_rl_stage_runs_and_resumes_exactly(stage, dtype, sft_chain, tmp_path, monkeypatch, uninterrupted):
     """Both precisions, whatever --dtype auto picks on this machine: under bf16 the rollouts' tokens depend on
     how the engine batched their prefills, so that must not depend on thread timing (Engine.generate)."""
     # a tiny untrained model never answers right: reward even-length answers so the rewards vary
     monkeypatch.setattr(rl, "answer_correct", lambda text, ref: len(text) % 2 == 0)
     module, name, keys, flags = RL[stage]
     flags = {**flags, "dtype": dtype}
-    path, loss = module.main(rl_args(sft_chain, tmp_path / "full", max_steps=4, **flags))
-    assert path == tmp_path / "full" / "out" / f"{name}.pth" and path.exists() and math.isfinite(loss)
+    full, path, loss = uninterrupted(module, max_steps=4, **flags)
+    assert path == full / "out" / f"{name}.pth" and path.exists() and math.isfinite(loss)
     base, trained = torch.load(sft_chain / "out" / "full_sft_64.pth"), torch.load(path)
     assert set(base) == set(trained) and any(not torch.equal(base[k], trained[k]) for k in base)
-    log = [json.loads(line) for line in open(tmp_path / "full" / "out" / f"{name}_metrics.jsonl")]
+    log = [json.loads(line) for line in open(full / "out" / f"{name}_metrics.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
     assert {"reward", "acc", "kl"} <= set(log[0])
     # stop after 3 steps, resume to 4: bit-identical to the uninterrupted run
@@ -388,7 +404,7 @@ def test_rl_stage_runs_and_resumes_exactly(stage, dtype, sft_chain, tmp_path, mo
     module.main(rl_args(sft_chain, tmp_path / "cut", max_steps=4, from_resume=1, **flags))
     resumed = torch.load(tmp_path / "cut" / "out" / f"{name}.pth")
     assert all(torch.equal(trained[k], resumed[k]) for k in trained)
-    full_ckp = torch.load(tmp_path / "full" / "ckpt" / f"{name}_resume.pth", weights_only=False)
+    full_ckp = torch.load(full / "ckpt" / f"{name}_resume.pth", weights_only=False)
     cut_ckp = torch.load(tmp_path / "cut" / "ckpt" / f"{name}_resume.pth", weights_only=False)
     for key in keys:
         a, b = full_ckp[key], cut_ckp[key]
@@ -412,12 +428,13 @@ def test_grpo_inner_iterations_clip_the_ratio(sft_chain, tmp_path, monkeypatch):
         train_grpo.main(rl_args(sft_chain, tmp_path, num_generations=1))
 
 
-def test_ppo_resumes_exactly_from_an_old_actor_refresh(sft_chain, tmp_path, monkeypatch):
+def test_ppo_resumes_exactly_from_an_old_actor_refresh(sft_chain, tmp_path, monkeypatch, uninterrupted):
     """The refresh hook runs right after the optimizer step, so a resume file written at a refresh step holds the
     refreshed old actor (the actor's weights) and the resumed run goes on as the uninterrupted one."""
     monkeypatch.setattr(rl, "answer_correct", lambda text, ref: len(text) % 2 == 0)
     flags = dict(critic_learning_rate=1e-3, update_old_actor_freq=2, dtype="float32")
-    full, _ = train_ppo.main(rl_args(sft_chain, tmp_path / "full", max_steps=4, **flags))
+    assert flags == {**RL["ppo"][3], "dtype": "float32"}      # the stage test's ppo float32 run: shared
+    _, full, _ = uninterrupted(train_ppo, max_steps=4, **flags)
     train_ppo.main(rl_args(sft_chain, tmp_path / "cut", max_steps=2, **flags))
     ckp = torch.load(tmp_path / "cut" / "ckpt" / "ppo_actor_64_resume.pth", weights_only=False)
     assert all(torch.equal(ckp["old_actor"][k], ckp["model"][k]) for k in ckp["model"])
@@ -446,11 +463,15 @@ def test_bench_rl_demo_mode_at_toy_size(sft_chain, tmp_path):
     from bench import bench_rl
     from dataset import demo_data
     demo = demo_data.write_demo_data(tmp_path / "demo", scale=0.05)
+    heads = {}                       # the first 8 questions of each scored file: 11 scorings of 96 + 25 are slow
+    for key in ("rlaif_units_eval", "eval"):
+        heads[key] = tmp_path / "demo" / f"{key}_head.jsonl"
+        heads[key].write_text("".join(demo[key].read_text(encoding="utf-8").splitlines(True)[:8]), encoding="utf-8")
     work = tmp_path / "work"
     result = bench_rl.main(["--work_dir", str(work), "--from_dir", str(sft_chain / "out"), "--hidden_size", "64",
                             "--num_hidden_layers", "2", "--tokenizer_path", str(tokenizer_dir()),
-                            "--rl_data", str(demo["rlaif_units"]), "--eval_data", str(demo["rlaif_units_eval"]),
-                            "--broad_eval", str(demo["eval"]), "--rl_steps", "2", "--eval_every", "1",
+                            "--rl_data", str(demo["rlaif_units"]), "--eval_data", str(heads["rlaif_units_eval"]),
+                            "--broad_eval", str(heads["eval"]), "--rl_steps", "2", "--eval_every", "1",
                             "--prompts_per_step", "4", "--num_generations", "2", "--max_gen_len", "6",
                             "--eval_samples", "1", "--grpo_lr", "1e-2", "--ppo_lr", "1e-2", "--spo_lr", "1e-2",
                             "--plot", str(tmp_path / "rl.png")])
@@ -485,7 +506,6 @@ def test_rl_resumes_exactly_from_a_save_written_mid_run(stage, flags, sft_chain,
     monkeypatch.setattr(rl, "answer_correct", lambda text, ref: len(text) % 2 == 0)
     module, name, _, base_flags = RL[stage]
     flags = {**base_flags, **flags, "dtype": "float32", "save_interval": 2}
-    path, _ = module.main(rl_args(sft_chain, tmp_path / "full", max_steps=6, **flags))
     kept, real_save = tmp_path / "kept.pth", loop._Saver.save
 
     def keep_first_mid_run_file(self, point, barrier=True):
@@ -493,13 +513,15 @@ def test_rl_resumes_exactly_from_a_save_written_mid_run(stage, flags, sft_chain,
         if not kept.exists():
             shutil.copy(tmp_path / "run" / "ckpt" / f"{name}_resume.pth", kept)
 
+    # the uninterrupted run (keeping a copy of its first mid-run save changes nothing in it)
     monkeypatch.setattr(loop._Saver, "save", keep_first_mid_run_file)
-    module.main(rl_args(sft_chain, tmp_path / "run", max_steps=6, **flags))
+    path, _ = module.main(rl_args(sft_chain, tmp_path / "run", max_steps=6, **flags))
     monkeypatch.setattr(loop._Saver, "save", real_save)
+    full = torch.load(path)
     assert torch.load(kept, weights_only=False)["step"] == 2
     shutil.copy(kept, tmp_path / "run" / "ckpt" / f"{name}_resume.pth")   # as if killed after it
     module.main(rl_args(sft_chain, tmp_path / "run", max_steps=6, from_resume=1, **flags))
-    full, resumed = torch.load(path), torch.load(tmp_path / "run" / "out" / f"{name}.pth")
+    resumed = torch.load(tmp_path / "run" / "out" / f"{name}.pth")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 

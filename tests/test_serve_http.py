@@ -15,7 +15,8 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from scripts.serve_openai_api import build_parser, create_app, main  # noqa: E402
-from tests.test_serve import ScriptedModel, launch_server, running, tokenizer  # noqa: E402,F401 (tokenizer: a fixture)
+from tests.test_serve import (USER, ScriptedModel, client, launch_server, openai, running,  # noqa: E402
+                              tokenizer)  # noqa: F401 (tokenizer: a fixture)
 
 HEAD_S, BODY_S, IDLE_S = 1.0, 1.0, 0.5  # the test server's --header_timeout, --body_timeout, --keep_alive_timeout
 CHAT = b'{"messages": [{"role": "user", "content": "hi"}]}'
@@ -230,17 +231,29 @@ def sse_events(stream):
             yield event.decode()[len("data: "):]
 
 
-def test_sigterm_ends_running_answers_after_the_shutdown_timeout_and_exits_0(tmp_path):
-    proc, port = launch_server(tmp_path, "--shutdown_timeout", "1")
+def test_readme_command_takes_the_key_from_the_environment_and_sigterm_ends_it(tmp_path):
+    """`python scripts/serve_openai_api.py` (the README command) in a subprocess, one process for both checks:
+    the API key comes from MINIMIND_API_KEY (never the command line); SIGTERM ends the answers still running
+    after --shutdown_timeout and the process exits 0."""
+    import os
+    proc, port = launch_server(tmp_path, "--shutdown_timeout", "1", env={**os.environ, "MINIMIND_API_KEY": "sk-env"})
     try:
+        url = f"http://127.0.0.1:{port}/v1"
+        with pytest.raises(openai.AuthenticationError):
+            client(url).models.list()
+        r = client(url, "sk-env").chat.completions.create(model="minimind", messages=USER, max_tokens=4)
+        assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens <= 4
+        assert "sk-env" not in " ".join(proc.args)
+
+        key = {"authorization": "Bearer sk-env"}
         long = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 8000, "temperature": 0}
         whole = {}
 
         def not_streamed():
-            whole["reply"] = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=long, timeout=60)
+            whole["reply"] = httpx.post(f"{url}/chat/completions", json=long, headers=key, timeout=60)
 
         waiter = threading.Thread(target=not_streamed)
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=long | {"stream": True},
+        with httpx.stream("POST", f"{url}/chat/completions", json=long | {"stream": True}, headers=key,
                           timeout=60) as r:
             events = sse_events(r.iter_raw())
             first = [next(events) for _ in range(20)]  # the answer is under way
