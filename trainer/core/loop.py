@@ -83,12 +83,12 @@ def clip_and_check(run, optimizers, grad_clip: float) -> bool:
     norms = []
     for opt in optimizers:
         run.scaler.unscale_(opt)
-        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
             continue
-        norm = torch.nn.utils.get_total_norm(grads)          # FSDP: reduced over the shards (a DTensor)
-        if grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, norm)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])   # FSDP: reduced over the shards (a DTensor)
+        if grad_clip > 0:         # takes the parameters and scales their .grad (given the grads, it clipped nothing)
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
         norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     return bool(torch.stack(norms).isfinite().all()) if norms else True
 
