@@ -16,8 +16,8 @@ a long-tailed length, SFT dialogues of 1-3 turns) and the original's tokenizer, 
 Columns: useful (non-padding) tokens/s and its ratio to the original, the padding share of the positions
 computed, MFU (6 x params x useful tokens/s over the measured matmul peak), peak RSS of the process.
 Then, with --loss_samples > 0: one epoch of pretraining on the demo corpus (a 128x4 model) unpacked, packed
-with the same --batch_size (rows: fewer, larger steps), packed with about as many samples per step, unpacked
-with exactly as many samples per step as those packed rows, and the cross-entropy of each on held-out demo lines.
+(default: the same samples per step), --batch_unit rows with the same --batch_size (fewer, larger steps) and
+with about as many samples per step, and the cross-entropy of each on held-out demo lines.
 Nothing is written outside a temporary directory. Prints markdown tables.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -148,10 +148,9 @@ def run_original(stage, data, seq, args, tmp, useful_per_sample):
 
 
 def loss_check(args, tmp):
-    """Held-out CE after one epoch of pretraining on the demo corpus: unpacked, packed with the same --batch_size
-    (rows, so fewer and larger steps), packed with about as many samples per step as the unpacked run, and
-    unpacked with as many samples per step as those packed rows hold (the like-for-like pair: same samples per
-    step, so about the same number of steps)."""
+    """Held-out CE after one epoch of pretraining on the demo corpus: unpacked and packed with --batch_size 16
+    samples (the same batches, so the same steps), and --batch_unit rows with 16 rows (fewer and larger steps)
+    and with about 16 samples' worth of rows."""
     import torch
     from transformers import AutoTokenizer
     from dataset.demo_data import write_demo_data
@@ -174,21 +173,20 @@ def loss_check(args, tmp):
     per_row = 255 / (sum(len(train_ds[i][0]) for i in range(len(train_ds))) / len(train_ds))
     batch = 16
     rows = max(1, round(batch / per_row))
-    runs = [("--packing 0, batch 16 samples", 0, batch), ("--packing 1, batch 16 rows", 1, batch),
-            (f"--packing 1, batch {rows} rows (~{rows * per_row:.0f} samples)", 1, rows)]
-    if round(rows * per_row) != batch:  # the like-for-like pair, unless the first run already is it
-        runs.append((f"--packing 0, batch {round(rows * per_row)} samples (as many as {rows} packed rows)", 0,
-                     round(rows * per_row)))
+    runs = [("--packing 0, batch 16 samples", ["--packing", "0"], batch),
+            ("default (packed), batch 16 samples", [], batch),
+            ("--batch_unit rows, batch 16 rows", ["--batch_unit", "rows"], batch),
+            (f"--batch_unit rows, batch {rows} rows (~{rows * per_row:.0f} samples)", ["--batch_unit", "rows"], rows)]
     print(f"\n# held-out loss after one epoch: demo pretrain text, {len(lines) - held} training / {held} held-out "
           f"lines ({per_row:.1f} samples per packed row), 128x4, max_seq_len 256, lr 2e-3, accumulation 1")
     print("| run | optimizer steps | minutes | held-out CE (nats/token) |")
     print("|---|---|---|---|")
-    for name, packing, rows in runs:
-        out = Path(tmp) / f"loss-{packing}-{rows}"
+    for k, (name, extra, rows) in enumerate(runs):
+        out = Path(tmp) / f"loss-{k}"
         flags = ["--device", "cpu", "--hidden_size", "128", "--num_hidden_layers", "4", "--max_seq_len", "256",
                  "--batch_size", str(rows), "--accumulation_steps", "1", "--learning_rate", "2e-3",
                  "--data_path", str(train), "--save_dir", str(out), "--checkpoint_dir", str(out),
-                 "--log_interval", "1000", "--save_interval", "100000", "--packing", str(packing), "--num_workers", "1"]
+                 "--log_interval", "1000", "--save_interval", "100000", "--num_workers", "1", *extra]
         t0 = time.time()
         subprocess.run([sys.executable, str(ROOT / "trainer" / "train_pretrain.py"), *flags], check=True,
                        capture_output=True, text=True)
