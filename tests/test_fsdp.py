@@ -1,13 +1,12 @@
 """trainer/core/fsdp.py: FSDP2 (fully_shard) on 2 CPU ranks (gloo) against a single-process run of the same
 global batch; resume equality; the gathered weight file in a plain model; the one-process fallbacks."""
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from tests import fsdp_driver as driver
-from tests.conftest import ROOT, free_port, launcher_env, tiny_config
+from tests.conftest import ROOT, run_launcher, tiny_config
 from model.loading import load_weights
 from trainer.core.fsdp import clip_grad_norm, full_model_state, full_optimizer_state, load_full_state, no_sync, wrap_fsdp
 
@@ -15,9 +14,8 @@ from trainer.core.fsdp import clip_grad_norm, full_model_state, full_optimizer_s
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(free_port()), str(ROOT / "tests" / "fsdp_driver.py"), str(out)],
-                         capture_output=True, text=True, timeout=600, env=launcher_env())
+    res = run_launcher(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                     "--master_port", str(port), str(ROOT / "tests" / "fsdp_driver.py"), str(out)])
     assert res.returncode == 0, res.stderr[-3000:]
     return out, torch.load(out / "result.pt", weights_only=False)
 
@@ -120,9 +118,8 @@ def test_fsdp_flag_in_a_stage_equals_ddp_and_resumes_exactly(tmp_path):
     def launch(run, fsdp, **extra):
         args = tiny_train_args(tmp_path / run, data["sft"], fsdp=fsdp, accumulation_steps=2, batch_size=2,
                                learning_rate=1e-3, from_weight="none", dtype="float32", **extra)
-        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                              str(free_port()), str(ROOT / "trainer" / "train_full_sft.py"), *args],
-                             capture_output=True, text=True, timeout=600, env=launcher_env())
+        res = run_launcher(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                         "--master_port", str(port), str(ROOT / "trainer" / "train_full_sft.py"), *args])
         assert res.returncode == 0, res.stderr[-3000:]
         return res.stdout
 

@@ -6,16 +6,15 @@ import shutil
 import subprocess
 import sys
 
-from tests.conftest import ROOT, check_two_ranks, dist_probe_argv, free_port, launcher_env, write_tiny_corpus
+from tests.conftest import ROOT, check_two_ranks, dist_probe_argv, free_port, launcher_env, run_launcher, write_tiny_corpus
 
 
 def test_deepspeed_launcher_two_ranks_on_cpu(tmp_path):
     deepspeed = shutil.which("deepspeed")
     assert deepspeed, "the deepspeed launcher is missing: pip install -r requirements.txt"
     data = write_tiny_corpus(tmp_path / "data", n=16)                       # 16 samples / (2 ranks * 4) = 2 steps
-    res = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()),
-                          *dist_probe_argv(tmp_path, data["pretrain"], accumulation_steps=1, packing=0)],
-                         capture_output=True, text=True, timeout=600, env=launcher_env())
+    res = run_launcher(lambda port: [deepspeed, "--num_gpus", "2", "--master_port", str(port),
+                                     *dist_probe_argv(tmp_path, data["pretrain"], accumulation_steps=1, packing=0)])
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     check_two_ranks(tmp_path, rows_per_rank=8)
     assert "Epoch:[1/1](2/2)" in res.stdout
@@ -76,3 +75,18 @@ def test_two_nodes_resume_needs_the_file_on_every_node(tmp_path):
     outputs = [node.communicate(timeout=600) for node in nodes]
     assert all(node.returncode != 0 for node in nodes)
     assert "1 of 2 processes found" in outputs[0][1] and "pretrain_64_resume.pth" in outputs[0][1]
+
+
+def test_a_launch_is_run_again_only_after_the_gloo_teardown_abort(tmp_path):
+    """run_launcher retries exactly once, and only for the gloo teardown abort; any other failure is returned as is."""
+    from tests.conftest import GLOO_TEARDOWN_ABORT
+
+    def failing_once(message):
+        marker = tmp_path / message[:4]
+        code = (f"import pathlib, sys; m = pathlib.Path({str(marker)!r})\n"
+                f"if not m.exists(): m.touch(); sys.stderr.write({message!r}); sys.exit(134)")
+        return lambda port: [sys.executable, "-c", code]
+
+    assert run_launcher(failing_once(GLOO_TEARDOWN_ABORT)).returncode == 0
+    other = run_launcher(failing_once("some other failure"))
+    assert other.returncode == 134 and "some other failure" in other.stderr

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import (ROOT, check_two_ranks, dist_probe_argv, free_port, launcher_env, tiny_train_args,
+from tests.conftest import (ROOT, check_two_ranks, dist_probe_argv, run_launcher, tiny_train_args,
                             write_tiny_corpus)
 from trainer import train_full_sft, train_pretrain
 
@@ -161,10 +161,9 @@ def test_runs_from_any_working_directory(tmp_path):
 @pytest.mark.parametrize("packing", [0, 1])
 def test_torchrun_two_processes_on_cpu(tmp_path, packing):
     data = write_tiny_corpus(tmp_path / "data", n=32)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(free_port()), *dist_probe_argv(tmp_path, data["pretrain"], accumulation_steps=1,
-                                                             packing=packing)],
-                         capture_output=True, text=True, timeout=600, env=launcher_env())
+    res = run_launcher(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                     "--master_port", str(port), *dist_probe_argv(tmp_path, data["pretrain"],
+                                                                                  accumulation_steps=1, packing=packing)])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "FutureWarning" not in res.stderr
     # unpacked: 32 samples / 2 ranks, 4 steps of 4 each; packed: each rank its own rows, every sample trained
