@@ -1,7 +1,7 @@
 """The batches of every epoch: which samples each micro-batch holds (seeded per epoch, split across ranks,
 skipping exactly what a resumed run has done) and how they are laid out (the collate).
 
-    collate = PackRows(args.max_seq_len - 1, static=...)   # or PadRows(...): the stage script chooses
+    collate = supervised_collate(args)          # PackRows or PadRows: the stage script passes its choice
     plan = BatchPlan(dataset, args, run, collate)
     plan.num_batches(epoch)                     # this rank's micro-batches in that epoch
     loader = plan.loader(epoch, skip=12)        # a DataLoader over the rest of the epoch
