@@ -1,16 +1,21 @@
-"""MiniMind: a tiny decoder-only language model, faithful to the original MiniMind checkpoints.
+"""MiniMind: a tiny decoder-only language model in both of the original's families, faithful to their checkpoints.
 
-Features (state-dict keys, shapes and numerics match the original fa82707 release):
+- MiniMind2 (the default; state-dict keys, shapes and numerics of the original fa82707 release)
+- minimind-3 (config.model_family = "minimind3"; the original's newest model, laid out as Qwen3): per-head RMSNorm
+  on queries and keys before RoPE (q_norm, k_norm), an explicit head_dim, FFN size ceil(pi*hidden/64)*64, eps 1e-6,
+  RMSNorm scaled in float32, top-1 MoE without shared experts and with a Switch-style aux loss, N(0, 0.02) init.
+  A config.json written by the original's newest code loads as it is (its keys name the family).
+Features of both:
 - GQA attention through F.scaled_dot_product_attention on every path (prefill, decode, padded
   batches, packed rows), with an explicit-mask reference path kept next to it (config.flash_attn=False)
 - packed rows: position_ids that restart at 0 mark sample starts; attention is then block-diagonal causal
   (on CPU computed sample by sample, so the masked-out blocks cost nothing)
 - RoPE in the half-split ("rotate half") layout, with YaRN extrapolation (config.inference_rope_scaling)
-- SwiGLU feed-forward, intermediate size = 64 * ceil(int(8/3 * hidden) / 64)
+- SwiGLU feed-forward (MiniMind2: intermediate size = 64 * ceil(int(8/3 * hidden) / 64))
 - RMSNorm computed in float32
 - tied input embedding / LM head
-- MoE feed-forward: softmax gate, top-k routing with normalised weights, shared experts, the
-  DeepSeek-style load-balancing aux loss (sequence-level or batch-level)
+- MoE feed-forward: softmax gate, top-k routing with normalised weights (MiniMind2: shared experts and
+  the DeepSeek-style load-balancing aux loss, sequence-level or batch-level)
 - a growable KV cache that never re-copies the whole cache on each decode step
 - transformers PreTrainedModel + GenerationMixin: generate(), save_pretrained(), AutoModel registration
 
@@ -39,46 +44,102 @@ YARN_ROPE_SCALING = {"beta_fast": 32, "beta_slow": 1, "factor": 16, "original_ma
 
 
 # ---- Config ----
+FAMILIES = ("minimind2", "minimind3")
+# config keys that only one family has: a config.json written by the original's newest code (minimind-3) has the
+# second set and no `model_family`; one written by fa82707 (MiniMind2) has the first
+MINIMIND2_KEYS = ("n_routed_experts", "n_shared_experts", "aux_loss_alpha", "seq_aux", "scoring_func")
+MINIMIND3_KEYS = ("head_dim", "num_experts", "moe_intermediate_size", "router_aux_loss_coef")
+_UNSET = object()   # "not given": the family decides the default
+
+
+def family_defaults(family: str) -> dict:
+    """The defaults in which the two families differ (minimind-3: the original's newest model, Qwen3-style)."""
+    if family == "minimind3":
+        return dict(hidden_size=768, num_key_value_heads=4, rms_norm_eps=1e-6, num_experts_per_tok=1)
+    return dict(hidden_size=512, num_key_value_heads=2, rms_norm_eps=1e-5, num_experts_per_tok=2)
+
+
 class MiniMindConfig(PretrainedConfig):
+    """Both MiniMind families. `model_family` "minimind2" (the default: fa82707, "MiniMind2") or "minimind3" (the
+    original's newest model: per-head q/k RMSNorm, explicit head_dim, FFN size ceil(pi*hidden/64)*64, eps 1e-6,
+    top-1 MoE without shared experts and a Switch-style aux loss). When `model_family` is not given, the keys tell:
+    any of MINIMIND3_KEYS (and none of MINIMIND2_KEYS) means minimind3, so both originals' config.json load as
+    they are. A saved config lists its own family's keys only (MiniMind2's exactly as before)."""
     model_type = "minimind"
 
     def __init__(self, dropout: float = 0.0, bos_token_id: int = 1, eos_token_id: int = 2, hidden_act: str = "silu",
-                 hidden_size: int = 512, intermediate_size: int = None, max_position_embeddings: int = 32768,
-                 num_attention_heads: int = 8, num_hidden_layers: int = 8, num_key_value_heads: int = 2,
-                 vocab_size: int = 6400, rms_norm_eps: float = 1e-05, rope_theta: int = 1000000.0,
+                 hidden_size=_UNSET, intermediate_size: int = None, max_position_embeddings: int = 32768,
+                 num_attention_heads: int = 8, num_hidden_layers: int = 8, num_key_value_heads=_UNSET,
+                 vocab_size: int = 6400, rms_norm_eps=_UNSET, rope_theta: int = 1000000.0,
                  inference_rope_scaling: bool = False, flash_attn: bool = True,
-                 use_moe: bool = False, num_experts_per_tok: int = 2, n_routed_experts: int = 4,
-                 n_shared_experts: int = 1, scoring_func: str = "softmax", aux_loss_alpha: float = 0.01,
-                 seq_aux: bool = True, norm_topk_prob: bool = True, **kwargs):
+                 use_moe: bool = False, num_experts_per_tok=_UNSET, n_routed_experts: int = None,
+                 n_shared_experts: int = None, scoring_func: str = None, aux_loss_alpha: float = None,
+                 seq_aux: bool = None, norm_topk_prob: bool = True, model_family: str = None, head_dim: int = None,
+                 num_experts: int = None, moe_intermediate_size: int = None, router_aux_loss_coef: float = None,
+                 **kwargs):
+        mm2 = {k: v for k, v in zip(MINIMIND2_KEYS, (n_routed_experts, n_shared_experts, aux_loss_alpha, seq_aux,
+                                                     scoring_func)) if v is not None}
+        mm3 = {k: v for k, v in zip(MINIMIND3_KEYS, (head_dim, num_experts, moe_intermediate_size,
+                                                     router_aux_loss_coef)) if v is not None}
+        if model_family is None:
+            model_family = "minimind3" if mm3 and not mm2 else "minimind2"
+        if model_family not in FAMILIES:
+            raise ValueError(f"model_family {model_family!r}: expected one of {', '.join(FAMILIES)}")
+        self.model_family = model_family
+        given = dict(hidden_size=hidden_size, num_key_value_heads=num_key_value_heads, rms_norm_eps=rms_norm_eps,
+                     num_experts_per_tok=num_experts_per_tok)
+        given = {k: (v if v is not _UNSET else family_defaults(model_family)[k]) for k, v in given.items()}
+        hidden_size = given["hidden_size"]
         self.dropout = dropout
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.hidden_act = hidden_act
         self.hidden_size = hidden_size
-        # The original computes this inside the first FeedForward and writes it back into the config;
-        # we compute it once here, so a saved config.json shows the same number.
         if intermediate_size is None:
-            intermediate_size = 64 * ((int(hidden_size * 8 / 3) + 64 - 1) // 64)
+            if model_family == "minimind3":
+                intermediate_size = math.ceil(hidden_size * math.pi / 64) * 64
+            else:
+                # The original computes this inside the first FeedForward and writes it back into the config;
+                # we compute it once here, so a saved config.json shows the same number.
+                intermediate_size = 64 * ((int(hidden_size * 8 / 3) + 64 - 1) // 64)
         self.intermediate_size = intermediate_size
         self.max_position_embeddings = max_position_embeddings
         self.num_attention_heads = num_attention_heads
         self.num_hidden_layers = num_hidden_layers
-        self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
+        kv = given["num_key_value_heads"]
+        self.num_key_value_heads = kv if kv is not None else num_attention_heads
         self.vocab_size = vocab_size
-        self.rms_norm_eps = rms_norm_eps
+        self.rms_norm_eps = given["rms_norm_eps"]
         self.rope_theta = rope_theta
         self.inference_rope_scaling = inference_rope_scaling
         rope_scaling = kwargs.pop("rope_scaling", None)
         self.rope_scaling = rope_scaling or (dict(YARN_ROPE_SCALING) if inference_rope_scaling else None)
         self.flash_attn = flash_attn
         self.use_moe = use_moe
-        self.num_experts_per_tok = num_experts_per_tok
-        self.n_routed_experts = n_routed_experts
-        self.n_shared_experts = n_shared_experts
-        self.scoring_func = scoring_func
-        self.aux_loss_alpha = aux_loss_alpha
-        self.seq_aux = seq_aux
+        self.num_experts_per_tok = given["num_experts_per_tok"]
         self.norm_topk_prob = norm_topk_prob
+        if model_family == "minimind3":
+            if mm2:
+                raise ValueError(f"a minimind3 config has no {', '.join(mm2)} (MiniMind2 fields)")
+            self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
+            self.num_experts = num_experts if num_experts is not None else 4
+            self.moe_intermediate_size = moe_intermediate_size or intermediate_size
+            self.router_aux_loss_coef = router_aux_loss_coef if router_aux_loss_coef is not None else 5e-4
+            # the same quantities under MiniMind2's names, read by code that serves both families (not saved)
+            self.n_routed_experts, self.n_shared_experts = self.num_experts, 0
+            self.aux_loss_alpha, self.seq_aux, self.scoring_func = self.router_aux_loss_coef, False, "softmax"
+        else:
+            extra = {k: v for k, v in mm3.items() if not (k == "head_dim" and v == hidden_size // num_attention_heads)}
+            if extra:
+                raise ValueError(f"a MiniMind2 config has no {', '.join(extra)} (minimind-3 fields: use "
+                                 "model_family='minimind3')")
+            self.head_dim = hidden_size // num_attention_heads
+            self.n_routed_experts = n_routed_experts if n_routed_experts is not None else 4
+            self.n_shared_experts = n_shared_experts if n_shared_experts is not None else 1
+            self.scoring_func = scoring_func if scoring_func is not None else "softmax"
+            self.aux_loss_alpha = aux_loss_alpha if aux_loss_alpha is not None else 0.01
+            self.seq_aux = seq_aux if seq_aux is not None else True
+            self.moe_intermediate_size = intermediate_size
         tie_word_embeddings = kwargs.pop("tie_word_embeddings", True)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
         self.tie_word_embeddings = tie_word_embeddings  # after super(): transformers 4 resets it to True there
@@ -97,24 +158,34 @@ class MiniMindConfig(PretrainedConfig):
         out = super().to_dict()
         out.pop("_minimind_rope_scaling", None)
         out["rope_scaling"] = self.rope_scaling
+        out.pop("rope_parameters", None)
+        # each family's own keys only: MiniMind2's config.json stays as before; minimind-3's is the original's
+        drop = MINIMIND2_KEYS if self.model_family == "minimind3" else MINIMIND3_KEYS + ("model_family",)
+        for key in drop:
+            out.pop(key, None)
         return out
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
 
 # ---- Helpers: RMSNorm, RoPE/YaRN ----
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, scale_in_float32: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.scale_in_float32 = scale_in_float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32, cast back to x's dtype, then scale (the product is fp32 under autocast)
         xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.scale_in_float32:  # minimind-3: scale in float32, then cast (x's dtype out, also under autocast)
+            return (self.weight * normed).type_as(x)
+        # MiniMind2: normalise in float32, cast back to x's dtype, then scale (the product is fp32 under autocast)
+        return self.weight * normed.type_as(x)
+
+
+def make_norm(dim: int, config) -> RMSNorm:
+    """The RMSNorm of `config`'s family."""
+    return RMSNorm(dim, eps=config.rms_norm_eps, scale_in_float32=config.model_family == "minimind3")
 
 
 def precompute_freqs_cis(dim: int, end: int = 32768, rope_base: float = 1e6, rope_scaling: dict = None):
@@ -267,6 +338,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qk_norm = config.model_family == "minimind3"
+        if self.qk_norm:  # minimind-3 (as Qwen3): RMSNorm over each head's queries and keys, before RoPE
+            self.q_norm = make_norm(self.head_dim, config)
+            self.k_norm = make_norm(self.head_dim, config)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
@@ -278,6 +353,8 @@ class Attention(nn.Module):
         xq = self.q_proj(x).view(bsz, seq_len, self.n_heads, self.head_dim)     # (B, T, H, D)
         xk = self.k_proj(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
         xv = self.v_proj(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            xq, xk = self.q_norm(xq), self.k_norm(xk)
         xq, xk = apply_rotary_pos_emb(xq, xk, *position_embeddings)
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, H|KV, T, D)
         if cache is not None:
@@ -319,12 +396,13 @@ class Attention(nn.Module):
 
 # ---- FeedForward / MoE ----
 class FeedForward(nn.Module):
-    def __init__(self, config: MiniMindConfig):
+    def __init__(self, config: MiniMindConfig, intermediate_size: int = None):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.dropout = nn.Dropout(config.dropout)
+        intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.dropout = nn.Dropout(config.dropout if config.model_family == "minimind2" else 0.0)  # minimind-3 has none
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x):
@@ -336,6 +414,7 @@ class MoEGate(nn.Module):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.n_routed_experts = config.n_routed_experts
+        self.switch_aux = config.model_family == "minimind3"
         self.scoring_func = config.scoring_func
         self.alpha = config.aux_loss_alpha
         self.seq_aux = config.seq_aux
@@ -351,10 +430,15 @@ class MoEGate(nn.Module):
             raise NotImplementedError(f"unsupported scoring function for MoE gating: {self.scoring_func}")
         scores = logits.softmax(dim=-1)
         topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:
+        if self.norm_topk_prob and (self.top_k > 1 or self.switch_aux):  # minimind-3 also for top-1 (weight p/(p+1e-20))
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         aux_loss = scores.new_zeros(())
-        if self.training and self.alpha > 0.0:
+        if self.training and self.alpha > 0.0 and self.switch_aux:
+            # minimind-3: the Switch Transformer loss (Fedus et al. 2021, eq. 4) over all tokens of the batch,
+            # alpha * E * sum_{slot, e} f_{slot,e} * P_e, f = share of tokens whose slot picks e, P = mean probability
+            load = F.one_hot(topk_idx, num_classes=self.n_routed_experts).float().mean(0)    # (k, E)
+            aux_loss = (load * scores.mean(0)).sum() * self.n_routed_experts * self.alpha
+        elif self.training and self.alpha > 0.0:
             # Load-balancing loss of DeepSeekMoE (Dai et al. 2024, eq. 12-14): sum_e f_e * P_e, where f_e is
             # the expert's share of selections (1 = uniform) and P_e its mean routing probability.
             n_exp, k = self.n_routed_experts, self.top_k
@@ -376,8 +460,12 @@ class MOEFeedForward(nn.Module):
     def __init__(self, config: MiniMindConfig):
         super().__init__()
         self.config = config
-        self.experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_routed_experts)])
-        self.gate = MoEGate(config)
+        if config.model_family == "minimind3":  # gate first, as the original's state-dict order
+            self.gate = MoEGate(config)
+        self.experts = nn.ModuleList([FeedForward(config, config.moe_intermediate_size)
+                                      for _ in range(config.n_routed_experts)])
+        if config.model_family == "minimind2":
+            self.gate = MoEGate(config)
         if config.n_shared_experts > 0:
             self.shared_experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_shared_experts)])
         self.aux_loss = None
@@ -422,8 +510,8 @@ class MiniMindBlock(nn.Module):
         super().__init__()
         self.self_attn = Attention(config, layer_idx=layer_id)
         self.layer_id = layer_id
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = make_norm(config.hidden_size, config)
+        self.post_attention_layernorm = make_norm(config.hidden_size, config)
         self.mlp = FeedForward(config) if not config.use_moe else MOEFeedForward(config)
 
     def forward(self, hidden_states, position_embeddings, attn_mask=None, cache=None):
@@ -439,7 +527,7 @@ class MiniMindModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([MiniMindBlock(i, config) for i in range(self.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = make_norm(config.hidden_size, config)
         freqs_cos, freqs_sin = self.rope_tables()
         self.register_buffer("freqs_cos", freqs_cos, persistent=False)
         self.register_buffer("freqs_sin", freqs_sin, persistent=False)
@@ -521,15 +609,19 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MiniMindModel(self.config)
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
-        self.model.embed_tokens.weight = self.lm_head.weight
+        if self.config.tie_word_embeddings or self.config.model_family == "minimind2":  # MiniMind2 always ties
+            self.model.embed_tokens.weight = self.lm_head.weight
         self.post_init()
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """PyTorch's default init, as the original (which never ran an HF init); the tied embedding
-        gets the Linear init U(+-1/sqrt(hidden)). Also rebuilds the RoPE tables, which transformers
-        leaves empty when it creates the model on the meta device."""
-        if isinstance(module, nn.Linear):
+        """MiniMind2: PyTorch's default init, as fa82707 (which never ran an HF init); the tied embedding
+        gets the Linear init U(+-1/sqrt(hidden)). minimind-3: N(0, 0.02) for every Linear and the embedding,
+        as the original's newest code (transformers' init with its 0.02 fallback). Both rebuild the RoPE
+        tables, which transformers leaves empty when it creates the model on the meta device."""
+        if self.config.model_family == "minimind3" and isinstance(module, (nn.Linear, nn.Embedding, MoEGate)):
+            init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.Linear):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
         elif isinstance(module, nn.Embedding):
             bound = 1 / math.sqrt(module.weight.shape[1])

@@ -318,7 +318,7 @@ def test_labels_loss(tiny_model):
 
 
 # ---- KV cache, SDPA vs explicit path, padding ----
-@pytest.mark.parametrize("overrides", [{}, {"use_moe": True}])
+@pytest.mark.parametrize("overrides", [{}, {"use_moe": True}, {"model_family": "minimind3"}, {"model_family": "minimind3", "use_moe": True}])
 def test_incremental_decoding_equals_full_forward(overrides):
     model = random_model(**overrides)
     ids = torch.randint(0, 6400, (2, 16))
@@ -387,7 +387,7 @@ def test_legacy_cache_round_trip(tiny_model):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"use_moe": True}])
+@pytest.mark.parametrize("overrides", [{}, {"use_moe": True}, {"model_family": "minimind3"}, {"model_family": "minimind3", "use_moe": True}])
 def test_sdpa_equals_explicit_mask_path(overrides):
     model = random_model(**overrides)
     eager = MiniMindForCausalLM(MiniMindConfig(**{**model.config.to_dict(), "flash_attn": False})).eval()
@@ -403,7 +403,7 @@ def test_sdpa_equals_explicit_mask_path(overrides):
         assert torch.isfinite(a).all()
 
 
-@pytest.mark.parametrize("overrides", [{}, {"use_moe": True}])
+@pytest.mark.parametrize("overrides", [{}, {"use_moe": True}, {"model_family": "minimind3"}, {"model_family": "minimind3", "use_moe": True}])
 def test_left_padded_batch_matches_single_prompts(overrides):
     model = random_model(seed=3, **overrides)
     prompts = [torch.randint(3, 6400, (n,)) for n in (4, 9, 6)]
@@ -421,7 +421,9 @@ def test_left_padded_batch_matches_single_prompts(overrides):
 
 
 # ---- packed rows: position_ids restart at 0 at each sample (transformers' "position_ids packing") ----
-PACK_CONFIGS = [{}, {"use_moe": True}, {"inference_rope_scaling": True, "max_position_embeddings": 4096}]
+PACK_CONFIGS = [{}, {"use_moe": True}, {"inference_rope_scaling": True, "max_position_embeddings": 4096},
+                {"model_family": "minimind3"}, {"model_family": "minimind3", "use_moe": True}]
+NO_YARN = PACK_CONFIGS[:2] + PACK_CONFIGS[3:]
 
 
 def pack_rows(rows, width, seed=0):
@@ -466,7 +468,7 @@ def test_packed_rows_give_each_sample_its_logits_alone(overrides, use_spans, mon
     assert bool(span_calls) == use_spans                              # the path the case names was taken
 
 
-@pytest.mark.parametrize("overrides", PACK_CONFIGS[:2])
+@pytest.mark.parametrize("overrides", NO_YARN)
 def test_packed_sdpa_equals_explicit_mask_path(overrides):
     model = random_model(seed=8, **overrides)
     eager = MiniMindForCausalLM(MiniMindConfig(**{**model.config.to_dict(), "flash_attn": False})).eval()
@@ -497,7 +499,7 @@ def test_packed_arange_positions_keep_the_plain_causal_path(tiny_model):
         assert torch.equal(tiny_model(ids, position_ids=pos).logits, tiny_model(ids).logits)
 
 
-@pytest.mark.parametrize("overrides", PACK_CONFIGS[:2])
+@pytest.mark.parametrize("overrides", NO_YARN)
 def test_packed_loss_of_one_sample_has_no_gradient_from_the_others(overrides):
     model = random_model(seed=9, **overrides).train()
     ids, pos, spans = pack_rows([[7, 9, 5]], width=24, seed=2)
@@ -519,7 +521,7 @@ def test_packed_loss_of_one_sample_has_no_gradient_from_the_others(overrides):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("overrides", PACK_CONFIGS[:2])
+@pytest.mark.parametrize("overrides", NO_YARN)
 def test_packed_rows_on_cuda_match_cpu(overrides):
     model = random_model(seed=7, **overrides)
     ids, pos, spans = pack_rows([[5, 11, 3, 7], [9, 13, 2]], width=32)
@@ -586,7 +588,7 @@ def test_generate_stops_at_eos_and_pads():
 
 
 # ---- transformers integration ----
-@pytest.mark.parametrize("overrides", [{}, {"use_moe": True}])
+@pytest.mark.parametrize("overrides", [{}, {"use_moe": True}, {"model_family": "minimind3"}, {"model_family": "minimind3", "use_moe": True}])
 def test_save_pretrained_round_trip(tmp_path, overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
     model = random_model(**overrides)
