@@ -19,6 +19,7 @@ import sys
 import torch
 
 SIZE_DEFAULTS = {"hidden_size": 512, "num_hidden_layers": 8, "use_moe": 0}   # the original's
+FAMILY_HIDDEN = {"minimind2": 512, "minimind3": 768}   # --hidden_size when not typed: each family's published size
 
 
 # ---- errors ----
@@ -81,6 +82,25 @@ def add_size_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def add_family_arg(parser: argparse.ArgumentParser, default: str = None) -> argparse.ArgumentParser:
+    """--model_family, the one flag that picks the model family in every script (stage scripts, eval_llm.py, the
+    server, the web demo, conversion). Training from scratch: it decides the architecture (default minimind2).
+    Loading: the weight's config or keys decide, and a typed value that contradicts them is an error."""
+    parser.add_argument("--model_family", type=str, default=default, choices=["minimind2", "minimind3"], action=Typed,
+                        help="minimind2 (MiniMind2, the original's fa82707 models) or minimind3 (the original's newest "
+                             "models: q/k norm, Qwen3 layout, their own tokenizer in model/minimind3); when not typed, "
+                             "a weight's config or keys decide, and training from scratch builds minimind2. "
+                             "--hidden_size not typed: 512 for minimind2, 768 for minimind3")
+    return parser
+
+
+def family_hidden_size(args) -> int:
+    """--hidden_size as typed, else the published size of --model_family's family (512 or 768)."""
+    if was_typed(args, "hidden_size") or not getattr(args, "model_family", None):
+        return args.hidden_size
+    return FAMILY_HIDDEN[args.model_family]
+
+
 def typed_sizes(args) -> dict:
     """{"hidden_size", "num_hidden_layers", "use_moe"}: the typed value, or None where the flag was not typed."""
     return {name: getattr(args, name) if was_typed(args, name) else None for name in SIZE_DEFAULTS}
@@ -99,6 +119,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--lora_weight", type=str, default="None",
                    help="LoRA name (file {save_dir}/lora/{name}_{hidden}.pth) or a .pth path; None = no LoRA")
     add_size_args(p)
+    add_family_arg(p)
     p.add_argument("--inference_rope_scaling", action="store_true",
                    help="YaRN RoPE scaling (16x longer positions, from 2048 original positions)")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",

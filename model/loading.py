@@ -38,6 +38,8 @@ from model.weights import LoadError, NotFoundError, read_state_dict, short_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ROOT / "model"
+# each family's shipped tokenizer: ours for MiniMind2, the original's newest (tools, thinking) for minimind-3
+FAMILY_TOKENIZER_DIR = {"minimind2": TOKENIZER_DIR, "minimind3": ROOT / "model" / "minimind3"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # which stage writes which weight prefix (for error messages)
 PRODUCED_BY = {"pretrain": "trainer/train_pretrain.py", "full_sft": "trainer/train_full_sft.py",
