@@ -6,7 +6,11 @@
     ds = SFTDataset("dataset/sft_mini_512.jsonl", tokenizer, max_length=512, cache_dir="cache")  # tokenize once
     python scripts/inspect_data.py --data_path dataset/demo/sft.jsonl --kind sft   # check a file first
 
-Same samples as the original MiniMind (fa82707, spec section 4), with four differences:
+Same samples as the original MiniMind (fa82707, spec section 4). With the minimind-3 tokenizer
+(model/minimind3/, `is_minimind3_tokenizer`) they are upstream d65ef2c's instead: pretrain texts get BOS/EOS,
+chat rows render through its template (a think block on every answer, from `reasoning_content` or empty),
+rows may hold `tools` / `tool_calls` as JSON strings, and SFT draws none of upstream's random edits
+(SFTDataset says why). Either way, four differences:
 * Rows are not loaded into Python objects. `JsonlIndex` scans the file once for line offsets
   (numpy over chunked reads: 0.4 s and 8 bytes a line for 1 GiB, see bench/bench_data.py) and
   parses a line only when it is requested, so DataLoader workers and DDP ranks never copy the
@@ -53,6 +57,13 @@ Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (X, Y, loss_mask), l
 _BOM = b"\xef\xbb\xbf"
 _TEXT = np.ones(256, dtype=bool)
 _TEXT[[9, 10, 11, 12, 13, 32]] = False  # the bytes that bytes.strip() removes: a line of only these is blank
+
+
+def is_minimind3_tokenizer(tokenizer) -> bool:
+    """True for the minimind-3 tokenizer (model/minimind3/, or one trained with --model_family minimind3).
+    Its chat template is the only one with the `open_thinking` switch, and the template is part of the
+    token cache key, so a cache never mixes the two families' layouts."""
+    return "open_thinking" in str(getattr(tokenizer, "chat_template", None) or "")
 
 
 # ---- jsonl reading ----
@@ -283,10 +294,30 @@ def _check_content(msg: dict, k: int, where: str) -> None:
     content = msg.get("content")
     if not isinstance(content, str):
         raise ValueError(f"{where}: message {k}: content must be a string, got {type(content).__name__}")
-    if not content.strip() and not (msg.get("role") == "assistant" and msg.get("tool_calls")):
+    # an assistant turn may be only tool calls, and a system turn only tool definitions (minimind-3 rows)
+    if not content.strip() and not (msg.get("role") == "assistant" and msg.get("tool_calls")) \
+            and not (msg.get("role") == "system" and (msg.get("tools") or msg.get("functions"))):
         raise ValueError(f"{where}: message {k}: empty content")
     if IM_START in content or IM_END in content:
         raise ValueError(f"{where}: message {k}: content contains a ChatML control token")
+    reasoning = msg.get("reasoning_content")  # rendered into the think block by the minimind-3 template
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise ValueError(f"{where}: message {k}: reasoning_content must be a string, got {type(reasoning).__name__}")
+    if reasoning and (IM_START in reasoning or IM_END in reasoning):
+        raise ValueError(f"{where}: message {k}: reasoning_content contains a ChatML control token")
+
+
+def _json_field(msg: dict, key: str, k: int, where: str) -> Any:
+    """msg[key] as a list of objects: minimind-3 rows store `tools` and `tool_calls` as JSON strings."""
+    value = msg.get(key)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: message {k}: {key!r} is not valid JSON: {e.msg} (column {e.colno})") from None
+    if value and not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+        raise ValueError(f"{where}: message {k}: {key!r} must be a list of objects")
+    return value or None
 
 
 _FOLLOWS = {"system": (None,), "user": (None, "system", "assistant"),
@@ -513,12 +544,27 @@ class _ChatDataset(_JsonlDataset):
 
 
 class PretrainDataset(_JsonlDataset):
-    """{"text": ...} rows -> (X, Y, loss_mask); no BOS/EOS added (the texts carry their own)."""
+    """{"text": ...} rows -> (X, Y, loss_mask). MiniMind2 (fa82707): no BOS/EOS added (its texts carry their
+    own). minimind-3 (upstream d65ef2c, plain texts): [bos] + text[:max_length - 2] + [eos], so a text cut
+    at max_length still ends with EOS."""
     required = ("text",)
 
     def __init__(self, data_path, tokenizer, max_length: int = 512, pad_to_max: bool = False,
                  skip_bad_lines: bool = False, cache_dir: str | Path | None = None, workers: int = 0):
+        self.bos_eos = (tokenizer.bos_token_id, tokenizer.eos_token_id) if is_minimind3_tokenizer(tokenizer) else None
         super().__init__(data_path, tokenizer, max_length, pad_to_max, skip_bad_lines, cache_dir, workers)
+
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        ids = super()._encode_texts(texts)
+        if self.bos_eos is None:
+            return ids
+        bos, eos = self.bos_eos
+        return [[bos, *x, eos] for x in ids]
+
+    def _layout(self, ids: Sequence[int], where: str, what: str, pad_to_max: bool) -> Part:
+        if self.bos_eos is not None and len(ids) > self.max_length:  # keep the EOS: upstream cuts the text
+            ids = [*ids[:max(self.max_length - 1, 1)], self.bos_eos[1]]
+        return super()._layout(ids, where, what, pad_to_max)
 
     def _texts(self, i: int) -> list[str]:
         row, where = self._row(i)
@@ -533,7 +579,17 @@ class PretrainDataset(_JsonlDataset):
 
 class SFTDataset(_ChatDataset):
     """{"conversations": [...]} rows -> (X, Y, loss_mask) supervising assistant turns only.
-    Also the reasoning (R1) data: the <think>/<answer> tags are ordinary assistant content."""
+    Also the reasoning (R1) data: the <think>/<answer> tags are ordinary assistant content.
+    Tool definitions come from the system turn: `functions` (MiniMind2 rows) or `tools` (minimind-3 rows,
+    a JSON string or a list); `tool_calls` may be a JSON string too (minimind-3).
+
+    minimind-3: upstream's SFTDataset draws two coins on every read: a random system prompt (p=0.2) and,
+    after rendering, deleting every empty think block (p=0.8). We draw nothing: the row is rendered as the
+    template renders it (no system prompt added; the empty `<think>\n\n</think>\n\n` kept, and
+    supervised as upstream supervises it), because a sample must be the same on every read for the token
+    cache. That is upstream's "kept" branch token for token (tests/goldens/mm3_sft_loss_masks.json), and
+    the layout the template gives every history turn and pre-fills for the reply when thinking is off. What
+    is lost: upstream's model also learns to answer straight after `assistant\n` (80% of its plain samples)."""
     required = ("conversations",)
 
     def __init__(self, jsonl_path, tokenizer, max_length: int = 1024, pad_to_max: bool = False,
@@ -547,6 +603,12 @@ class SFTDataset(_ChatDataset):
         tools = first.get("functions") if first.get("role") == "system" else None
         if tools and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             raise ValueError(f"{where}: 'functions' must be a list of tool definitions (objects)")
+        if first.get("role") == "system" and first.get("tools"):  # minimind-3 rows: a JSON string (or a list)
+            tools = _json_field(first, "tools", 0, where)
+        if isinstance(conv, list):  # minimind-3 rows: tool_calls as a JSON string
+            conv = [{**m, "tool_calls": _json_field(m, "tool_calls", k, where)}
+                    if isinstance(m, dict) and isinstance(m.get("tool_calls"), str) and m["tool_calls"].strip() else m
+                    for k, m in enumerate(conv)]
         return [self._render(conv, where, tools or None)]
 
 

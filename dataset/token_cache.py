@@ -17,8 +17,8 @@ and rejected; entry e is part e % parts of sample e // parts):
   meta.json         version, key, id dtype, counts, the first skipped line's message, each file's size + crc32
 
 The directory is named `<data file stem>-<16 hex>`, a digest of `cache_key` (the data file's path, size,
-mtime and first MiB; the dataset class, max_length and parts; the tokenizer, its chat template and pad
-id; skip_bad_lines; CACHE_VERSION), so a change to any of them builds a new cache beside the old one
+mtime and first MiB; the dataset class, max_length and parts; the tokenizer, its chat template, pad, BOS
+and EOS ids; skip_bad_lines; CACHE_VERSION), so a change to any of them builds a new cache beside the old one
 (old ones are not deleted). The build writes into a temporary directory beside it, fsyncs, writes
 meta.json last and renames the directory into place, so a reader never sees a partial cache; loading
 verifies meta.json and every file's size and crc32, and a cache that fails is logged and rebuilt.
@@ -78,8 +78,9 @@ def cache_key(ds, skip_bad_lines: bool) -> list:
     with open(path, "rb") as f:
         head = hashlib.sha1(f.read(1 << 20)).hexdigest()
     template = getattr(ds.tokenizer, "chat_template", None) or ""
+    special = [ds.tokenizer.bos_token_id, ds.tokenizer.eos_token_id]  # minimind-3 pretrain samples hold them
     return [str(path), stat.st_size, stat.st_mtime_ns, head, type(ds).__name__, ds.max_length, ds.parts,
-            _tokenizer_digest(ds.tokenizer), template, ds.pad_id, bool(skip_bad_lines), CACHE_VERSION]
+            _tokenizer_digest(ds.tokenizer), template, ds.pad_id, special, bool(skip_bad_lines), CACHE_VERSION]
 
 
 def cache_location(cache_dir: str | Path, data_path: str | Path, key: list) -> Path:

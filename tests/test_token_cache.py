@@ -187,7 +187,10 @@ def test_every_input_of_the_key_builds_a_new_cache(tmp_path, tokenizer, capsys):
     other = copy.deepcopy(tokenizer)
     other.add_tokens(["<|new_token|>"])
     build(other)
-    assert len(cache_dirs(root)) == 6 and all(name.startswith("sft-") for name in cache_dirs(root))
+    other = copy.deepcopy(tokenizer)
+    other.eos_token = "<|endoftext|>"   # same vocab and template, another EOS id (minimind-3 pretrain samples hold it)
+    build(other)
+    assert len(cache_dirs(root)) == 7 and all(name.startswith("sft-") for name in cache_dirs(root))
 
 
 @pytest.mark.parametrize("damage", ["truncated ids", "flipped byte", "missing meta", "flipped offsets"])

@@ -248,13 +248,48 @@ def test_train_tiny_tokenizer(tmp_path):
     assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == (tmp_path / "tok2" / "tokenizer.json").read_bytes()
 
 
+def test_train_tiny_minimind3_tokenizer(tmp_path):
+    """--model_family minimind3: the shipped minimind-3 tokenizer's added tokens, ids, special flags and template."""
+    from transformers import AutoTokenizer
+    data = _tiny_corpus(tmp_path / "corpus.jsonl")
+    out = tt.main(["--data_path", str(data), "--vocab_size", "330", "--save_dir", str(tmp_path / "tok"),
+                   "--model_family", "minimind3"])
+    hf, shipped = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(MODEL / "minimind3")
+    assert len(hf) == 330
+    added = lambda t: {i: (a.content, a.special) for i, a in t.added_tokens_decoder.items()}  # noqa: E731
+    assert added(hf) == added(shipped) and len(added(hf)) == 36
+    assert (added(hf)[20], added(hf)[21], added(hf)[35]) == (("<tts_text_bos_single>", True), ("<tool_call>", False),
+                                                            ("<|buffer9|>", False))
+    trained = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    assert trained == json.loads((MODEL / "minimind3" / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    assert json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8")) == \
+           json.loads((MODEL / "minimind3" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    text = "<think>巴黎</think> Paris 😀"
+    assert hf.decode(hf(text).input_ids, skip_special_tokens=True) == text
+    chat = [S("S"), U("你好"), A("A", reasoning_content="R")]
+    tool_chat = [U("Q"), A("", tool_calls=[{"name": "get_weather", "arguments": {"city": "北京"}}]), T("晴")]
+    for kw in ({}, dict(add_generation_prompt=True), dict(add_generation_prompt=True, open_thinking=True)):
+        assert render(hf, chat, **kw) == render(shipped, chat, **kw)
+        assert render(hf, tool_chat, tools=WEATHER, **kw) == render(shipped, tool_chat, tools=WEATHER, **kw)
+    assert render(hf, chat) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n" \
+                               "<|im_start|>assistant\n<think>\nR\n</think>\n\nA<|im_end|>\n"
+    from dataset.lm_dataset import is_minimind3_tokenizer
+    assert is_minimind3_tokenizer(hf)  # so the datasets build minimind-3 samples with it
+    # the MiniMind2 default is untouched
+    assert tt.added_tokens() == [(t, True) for t in SPECIALS]
+    assert "open_thinking" not in tt.tokenizer_config()["chat_template"]
+
+
 def test_refuses_to_overwrite_shipped(tmp_path, monkeypatch):
     monkeypatch.setattr(tt, "ROOT", tmp_path)  # pretend tmp_path is the repo, so nothing real is at risk
-    (tmp_path / "model").mkdir()
+    monkeypatch.setattr(tt, "MINIMIND3", tmp_path / "model" / "minimind3")
+    (tmp_path / "model" / "minimind3").mkdir(parents=True)
     data = _tiny_corpus(tmp_path / "corpus.jsonl")
-    with pytest.raises(SystemExit):
-        tt.main(["--data_path", str(data), "--vocab_size", "300", "--save_dir", str(tmp_path / "model")])
-    assert list((tmp_path / "model").iterdir()) == []
+    for shipped in (tmp_path / "model", tmp_path / "model" / "minimind3"):
+        with pytest.raises(SystemExit):
+            tt.main(["--data_path", str(data), "--vocab_size", "300", "--save_dir", str(shipped)])
+    assert list((tmp_path / "model").iterdir()) == [tmp_path / "model" / "minimind3"]
+    assert list((tmp_path / "model" / "minimind3").iterdir()) == []
     tt.main(["--data_path", str(data), "--vocab_size", "300", "--save_dir", str(tmp_path / "model"),
              "--overwrite_shipped"])
     assert (tmp_path / "model" / "tokenizer.json").exists()

@@ -5,6 +5,11 @@
     python trainer/train_tokenizer.py --data_path dataset/demo/pretrain.jsonl --vocab_size 512 \
         --save_dir /tmp/tok                                               # tiny CPU run, seconds
 
+`--model_family minimind3` trains one with minimind-3's 36 added tokens (ids 0-20 special; 21-35 `<tool_call>`,
+`<think>`, ... not special) and writes a copy of model/minimind3/tokenizer_config.json (read at run time: the same
+added tokens and chat template). Its merges are its own, so its ids do not fit the published minimind-3 weights:
+those need the shipped model/minimind3/.
+
 The shipped model/tokenizer.json and model/tokenizer_config.json are made by exactly this one command:
 
     python trainer/train_tokenizer.py --save_dir model --overwrite_shipped
@@ -14,7 +19,7 @@ sampled from jieba's bundled dictionary, Python standard-library docs and code, 
 memory; nothing is downloaded. Byte-identical output needs Python 3.11, jieba 0.42.1 and tokenizers 0.23.3.
 Writes tokenizer.json and tokenizer_config.json (which carries the chat template) into --save_dir; load them
 with transformers.AutoTokenizer.from_pretrained(save_dir). It refuses to overwrite the shipped ROOT/model
-files unless --overwrite_shipped is given.
+or ROOT/model/minimind3 files unless --overwrite_shipped is given.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
@@ -26,6 +31,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0 (pad and unk), 1 (bos), 2 (eos)
+MINIMIND3 = ROOT / "model" / "minimind3"  # the shipped minimind-3 tokenizer: its config is the template for ours
 
 # Qwen-style ChatML, written for this project; its output is specified exactly by spec 3.2 (renders A-L).
 # HF renders it in a sandbox with trim_blocks/lstrip_blocks and a `tojson` that keeps non-ASCII text,
@@ -87,8 +93,12 @@ CHAT_TEMPLATE = r"""
 """.strip()
 
 
-def tokenizer_config() -> dict:
-    """tokenizer_config.json as upstream has it (spec 3.1): no BOS/EOS added by tokenizer(text)."""
+def tokenizer_config(model_family: str = "minimind2") -> dict:
+    """tokenizer_config.json as upstream has it (spec 3.1): no BOS/EOS added by tokenizer(text).
+    minimind3: the shipped model/minimind3 config as is (added tokens, special flags, chat template)."""
+    if model_family == "minimind3":
+        with open(MINIMIND3 / "tokenizer_config.json", encoding="utf-8") as f:
+            return json.load(f)
     added = {str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
                       "special": True} for i, tok in enumerate(SPECIAL_TOKENS)}
     return {
@@ -100,24 +110,41 @@ def tokenizer_config() -> dict:
     }
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400) -> Tokenizer:
-    """Byte-level BPE (no unk, no dropout), GPT-2 split regex, specials at ids 0, 1, 2."""
+def added_tokens(model_family: str = "minimind2") -> list[tuple[str, bool]]:
+    """(token, special) of the added tokens, in id order from 0. minimind3: read from the shipped config's
+    added_tokens_decoder (upstream: 21 specials, then 6 tool/think tags and 9 buffers that are not special)."""
+    if model_family == "minimind2":
+        return [(tok, True) for tok in SPECIAL_TOKENS]
+    decoder = tokenizer_config(model_family)["added_tokens_decoder"]
+    assert sorted(map(int, decoder)) == list(range(len(decoder))), "added tokens must have ids 0..n-1"
+    return [(decoder[str(i)]["content"], decoder[str(i)]["special"]) for i in range(len(decoder))]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400, model_family: str = "minimind2") -> Tokenizer:
+    """Byte-level BPE (no unk, no dropout), GPT-2 split regex, the added tokens at ids 0, 1, 2, ..."""
+    added = added_tokens(model_family)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[tok for tok, _ in added], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer=trainer)
     tokenizer.decoder = decoders.ByteLevel()
-    for i, tok in enumerate(SPECIAL_TOKENS):
+    if not all(special for _, special in added):  # the trainer adds them all as special; upstream flips these
+        state = json.loads(tokenizer.to_str())
+        for entry, (_, special) in zip(state["added_tokens"], added):
+            entry["special"] = special
+        tokenizer = Tokenizer.from_str(json.dumps(state, ensure_ascii=False))
+    for i, (tok, _) in enumerate(added):
         assert tokenizer.token_to_id(tok) == i, f"{tok} got id {tokenizer.token_to_id(tok)}, expected {i}"
     return tokenizer
 
 
-def save_tokenizer(tokenizer: Tokenizer, save_dir: Path) -> None:
+def save_tokenizer(tokenizer: Tokenizer, save_dir: Path, model_family: str = "minimind2") -> None:
+    config = tokenizer_config(model_family)  # read before writing: save_dir may be model/minimind3 itself
     save_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(save_dir / "tokenizer.json"))
     with open(save_dir / "tokenizer_config.json", "w", encoding="utf-8") as f:
-        json.dump(tokenizer_config(), f, ensure_ascii=False, indent=2)
+        json.dump(config, f, ensure_ascii=False, indent=2)
         f.write("\n")
     stale = save_dir / "chat_template.jinja"  # transformers prefers this file over the config's template
     if stale.exists():
@@ -141,10 +168,13 @@ def main(argv=None) -> Path:
                         help='jsonl with a "text" field; default: the generated corpus of dataset/tokenizer_corpus.py')
     parser.add_argument("--save_dir", type=Path, default=ROOT / "model_learn_tokenizer", help="output folder")
     parser.add_argument("--vocab_size", type=int, default=6400, help="tokens in the vocabulary, specials included")
-    parser.add_argument("--overwrite_shipped", action="store_true", help=f"allow writing into {ROOT / 'model'}")
+    parser.add_argument("--model_family", default="minimind2", choices=["minimind2", "minimind3"],
+                        help="added tokens and chat template: MiniMind2's 3 specials, or minimind-3's 36 tokens")
+    parser.add_argument("--overwrite_shipped", action="store_true",
+                        help=f"allow writing into {ROOT / 'model'} or {MINIMIND3}")
     args = parser.parse_args(argv)
-    if args.save_dir.resolve() == (ROOT / "model").resolve() and not args.overwrite_shipped:
-        parser.error(f"{args.save_dir} holds the shipped tokenizer; add --overwrite_shipped to replace it")
+    if args.save_dir.resolve() in ((ROOT / "model").resolve(), MINIMIND3.resolve()) and not args.overwrite_shipped:
+        parser.error(f"{args.save_dir} holds a shipped tokenizer; add --overwrite_shipped to replace it")
 
     if args.data_path is None:
         from dataset.tokenizer_corpus import iter_corpus
@@ -152,8 +182,8 @@ def main(argv=None) -> Path:
     else:
         texts = read_texts(args.data_path)
     t0 = time.time()
-    tokenizer = train_tokenizer(texts, args.vocab_size)
-    save_tokenizer(tokenizer, args.save_dir)
+    tokenizer = train_tokenizer(texts, args.vocab_size, args.model_family)
+    save_tokenizer(tokenizer, args.save_dir, args.model_family)
 
     # Upstream's eval_tokenizer: render a chat, check the round trip and report the size.
     from transformers import AutoTokenizer
