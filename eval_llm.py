@@ -3,13 +3,15 @@
     python eval_llm.py                                    # out/full_sft_512.pth, asks [0] preset / [1] chat
     python eval_llm.py --weight reason --historys 2       # a reasoning model, keeping the last turn as context
     python eval_llm.py --load_from ../MiniMind2           # a transformers folder (scripts/convert_model.py)
+    python eval_llm.py --model_family minimind3           # the original's minimind-3 out/full_sft_768.pth
     printf '你好\\n1+1等于几？\\n' | python eval_llm.py --temperature 0   # one answer line per question, greedy
     python eval_llm.py --save_dir out --weight full_sft --device cpu --prompt '你好'   # one-shot, at most 512 tokens
 
 Native weights are `{save_dir}/{weight}_{hidden}[_moe].pth`; their `.json` config (written by every
 training stage) makes the size flags unnecessary, and when no size flag is typed the one `{weight}_*.pth`
-in --save_dir is used (model/loading.py). Ctrl-C during an answer stops that answer; at the prompt (or an
-empty line) it ends the chat. `--weight pretrain` feeds `<|im_start|>` + the raw
+in --save_dir is used (model/loading.py, which also tells the family from the weight and picks the model's own
+tokenizer and chat template). Ctrl-C during an answer stops that answer; at the prompt (or an empty line) it
+ends the chat. `--weight pretrain` feeds `<|im_start|>` + the raw
 text, without the chat template. `<think>` reasoning is shown dim on a terminal, and between
 `[think]` and `[/think]` when the output is piped.
 

@@ -125,6 +125,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda (default when available), cpu, cuda:1, ...")
     p.add_argument("--tokenizer_path", type=str, default=None,
-                   help="tokenizer folder for native weights (default: --load_from if it holds tokenizer files, "
-                        "else the repo's model/)")
+                   help="tokenizer folder (default: --load_from if it holds tokenizer files, else the model family's: "
+                        "the repo's model/ for MiniMind2, model/minimind3 for minimind-3)")
     return p

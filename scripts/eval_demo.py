@@ -4,7 +4,8 @@
     python scripts/eval_demo.py --weight full_sft --hidden_size 256 --lora_weight lora_identity --kinds identity
     python scripts/eval_demo.py --save_dir /tmp/run/out --weight dpo --show 5 --json results.json
 The weight is found as everywhere else (model/loading.py): the size flags name `{weight}_{hidden}[_moe].pth`,
-and without them the one `{weight}_*.pth` in --save_dir is used. Questions come from dataset/demo/eval.jsonl
+and without them the one `{weight}_*.pth` in --save_dir is used; the weight's family (MiniMind2 or minimind-3, from
+its keys) picks the tokenizer unless --tokenizer_path is given. Questions come from dataset/demo/eval.jsonl
 (written by dataset/demo_data.py); answers are scored by dataset/scoring.py. Greedy decoding through the
 batching engine (model/engine.py). Writes nothing unless --json. A weight that cannot be loaded is one error
 line, exit code 2.
@@ -14,8 +15,9 @@ import argparse
 import json
 
 from dataset.scoring import evaluate
-from model.cli import add_size_args, cli, typed_sizes
-from model.loading import ROOT, TOKENIZER_DIR, add_lora, find_weight, load_native, load_tokenizer, resolve_path
+from model.cli import add_family_arg, add_size_args, cli, typed_sizes
+from model.loading import (ROOT, add_lora, family_of, find_weight, load_native, load_tokenizer, resolve_path,
+                           tokenizer_folder)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,8 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_dir", type=str, default="out", help="folder of the native weights (default: out)")
     p.add_argument("--weight", type=str, default="full_sft", help="weight prefix (default: full_sft)")
     add_size_args(p)
+    add_family_arg(p)
     p.add_argument("--lora_weight", type=str, default=None, help="adapter name under {save_dir}/lora/, or a .pth path")
-    p.add_argument("--tokenizer_path", type=str, default=str(TOKENIZER_DIR), help="tokenizer folder (default: model/)")
+    p.add_argument("--tokenizer_path", type=str, default=None,
+                   help="tokenizer folder (default: the weight's family's: model/, or model/minimind3 for minimind-3)")
     p.add_argument("--eval_path", type=str, default=str(ROOT / "dataset" / "demo" / "eval.jsonl"),
                    help="questions, one {\"question\", \"answer\", \"kind\"} per line")
     p.add_argument("--kinds", type=str, default=None, help="comma-separated question kinds (default: all)")
@@ -39,11 +43,12 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     sizes = typed_sizes(args)
     save_dir = resolve_path(args.save_dir)
-    path = find_weight(save_dir, args.weight, sizes["hidden_size"], sizes["use_moe"])
-    model = load_native(path, **sizes)
+    path = find_weight(save_dir, args.weight, sizes["hidden_size"], sizes["use_moe"], args.model_family)
+    model = load_native(path, **sizes, model_family=args.model_family)
     if args.lora_weight:
         add_lora(model, args.lora_weight, save_dir)
-    result = evaluate(model, load_tokenizer(args.tokenizer_path), resolve_path(args.eval_path),
+    tokenizer = load_tokenizer(tokenizer_folder(family_of(model), tokenizer_path=args.tokenizer_path))
+    result = evaluate(model, tokenizer, resolve_path(args.eval_path),
                       args.kinds.split(",") if args.kinds else None, args.max_new_tokens)
     print(f"{path.name}" + (f" + LoRA {args.lora_weight}" if args.lora_weight else ""))
     for row in result["rows"][: args.show]:

@@ -5,6 +5,7 @@ scripts/web_demo.py.
     python scripts/serve_openai_api.py                            # out/full_sft_512.pth on 127.0.0.1:8998
     MINIMIND_API_KEY=sk-local python scripts/serve_openai_api.py --load_from ../MiniMind2 --host 0.0.0.0
     python scripts/serve_openai_api.py --save_dir out --weight full_sft --device cpu --max_batch 8   # tiny demo
+    python scripts/serve_openai_api.py --load_from ../minimind-3    # the original's minimind-3 (a stock Qwen3 folder)
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (stream or not; messages, temperature, top_p,
 max_tokens / max_completion_tokens, stop, seed, tools, tool_choice, stream_options.include_usage and
@@ -18,7 +19,8 @@ prompt, the earlier turns of a conversation) is prefilled from where it differs 
 client that disconnects, or a request older than --request_timeout, frees its slot at the next decode
 step. Every error is an OpenAI-shaped JSON body; bad requests get a 4xx, and no error leaves a keep-alive
 connection unusable (Connection: close is sent when the request body was not read). Model flags are those
-of eval_llm.py. Writes nothing.
+of eval_llm.py; the prompt is rendered with the model's own tokenizer and chat template (model/loading.py picks
+them: minimind-3 has its own). Writes nothing.
 
 HTTP limits (scripts/serve_http.py): a request's head must arrive within --header_timeout seconds of the
 connection opening or of the previous answer on it, and its body within --body_timeout seconds of the head,

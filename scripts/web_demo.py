@@ -7,12 +7,14 @@
     http://localhost:8501/?prompt=你好                      # asks this question when the page opens
 
 The model list holds the weight named by --save_dir/--weight/--hidden_size, the other native
-weights in --save_dir that have their .json config, the transformers folders (config.json with model_type minimind or llama) inside and next to the repo,
+weights in --save_dir that have their .json config, the transformers folders (config.json with model_type minimind,
+llama, or qwen3 / qwen3_moe: the original's published minimind-3) inside and next to the repo,
 and --load_from; any other .pth file or folder can be typed in the sidebar. "API" mode talks to
 scripts/serve_openai_api.py (default http://127.0.0.1:8998/v1). Flags after `--` are those of
-eval_llm.py; --max_new_tokens and --temperature set the sliders' start values. In local mode each loaded model
-has one batching engine (model/engine.py) shared by all browser sessions: answers being written at the same
-time are decoded together, and a page that stops reading frees its slot. Writes nothing.
+eval_llm.py; --max_new_tokens and --temperature set the sliders' start values. Each model answers with its own
+tokenizer and chat template (the folder's, else its family's: model/ or model/minimind3/). In local mode each
+loaded model has one batching engine (model/engine.py) shared by all browser sessions: answers being written at
+the same time are decoded together, and a page that stops reading frees its slot. Writes nothing.
 """
 import argparse
 import json
@@ -27,7 +29,8 @@ import streamlit as st  # noqa: E402
 from model.chat_format import OutputParser, build_prompt  # noqa: E402
 from model.cli import add_model_args, typed_sizes  # noqa: E402
 from model.engine import HF_TOP_K, Engine, SamplingParams  # noqa: E402
-from model.loading import ROOT, find_weight, is_transformers_folder, load_model, resolve_path  # noqa: E402
+from model.loading import (QWEN3_TYPES, ROOT, find_weight, is_transformers_folder, load_model,  # noqa: E402
+                           resolve_path)
 from model.weights import LoadError  # noqa: E402
 
 REASONING = "Reasoning (click to expand)"
@@ -51,7 +54,7 @@ def find_models(args) -> dict:
     save_dir = resolve_path(args.save_dir)
     try:  # the weight the flags name, even without a .json config
         sizes = typed_sizes(args)
-        named = find_weight(save_dir, args.weight, sizes["hidden_size"], sizes["use_moe"])
+        named = find_weight(save_dir, args.weight, sizes["hidden_size"], sizes["use_moe"], args.model_family)
         found[named.stem] = named
     except LoadError:
         pass
@@ -62,7 +65,7 @@ def find_models(args) -> dict:
     for folder in sorted({*ROOT.iterdir(), *ROOT.parent.iterdir()}):
         try:
             if is_transformers_folder(folder) and json.loads((folder / "config.json").read_text()).get(
-                    "model_type") in ("minimind", "llama"):
+                    "model_type") in ("minimind", "llama", *QWEN3_TYPES):
                 found[folder.name] = folder
         except (OSError, ValueError):
             continue
@@ -183,6 +186,7 @@ def main():
             return
         argv = ("--load_from", str(path), "--device", args.device,
                 *(["--tokenizer_path", args.tokenizer_path] if args.tokenizer_path else []),
+                *(["--model_family", args.model_family] if args.model_family else []),
                 *(["--lora_weight", args.lora_weight, "--save_dir", args.save_dir] if args.lora_weight != "None" else []),
                 *(["--inference_rope_scaling"] if args.inference_rope_scaling else []))
         try:

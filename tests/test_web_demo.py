@@ -130,6 +130,27 @@ def test_no_model_and_bad_path_are_messages_not_crashes(tmp_path, monkeypatch):
     assert at.sidebar.text_input[0].value == "http://127.0.0.1:8998/v1"  # the server's port (the original had 8000)
 
 
+def test_a_minimind3_folder_answers_with_its_own_tokenizer_and_template(tmp_path, monkeypatch):
+    """A stock Qwen3 folder (the original's published minimind-3) is offered and answers through the minimind-3
+    tokenizer and chat template (the empty think block), not the repo's MiniMind2 tokenizer."""
+    from tests.test_minimind3_loading import qwen3_folder
+    folder = qwen3_folder(tmp_path / "minimind-3")
+    monkeypatch.setattr(sys, "argv", [str(APP), "--load_from", str(folder), "--device", "cpu",
+                                      "--max_new_tokens", "8", "--temperature", "0"])
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.run()
+    assert at.sidebar.selectbox[0].value == "minimind-3" and "transformers folder" in at.caption[1].value
+    at.chat_input[0].set_value(QUESTIONS[0]).run()
+    assert not at.exception and not at.error
+    model, tokenizer = loading.load_transformers(folder), loading.load_tokenizer(folder)
+    ids = tokenizer(build_prompt(tokenizer, [{"role": "user", "content": QUESTIONS[0]}]), return_tensors="pt").input_ids
+    assert tokenizer.decode(ids[0, -6:]) == "<think>\n\n</think>\n\n"
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                         repetition_penalty=1.1, pad_token_id=0, eos_token_id=2)
+    expected = parse_output(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))["content"]
+    assert expected and answers(at) == [expected]
+
+
 def test_streamlit_run_collects_no_usage_statistics(tmp_path):
     """Issue 21 item 7: the app's own .streamlit/config.toml (next to web_demo.py) turns usage statistics off, so
     `streamlit run scripts/web_demo.py` from any directory neither sends them nor announces them."""
