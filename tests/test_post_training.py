@@ -226,19 +226,28 @@ STAGES = {  # stage -> (module, data key, weight file prefix, flags)
 }
 
 
+def assert_resumes_exactly(module, data, tmp_path, flags: dict, lora: bool = False):
+    """Run `module.main` for 8 micro-batches, and again stopped after 4 (an optimizer-step boundary with
+    --accumulation_steps 2) then resumed with --from_resume 1: the same weights, bit for bit, and the same logged
+    losses. Returns the uninterrupted run's weight path."""
+    out = lambda run: tmp_path / run / ("out/lora" if lora else "out")
+    args = lambda run, **extra: tiny_train_args(tmp_path / run, data, **{**flags, **extra}) + (
+        ["--save_dir", str(out(run))] if lora else [])
+    full_path, _ = module.main(args("full", max_steps=8))
+    module.main(args("cut", max_steps=4))
+    module.main(args("cut", max_steps=8, from_resume=1))
+    a, b = torch.load(full_path), torch.load(out("cut") / full_path.name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full_log, cut_log = (losses(out(run), full_path.stem) for run in ("full", "cut"))
+    assert len(full_log) == 8 and full_log == cut_log
+    return full_path
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_resumes_exactly(chain, tmp_path, stage):
     """A run stopped at an optimizer-step boundary and resumed equals the uninterrupted run, bit for bit."""
     tmp, data = chain
     module, key, prefix, flags = STAGES[stage]
     flags = {**dict(from_dir=tmp / "out", accumulation_steps=2, batch_size=2, learning_rate=1e-3), **flags}
-    out = lambda run: tmp_path / run / ("out/lora" if stage == "lora" else "out")
-    args = lambda run, **extra: tiny_train_args(tmp_path / run, data[key], **{**flags, **extra}) + (
-        ["--save_dir", str(out(run))] if stage == "lora" else [])
-    full_path, _ = module.main(args("full", max_steps=8))
-    module.main(args("cut", max_steps=4))
-    module.main(args("cut", max_steps=8, from_resume=1))
-    a, b = torch.load(full_path), torch.load(out("cut") / full_path.name)
-    assert full_path.name.startswith(prefix) and all(torch.equal(a[k], b[k]) for k in a)
-    full_log, cut_log = (losses(out(run), full_path.stem) for run in ("full", "cut"))
-    assert len(full_log) == 8 and full_log == cut_log
+    full_path = assert_resumes_exactly(module, data[key], tmp_path, flags, lora=stage == "lora")
+    assert full_path.name.startswith(prefix)

@@ -6,6 +6,7 @@
         --teacher_hidden_size 96 --teacher_num_layers 2 --max_steps 20
 Reads out/full_sft_<student>.pth, out/full_sft_<teacher>.pth and dataset/sft_mini_512.jsonl (demo SFT when absent).
 Writes out/full_dist_<student>[_moe].pth and checkpoints/full_dist_<student>[_moe]_resume.pth.
+The teacher is of the student's model family (--model_family, or the student weight's): they share a tokenizer.
 
 loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T) on supervised
 tokens (Hinton et al. 2015), with both distributions softened by the temperature T.
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
-from model.cli import cli
+from model.cli import Typed, cli, was_typed
 from model.model_minimind import MiniMindConfig
 from trainer.core.batch_plan import supervised_collate
 from trainer.core.loop import train_loop
@@ -55,9 +56,11 @@ def main(argv=None):
                           learning_rate=5e-6, accumulation_steps=1, max_seq_len=512, from_weight="full_sft",
                           data_path=DATA / "sft_mini_512.jsonl", demo_data="sft.jsonl",
                           wandb_project="MiniMind-Distillation", packing=1)
-    parser.add_argument("--student_hidden_size", type=int, default=512)
+    parser.add_argument("--student_hidden_size", type=int, default=512, action=Typed,
+                        help="student width (default 512; 768 with --model_family minimind3, as the original's)")
     parser.add_argument("--student_num_layers", type=int, default=8)
-    parser.add_argument("--teacher_hidden_size", type=int, default=768)
+    parser.add_argument("--teacher_hidden_size", type=int, default=768,
+                        help="teacher width; the teacher is of the student's family (one tokenizer)")
     parser.add_argument("--teacher_num_layers", type=int, default=16)
     parser.add_argument("--teacher_use_moe", type=int, default=None, choices=[0, 1],
                         help="teacher MoE flag (default: same as --use_moe, as the original)")
@@ -67,13 +70,16 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=1.5, help="softening temperature T")
     args = parser.parse_args(argv)
     args.hidden_size, args.num_hidden_layers = args.student_hidden_size, args.student_num_layers
+    if was_typed(args, "student_hidden_size"):      # the student is the run's model: its size rules as --hidden_size
+        args.typed = args.typed | {"hidden_size"}
     args.from_weight = args.from_student_weight
     run = init_run(args)                                              # 1. distributed, device, seed, precision
     lm_config, ckp = init_config(args)                                # 2. student config + resume state
-    tracker = init_tracker(args, ckp, f"MiniMind-Distill-S{args.student_hidden_size}T{args.teacher_hidden_size}-"
+    tracker = init_tracker(args, ckp, f"MiniMind-Distill-S{lm_config.hidden_size}T{args.teacher_hidden_size}-"
                                       f"Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")  # 3.
     model, tokenizer = init_model(lm_config, args, run.device, stage="student")      # 4. student and teacher
-    teacher_config = MiniMindConfig(hidden_size=args.teacher_hidden_size, num_hidden_layers=args.teacher_num_layers,
+    teacher_config = MiniMindConfig(model_family=lm_config.model_family, hidden_size=args.teacher_hidden_size,
+                                    num_hidden_layers=args.teacher_num_layers,
                                     use_moe=bool(args.use_moe if args.teacher_use_moe is None else args.teacher_use_moe))
     teacher, _ = init_model(teacher_config, args, run.device, args.from_teacher_weight, stage="teacher")
     teacher.eval().requires_grad_(False)

@@ -99,7 +99,7 @@ def main(argv=None):
     if args.num_iterations > 1 and args.accumulation_steps > 1:
         raise ValueError("--num_iterations > 1 takes one optimizer step per iteration: use --accumulation_steps 1")
     run = init_run(args)                                              # 1. distributed, device, seed, precision
-    lm_config, ckp = init_config(args)                                # 2. model config + resume state
+    lm_config, ckp = init_config(args, base_weight(args))             # 2. model config + resume state
     tracker = init_tracker(args, ckp, f"MiniMind-GRPO-Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
     model, tokenizer = init_model(lm_config, args, run.device, base_weight(args), stage="policy")   # 4. models
     ref_model = frozen(init_model(lm_config, args, run.device, base_weight(args), stage="reference")[0])

@@ -129,7 +129,7 @@ def main(argv=None):
     parser.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
     args = parser.parse_args(argv)
     run = init_run(args)                                              # 1. distributed, device, seed, precision
-    lm_config, ckp = init_config(args)                                # 2. model config + resume state
+    lm_config, ckp = init_config(args, base_weight(args))             # 2. model config + resume state
     tracker = init_tracker(args, ckp, f"MiniMind-PPO-Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
     load = lambda stage: init_model(lm_config, args, run.device, base_weight(args), stage=stage)   # 4. models:
     actor, tokenizer = load("actor")                                  # actor, old actor, reference, critic

@@ -2,6 +2,7 @@
 
     python trainer/train_pretrain.py                        # or: cd trainer && python train_pretrain.py
     torchrun --nproc_per_node 2 trainer/train_pretrain.py   # deepspeed --num_gpus=2 trainer/train_pretrain.py
+    python trainer/train_pretrain.py --model_family minimind3   # the original's newest family: out/pretrain_768.pth
     python trainer/train_pretrain.py --device cpu --hidden_size 64 --num_hidden_layers 2 \\
         --data_path dataset/demo/pretrain.jsonl --batch_size 8 --max_steps 20   # tiny CPU run, seconds
 Reads dataset/pretrain_hq.jsonl (the built-in demo corpus when that file is absent).

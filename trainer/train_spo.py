@@ -105,7 +105,7 @@ def main(argv=None):
     parser.add_argument("--beta", type=float, default=0.02, help="weight of the k3 KL penalty to the reference")
     args = parser.parse_args(argv)
     run = init_run(args)                                              # 1. distributed, device, seed, precision
-    lm_config, ckp = init_config(args)                                # 2. model config + resume state
+    lm_config, ckp = init_config(args, base_weight(args))             # 2. model config + resume state
     tracker = init_tracker(args, ckp, f"MiniMind-SPO-Epoch-{args.epochs}-BS-{args.batch_size}-LR-{args.learning_rate}")
     model, tokenizer = init_model(lm_config, args, run.device, base_weight(args), stage="policy")   # 4. models
     reward_fn = Rewards(args.reward, bool(args.reasoning), args.rule_weight, args.reward_model_path, run.device)

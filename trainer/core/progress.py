@@ -5,7 +5,7 @@
 
 tok/s counts useful (non-padding) tokens of all ranks; pad is the share of padding positions in the
 batches; eta is the whole run's (all epochs, honouring --max_steps). MFU, model FLOPs utilisation, is
-6 * parameters * useful tokens/s over the device's peak: a table for common GPUs, and on CPU a short
+6 * active parameters * useful tokens/s over the device's peak: a table for common GPUs, and on CPU a short
 matmul measured at start-up, the best rate seen cached (~/.cache/minimind, or $MINIMIND_CACHE). The
 attention FLOPs (~4% of the total at 512 tokens for the 26M model) are left out, so MFU is slightly
 underestimated.
@@ -170,18 +170,26 @@ class Progress:
 
 
 def lm_config_params(cfg) -> tuple[int, int]:
-    """(total, active) parameters of a MiniMind config, computed without building the model: the
-    embedding is tied to the LM head and counted once; MoE counts the experts a token uses as active."""
-    h, inter, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
-    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
-    attn = 2 * h * h + 2 * h * kv
-    ffn = 3 * h * inter
+    """(total, active) parameters of a MiniMind config (either family), computed without building the model:
+    attention with its own head_dim (minimind-3's may differ from hidden / heads) and minimind-3's per-head q/k
+    norms; the tied embedding counted once (a minimind-3 LM head left untied adds its own matrix); MoE counts the
+    routed experts a token uses (moe_intermediate_size wide), the shared experts (MiniMind2 only) and the router
+    as active."""
+    h, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    attn = 2 * h * q + 2 * h * kv                        # q_proj, o_proj; k_proj, v_proj
+    if getattr(cfg, "model_family", "minimind2") == "minimind3":
+        attn += 2 * head_dim                             # q_norm, k_norm
     norms = 2 * h
     if getattr(cfg, "use_moe", False):
-        experts = cfg.n_routed_experts + cfg.n_shared_experts
-        per_layer = attn + experts * ffn + cfg.n_routed_experts * h + norms
-        active_layer = attn + (cfg.num_experts_per_tok + cfg.n_shared_experts) * ffn + cfg.n_routed_experts * h + norms
+        routed = 3 * h * getattr(cfg, "moe_intermediate_size", cfg.intermediate_size)
+        shared = cfg.n_shared_experts * 3 * h * cfg.intermediate_size
+        router = cfg.n_routed_experts * h
+        per_layer = attn + cfg.n_routed_experts * routed + shared + router + norms
+        active_layer = attn + cfg.num_experts_per_tok * routed + shared + router + norms
     else:
-        per_layer = active_layer = attn + ffn + norms
-    base = vocab * h + h
+        per_layer = active_layer = attn + 3 * h * cfg.intermediate_size + norms
+    untied = getattr(cfg, "model_family", "minimind2") == "minimind3" and not getattr(cfg, "tie_word_embeddings", True)
+    base = vocab * h * (2 if untied else 1) + h          # MiniMind2 always ties
     return base + layers * per_layer, base + layers * active_layer

@@ -1,7 +1,7 @@
 """Resume files, in the original's name and format, written atomically (model/weights.py's atomic_save).
 
     checkpoints/{name}_{hidden}[_moe]_resume.pth   model (fp32), optimizer, scaler, epoch, step,
-                                               world_size, wandb_id, rng (+ whatever a stage adds)
+                                               world_size, wandb_id, rng, model_family (+ whatever a stage adds)
 
 The weight files (out/{name}_{hidden}[_moe].pth + .json) are model/weights.py's: serving reads them too.
 """
@@ -26,7 +26,8 @@ def lm_checkpoint(lm_config, weight: str = "full_sft", model=None, optimizer=Non
         state = {"model": {k: v.detach().cpu() for k, v in model_state.items()},
                  "optimizer": optimizer if isinstance(optimizer, dict) or optimizer is None else optimizer.state_dict(),
                  "epoch": epoch, "step": step, "world_size": world,
-                 "wandb_id": getattr(wandb, "id", None)}
+                 "wandb_id": getattr(wandb, "id", None),
+                 "model_family": getattr(lm_config, "model_family", "minimind2")}
         for key, value in kwargs.items():
             if value is not None:
                 state[key] = value.state_dict() if hasattr(value, "state_dict") else value

@@ -24,7 +24,7 @@ from model.loading import ROOT
 from trainer.core.loop import unwrap
 from trainer.core.stage import resolve_data
 
-ASSISTANT_START = "<|im_start|>assistant\n"   # what a chat-templated prompt with add_generation_prompt ends with
+ASSISTANT_START = "<|im_start|>assistant\n"   # where a prompt with add_generation_prompt opens the answer
 
 
 # ---- log-probs ----
@@ -58,14 +58,25 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 # ---- rollouts ----
+def generation_header(prompt: str) -> str | None:
+    """The tail of a chat-templated prompt from its last assistant start: ASSISTANT_START itself with MiniMind2's
+    template, plus an empty (or open) think block with minimind-3's ('<think>\n\n</think>\n\n'). None when the
+    prompt does not end by opening an assistant turn."""
+    at = prompt.rfind(ASSISTANT_START)
+    if at < 0 or "<|im_end|>" in prompt[at:] or "<|im_start|>" in prompt[at + 1:]:
+        return None
+    return prompt[at:]
+
+
 def encode_prompts(tokenizer, prompts, max_len: int, device="cpu"):
     """Tokenise chat-templated prompts, left-padded; keep the LAST `max_len` tokens of each, so the
     generation prompt is never cut (the original PPO right-truncated it away). -> (ids, mask), (B, P)."""
-    for p in prompts:
-        if not p.endswith(ASSISTANT_START):
+    headers = [generation_header(p) for p in prompts]
+    for p, h in zip(prompts, headers):
+        if h is None:
             raise ValueError(f"RL prompts must be chat-templated and end with the assistant start {ASSISTANT_START!r} "
                              f"(apply_chat_template(..., add_generation_prompt=True)); this one ends with {p[-40:]!r}")
-    header = len(tokenizer(ASSISTANT_START, add_special_tokens=False).input_ids)
+    header = max(len(tokenizer(h, add_special_tokens=False).input_ids) for h in set(headers))
     if max_len < header:
         raise ValueError(f"--max_seq_len {max_len} is shorter than the assistant header ({header} tokens)")
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False,

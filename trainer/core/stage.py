@@ -11,6 +11,7 @@ data, what it trains and its loss, in the numbered steps of the original:
 """
 import argparse
 import atexit
+import json
 import os
 import random
 from contextlib import nullcontext
@@ -22,9 +23,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.cli import Typed, was_typed
-from model.loading import ROOT, TOKENIZER_DIR, load_tokenizer, load_weights
-from model.weights import weight_path
+from model.cli import FAMILY_HIDDEN, Typed, add_family_arg, family_hidden_size, was_typed
+from model.loading import FAMILY_TOKENIZER_DIR, ROOT, TOKENIZER_DIR, load_tokenizer, load_weights, state_family
+from model.weights import LoadError, weight_path
 from trainer.core.resume import lm_checkpoint
 from trainer.core.loop import ResumePoint, set_rng_state
 from trainer.core.progress import Logger, is_main_process
@@ -97,13 +98,18 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--grad_clip", type=float, default=d["grad_clip"], help="max gradient norm (0 = no clipping)")
     p.add_argument("--log_interval", type=int, default=d["log_interval"], help="micro-batches between log lines")
     p.add_argument("--save_interval", type=int, default=d["save_interval"], help="micro-batches between saves")
-    p.add_argument("--hidden_size", type=int, default=d["hidden_size"])
+    p.add_argument("--hidden_size", type=int, default=d["hidden_size"], action=Typed,
+                   help=f"model width (default {d['hidden_size']}; 768 with --model_family minimind3); names the "
+                        "weight files {weight}_{hidden}[_moe].pth")
     p.add_argument("--num_hidden_layers", type=int, default=d["num_hidden_layers"])
     p.add_argument("--max_seq_len", type=int, default=d["max_seq_len"], help="tokens per sample (truncation) and per packed row")
     p.add_argument("--use_moe", type=int, default=d["use_moe"], choices=[0, 1])
     p.add_argument("--data_path", type=str, default=str(d["data_path"]), action=Typed,
                    help="training jsonl; when the default file is absent the demo corpus is used")
-    p.add_argument("--from_weight", type=str, default=d["from_weight"], help="weight prefix to start from, none = random")
+    p.add_argument("--from_weight", type=str, default=d["from_weight"],
+                   help="weight prefix to start from, none = random. When --model_family is not typed, this file's "
+                        ".json (or its keys) gives the family, so a chain started with --model_family minimind3 "
+                        "needs the flag only once (also at --hidden_size 768 when --hidden_size is not typed)")
     p.add_argument("--from_resume", type=int, default=0, choices=[0, 1], help="1 = continue from the resume file")
     p.add_argument("--use_wandb", action="store_true", help="log to swanlab (or wandb, see --tracker)")
     p.add_argument("--wandb_project", type=str, default=d["wandb_project"])
@@ -112,6 +118,7 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
                    help="1 = with several processes, shard parameters, gradients and optimizer state (FSDP2) "
                         "instead of replicating them (DDP); for models that outgrow one GPU")
     # added flags; their defaults keep the original's behaviour
+    add_family_arg(p)      # minimind2 (default) or minimind3; not typed: the --from_weight file decides
     if d["packing"] is not None:
         p.add_argument("--packing", type=int, default=d["packing"], choices=[0, 1],
                        help="1 = pack each micro-batch's samples into rows of max_seq_len (each attends only to "
@@ -123,7 +130,8 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
                             "epoch: raise --learning_rate to match)")
     p.add_argument("--tracker", type=str, default="swanlab", choices=["swanlab", "wandb"],
                    help="experiment tracker used by --use_wandb (the original imports swanlab)")
-    p.add_argument("--tokenizer_path", type=str, default=str(TOKENIZER_DIR), help="tokenizer directory")
+    p.add_argument("--tokenizer_path", type=str, default=str(TOKENIZER_DIR), action=Typed,
+                   help="tokenizer directory (default: the family's, model/ or model/minimind3/)")
     p.add_argument("--checkpoint_dir", type=str, default=str(CKPT), help="where resume files are written")
     p.add_argument("--from_dir", type=str, default=str(d["from_dir"] or ""),
                    help="where --from_weight is read (default: --save_dir)")
@@ -137,7 +145,7 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
                    help="1 = batch samples of similar length together when not packing (less padding)")
     p.add_argument("--seed", type=int, default=42, help="base seed (each rank uses seed + rank)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # appended by the deepspeed launcher
-    p.set_defaults(demo_data=d["demo_data"])
+    p.set_defaults(demo_data=d["demo_data"], typed=set())
     return p
 
 
@@ -251,14 +259,65 @@ def init_run(args) -> RunContext:
 
 
 # ---- 2. config and resume state ----
-def init_config(args, **extra):
-    """2. the model config from the flags, plus the resume state (None when not resuming).
+FAMILY_NAMES = {"minimind2": "MiniMind2", "minimind3": "minimind-3"}
+
+
+def weight_family(path) -> str | None:
+    """The model family of native weight `path`: its .json's, else its keys' (q_norm: minimind3); None when there
+    is neither file (or neither can be read)."""
+    from model.model_minimind import MiniMindConfig
+    path = Path(path)
+    try:
+        return MiniMindConfig.from_dict(json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))).model_family
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    try:      # no .json (e.g. a published weight): the keys, memory-mapped, so no tensor is read
+        keys = torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()
+    except Exception:   # torch raises many types for a missing or foreign file; loading it reports that later
+        return None
+    return state_family(keys)
+
+
+def resolve_family(args, from_weight: str = None) -> None:
+    """Set args.model_family, args.hidden_size and args.tokenizer_path from what was typed and from the weight the
+    stage starts from (`from_weight`, default --from_weight):
+      * --model_family typed: that family; --hidden_size not typed: the family's published size (768 for minimind3);
+      * not typed: the family of `{from_dir}/{from_weight}_{hidden}[_moe].pth` (its .json, else its keys); with
+        --hidden_size not typed and no such file at 512, a minimind-3 weight at 768 is used, as
+        `--model_family minimind3` alone wrote it. Otherwise (random init, no file) minimind2;
+      * --tokenizer_path not typed: the family's tokenizer (model/ or model/minimind3/)."""
+    from_weight = from_weight or args.from_weight
+    if not was_typed(args, "model_family"):
+        family = "minimind2"
+        if from_weight and from_weight != "none":
+            folder = args.from_dir or args.save_dir
+            sizes = [args.hidden_size] + ([] if was_typed(args, "hidden_size") else [FAMILY_HIDDEN["minimind3"]])
+            for hidden in sizes:
+                path = weight_path(folder, from_weight, argparse.Namespace(hidden_size=hidden, use_moe=args.use_moe))
+                found = weight_family(path)
+                if found == "minimind3" or (found and hidden == args.hidden_size):
+                    family, args.hidden_size = found, hidden
+                    if found != "minimind2":
+                        Logger(f"--model_family {found}: the family of {path}")
+                    break
+        args.model_family = family
+    else:
+        args.hidden_size = family_hidden_size(args)
+    if not was_typed(args, "tokenizer_path"):
+        args.tokenizer_path = str(FAMILY_TOKENIZER_DIR[args.model_family])
+
+
+def init_config(args, from_weight: str = None, **extra):
+    """2. the model config from the flags, plus the resume state (None when not resuming). The model family comes
+    from --model_family or the start weight (resolve_family; `from_weight` when it is not --from_weight).
 
     --from_resume 1 with no resume file starts fresh only when that cannot overwrite trained weights:
-    if the stage's output weight already exists, it is an error naming both paths."""
+    if the stage's output weight already exists, it is an error naming both paths. A resume file of the other
+    family is an error."""
     from model.model_minimind import MiniMindConfig
-    lm_config = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                               use_moe=bool(args.use_moe), **extra)
+    resolve_family(args, from_weight)
+    lm_config = MiniMindConfig(model_family=args.model_family, hidden_size=args.hidden_size,
+                               num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe), **extra)
     os.makedirs(args.save_dir, exist_ok=True)
     if not args.from_resume:
         return lm_config, None
@@ -279,7 +338,13 @@ def init_config(args, **extra):
                                     f"{out}. Point --checkpoint_dir at the run's resume files, or drop --from_resume "
                                     "(or move the weight) to start a new run")
         Logger(f"--from_resume 1: no resume file at {looked} and no {out.name} yet: starting a new run")
-    elif getattr(args, "packing", 0):
+        return lm_config, None
+    saved = ckp.get("model_family", "minimind2")     # files written before minimind-3 existed are MiniMind2 runs
+    if saved != lm_config.model_family:
+        looked = weight_path(args.checkpoint_dir, args.save_weight, lm_config, suffix="_resume.pth")
+        raise ValueError(f"{looked} was written by a {FAMILY_NAMES[saved]} run and this run builds "
+                         f"{FAMILY_NAMES[lm_config.model_family]}: resume with --model_family {saved}")
+    if getattr(args, "packing", 0):
         unit = ckp.get("batch_unit")   # steps count micro-batches: resuming under another unit would skip other samples
         if unit is None:
             Logger("the resume file does not say what its --batch_size counted (written before --batch_unit existed, "
@@ -302,13 +367,26 @@ def init_model(lm_config, args, device: str = "cpu", from_weight: str = None, st
     source = "random init"
     if from_weight != "none":
         path = weight_path(args.from_dir or args.save_dir, from_weight, lm_config)
+        check_family(path, lm_config)
         load_weights(model, path)
         source = str(path)
     total, active = model.count_parameters()
-    Logger(f"{stage}: {lm_config.hidden_size}x{lm_config.num_hidden_layers}{' MoE' if lm_config.use_moe else ''}, "
+    family = f"{FAMILY_NAMES[lm_config.model_family]} " if lm_config.model_family != "minimind2" else ""
+    Logger(f"{stage}: {family}{lm_config.hidden_size}x{lm_config.num_hidden_layers}{' MoE' if lm_config.use_moe else ''}, "
            f"{total / 1e6:.3f}M params" + (f" (active {active / 1e6:.3f}M)" if active != total else "")
            + f", from {source}")
     return model.to(device), tokenizer
+
+
+def check_family(path, lm_config) -> None:
+    """A start weight of the other model family is one line saying which flag fits it (loading is strict anyway,
+    but its message would list the q_norm/k_norm keys)."""
+    found = weight_family(path) if Path(path).is_file() else None
+    if found is not None and found != lm_config.model_family:
+        raise LoadError(f"{path} holds a {FAMILY_NAMES[found]} model and this run builds "
+                        f"{FAMILY_NAMES[lm_config.model_family]}: "
+                        + ("add --model_family minimind3" if found == "minimind3" else
+                           "drop --model_family minimind3 (or pass --model_family minimind2)"))
 
 
 # ---- 6. resume ----
@@ -325,7 +403,7 @@ def restore(ckp, model, optimizer, scaler=None, **extra) -> ResumePoint:
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0]
         raise ValueError(f"the resume file does not fit this run ({first[:200]}); was it written with other "
-                         "--hidden_size / --num_hidden_layers / --use_moe / stage flags?") from None
+                         "--hidden_size / --num_hidden_layers / --use_moe / --model_family / stage flags?") from None
     if scaler is not None and ckp.get("scaler") is not None:
         scaler.load_state_dict(ckp["scaler"])
     if ckp.get("rng") is not None:
