@@ -4,6 +4,7 @@
     python eval_llm.py --weight reason --historys 2       # a reasoning model, keeping the last turn as context
     python eval_llm.py --load_from ../MiniMind2           # a transformers folder (scripts/convert_model.py)
     python eval_llm.py --model_family minimind3           # the original's minimind-3 out/full_sft_768.pth
+    python eval_llm.py --model_family minimind3 --open_thinking 1   # ... thinking on (the template opens <think>)
     printf '你好\\n1+1等于几？\\n' | python eval_llm.py --temperature 0   # one answer line per question, greedy
     python eval_llm.py --save_dir out --weight full_sft --device cpu --prompt '你好'   # one-shot, at most 512 tokens
 
@@ -13,7 +14,9 @@ in --save_dir is used (model/loading.py, which also tells the family from the we
 tokenizer and chat template). Ctrl-C during an answer stops that answer; at the prompt (or an empty line) it
 ends the chat. `--weight pretrain` feeds `<|im_start|>` + the raw
 text, without the chat template. `<think>` reasoning is shown dim on a terminal, and between
-`[think]` and `[/think]` when the output is piped.
+`[think]` and `[/think]` when the output is piped. --open_thinking 1 (the original's flag, default 0) renders the
+prompt with the template's `open_thinking` switch: minimind-3's then ends in an open `<think>` block, so the
+answer starts with reasoning; MiniMind2's template has no such switch (its reasoning weights open `<think>`).
 
 When stdin or stdout is not a terminal the output is scriptable: exactly one line per answer (no
 prefixes; a newline inside an answer is written as `\\n` and a backslash as `\\\\`), and the script
@@ -32,7 +35,7 @@ import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model.chat_format import OutputParser, build_prompt  # noqa: E402
+from model.chat_format import OutputParser, build_prompt, opens_think  # noqa: E402
 from model.engine import HF_TOP_K, Engine, PromptTooLong, SamplingParams  # noqa: E402
 from model.cli import Typed, add_model_args, cli, was_typed  # noqa: E402
 from model.loading import load_model  # noqa: E402
@@ -56,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling probability mass")
     p.add_argument("--historys", type=int, default=0,
                    help="previous messages sent with each question (even: 2 = the last question and answer); 0 = none")
+    p.add_argument("--open_thinking", type=int, default=0, choices=[0, 1],
+                   help="1 = the chat template opens a <think> block for the model to reason in (minimind-3; "
+                        "MiniMind2's template has no such switch, its reasoning weights think by themselves); "
+                        "0 = thinking off (default)")
     # added flags
     p.add_argument("--repetition_penalty", type=float, default=1.1,
                    help="penalty on repeated tokens (1.0 = off, the original; 1.1 keeps tiny models from looping)")
@@ -127,20 +134,22 @@ class Printer:
 
 
 def submit(engine: Engine, tokenizer, conversation: list, args, seed: int):
-    """Start the answer to `conversation`; ValueError when the prompt leaves no room in the context."""
-    prompt = build_prompt(tokenizer, conversation, raw=args.weight == "pretrain")
+    """Start the answer to `conversation`: (the Request, whether the prompt opened a think block); ValueError when
+    the prompt leaves no room in the context."""
+    prompt = build_prompt(tokenizer, conversation, raw=args.weight == "pretrain", open_thinking=args.open_thinking)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=HF_TOP_K, repetition_penalty=args.repetition_penalty, seed=seed)
     try:
-        return engine.submit(tokenizer(prompt).input_ids, params, bounded=False)
+        return engine.submit(tokenizer(prompt).input_ids, params, bounded=False), opens_think(prompt)
     except PromptTooLong as err:
         raise ValueError(f"{err}; lower --historys") from None
 
 
-def show(req, printer: Printer) -> str:
-    """Stream one answer through `printer`; returns the raw text shown. Ctrl-C stops this answer only: its
-    slot is freed at the engine's next step and the chat goes on."""
-    parser, pieces, stopped = OutputParser(), [], False
+def show(req, printer: Printer, thinking: bool = False) -> str:
+    """Stream one answer through `printer` (thinking: the prompt opened a think block, so the answer starts with
+    reasoning); returns the raw text shown. Ctrl-C stops this answer only: its slot is freed at the engine's
+    next step and the chat goes on."""
+    parser, pieces, stopped = OutputParser(thinking=thinking), [], False
     try:
         for piece in req:
             pieces.append(piece)
@@ -202,7 +211,7 @@ class ReadAhead:
 
 def answer_piped(engine: Engine, tokenizer, args, seed: int, source: ReadAhead, pretty: bool, color: bool):
     """Single-turn answers to every question of `source`, up to engine.max_batch at once, in input order."""
-    pending = collections.deque()   # Requests, or the error line of a question that does not fit
+    pending = collections.deque()   # (Request, thinking), or the error line of a question that does not fit
     while True:
         while len(pending) < engine.max_batch:
             question = source.take(wait=not pending)
@@ -220,7 +229,7 @@ def answer_piped(engine: Engine, tokenizer, args, seed: int, source: ReadAhead, 
         if isinstance(head, str):
             skip(head, pretty)
         else:
-            show(head, Printer(pretty, color))
+            show(head[0], Printer(pretty, color), head[1])
 
 
 def skip(error: str, pretty: bool) -> None:
@@ -239,12 +248,13 @@ def converse(engine: Engine, tokenizer, args, seed: int, items, pretty: bool, co
         if pretty:
             print("🤖️: ", end="", flush=True)
         try:
-            req = submit(engine, tokenizer, conversation, args, seed)
+            req, thinking = submit(engine, tokenizer, conversation, args, seed)
         except ValueError as err:
             skip(str(err), pretty)
             conversation.pop()
             continue
-        conversation.append({"role": "assistant", "content": show(req, Printer(pretty, color))})
+        # the raw text: minimind-3's template takes the reasoning before `</think>` back out of it
+        conversation.append({"role": "assistant", "content": show(req, Printer(pretty, color), thinking)})
 
 
 def main(argv=None):

@@ -12,12 +12,25 @@ TOOL_CALL, END_TOOL_CALL = "<tool_call>", "</tool_call>"
 CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # the shipped tokenizer's special tokens
 
 
-def build_prompt(tokenizer, messages: list, raw: bool = False, tools=None) -> str:
+def build_prompt(tokenizer, messages: list, raw: bool = False, tools=None, open_thinking: bool = False) -> str:
     """The chat template with the generation prompt; raw=True (pretrain weights) gives bos + the
-    last user text without a template, as the original."""
+    last user text without a template, as the original.
+
+    open_thinking is passed to the template as the original's minimind-3 switch: its template then ends the prompt
+    with an open `<think>\n` (the model writes its reasoning, then `</think>`), else with an empty, closed think
+    block. MiniMind2's template (the original fa82707's) has no switch that opens a think block -- its only one,
+    `enable_thinking=False`, pre-fills an empty block, which no MiniMind2 stage trained on -- so for MiniMind2 the
+    prompt is the same either way and a reasoning model opens `<think>` itself. opens_think(prompt) tells which."""
     if raw:
         return tokenizer.bos_token + messages[-1]["content"]
-    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True,
+                                         open_thinking=bool(open_thinking))
+
+
+def opens_think(prompt: str) -> bool:
+    """Does the prompt end inside an open think block (minimind-3 with open_thinking)? Then the model's output
+    starts with reasoning, without a `<think>` of its own: parse it with OutputParser(thinking=True)."""
+    return prompt.rstrip().endswith(THINK)
 
 
 def find_control_token(text: str, tokens=CONTROL_TOKENS):
@@ -46,10 +59,15 @@ class OutputParser:
     tool_call event {"name", "arguments"} (a block that is not such JSON stays content). Text that may
     be the start of a tag, and trailing whitespace, wait for the next piece, so any split of the same
     text gives the same events once consecutive events of one kind are joined.
+
+    thinking=True: the prompt already opened the think block (opens_think), so the text up to `</think>` is
+    reasoning although no `<think>` was generated (one that is generated first anyway is dropped); as the
+    original's server, the content after `</think>` starts past its leading newlines. Text without `</think>`
+    is all reasoning.
     """
 
-    def __init__(self, tools: bool = False):
-        self.tools = tools
+    def __init__(self, tools: bool = False, thinking: bool = False):
+        self.tools, self.thinking = tools, thinking
         self.state = "start"  # start -> think -> after_think -> content <-> tool
         self.buf = ""
         self.in_answer = False
@@ -88,7 +106,8 @@ class OutputParser:
                 return True
             if opener.startswith(head) and not final:
                 return False  # maybe the opener, not complete yet
-            self.state, self.strip_lead = "content", True
+            self.state = "think" if self.state == "start" and self.thinking else "content"
+            self.strip_lead = True
             return True
         if self.strip_lead:
             self.buf = self.buf.lstrip()
@@ -148,9 +167,9 @@ def _parse_tool_call(text: str):
     return {"name": call["name"], "arguments": call.get("arguments", {})}
 
 
-def parse_output(text: str, tools: bool = False) -> dict:
+def parse_output(text: str, tools: bool = False, thinking: bool = False) -> dict:
     """Whole-text form of OutputParser: {"reasoning": str, "content": str, "tool_calls": [dict]}."""
-    parser = OutputParser(tools)
+    parser = OutputParser(tools, thinking)
     events = parser.feed(text) + parser.finish()
     return {"reasoning": "".join(t for k, t in events if k == "reasoning"),
             "content": "".join(t for k, t in events if k == "content"),

@@ -7,6 +7,7 @@ and the RL rollouts (trainer/core/rl.py) all generate through it.
     outs = engine.generate([ids_a, ids_b], SamplingParams(max_tokens=64))        # offline: waits for all
     req = engine.submit(ids, SamplingParams(temperature=0.7, seed=1, stop=("\\n\\n",)))
     for piece in req: print(piece, end="")                                       # streaming; req.cancel()
+    engine.swap_model(new_model)                                                 # a weight reload (the server's)
     python -c "import model.engine"                                              # nothing to run on its own
 
 How it works. A background thread owns the model and a fixed number of slots (`max_batch`). Each slot
@@ -468,6 +469,7 @@ class Engine:
         self.waiting = collections.deque()
         self.cv = threading.Condition()
         self.thread, self.closed = None, False
+        self.paused = False      # swap_model: nobody new is admitted while the running requests drain
         self.prompt_tokens_total = self.generation_tokens_total = self.prompt_tokens_cached_total = 0
         self.finished = collections.Counter()
         self.ttft, self.itl = Histogram(LATENCY_BUCKETS), Histogram(LATENCY_BUCKETS)
@@ -527,6 +529,47 @@ class Engine:
             for req in list(self.waiting) + list(self.slots):
                 req.cancel()
 
+    def swap_model(self, model, max_seq_len: int = None, abort: bool = False, poll: float = 0.02):
+        """Serve `model` from now on, with the same tokenizer (a weight reload). Nobody new is admitted while
+        the requests already running finish with the old weights (abort=True ends them now, as "cancelled");
+        then the model, the KV cache and the context (max_seq_len, capped by the model's positions) are
+        replaced, the prefix cache is forgotten, and the requests that waited meanwhile start with the new
+        weights (one whose prompt no longer fits the new context ends as "error"). Blocks until done."""
+        device = model.device if hasattr(model, "device") else next(model.parameters()).device
+        if device != self.device:
+            raise ValueError(f"the new model is on {device}, the engine runs on {self.device}")
+        with self.cv:
+            if self.closed:
+                raise RuntimeError("the engine is closed")
+            self.paused = True
+            if abort:
+                for req in self.slots:
+                    req.cancel()
+            self.cv.notify()
+        try:
+            with self.cv:
+                while self.slots and self.alive:  # the loop frees them (notified or not: poll)
+                    self.cv.wait(poll)
+                cfg = model.config
+                self.model, self.vocab_size = model, cfg.vocab_size
+                self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+                self.cache.release()
+                self.cache = SlotCache(cfg.num_hidden_layers, self.max_batch, self.max_seq_len)
+                self.prefix.clear()
+                self.weights_version = None
+                too_long = [r for r in self.waiting if len(r.prompt_ids) >= self.max_seq_len]
+                for req in too_long:
+                    self.waiting.remove(req)
+                for req in self.waiting:
+                    req.max_new = min(req.max_new, self.max_seq_len - len(req.prompt_ids))
+        finally:
+            with self.cv:
+                self.paused = False
+                self.cv.notify()
+        for req in too_long:
+            self._end(req, "error", f"the prompt has {len(req.prompt_ids)} tokens; the reloaded model's context "
+                                    f"is {self.max_seq_len} tokens")
+
     def __enter__(self):
         return self
 
@@ -565,7 +608,7 @@ class Engine:
         with torch.inference_mode(), autocast:
             while True:
                 with self.cv:
-                    self.cv.wait_for(lambda: self.closed or self.waiting or self.slots)
+                    self.cv.wait_for(lambda: self.closed or self.slots or (self.waiting and not self.paused))
                     if self.closed:
                         break
                 try:
@@ -603,7 +646,7 @@ class Engine:
             self._prefill_chunk(self.slots[self.n_decode])
             return
         with self.cv:
-            if not self.waiting or len(self.slots) >= self.max_batch:
+            if self.paused or not self.waiting or len(self.slots) >= self.max_batch:
                 return
             self._check_weights()
             batch, hits = [self.waiting.popleft()], []

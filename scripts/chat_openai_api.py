@@ -3,6 +3,7 @@
     python scripts/serve_openai_api.py &          # then:
     python scripts/chat_openai_api.py             # type questions; an empty line or Ctrl-D ends
     printf '你好\\n再说一遍\\n' | python scripts/chat_openai_api.py --history_messages 2
+    python scripts/chat_openai_api.py --open_thinking 1     # ask a minimind-3 server to think first
 
 Each question is sent with the last --history_messages messages before it, counted in whole
 turns (the original sent history[-2:], i.e. the previous answer without its question, and all of
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--max_tokens", type=int, default=2048, help="most tokens per answer")
+    p.add_argument("--open_thinking", type=int, default=0, choices=[0, 1],
+                   help="1 = ask for thinking (sends chat_template_kwargs {\"open_thinking\": true}, as the "
+                        "original's chat_api.py; minimind-3 models then reason first); 0 = off (default)")
     return p
 
 
@@ -61,6 +65,7 @@ def main(argv=None):
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     keep = max(args.history_messages, 0) // 2 * 2
     history = []  # only complete (user, assistant) pairs
+    extra = {"chat_template_kwargs": {"open_thinking": True}} if args.open_thinking else None
     for question in typed_questions(interactive):
         messages = (history[-keep:] if keep else []) + [{"role": "user", "content": question}]
         if pretty:
@@ -69,7 +74,7 @@ def main(argv=None):
         try:
             stream = client.chat.completions.create(model=args.model, messages=messages, stream=True,
                                                     temperature=args.temperature, top_p=args.top_p,
-                                                    max_tokens=args.max_tokens)
+                                                    max_tokens=args.max_tokens, extra_body=extra)
             for chunk in stream:
                 if not chunk.choices:
                     continue

@@ -9,9 +9,13 @@ scripts/web_demo.py.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (stream or not; messages, temperature, top_p,
 max_tokens / max_completion_tokens, stop, seed, tools, tool_choice, stream_options.include_usage and
-the extra fields repetition_penalty and top_k), GET /health (200 when the engine runs, else 503) and
-GET /metrics (Prometheus text). Output of reasoning models goes to `reasoning_content`; with `tools`,
-`<tool_call>` blocks become `tool_calls` (finish_reason "tool_calls").
+the extra fields repetition_penalty, top_k, and the original's open_thinking / chat_template_kwargs), GET /health
+(200 when the engine runs, else 503), GET /metrics (Prometheus text) and POST /v1/reload (also SGLang's
+/update_weights_from_disk, {"model_path": ...}: new weights from disk into the running server, behind the API
+key; without a key, for clients on this machine only). Output of reasoning models goes to `reasoning_content`
+(thinking on: the prompt opened the think block, so the text before `</think>` is reasoning); with `tools`,
+`<tool_call>` blocks become `tool_calls` (finish_reason "tool_calls"), and the assistant's tool_calls and the
+`tool` messages sent back render through the model's chat template (`<tool_call>`, `<tool_response>`).
 
 Concurrent requests are decoded together, up to --max_batch at a time; up to --max_queue more wait
 (a burst on an idle server fills the slots first), beyond that the answer is 429 with Retry-After. A prompt that begins like an earlier one (the system
@@ -47,15 +51,18 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.chat_format import CONTROL_TOKENS, OutputParser, build_prompt, find_control_token  # noqa: E402
-from model.cli import add_model_args, cli  # noqa: E402
+from model.chat_format import CONTROL_TOKENS, OutputParser, build_prompt, find_control_token, opens_think  # noqa: E402
+from model.cli import add_model_args, cli, one_line  # noqa: E402
 from model.engine import Engine, PromptTooLong, QueueFull, SamplingParams  # noqa: E402
-from model.loading import load_model  # noqa: E402
+from model.loading import family_of, is_transformers_folder, load_model, resolve_path  # noqa: E402
+from model.weights import LoadError  # noqa: E402
 
 ROLES = ("system", "user", "assistant", "tool")
 DEFAULTS = dict(temperature=0.7, top_p=0.92, top_k=50)  # the original's; top_k 50 is transformers' sampling default
 OPTIONS = dict(max_batch=16, max_queue=64, request_timeout=300.0, default_max_tokens=2048, max_body_bytes=1 << 20,
-               prefill_chunk=512, prefix_cache=8192, host="127.0.0.1", allow_any_host=False)
+               prefill_chunk=512, prefix_cache=8192, host="127.0.0.1", allow_any_host=False, loader=None)
+RELOAD_PATHS = ("/v1/reload", "/update_weights_from_disk")  # ours, and SGLang's (the original's rollout engine)
+PATHS = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", *RELOAD_PATHS)  # counted by name in /metrics
 MAX_JSON_DEPTH = 64
 NOT_RENDERED = ("tool_call_id", "id")  # fields of a message or of its tool calls that the chat template ignores
 NOT_RENDERED_AT = re.compile(r"messages\[\d+\](\.tool_calls\[\d+\])?")
@@ -118,18 +125,47 @@ def _bad_type(name: str, what: str):
 
 def _tool_calls(calls, where: str):
     """An assistant message's tool_calls: [{"function": {"name": str, "arguments": str | object}}] (the
-    function fields may also sit at the top level, as the chat template accepts)."""
+    function fields may also sit at the top level, as the chat template accepts). String arguments, as the
+    OpenAI API sends them back, render raw into the prompt, so they must be a JSON object."""
     if calls is None:
         return None
     ok = isinstance(calls, list)
     for call in calls if ok else []:
         fn = call.get("function", call) if isinstance(call, dict) else None
         ok = ok and isinstance(fn, dict) and isinstance(fn.get("name"), str) and \
-            isinstance(fn.get("arguments", ""), (str, dict))
+            isinstance(fn.get("arguments", ""), (str, dict)) and \
+            isinstance(call.get("id") or "", str) and call.get("type") in (None, "function")
     if not ok:
-        raise APIError(400, f"{where}.tool_calls must be a list of {{\"function\": {{\"name\": string, "
-                            "\"arguments\": string or object}}}}", where + ".tool_calls", "invalid_type")
+        raise APIError(400, f"{where}.tool_calls must be a list of {{\"id\": string, \"type\": \"function\", "
+                            "\"function\": {\"name\": string, \"arguments\": string or object}}",
+                       where + ".tool_calls", "invalid_type")
+    for j, call in enumerate(calls):
+        fn = call.get("function", call)
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                parsed = json.loads(args)
+            except (ValueError, RecursionError):
+                parsed = None
+            if not isinstance(parsed, dict):
+                name = f"{where}.tool_calls[{j}]{'.function' if 'function' in call else ''}.arguments"
+                raise APIError(400, f"{name} must be a JSON object (as a string), got {args[:80]!r}", name,
+                               "invalid_value")
     return calls or None
+
+
+def _thinking(body) -> bool:
+    """The original's rule: thinking is on when `open_thinking`, `chat_template_kwargs.open_thinking` or
+    `chat_template_kwargs.enable_thinking` is true (other chat_template_kwargs are not read)."""
+    flag, kwargs = body.get("open_thinking"), body.get("chat_template_kwargs")
+    if flag is not None and not isinstance(flag, bool):
+        raise _bad_type("open_thinking", "a boolean")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise _bad_type("chat_template_kwargs", 'an object like {"open_thinking": true}')
+    for key in ("open_thinking", "enable_thinking"):
+        if (kwargs or {}).get(key) is not None and not isinstance(kwargs[key], bool):
+            raise _bad_type(f"chat_template_kwargs.{key}", "a boolean")
+    return bool(flag or (kwargs or {}).get("open_thinking") or (kwargs or {}).get("enable_thinking"))
 
 
 def _tools(body):
@@ -189,7 +225,15 @@ def parse_request(body, context: int) -> dict:
                            where + ".role", "invalid_value")
         tool_calls = _tool_calls(msg.get("tool_calls"), where) if role == "assistant" else None
         content = _text(msg.get("content"), where, allow_none=role == "assistant")
-        clean.append({"role": role, "content": content or ""} | ({"tool_calls": tool_calls} if tool_calls else {}))
+        extra = {"tool_calls": tool_calls} if tool_calls else {}
+        if role == "assistant" and msg.get("reasoning_content") is not None:  # minimind-3's template renders it
+            if not isinstance(msg["reasoning_content"], str):
+                raise APIError(400, f"{where}.reasoning_content must be a string", where + ".reasoning_content",
+                               "invalid_type")
+            extra["reasoning_content"] = msg["reasoning_content"]
+        if role == "tool" and msg.get("tool_call_id") is not None and not isinstance(msg["tool_call_id"], str):
+            raise APIError(400, f"{where}.tool_call_id must be a string", where + ".tool_call_id", "invalid_type")
+        clean.append({"role": role, "content": content or ""} | extra)
     tools = _tools(body)
     _unsupported(body)
     stop = body.get("stop")
@@ -206,7 +250,8 @@ def parse_request(body, context: int) -> dict:
         raise APIError(400, f"'seed' must be an integer in [-2**63, 2**64), got {seed!r}", "seed", "invalid_value")
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return dict(
-        messages=clean, tools=tools, stop=tuple(s for s in stop or [] if s), stream=stream, seed=seed,
+        messages=clean, tools=tools, open_thinking=_thinking(body), stop=tuple(s for s in stop or [] if s),
+        stream=stream, seed=seed,
         include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
         temperature=_number(body, "temperature", 0, 2, DEFAULTS["temperature"]),
         top_p=_number(body, "top_p", 0, 1, DEFAULTS["top_p"], low_open=True),
@@ -263,7 +308,7 @@ def _neutral(value):
     return value
 
 
-def check_rendered_prompt(tokenizer, messages: list, tools, prompt: str, control_tokens):
+def check_rendered_prompt(tokenizer, messages: list, tools, prompt: str, control_tokens, open_thinking=False):
     """Refuse (400) a request whose texts form a ChatML control token only once joined or templated (text
     parts split inside a token, or a template that writes two texts side by side): the rendered prompt may
     hold no more control tokens than the same request with its texts neutralised."""
@@ -273,7 +318,7 @@ def check_rendered_prompt(tokenizer, messages: list, tools, prompt: str, control
             raise APIError(400, f"messages[{i}].content contains the ChatML control token {token} once its text "
                                 "parts are joined; it may not appear in message text", f"messages[{i}].content",
                            "invalid_value")
-    skeleton = build_prompt(tokenizer, _neutral(messages), tools=_neutral(tools))
+    skeleton = build_prompt(tokenizer, _neutral(messages), tools=_neutral(tools), open_thinking=open_thinking)
     for token in control_tokens:
         if prompt.count(token) > skeleton.count(token):
             raise APIError(400, f"the messages form the ChatML control token {token} once rendered with the chat "
@@ -292,9 +337,9 @@ class Job:
     """One request's answer: turns the engine's text pieces into output events, then knows
     finish_reason and usage."""
 
-    def __init__(self, req: dict, handle):
+    def __init__(self, req: dict, handle, thinking: bool = False):
         self.req, self.handle = req, handle
-        self.parser = OutputParser(tools=bool(req["tools"]))
+        self.parser = OutputParser(tools=bool(req["tools"]), thinking=thinking)
         self.tool_calls = []
 
     def feed(self, piece: str) -> list:
@@ -321,8 +366,8 @@ class Job:
             return APIError(504, f"the request took longer than the server's --request_timeout "
                                  f"({handle.params.timeout:g} s)", code="request_timeout", type_="timeout_error")
         if reason == "cancelled":
-            return APIError(503, "the request was cancelled (the client left, or the server is shutting down)",
-                            type_="server_error")
+            return APIError(503, "the request was cancelled (the client left, the server is shutting down, or its "
+                                 "weights were reloaded with abort_all_requests)", type_="server_error")
         return None
 
     def finish_reason(self) -> str:
@@ -371,6 +416,30 @@ def metrics_text(engine: Engine, responses: Counter, prefix: str = "minimind") -
 
 
 # ---- app ----
+def weight_loader(device, model_family: str = None, tokenizer_path: str = None, rope_scaling: bool = False):
+    """load(path) -> (model, tokenizer, description) for the reload endpoint: model/loading.load_model on a .pth
+    file or a transformers folder, with the server's device, family, tokenizer and RoPE flags (no LoRA); a
+    LoadError (one line) for anything else."""
+    def load(path: str):
+        source = resolve_path(path)
+        if not (source.is_file() or is_transformers_folder(source)):
+            raise LoadError(f"{path}: " + ("no such file or folder" if not source.exists() else
+                                           "not a .pth weight file or a transformers folder (with config.json)"))
+        argv = ["--load_from", str(source), "--device", str(device)]
+        argv += ["--model_family", model_family] if model_family else []
+        argv += ["--tokenizer_path", str(tokenizer_path)] if tokenizer_path else []
+        argv += ["--inference_rope_scaling"] if rope_scaling else []
+        return load_model(add_model_args(argparse.ArgumentParser(allow_abbrev=False)).parse_args(argv))
+    return load
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def json_response(status: int, body: dict, headers=None):
     """(start, body) ASGI messages of a JSON response."""
     raw = json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -431,8 +500,7 @@ class Guard:
             else:  # a stream broke after its headers: the event loop goes on; the bug shows in the log
                 traceback.print_exc(file=sys.stderr)
         finally:
-            path = scope["path"] if scope["path"] in ("/v1/chat/completions", "/v1/models", "/health",
-                                                      "/metrics") else "other"
+            path = scope["path"] if scope["path"] in PATHS else "other"
             # the HTTP layer's own answer (a body timeout, a shutdown) wins over the app's, which was dropped
             self.responses[(path, scope.get(REFUSED) or status or CLIENT_LEFT)] += 1
 
@@ -553,22 +621,79 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
             raise ClientGone() from None
         return b"".join(chunks)
 
-    def prepare(req: dict, text_bytes: int) -> list:
-        """Prompt token ids; the context is checked before the whole prompt is tokenized."""
+    def prepare(req: dict, text_bytes: int) -> tuple:
+        """(prompt token ids, whether the prompt opened a think block); the context is checked before the whole
+        prompt is tokenized."""
         if text_bytes // bytes_per_token >= context:
             raise APIError(400, f"the messages hold at least {text_bytes // bytes_per_token} tokens "
                                 f"({text_bytes} bytes); this model's context is {context} tokens (prompt + "
                                 "completion). Shorten the messages.", "messages", "context_length_exceeded")
         try:
-            prompt = build_prompt(tokenizer, req["messages"], tools=req["tools"])
+            prompt = build_prompt(tokenizer, req["messages"], tools=req["tools"], open_thinking=req["open_thinking"])
         except Exception as err:  # a template error is the request's fault (e.g. a message it cannot render)
             raise APIError(400, f"the messages cannot be rendered with the chat template: {err}", "messages") from None
-        check_rendered_prompt(tokenizer, req["messages"], req["tools"], prompt, control_tokens)
+        check_rendered_prompt(tokenizer, req["messages"], req["tools"], prompt, control_tokens, req["open_thinking"])
         ids = tokenizer(prompt).input_ids
         if len(ids) >= context:
             raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {context} tokens "
                                 "(prompt + completion). Shorten the messages.", "messages", "context_length_exceeded")
-        return ids
+        return ids, opens_think(prompt)
+
+    loader = opt["loader"] or weight_loader(engine.device, family_of(model))
+    reload_lock = asyncio.Lock()
+
+    async def reload(request: Request):
+        """POST /v1/reload (also SGLang's /update_weights_from_disk) {"model_path": a .pth file or a transformers
+        folder, "abort_all_requests": false}: load those weights while the old ones serve, then swap them into the
+        engine (model/engine.py swap_model: running answers finish first, or end now with abort_all_requests;
+        waiting ones start with the new weights). Any failure before the swap leaves the old model serving."""
+        nonlocal context
+        client_host = request.client.host if request.client else ""
+        if not api_key and not is_loopback(client_host):
+            raise APIError(403, f"reloading weights from {client_host or 'another machine'} needs the server to run "
+                                "with --api_key (without one only clients on this machine may)",
+                           code="permission_denied", type_="permission_error")
+        try:
+            raw = await read_body(request)
+        except ClientGone:
+            return Response(status_code=CLIENT_LEFT)
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):
+            raise APIError(400, "the request body is not valid UTF-8 JSON", None, "invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
+        path, abort = body.get("model_path"), body.get("abort_all_requests") or False
+        if not isinstance(path, str) or not path.strip() or "\0" in path:
+            raise _bad_type("model_path", "the path of a .pth weight file or a transformers folder")
+        if not isinstance(abort, bool):
+            raise _bad_type("abort_all_requests", "a boolean")
+        async with reload_lock:  # one reload at a time
+            start = time.time()
+            try:
+                new_model, new_tokenizer, description = await run_in_threadpool(loader, path)
+            except (LoadError, ValueError, OSError) as err:
+                raise APIError(400, f"the weights were not reloaded: {one_line(err)}", "model_path",
+                               "invalid_model_path") from None
+            if new_tokenizer.get_vocab() != tokenizer.get_vocab():
+                raise APIError(400, f"the weights were not reloaded: {path} comes with a different tokenizer than the "
+                                    "one this server runs, so its token ids would not match; start a new server for "
+                                    "it", "model_path", "tokenizer_mismatch")
+            new_context = min(max_seq_len, new_model.config.max_position_embeddings)
+            try:
+                await run_in_threadpool(engine.swap_model, new_model, new_context, abort)
+            except ValueError as err:  # another device
+                raise APIError(400, f"the weights were not reloaded: {err}", "model_path",
+                               "invalid_model_path") from None
+            except RuntimeError as err:  # the engine is closed: the server is shutting down
+                raise APIError(503, f"the weights were not reloaded: {err}", type_="server_error") from None
+            context = new_context
+        print(f"serve_openai_api.py: reloaded {description}", file=sys.stderr, flush=True)
+        return {"success": True, "message": f"reloaded {description} in {time.time() - start:.1f} s",
+                "model_path": path}
+
+    for route in RELOAD_PATHS:
+        app.post(route)(reload)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -585,7 +710,7 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
         req = parse_request(body, context)
         if engine.full:
             raise busy()
-        ids = await run_in_threadpool(prepare, req, text_bytes)
+        ids, thinking = await run_in_threadpool(prepare, req, text_bytes)
         max_tokens = req["max_tokens"] or opt["default_max_tokens"]
         params = SamplingParams(max_tokens=max_tokens, temperature=req["temperature"], top_p=req["top_p"],
                                 top_k=req["top_k"], repetition_penalty=req["repetition_penalty"], seed=req["seed"],
@@ -596,7 +721,7 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
             raise busy() from None
         except PromptTooLong as err:
             raise APIError(400, str(err), "messages", "context_length_exceeded") from None
-        job = Job(req, handle)
+        job = Job(req, handle, thinking)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
         if req["stream"]:
             # the background task also frees the slot when the client leaves before the stream starts
@@ -751,7 +876,9 @@ def main(argv=None):
                      max_queue=args.max_queue, request_timeout=args.request_timeout, host=args.host,
                      default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_bytes,
                      prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache,
-                     allow_any_host=args.allow_any_host)
+                     allow_any_host=args.allow_any_host,
+                     loader=weight_loader(args.device, family_of(model), args.tokenizer_path,
+                                          args.inference_rope_scaling))
     print(f"serving {args.model_id} at http://{args.host}:{args.port}/v1 (max_batch {args.max_batch})",
           file=sys.stderr, flush=True)
     make_server(app, args.host, args.port, header_timeout=args.header_timeout, body_timeout=args.body_timeout,

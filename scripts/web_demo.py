@@ -1,5 +1,5 @@
 """A Streamlit chat page for MiniMind: local weights or an OpenAI-compatible server, streamed answers,
-`<think>` reasoning in a collapsible section.
+`<think>` reasoning in a collapsible section, a "Thinking" switch (the chat template's open_thinking).
 
     streamlit run scripts/web_demo.py                      # from any directory
     streamlit run scripts/web_demo.py -- --save_dir out --weight full_sft --device cpu
@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import streamlit as st  # noqa: E402
 
-from model.chat_format import OutputParser, build_prompt  # noqa: E402
+from model.chat_format import OutputParser, build_prompt, opens_think  # noqa: E402
 from model.cli import add_model_args, typed_sizes  # noqa: E402
 from model.engine import HF_TOP_K, Engine, SamplingParams  # noqa: E402
 from model.loading import (QWEN3_TYPES, ROOT, find_weight, is_transformers_folder, load_model,  # noqa: E402
@@ -34,6 +34,9 @@ from model.loading import (QWEN3_TYPES, ROOT, find_weight, is_transformers_folde
 from model.weights import LoadError  # noqa: E402
 
 REASONING = "Reasoning (click to expand)"
+THINKING_HELP = ("Adaptive thinking (the chat template's open_thinking switch; minimind-3 models); may be unstable "
+                 "with multi-turn or Tool Call. MiniMind2's template has no such switch: its reasoning weights think "
+                 "by themselves")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,12 +90,12 @@ def cached_engine(argv: tuple) -> Engine:
 
 def local_events(argv: tuple, messages: list, settings: dict):
     _, tokenizer, _, weight = cached_model(argv)
-    prompt = build_prompt(tokenizer, messages, raw=weight == "pretrain")
+    prompt = build_prompt(tokenizer, messages, raw=weight == "pretrain", open_thinking=settings["open_thinking"])
     params = SamplingParams(max_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
                             top_p=settings["top_p"], top_k=HF_TOP_K, repetition_penalty=settings["repetition_penalty"],
                             seed=random.randrange(2 ** 63))  # a new seed per answer, as the original
     req = cached_engine(argv).submit(tokenizer(prompt).input_ids, params)  # PromptTooLong, QueueFull: shown
-    parser = OutputParser()
+    parser = OutputParser(thinking=opens_think(prompt))  # minimind-3 with thinking on: the answer starts reasoning
     try:
         for piece in req:
             yield from parser.feed(piece)
@@ -107,7 +110,8 @@ def api_events(api: dict, messages: list, settings: dict):
     stream = client.chat.completions.create(
         model=api["model"], messages=messages, stream=True, temperature=settings["temperature"],
         top_p=settings["top_p"], max_tokens=settings["max_new_tokens"],
-        extra_body={"repetition_penalty": settings["repetition_penalty"]})
+        extra_body={"repetition_penalty": settings["repetition_penalty"],
+                    **({"chat_template_kwargs": {"open_thinking": True}} if settings["open_thinking"] else {})})
     for chunk in stream:
         if chunk.choices:
             delta = chunk.choices[0].delta
@@ -172,7 +176,8 @@ def main():
                     "temperature": st.slider("Temperature", 0.0, 1.2, min(args.temperature, 1.2), step=0.01,
                                              help="0 = greedy decoding"),
                     "top_p": st.slider("Top-p", 0.05, 1.0, 0.85, step=0.01),
-                    "repetition_penalty": st.slider("Repetition penalty", 1.0, 1.5, 1.1, step=0.01)}
+                    "repetition_penalty": st.slider("Repetition penalty", 1.0, 1.5, 1.1, step=0.01),
+                    "open_thinking": st.checkbox("Thinking", value=False, help=THINKING_HELP)}
         if st.button("Clear chat", width="stretch"):
             state.messages = []
 

@@ -103,6 +103,32 @@ def test_reasoning_is_collapsible_and_history_is_sent_not_cut(tmp_path, monkeypa
     assert len(at.session_state.messages) == 4
 
 
+@pytest.mark.parametrize("mode", ["Local model", "API"])
+def test_thinking_switch_opens_the_think_block_and_shows_the_reasoning(tmp_path, monkeypatch, mode):
+    """The "Thinking" checkbox is the template's open_thinking (local: build_prompt; API: chat_template_kwargs, as
+    the original's chat_api.py): minimind-3's prompt then ends in an open think block and the answer, which starts
+    inside it, is split at `</think>`; unchecked, the prompt closes an empty block and the text is all content."""
+    from scripts.serve_openai_api import create_app
+    tokenizer = loading.load_tokenizer(loading.FAMILY_TOKENIZER_DIR["minimind3"])
+    model = ScriptedModel(tokenizer, "先想一想。\n</think>\n\n是蓝色的。")
+    monkeypatch.setattr(loading, "load_model", lambda args: (model, tokenizer, "scripted minimind-3 model"))
+    monkeypatch.setattr(engine, "Engine", functools.partial(engine.Engine, prefix_cache=0))  # see ScriptedModel
+    fake = tmp_path / "full_sft_64.pth"
+    fake.write_bytes(b"")
+    with serving(create_app(model, tokenizer, prefix_cache=0)) as url:
+        at = app(monkeypatch, "--load_from", fake, "--max_new_tokens", "64", "--api_url", url)
+        at.sidebar.radio[0].set_value(mode).run()
+        assert at.sidebar.checkbox[0].label == "Thinking" and at.sidebar.checkbox[0].value is False
+        at.chat_input[0].set_value("天空是什么颜色？").run()
+        assert model.prompts[-1].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert answers(at) == ["先想一想。\n</think>\n\n是蓝色的。"] and not at.expander
+        at.sidebar.checkbox[0].check().run()
+        at.chat_input[0].set_value("天空是什么颜色？").run()
+        assert not at.exception and not at.error
+        assert model.prompts[-1].endswith("<|im_start|>assistant\n<think>\n")
+        assert answers(at)[-1] == "是蓝色的。" and at.expander[-1].markdown[0].value == "先想一想。"
+
+
 def test_api_mode_talks_to_the_server(weight, monkeypatch):
     from scripts.serve_openai_api import create_app
     model, tokenizer = loading.load_native(weight), loading.load_tokenizer(tokenizer_dir())
