@@ -635,34 +635,59 @@ class DPODataset(_ChatDataset):
 class RLAIFDataset(_JsonlDataset):
     """Prompts for online RL -> {"prompt", "answer", "reference", "messages"}.
 
-    As the original, roles go by position (even = user, odd = assistant) and the last turn is the
+    MiniMind2 (fa82707): roles go by position (even = user, odd = assistant) and the last turn is the
     placeholder answer; a `role` field that disagrees with its position is an error rather than
-    silently rewritten. `reference` is the row's top-level "answer" field ("" if absent, JSON text
-    if not a string), the target for verifiable rewards; `messages` are the turns before the answer, as
-    {"role", "content"} dicts (what a reward model scores). max_length is unused, as in the original."""
+    silently rewritten. minimind-3 (upstream d65ef2c): roles are taken from the file (an optional system
+    turn first, then user and assistant alternating; the last turn, the placeholder, must be an assistant
+    turn), and a `thinking_ratio` share of the prompts is rendered with `open_thinking=True`, so that the
+    generation prompt opens a think block ("<think>\n") instead of pre-filling an empty one. Upstream draws
+    random() < thinking_ratio on every read; here the draw is a hash of (row index, `seed`), so a prompt is
+    the same on every read and a resumed run sees exactly the prompts of the uninterrupted one (the cost: a
+    prompt keeps its choice in every epoch). Upstream's random system prompt (p = 0.2) is not added, as in
+    SFTDataset. MiniMind2's template has no such switch: `thinking_ratio` has no effect there.
+    `reference` is the row's top-level "answer" field ("" if absent, JSON text if not a string), the target
+    for verifiable rewards; `messages` are the turns before the answer, as {"role", "content"} dicts (what a
+    reward model scores). max_length is unused, as in the original."""
     required = ("conversations",)
 
-    def __init__(self, jsonl_path, tokenizer, max_length: int = 1024, skip_bad_lines: bool = False):
+    def __init__(self, jsonl_path, tokenizer, max_length: int = 1024, skip_bad_lines: bool = False,
+                 thinking_ratio: float = 0.5, seed: int = 42):
+        self.thinking_ratio, self.seed = thinking_ratio, seed       # upstream's constructor default is 0.5
+        self.minimind3 = is_minimind3_tokenizer(tokenizer)
         super().__init__(jsonl_path, tokenizer, max_length, False, skip_bad_lines)
+
+    def open_thinking(self, i: int) -> bool:
+        """Whether prompt i opens a think block: a uniform draw in [0, 1) from sha256(seed, index) < thinking_ratio."""
+        import hashlib
+        digest = hashlib.sha256(f"{self.seed}:{int(i)}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2 ** 64 < self.thinking_ratio
 
     def __getitem__(self, i: int) -> dict[str, str]:
         row, where = self._row(i)
         conv = row["conversations"]
         if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(m, dict) for m in conv):
             raise ValueError(f"{where}: conversations must list at least a prompt and an answer turn")
-        messages = []
-        for k, msg in enumerate(conv):
-            role = "user" if k % 2 == 0 else "assistant"
-            if msg.get("role", role) != role:
-                raise ValueError(f"{where}: message {k}: role {msg['role']!r}, but position {k} is {role!r}")
-            if k < len(conv) - 1:
-                _check_content(msg, k, where)
-            messages.append({"role": role, "content": msg.get("content")})
+        if self.minimind3:
+            _check_conversation(conv[:-1], where)
+            if conv[-1].get("role") != "assistant":
+                raise ValueError(f"{where}: message {len(conv) - 1}: the last turn must be the assistant's "
+                                 f"(the placeholder answer), got role {conv[-1].get('role')!r}")
+            messages = [{"role": m["role"], "content": m.get("content")} for m in conv]
+        else:
+            messages = []
+            for k, msg in enumerate(conv):
+                role = "user" if k % 2 == 0 else "assistant"
+                if msg.get("role", role) != role:
+                    raise ValueError(f"{where}: message {k}: role {msg['role']!r}, but position {k} is {role!r}")
+                if k < len(conv) - 1:
+                    _check_content(msg, k, where)
+                messages.append({"role": role, "content": msg.get("content")})
         if not isinstance(messages[-1]["content"], str):
             raise ValueError(f"{where}: message {len(conv) - 1}: content must be a string")
         reference = row.get("answer", "")
         if not isinstance(reference, str):
             reference = json.dumps(reference, ensure_ascii=False)
-        prompt = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        switch = {"open_thinking": self.open_thinking(i)} if self.minimind3 else {}
+        prompt = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True, **switch)
         return {"prompt": prompt, "answer": messages[-1]["content"], "reference": reference,
                 "messages": messages[:-1]}

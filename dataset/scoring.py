@@ -1,5 +1,6 @@
 """Scoring generated answers against reference answers: the demo evaluation (scripts/eval_demo.py, the benches)
-and the rule rewards of the RL stages (trainer/core/rl.py: answer_correct, format_reward) both live here.
+and the rule rewards of the RL stages (trainer/core/rl.py: answer_correct, format_reward, and minimind-3's
+think_reward) all live here.
 
     python -c "from dataset.scoring import check_answer; print(check_answer('I am MiniMind, a tiny AI assistant.', 'MiniMind'))"
     # with a model: evaluate(model, tokenizer, 'dataset/demo/eval.jsonl') -> accuracy, per kind, every answer
@@ -79,6 +80,23 @@ def format_reward(text: str) -> float:
     return reward + 0.25 * sum(text.count(tag) == 1 for tag in TAGS)
 
 
+# ---- the minimind-3 shaping rewards: the original's newest calculate_rewards (d65ef2c, GRPO and PPO; spec 4.5) ----
+def think_reward(text: str) -> tuple[float, str]:
+    """The original's newest rule part of the reward of a minimind-3 response, in [-1.75, 1.75]:
+    +0.5 if 20 <= len(stripped response) <= 800 else -0.5; when it holds '</think>': +1.0 if the thought
+    before the first one is 20..300 characters (stripped) else -0.5, and +0.25 if '</think>' occurs once else
+    -0.25; minus rep_penalty (below) of the answer. -> (reward, answer): the answer is the stripped text after
+    the first '</think>', or the whole response (what the original's reward model scores)."""
+    reward = 0.5 if 20 <= len(text.strip()) <= 800 else -0.5
+    answer = text
+    if "</think>" in text:
+        thought, after = text.split("</think>", 1)
+        reward += 1.0 if 20 <= len(thought.strip()) <= 300 else -0.5
+        reward += 0.25 if text.count("</think>") == 1 else -0.25
+        answer = after.strip()
+    return reward - rep_penalty(answer), answer
+
+
 def answer_correct(text: str, reference: str) -> bool:
     """The verifiable reward: check_answer against the row's reference; an empty reference is never matched."""
     return bool(reference) and check_answer(text, reference)
@@ -114,3 +132,11 @@ def evaluate(model, tokenizer, eval_path, kinds=None, max_new_tokens: int = 48) 
     right = sum(r["correct"] for r in rows)
     return {"accuracy": right / max(len(rows), 1), "right": right, "total": len(rows),
             "by_kind": {k: tuple(v) for k, v in sorted(by_kind.items())}, "rows": rows}
+
+
+def rep_penalty(text: str, n: int = 3, cap: float = 0.5) -> float:
+    """The original minimind-3 RL rewards' repetition penalty (train_grpo.py, train_agent.py): the share of repeated
+    word/punctuation n-grams, times 2 * cap, at most cap; 0 for text with fewer than n tokens."""
+    toks = re.findall(r"\w+|[^\w\s]", text.lower())
+    grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+    return min(cap, (len(grams) - len(set(grams))) * cap * 2 / len(grams)) if grams else 0.0

@@ -60,7 +60,7 @@ def test_grpo_loss_clips_ratio_and_is_the_policy_gradient_at_ratio_1():
     old = torch.log(torch.tensor([[0.25], [0.25]]))
     logp = torch.log(torch.tensor([[0.5], [0.5]]))            # ratio 2
     adv = torch.tensor([1.0, -1.0])
-    loss, kl, clipped = train_grpo.grpo_loss(logp, old, logp, adv, mask, beta=0.0, clip_eps=0.2)
+    loss, kl, clipped = train_grpo.grpo_loss(logp, old, logp, adv, mask, beta=0.0, epsilon=0.2)
     assert loss.item() == pytest.approx((-1.2 + 2.0) / 2)    # min(2, 1.2) for A=1, min(-2, -1.2) for A=-1
     assert kl.item() == 0 and clipped.item() == 1
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)  # ratio == 1: the gradient is -A / T per token
@@ -268,6 +268,10 @@ def test_internlm2_style_get_score_reward_model(tmp_path, tokenizer):
         [msgs, msgs], ["<think>\nx\n</think>\n<answer>\n12345\n</answer>", "a"], ["", ""])
     full = min(len("<think>\nx\n</think>\n<answer>\n12345\n</answer>") - 2, 3)     # clipped to [-3, 3]
     assert rewards.tolist() == pytest.approx([1.5 + 0.4 * full + 0.6 * 3, 1 - 2])
+    # minimind-3 (think_rules): the original's newest rules, and the model scores only the answer after </think>
+    rewards, _ = Rewards("model", reasoning=True, think_rules=True, model_path=tmp_path)(
+        [msgs], ["t" * 25 + "</think>ab"], [""])
+    assert rewards.tolist() == pytest.approx([0.5 + 1.0 + 0.25 + (len("ab") - 2)])
 
 
 # ---- the RL form of the loop: rollout, then K updates, each a guarded optimizer step ----
@@ -352,11 +356,13 @@ def sft_chain(tmp_path_factory):
     return tmp
 
 
-RL = {"ppo": (train_ppo, "ppo_actor_64", ["scheduler", "critic_model", "critic_optimizer", "critic_scheduler",
-                                          "old_actor"], dict(critic_learning_rate=1e-3, update_old_actor_freq=2)),
-      "grpo": (train_grpo, "grpo_64", ["scheduler"], dict(num_generations=2)),
+RL = {"ppo": (train_ppo, "ppo_actor_64", ["scheduler", "critic_model", "critic_optimizer", "critic_scheduler"],
+              dict(critic_learning_rate=1e-3)),                  # 2 passes of 1 minibatch: 2 updates per rollout
+      "grpo": (train_grpo, "grpo_64", ["scheduler"], dict(num_generations=2)),          # --loss_type cispo
       "spo": (train_spo, "spo_64", ["scheduler", "value_tracker"], dict(accumulation_steps=1)),
-      "grpo_2_updates": (train_grpo, "grpo_64", ["scheduler"], dict(num_generations=2, num_iterations=2))}
+      "grpo_2_updates": (train_grpo, "grpo_64", ["scheduler"], dict(num_generations=2, num_iterations=2,
+                                                                     loss_type="grpo"))}
+KL_KEY = {"ppo": "approx_kl"}   # PPO logs the KL to the old policy (and kl_ref); the others the KL to the reference
 
 
 def rl_args(chain, out, **flags):
@@ -396,7 +402,7 @@ def test_rl_stage_runs_and_resumes_exactly(stage, dtype, sft_chain, tmp_path, mo
     assert set(base) == set(trained) and any(not torch.equal(base[k], trained[k]) for k in base)
     log = [json.loads(line) for line in open(full / "out" / f"{name}_metrics.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
-    assert {"reward", "acc", "kl"} <= set(log[0])
+    assert {"reward", "acc", KL_KEY.get(stage, "kl")} <= set(log[0])
     # stop after 3 steps, resume to 4: bit-identical to the uninterrupted run
     module.main(rl_args(sft_chain, tmp_path / "cut", max_steps=3, **flags))
     ckp = torch.load(tmp_path / "cut" / "ckpt" / f"{name}_resume.pth", weights_only=False)
@@ -421,7 +427,7 @@ def test_rl_stage_runs_and_resumes_exactly(stage, dtype, sft_chain, tmp_path, mo
 def test_grpo_inner_iterations_clip_the_ratio(sft_chain, tmp_path, monkeypatch):
     monkeypatch.setattr(rl, "answer_correct", lambda text, ref: len(text) % 2 == 0)
     path, loss = train_grpo.main(rl_args(sft_chain, tmp_path, max_steps=2, num_generations=2, num_iterations=3,
-                                         clip_epsilon=0.05, learning_rate=1e-2))
+                                         loss_type="grpo", clip_epsilon=0.05, learning_rate=1e-2))
     log = [json.loads(line) for line in open(tmp_path / "out" / "grpo_64_metrics.jsonl")]
     assert math.isfinite(loss) and max(r["ratio_clip"] for r in log) > 0      # later iterations moved off-policy
     with pytest.raises(ValueError, match="num_generations"):
@@ -429,11 +435,11 @@ def test_grpo_inner_iterations_clip_the_ratio(sft_chain, tmp_path, monkeypatch):
 
 
 def test_ppo_resumes_exactly_from_an_old_actor_refresh(sft_chain, tmp_path, monkeypatch, uninterrupted):
-    """The refresh hook runs right after the optimizer step, so a resume file written at a refresh step holds the
-    refreshed old actor (the actor's weights) and the resumed run goes on as the uninterrupted one."""
+    """fa82707's old actor (--update_old_actor_freq N > 0): the refresh hook runs right after the optimizer step,
+    so a resume file written at a refresh step holds the refreshed old actor (the actor's weights) and the resumed
+    run goes on as the uninterrupted one."""
     monkeypatch.setattr(rl, "answer_correct", lambda text, ref: len(text) % 2 == 0)
-    flags = dict(critic_learning_rate=1e-3, update_old_actor_freq=2, dtype="float32")
-    assert flags == {**RL["ppo"][3], "dtype": "float32"}      # the stage test's ppo float32 run: shared
+    flags = dict(critic_learning_rate=1e-3, update_old_actor_freq=2, ppo_update_iters=1, dtype="float32")
     _, full, _ = uninterrupted(train_ppo, max_steps=4, **flags)
     train_ppo.main(rl_args(sft_chain, tmp_path / "cut", max_steps=2, **flags))
     ckp = torch.load(tmp_path / "cut" / "ckpt" / "ppo_actor_64_resume.pth", weights_only=False)

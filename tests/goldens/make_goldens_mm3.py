@@ -198,7 +198,7 @@ for ratio in (0.0, 1.0):
     rl.thinking_ratio = ratio
     random.seed(1)  # pre_processing_chat: random() < 0.2 adds a system prompt
     rl_out[f"thinking_ratio={ratio}"] = rl.create_chat_prompt([{"role": "user", "content": "请解释光合作用"}, {"role": "assistant", "content": "无"}])
-json.dump(rl_out, open(f"{OUT}/rlaif_prompts.json", "w"), ensure_ascii=False, indent=1)
+json.dump(rl_out, open(f"{OUT}/mm3_rlaif_prompts.json", "w"), ensure_ascii=False, indent=1)
 
 json.dump(meta, open(f"{OUT}/meta.json", "w"), ensure_ascii=False, indent=1)
 print("ok", json.dumps({k: meta[k] for k in ("torch", "transformers")}))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dataset.scoring import ANSWER_PART, answer_correct, format_reward
+from dataset.scoring import ANSWER_PART, answer_correct, format_reward, think_reward
 from model.engine import HF_TOP_K, Engine, SamplingParams
 from model.loading import ROOT
 from trainer.core.loop import unwrap
@@ -114,6 +114,12 @@ class Rollout:
         """(N,) index of each completion's last token (its EOS, or R-1 when it was cut off)."""
         return self.lengths - 1
 
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        """The rollout of `rows` only (a PPO minibatch), with the same columns."""
+        rows = rows.to(self.sequences.device)
+        return Rollout(self.sequences[rows], self.attention_mask[rows], self.completion_mask[rows], self.prompt_len,
+                       [self.texts[i] for i in rows.tolist()], self.clipped[rows.to(self.clipped.device)])
+
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts, args, num_return_sequences: int = 1, autocast_ctx=None) -> Rollout:
@@ -207,19 +213,28 @@ class Rewards:
                     0.4 * score(full reply) + 0.6 * score(answer only) (the original, spec 6.8)
     --reward rule:  rule_weight * (answer matches the row's reference)
     --reward mixed: both summed.  With --reasoning 1, the format reward (0 .. 1.5) is always added.
+    think_rules (a minimind-3 policy, GRPO and PPO): the original's newest rules instead (dataset/scoring.py
+    think_reward: length, thought length, one '</think>', repetition penalty; -1.75 .. 1.75) are added under every
+    --reward, and the reward model scores the answer after '</think>' (no <answer> format, no 0.4/0.6 blend).
     `range` is the (low, high) the rewards can take (SPO's tracker normalises with it)."""
 
-    def __init__(self, kind: str, reasoning: bool, rule_weight: float = 1.0, model_path=None, device="cpu"):
-        self.kind, self.reasoning, self.rule_weight = kind, reasoning, rule_weight
+    def __init__(self, kind: str, reasoning: bool, rule_weight: float = 1.0, model_path=None, device="cpu",
+                 think_rules: bool = False):
+        self.kind, self.reasoning, self.rule_weight, self.think_rules = kind, reasoning, rule_weight, think_rules
         self.model = RewardModel(model_path, device) if kind in ("model", "mixed") else None
         low, high = (-3.0, 3.0) if self.model else (0.0, 0.0)
         high += rule_weight if kind in ("rule", "mixed") else 0.0
-        self.range = (low, high + (1.5 if reasoning else 0.0))
+        shaping = (-1.75, 1.75) if think_rules else (0.0, 1.5) if reasoning else (0.0, 0.0)
+        self.range = (low + shaping[0], high + shaping[1])
 
     def __call__(self, messages, responses, references):
         n = len(responses)
-        rewards = torch.zeros(n)
-        if self.reasoning:
+        rewards, answers = torch.zeros(n), list(responses)
+        if self.think_rules:
+            shaped = [think_reward(r) for r in responses]
+            rewards += torch.tensor([s for s, _ in shaped])
+            answers = [a for _, a in shaped]
+        elif self.reasoning:
             rewards += torch.tensor([format_reward(r) for r in responses])
         has_ref = [bool(ref) for ref in references]
         correct = torch.tensor([answer_correct(r, ref) for r, ref in zip(responses, references)], dtype=torch.float)
@@ -229,9 +244,9 @@ class Rewards:
                                  "field, as in dataset/demo/rlaif.jsonl); this batch has none. Use --reward model.")
             rewards += self.rule_weight * correct
         if self.model is not None:
-            scores = self.model.score([m + [{"role": "assistant", "content": r}] for m, r in zip(messages, responses)])
+            scores = self.model.score([m + [{"role": "assistant", "content": a}] for m, a in zip(messages, answers)])
             scores = scores.clamp(-3, 3)
-            if self.reasoning:
+            if self.reasoning and not self.think_rules:
                 found = [(i, a.group(1).strip()) for i, a in enumerate(map(ANSWER_PART.search, responses)) if a]
                 if found:
                     idx = torch.tensor([i for i, _ in found])
@@ -256,14 +271,26 @@ def add_rl_args(parser, **defaults):
                         help="model = reward model (original); rule = verifiable answer vs the row's \"answer\"; mixed = sum")
     parser.add_argument("--rule_weight", type=float, default=1.0, help="reward for a correct answer (rule, mixed)")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the rollouts")
+    parser.add_argument("--thinking_ratio", type=float, default=0.9,
+                        help="minimind-3 only: share of prompts rendered with open_thinking=True (an open <think> "
+                             "block), 0.0-1.0, drawn per prompt from (its index, --seed); no effect with MiniMind2's "
+                             "template, which has no such switch")
     parser.set_defaults(**defaults)
     return parser
+
+
+def check_rl_args(args) -> None:
+    """Reject bad values of the shared RL flags before anything is loaded (one line, exit 2)."""
+    if not 0.0 <= args.thinking_ratio <= 1.0:
+        raise ValueError(f"--thinking_ratio must be between 0 and 1, got {args.thinking_ratio}")
 
 
 def rl_prompts(args, tokenizer):
     """The stage's prompts: --data_path (dataset/rlaif-mini.jsonl, or the demo prompts when absent)."""
     from dataset.lm_dataset import RLAIFDataset
-    return RLAIFDataset(resolve_data(args), tokenizer, skip_bad_lines=bool(args.skip_bad_lines))
+    check_rl_args(args)
+    return RLAIFDataset(resolve_data(args), tokenizer, skip_bad_lines=bool(args.skip_bad_lines),
+                        thinking_ratio=args.thinking_ratio, seed=args.seed)
 
 
 def base_weight(args) -> str:
