@@ -918,3 +918,91 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# ---- Agentic RL prompts (trainer/train_agent.py) ----
+AGENT_TOOLS = ["calculate_math", "unit_converter", "get_current_weather", "get_current_time", "get_exchange_rate",
+               "translate_text"]   # the six that the original's train_agent.py mocks (deterministic answers)
+AGENT_UNITS = [("km", "miles", "公里", "英里"), ("miles", "km", "英里", "公里"), ("kg", "pounds", "千克", "磅"),
+               ("pounds", "kg", "磅", "千克"), ("meters", "feet", "米", "英尺"), ("feet", "meters", "英尺", "米")]
+
+
+def _agent_task(rng, lang):
+    """(question, [(tool, arguments)], gt): one task the mock tools answer; gt from the mocks themselves."""
+    from dataset.tools import MOCK_RESULTS, TIME_DATA, TRANSLATE_DATA, WEATHER_DATA, EXCHANGE_DATA
+    zh = lang == "zh"
+    kind = rng.choice(["weather", "weather2", "math", "unit", "rate", "time", "translate", "chat"])
+    if kind in ("weather", "weather2"):
+        cities = [c for c in WEATHER_DATA if (c.isascii() != zh)]
+        picked = rng.sample(cities, 2 if kind == "weather2" else 1)
+        calls = [("get_current_weather", {"location": c}) for c in picked]
+        if len(picked) == 2:
+            q = f"{picked[0]}和{picked[1]}现在的气温各是多少？" if zh else \
+                f"What are the temperatures in {picked[0]} and {picked[1]} right now?"
+        else:
+            q = rng.choice([f"{picked[0]}现在天气怎么样？", f"帮我查一下{picked[0]}的气温。"] if zh else
+                           [f"What's the weather like in {picked[0]} now?", f"Check the temperature in {picked[0]}."])
+    elif kind == "math":
+        a, b, c = rng.randint(12, 99), rng.randint(12, 99), rng.randint(2, 9)
+        expr = rng.choice([f"{a}*{b}", f"({a}+{b})*{c}", f"{a}*{b}-{c}"])
+        calls = [("calculate_math", {"expression": expr})]
+        q = rng.choice([f"请用计算器算一下{expr}。", f"{expr}等于多少？用工具算。"] if zh else
+                       [f"Use the calculator to work out {expr}.", f"What is {expr}? Please use a tool."])
+    elif kind == "unit":
+        src, dst, zsrc, zdst = rng.choice(AGENT_UNITS)
+        v = rng.randint(2, 50)
+        calls = [("unit_converter", {"value": v, "from_unit": src, "to_unit": dst})]
+        q = f"用工具把{v}{zsrc}换算成{zdst}。" if zh else f"Use the unit converter: how many {dst} is {v} {src}?"
+    elif kind == "rate":
+        pair = rng.choice(sorted(EXCHANGE_DATA))
+        calls = [("get_exchange_rate", {"from_currency": pair[0], "to_currency": pair[1]})]
+        q = f"查一下{pair[0]}兑{pair[1]}的汇率。" if zh else f"Look up the exchange rate from {pair[0]} to {pair[1]}."
+    elif kind == "time":
+        tz = rng.choice(sorted(TIME_DATA))
+        calls = [("get_current_time", {"timezone": tz})]
+        q = f"{tz}时区现在几点？" if zh else f"What time is it now in the {tz} time zone?"
+    elif kind == "translate":
+        text, target = rng.choice(sorted(TRANSLATE_DATA))
+        calls = [("translate_text", {"text": text, "target_language": target})]
+        q = f"请用翻译工具把“{text}”翻译成{'英文' if target == 'english' else '中文'}。" if zh else \
+            f"Use the translation tool to translate \"{text}\" into {target}."
+    else:
+        return rng.choice(["你好，请简单介绍一下你自己。", "你能帮我做些什么？"] if zh else
+                          ["Hello! Please introduce yourself briefly.", "What can you help me with?"]), [], []
+    gt = []
+    for name, args in calls:
+        result = MOCK_RESULTS[name](args)
+        value = {"get_current_weather": lambda r: r["temperature"], "calculate_math": lambda r: r["result"],
+                 "unit_converter": lambda r: str(r["result"]), "get_exchange_rate": lambda r: str(r["rate"]),
+                 "get_current_time": lambda r: r["datetime"][11:16],
+                 "translate_text": lambda r: r["translated_text"]}[name](result)
+        gt.append(value)
+    return q, calls, gt
+
+
+def gen_agent_rl(rng, n):
+    """{"conversations": [system with "tools" (a JSON string), user, assistant placeholder], "gt": [...]}: questions
+    the mock tools of dataset/tools.py answer (weather, arithmetic, units, exchange rates, time, translation; one or
+    two calls), and a few that need no tool (gt []). Each row offers the tools it needs plus one or two others."""
+    import sys
+    if str(ROOT) not in sys.path:   # run as `python dataset/demo_data.py`: dataset.tools by its package name
+        sys.path.insert(0, str(ROOT))
+    from dataset.tools import get_tools
+    out = []
+    for _ in range(n):
+        lang = _lang(rng)
+        q, calls, gt = _agent_task(rng, lang)
+        needed = list(dict.fromkeys(name for name, _ in calls))
+        others = [t for t in AGENT_TOOLS if t not in needed]
+        offered = needed + rng.sample(others, rng.randint(1, 2))
+        rng.shuffle(offered)
+        system = {"role": "system", "content": "你是一个可以调用工具的助手。" if lang == "zh" else
+                  "You are an assistant that can call tools.",
+                  "tools": json.dumps(get_tools(offered), ensure_ascii=False)}
+        out.append({"conversations": [system, {"role": "user", "content": q}, {"role": "assistant", "content": "无"}],
+                    "gt": gt})
+    return out
+
+
+SIZES["agent_rl"] = 48   # agent_rl.jsonl: {"conversations", "gt"} prompts for trainer/train_agent.py
+GENERATORS["agent_rl"] = gen_agent_rl

@@ -13,7 +13,7 @@ from dataset.scoring import check_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["pretrain", "sft", "dpo", "rlaif", "rlaif_units", "r1", "lora_identity", "lora_domain", "eval",
-         "rlaif_units_eval"]
+         "rlaif_units_eval", "agent_rl"]
 R1_FORMAT = re.compile(r"<think>\n(.+)\n</think>\n<answer>\n(.+)\n</answer>", re.S)
 
 
