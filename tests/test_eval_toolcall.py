@@ -2,7 +2,6 @@
 scripted model (the tool runs, its observation goes back into the prompt, the case is scored), and the api backend
 against a fake OpenAI-compatible server on 127.0.0.1, streamed and not."""
 import json
-import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,10 +9,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from model.cli import cli
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from model.weights import save_weights, weight_path
 from scripts import eval_toolcall
-from tests.conftest import ROOT
 
 TOOL_CALL = '<tool_call>\n{"name": "calculate_math", "arguments": {"expression": "256*37"}}\n</tool_call>'
 
@@ -81,17 +80,21 @@ def test_a_model_that_never_stops_calling_is_cut_at_max_rounds(tiny_out, monkeyp
     assert (first["tools"], first["answer"]) == (1.0, 0.0)
 
 
-def test_bad_input_is_one_line(tiny_out, tmp_path):
+def test_bad_input_is_one_line(tiny_out, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         eval_toolcall.main(["--backend", "nope"])
     assert exit_.value.code == 2
     with pytest.raises(ValueError, match="--max_rounds"):
         eval_toolcall.main(local_flags(tiny_out, "--max_rounds", "0"))
-    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_toolcall.py"), "--device", "cpu",
-                          "--save_dir", str(tmp_path / "empty"), "--mode", "0"], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120)
-    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: weight file ")
-    assert "Traceback" not in res.stderr
+    monkeypatch.chdir(tmp_path)   # the script's entry point, in this process: cli(main) with its own argv
+    monkeypatch.setattr(sys, "argv", ["eval_toolcall.py", "--device", "cpu", "--save_dir", str(tmp_path / "empty"),
+                                      "--mode", "0"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli(eval_toolcall.main)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.strip().splitlines()[-1].startswith("error: weight file ")
+    assert "Traceback" not in err
 
 
 def test_the_originals_768_weight_comes_first(tmp_path):

@@ -754,12 +754,15 @@ def test_a_client_leaving_mid_upload_logs_one_line(scripted, capfd):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "14 of 1000 bytes" in err
 
 
-def test_bench_serve_prints_its_tables(monkeypatch, capsys):
+BENCH_SERVE = [sys.executable, str(ROOT / "bench" / "bench_serve.py"), "--hidden_size", "64", "--num_hidden_layers",
+               "2", "--new_tokens", "4"]
+
+
+@pytest.mark.slow   # three server processes under the openai client: ~25 s
+def test_bench_serve_prints_its_tables():
     """bench/bench_serve.py end to end on a tiny model: the real servers (batching, --max_batch 1, --prefix_cache 0)
-    under the openai client, the prefix-cache column read from /metrics (the script in a subprocess), and the
-    engine-only batch sweep (its main() in this process: the engine needs no process of its own)."""
-    cmd = [sys.executable, str(ROOT / "bench" / "bench_serve.py"), "--hidden_size", "64", "--num_hidden_layers", "2",
-           "--new_tokens", "4"]
+    under the openai client, the prefix-cache column read from /metrics (the script in a subprocess)."""
+    cmd = BENCH_SERVE
     out = subprocess.run(cmd + ["--levels", "1,2", "--no_prefix_cache_levels", "2", "--burst_queue", "4"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -775,8 +778,13 @@ def test_bench_serve_prints_its_tables(monkeypatch, capsys):
               if line.startswith("| engine, --max_batch 16 --max_queue 4 |")]
     assert bursts[0] == ["20", "20", "0", "0"]  # max_batch + max_queue at once on an idle server: all answered
     assert bursts[1][0] == "40" and int(bursts[1][1]) >= 20 and int(bursts[1][1]) + int(bursts[1][2]) == 40
+
+
+def test_bench_serve_batch_sweep(monkeypatch, capsys):
+    """bench/bench_serve.py's engine-only batch sweep (its main() in this process: the engine needs no process of
+    its own)."""
     from bench import bench_serve
-    monkeypatch.setattr(sys, "argv", cmd[1:] + ["--batch_sweep", "1,2"])
+    monkeypatch.setattr(sys, "argv", BENCH_SERVE[1:] + ["--batch_sweep", "1,2"])
     capsys.readouterr()
     bench_serve.main()
     sweep = capsys.readouterr().out
