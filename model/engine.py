@@ -73,7 +73,11 @@ class SamplingParams:
     """Per-request generation settings. temperature 0 = greedy; top_k 0 and top_p 1 = off (the
     transformers processors, applied in their order: repetition penalty, temperature, top-k, top-p).
     seed None draws one from torch's global RNG, so torch.manual_seed before submit() repeats a run.
-    timeout: seconds from submission (queue time included); None = no limit."""
+    timeout: seconds from submission (queue time included); None = no limit.
+    logprobs: None = off; k >= 0 = record the log-prob of each sampled token (Request.logprobs) and the k likeliest
+    tokens with theirs (Request.top_logprobs), under the model's raw distribution: the log-softmax of the logits
+    before the repetition penalty, temperature, top-k and top-p (vLLM's default "raw_logprobs"), which is what a
+    trainer's forward pass over the same tokens gives."""
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -82,6 +86,7 @@ class SamplingParams:
     seed: int = None
     stop: tuple = ()
     timeout: float = None
+    logprobs: int = None
 
 
 # ---- text: incremental detokenisation and stop strings ----
@@ -134,7 +139,8 @@ class Request:
     """A submitted generation: iterate it (or `async for` over astream()) for text pieces as they come;
     cancel() frees its slot at the next step. When done: token_ids (new tokens, EOS included when it
     ended the answer), text, finish_reason ("stop", "length", "cancelled", "timeout" or "error", with
-    `error`), prompt_tokens, completion_tokens (without the EOS)."""
+    `error`), prompt_tokens, completion_tokens (without the EOS); with params.logprobs, `logprobs` (one float per
+    token id) and `top_logprobs` (per token id, [(id, log-prob)] of the params.logprobs likeliest tokens)."""
 
     _ids = itertools.count()
 
@@ -142,6 +148,7 @@ class Request:
         self.id = next(Request._ids)
         self.prompt_ids, self.params, self.max_new = prompt_ids, params, max_new
         self.token_ids, self.text, self.finish_reason, self.error = [], "", None, None
+        self.logprobs, self.top_logprobs = [], []
         self.submitted = time.monotonic()
         self.deadline = None if params.timeout is None else self.submitted + params.timeout
         self.first_token_at = self.last_token_at = None
@@ -419,6 +426,22 @@ def sample_next(logits: torch.Tensor, reqs: list) -> list:
         picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
         out[samp] = picked[:, 0].to(out.device)
     return out.tolist()
+
+
+def record_logprobs(logits: torch.Tensor, reqs: list, tokens: list):
+    """Append, for each request that asks (params.logprobs not None), the raw log-prob of its sampled token and
+    of its params.logprobs likeliest tokens: the log-softmax of the model's logits (fp32) before any processor."""
+    rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+    if not rows:
+        return
+    logp = logits[rows].float().log_softmax(dim=-1).cpu()
+    k = max(reqs[i].params.logprobs for i in rows)
+    top = logp.topk(min(k, logp.shape[-1]), dim=-1) if k else None
+    for j, i in enumerate(rows):
+        r = reqs[i]
+        r.logprobs.append(float(logp[j, tokens[i]]))
+        n = r.params.logprobs
+        r.top_logprobs.append(list(zip(top.indices[j, :n].tolist(), top.values[j, :n].tolist())) if n else [])
 
 
 # ---- metrics ----
@@ -792,6 +815,7 @@ class Engine:
                 r.seen = torch.zeros(self.vocab_size, dtype=torch.bool)
                 r.seen[torch.tensor(r.prompt_ids)] = True
         tokens = sample_next(logits, reqs)
+        record_logprobs(logits, reqs, tokens)
         now = time.monotonic()
         done = []
         for r, tok in zip(reqs, tokens):

@@ -9,10 +9,16 @@ scripts/web_demo.py.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (stream or not; messages, temperature, top_p,
 max_tokens / max_completion_tokens, stop, seed, tools, tool_choice, stream_options.include_usage and
-the extra fields repetition_penalty, top_k, and the original's open_thinking / chat_template_kwargs), GET /health
-(200 when the engine runs, else 503), GET /metrics (Prometheus text) and POST /v1/reload (also SGLang's
-/update_weights_from_disk, {"model_path": ...}: new weights from disk into the running server, behind the API
-key; without a key, for clients on this machine only). Output of reasoning models goes to `reasoning_content`
+the extra fields repetition_penalty, top_k, and the original's open_thinking / chat_template_kwargs), POST
+/v1/completions (OpenAI's completions API for raw prompts: `prompt` a string or, as vLLM, token ids, or a list of
+either; n, stop, seed, stream, max_tokens (default 16), temperature (1), top_p (1), and logprobs: the log-prob of
+each sampled token under the model's raw distribution (the log-softmax of its logits before temperature, top-k and
+top-p, as vLLM's default; what a trainer's forward pass gives) with the k likeliest tokens'; vLLM's extensions
+top_k, return_token_ids, return_tokens_as_token_ids and skip_special_tokens; the RL trainers' rollout engine,
+trainer/core/rollout_engine.py, samples through it), GET /health (200 when the engine runs, else 503), GET
+/metrics (Prometheus text) and POST /v1/reload (also SGLang's /update_weights_from_disk, {"model_path": ...}:
+new weights from disk into the running server, behind the API key; without a key, for clients on this machine
+only). Output of reasoning models goes to `reasoning_content`
 (thinking on: the prompt opened the think block, so the text before `</think>` is reasoning); with `tools`,
 `<tool_call>` blocks become `tool_calls` (finish_reason "tool_calls"), and the assistant's tool_calls and the
 `tool` messages sent back render through the model's chat template (`<tool_call>`, `<tool_response>`).
@@ -39,6 +45,7 @@ import argparse
 import asyncio
 import hmac
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -62,7 +69,10 @@ DEFAULTS = dict(temperature=0.7, top_p=0.92, top_k=50)  # the original's; top_k 
 OPTIONS = dict(max_batch=16, max_queue=64, request_timeout=300.0, default_max_tokens=2048, max_body_bytes=1 << 20,
                prefill_chunk=512, prefix_cache=8192, host="127.0.0.1", allow_any_host=False, loader=None)
 RELOAD_PATHS = ("/v1/reload", "/update_weights_from_disk")  # ours, and SGLang's (the original's rollout engine)
-PATHS = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", *RELOAD_PATHS)  # counted by name in /metrics
+PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
+         *RELOAD_PATHS)  # counted by name in /metrics
+COMPLETION_DEFAULTS = dict(temperature=1.0, top_p=1.0, top_k=0, max_tokens=16)  # the OpenAI completions API's (vLLM's)
+MAX_LOGPROBS, MAX_N = 20, 128
 MAX_JSON_DEPTH = 64
 NOT_RENDERED = ("tool_call_id", "id")  # fields of a message or of its tool calls that the chat template ignores
 NOT_RENDERED_AT = re.compile(r"messages\[\d+\](\.tool_calls\[\d+\])?")
@@ -207,6 +217,28 @@ def _unsupported(body):
         raise _bad_type("stream_options", 'an object like {"include_usage": true}')
 
 
+def _stop(body) -> tuple:
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
+        raise APIError(400, "'stop' must be a string or a list of at most 4 strings", "stop", "invalid_type")
+    return tuple(s for s in stop or [] if s)
+
+
+def _seed(body):
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -2 ** 63 <= seed < 2 ** 64):
+        raise APIError(400, f"'seed' must be an integer in [-2**63, 2**64), got {seed!r}", "seed", "invalid_value")
+    return seed
+
+
+def _flag(body, name: str, default: bool) -> bool:
+    value = body.get(name)  # null = absent, as for every optional field
+    if value is not None and not isinstance(value, bool):
+        raise APIError(400, f"'{name}' must be a boolean", name, "invalid_type")
+    return default if value is None else value
+
+
 def parse_request(body, context: int) -> dict:
     """Validate a chat completion request; returns the generation settings or raises APIError (400)."""
     if not isinstance(body, dict):
@@ -236,28 +268,76 @@ def parse_request(body, context: int) -> dict:
         clean.append({"role": role, "content": content or ""} | extra)
     tools = _tools(body)
     _unsupported(body)
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
-        raise APIError(400, "'stop' must be a string or a list of at most 4 strings", "stop", "invalid_type")
     if body.get("n") not in (None, 1):
         raise APIError(400, "only n = 1 is supported", "n", "invalid_value")
     stream = body.get("stream") or False  # null = absent, as for every optional field
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be a boolean", "stream", "invalid_type")
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -2 ** 63 <= seed < 2 ** 64):
-        raise APIError(400, f"'seed' must be an integer in [-2**63, 2**64), got {seed!r}", "seed", "invalid_value")
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return dict(
-        messages=clean, tools=tools, open_thinking=_thinking(body), stop=tuple(s for s in stop or [] if s),
-        stream=stream, seed=seed,
+        messages=clean, tools=tools, open_thinking=_thinking(body), stop=_stop(body), stream=stream, seed=_seed(body),
         include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
         temperature=_number(body, "temperature", 0, 2, DEFAULTS["temperature"]),
         top_p=_number(body, "top_p", 0, 1, DEFAULTS["top_p"], low_open=True),
         top_k=_number(body, "top_k", 0, None, DEFAULTS["top_k"], integer=True),
         repetition_penalty=_number(body, "repetition_penalty", 0, 2, 1.0, low_open=True),
         max_tokens=_number(body, max_name, 1, context, None, integer=True))
+
+
+def _prompts(prompt, vocab_size: int) -> list:
+    """The completions API's `prompt`: a string, a list of token ids, or a list of either (a batch) -> a list of
+    strings and id lists."""
+    ids_ok = lambda x: isinstance(x, list) and bool(x) and all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in x)
+    if isinstance(prompt, str) or ids_ok(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or ids_ok(p) for p in prompt):
+        return prompt
+    raise APIError(400, f"'prompt' must be a string, a non-empty list of token ids (integers in [0, {vocab_size})), "
+                        "or a non-empty list of those", "prompt", "invalid_type")
+
+
+def parse_completion_request(body, context: int, vocab_size: int) -> dict:
+    """Validate a /v1/completions request (OpenAI's completions API, with vLLM's token-id prompts and extensions
+    top_k, repetition_penalty, return_token_ids, return_tokens_as_token_ids, skip_special_tokens); returns the
+    generation settings or raises APIError (400)."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
+    prompts = _prompts(body.get("prompt"), vocab_size)
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise _bad_type("model", "a string")
+    if _flag(body, "echo", False):
+        raise APIError(400, "echo is not supported", "echo", "unsupported_value")
+    if body.get("suffix") is not None:
+        raise APIError(400, "suffix is not supported", "suffix", "unsupported_value")
+    if body.get("logit_bias"):
+        raise APIError(400, "logit_bias is not supported", "logit_bias", "unsupported_value")
+    n = _number(body, "n", 1, MAX_N, 1, integer=True)
+    if body.get("best_of") not in (None, n):
+        raise APIError(400, "best_of must equal n (no choices are generated beyond those returned)", "best_of",
+                       "unsupported_value")
+    req = dict(prompts=prompts, n=n, stop=_stop(body), seed=_seed(body), stream=_flag(body, "stream", False),
+               logprobs=_number(body, "logprobs", 0, MAX_LOGPROBS, None, integer=True),
+               return_token_ids=_flag(body, "return_token_ids", False),
+               as_token_ids=_flag(body, "return_tokens_as_token_ids", False),
+               skip_special_tokens=_flag(body, "skip_special_tokens", True),
+               temperature=_number(body, "temperature", 0, 2, COMPLETION_DEFAULTS["temperature"]),
+               top_p=_number(body, "top_p", 0, 1, COMPLETION_DEFAULTS["top_p"], low_open=True),
+               top_k=max(0, _number(body, "top_k", -1, None, COMPLETION_DEFAULTS["top_k"], integer=True)),  # -1: off
+               repetition_penalty=_number(body, "repetition_penalty", 0, 2, 1.0, low_open=True),
+               max_tokens=_number(body, "max_tokens", 1, context, COMPLETION_DEFAULTS["max_tokens"], integer=True))
+    if req["stream"]:
+        for name, on in (("logprobs", req["logprobs"] is not None), ("return_token_ids", req["return_token_ids"]),
+                         ("skip_special_tokens", not req["skip_special_tokens"])):
+            if on:
+                raise APIError(400, f"{name} is not supported with stream: send stream false", name,
+                               "unsupported_value")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False),
+                                                                             (bool, type(None)))):
+        raise _bad_type("stream_options", 'an object like {"include_usage": true}')
+    req["include_usage"] = bool((options or {}).get("include_usage"))
+    return req
 
 
 def scan_strings(body, control_tokens) -> int:
@@ -333,6 +413,49 @@ def tool_call_json(call: dict) -> dict:
                          "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}}
 
 
+def failure(handle):
+    """The APIError of an engine request that did not finish normally, else None."""
+    reason = handle.finish_reason
+    if reason == "error":
+        return APIError(500, f"generation failed: {handle.error}", type_="server_error")
+    if reason == "timeout":
+        return APIError(504, f"the request took longer than the server's --request_timeout "
+                             f"({handle.params.timeout:g} s)", code="request_timeout", type_="timeout_error")
+    if reason == "cancelled":
+        return APIError(503, "the request was cancelled (the client left, the server is shutting down, or its "
+                             "weights were reloaded with abort_all_requests)", type_="server_error")
+    return None
+
+
+def completion_choice(index: int, handle, req: dict, tokenizer, eos_ids) -> dict:
+    """One /v1/completions choice of a finished engine request: the text (cut before a stop string; special tokens
+    kept with skip_special_tokens false), finish_reason, the raw log-probs of the sampled tokens (logprobs k: with
+    the k likeliest tokens' at each position; tokens spelled "token_id:<id>" with return_tokens_as_token_ids) and,
+    with return_token_ids, the sampled ids (the EOS included when it ended the completion) and the prompt's."""
+    ids = list(handle.token_ids)
+    text = handle.text
+    if not req["skip_special_tokens"]:
+        ended = handle.finish_reason == "stop" and ids and ids[-1] in eos_ids
+        text = tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=False)
+        hits = [text.find(stop) for stop in req["stop"] if stop in text]
+        text = text[:min(hits)] if hits else text
+    choice = {"index": index, "text": text, "logprobs": None,
+              "finish_reason": "length" if handle.finish_reason == "length" else "stop"}
+    if req["logprobs"] is not None:
+        pieces = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+        name = (lambda i: f"token_id:{i}") if req["as_token_ids"] else (
+            lambda i: tokenizer.decode([i], skip_special_tokens=False))
+        offsets = list(itertools.accumulate(map(len, pieces), initial=0))[:-1]
+        choice["logprobs"] = {
+            "tokens": [name(i) for i in ids], "token_logprobs": list(handle.logprobs),
+            "top_logprobs": [{name(i): lp for i, lp in top} | {name(tok): lp_tok}
+                             for tok, lp_tok, top in zip(ids, handle.logprobs, handle.top_logprobs)],
+            "text_offset": offsets}
+    if req["return_token_ids"]:
+        choice["token_ids"], choice["prompt_token_ids"] = ids, list(handle.prompt_ids)
+    return choice
+
+
 class Job:
     """One request's answer: turns the engine's text pieces into output events, then knows
     finish_reason and usage."""
@@ -359,16 +482,7 @@ class Job:
 
     def failure(self):
         """The APIError of an answer that did not finish normally, else None."""
-        reason, handle = self.handle.finish_reason, self.handle
-        if reason == "error":
-            return APIError(500, f"generation failed: {handle.error}", type_="server_error")
-        if reason == "timeout":
-            return APIError(504, f"the request took longer than the server's --request_timeout "
-                                 f"({handle.params.timeout:g} s)", code="request_timeout", type_="timeout_error")
-        if reason == "cancelled":
-            return APIError(503, "the request was cancelled (the client left, the server is shutting down, or its "
-                                 "weights were reloaded with abort_all_requests)", type_="server_error")
-        return None
+        return failure(self.handle)
 
     def finish_reason(self) -> str:
         if self.tool_calls:
@@ -730,21 +844,155 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
                                      background=BackgroundTask(handle.cancel))
         return await whole(job, head, request)
 
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        """OpenAI's completions API on the same engine as chat: n choices per prompt, each its own engine request
+        (choice j of a request with `seed` samples as a request with seed + j); prompts are raw text (tokenized as
+        is, no chat template) or token ids, as vLLM takes them."""
+        try:
+            raw = await read_body(request)
+        except ClientGone:
+            return Response(status_code=CLIENT_LEFT)
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as err:
+            why = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+            raise APIError(400, f"the request body is not valid UTF-8 JSON: {why}", None, "invalid_json") from None
+        scan_strings(body, control_tokens)  # depth and lone surrogates (a raw prompt may hold control tokens)
+        req = parse_completion_request(body, context, engine.vocab_size)
+        total = len(req["prompts"]) * req["n"]
+        if total > engine.max_batch + engine.max_queue:
+            raise APIError(400, f"{total} choices (prompts x n) exceed what this server can run and queue at once "
+                                f"({engine.max_batch + engine.max_queue}); send fewer", "n", "invalid_value")
+        prompt_ids = await run_in_threadpool(completion_prompts, req["prompts"])
+        if engine.full:
+            raise busy()
+        handles = []
+        try:
+            for ids in prompt_ids:
+                for j in range(req["n"]):
+                    seed = None if req["seed"] is None else (req["seed"] + j) % 2 ** 64
+                    handles.append(engine.submit(ids, SamplingParams(
+                        max_tokens=req["max_tokens"], temperature=req["temperature"], top_p=req["top_p"],
+                        top_k=req["top_k"], repetition_penalty=req["repetition_penalty"], seed=seed, stop=req["stop"],
+                        timeout=opt["request_timeout"] or None, logprobs=req["logprobs"])))
+        except QueueFull:
+            for handle in handles:
+                handle.cancel()
+            raise busy() from None
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": model_id}
+        if req["stream"]:
+            return StreamingResponse(completion_sse(handles, head, req), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(lambda: [h.cancel() for h in handles]))
+        if await wait_all(handles, request):
+            return Response(status_code=CLIENT_LEFT)
+        for handle in handles:
+            if failure(handle) is not None:
+                raise failure(handle)
+        prompt_tokens = sum(len(ids) for ids in prompt_ids)
+        completion_tokens = sum(h.completion_tokens for h in handles)
+        return head | {"system_fingerprint": None, "choices": [
+            completion_choice(i, h, req, tokenizer, engine.eos_ids) for i, h in enumerate(handles)],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+    def completion_prompts(prompts: list) -> list:
+        """Token ids of each completions prompt (strings tokenized as they are); 400 when one is empty or leaves no
+        room for a token in the context. The size of a string is checked before it is tokenized."""
+        out = []
+        for i, prompt in enumerate(prompts):
+            where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            if isinstance(prompt, str):
+                size = len(prompt.encode("utf-8"))
+                if size // bytes_per_token >= context:
+                    raise APIError(400, f"{where} holds at least {size // bytes_per_token} tokens ({size} bytes); "
+                                        f"this model's context is {context} tokens (prompt + completion)", where,
+                                   "context_length_exceeded")
+                prompt = tokenizer(prompt).input_ids
+            if not prompt:
+                raise APIError(400, f"{where} is empty", where, "invalid_value")
+            if len(prompt) >= context:
+                raise APIError(400, f"{where} has {len(prompt)} tokens; this model's context is {context} tokens "
+                                    "(prompt + completion)", where, "context_length_exceeded")
+            out.append(prompt)
+        return out
+
+    def watch_disconnect(request: Request, handles: list, left: list):
+        """A task that, once the client leaves (the body is read: the next message is the disconnect), marks
+        left[0] and cancels the handles; the caller cancels the task when it is done."""
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            left[0] = True
+            for handle in handles:
+                handle.cancel()
+        return asyncio.ensure_future(watch())
+
+    async def wait_all(handles: list, request: Request) -> bool:
+        """Wait until every handle is done; True when the client left first (then they are cancelled)."""
+        left = [False]
+        watcher = watch_disconnect(request, handles, left)
+        try:
+            for handle in handles:
+                async for _ in handle.astream():
+                    pass
+        finally:
+            watcher.cancel()
+            for handle in handles:
+                handle.cancel()
+        return left[0]
+
+    async def completion_sse(handles: list, head: dict, req: dict):
+        """The choices' text as it comes (chunks of every choice interleaved, each with its index), then a chunk
+        with each choice's finish_reason, the usage chunk when asked, and [DONE]."""
+        def chunk(choices, **extra):
+            return f"data: {json.dumps(head | {'choices': choices} | extra, ensure_ascii=False)}\n\n"
+
+        queue = asyncio.Queue()
+
+        async def pump(index, handle):
+            try:
+                async for piece in handle.astream():
+                    await queue.put((index, piece))
+            finally:
+                await queue.put((index, None))
+
+        tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+        try:  # the client leaving cancels this generator: finally frees the slots
+            running = len(handles)
+            while running:
+                index, piece = await queue.get()
+                if piece is not None:
+                    yield chunk([{"index": index, "text": piece, "logprobs": None, "finish_reason": None}])
+                    continue
+                running -= 1
+                handle = handles[index]
+                if failure(handle) is not None:  # headers are sent: the error travels as an event, then the end
+                    yield f"data: {json.dumps(failure(handle).body(), ensure_ascii=False)}\n\n"
+                    break
+                yield chunk([{"index": index, "text": "", "logprobs": None,
+                              "finish_reason": "length" if handle.finish_reason == "length" else "stop"}])
+            else:
+                if req["include_usage"]:
+                    p = sum(h.prompt_tokens for h in handles[::req["n"]])
+                    c = sum(h.completion_tokens for h in handles)
+                    yield chunk([], usage={"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+        finally:
+            for task in tasks:
+                task.cancel()
+            for handle in handles:
+                handle.cancel()
+        yield "data: [DONE]\n\n"
+
     def busy():
         return APIError(429, f"the server is busy: {engine.load()}; retry later", code="queue_full",
                         type_="rate_limit_error", headers={"Retry-After": "1"})
 
     async def whole(job: Job, head: dict, request: Request):
-        left = False
-
-        async def watch():  # the body is read: the next message is the client leaving
-            nonlocal left
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            left = True
-            job.handle.cancel()
-
-        watcher = asyncio.ensure_future(watch())
+        left = [False]
+        watcher = watch_disconnect(request, [job.handle], left)
         parts = {"reasoning": [], "content": []}
         try:
             async for piece in job.handle.astream():
@@ -754,7 +1002,7 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
         finally:
             watcher.cancel()
             job.handle.cancel()
-        if left:
+        if left[0]:
             return Response(status_code=CLIENT_LEFT)
         failure = job.failure()
         if failure is not None:

@@ -24,8 +24,8 @@ from model.weights import save_weights
 from tests.conftest import tiny_train_args
 from trainer import train_agent
 from trainer.core.loop import TrainingError
-from trainer.train_agent import (OpenAIRolloutEngine, Sampled, agent_loss, agent_rewards, agent_rollouts,
-                                 parse_completion, render)
+from trainer.core.rollout_engine import OpenAIRolloutEngine, Sampled, parse_completion
+from trainer.train_agent import agent_loss, agent_rewards, agent_rollouts, render
 
 CALL = '<tool_call>\n{"name": "get_current_weather", "arguments": {"location": "北京"}}\n</tool_call>'
 ANSWER = "28°C 28°C 28°C 28°C"
@@ -54,11 +54,14 @@ class ScriptedEngine:
     def prepare(self, model):
         self.prepared += 1
 
+    def update_policy(self, model):
+        pass
+
     @contextmanager
     def session(self, rows):
-        def generate(prompts, budgets, seeds):
+        def generate(prompts, params):
             out = []
-            for ids, budget in zip(prompts, budgets):
+            for ids, budget in zip(prompts, [p.max_tokens for p in params]):
                 turn = self.tok.decode(ids).count("<|im_start|>assistant") - 1
                 text = self.script[min(turn, len(self.script) - 1)]
                 new = (self.tok(text, add_special_tokens=False).input_ids + [self.tok.eos_token_id])[:budget]
@@ -73,7 +76,8 @@ def weather_batch(tools=("get_current_weather", "calculate_math"), gt=("28°C",)
 
 
 def rollout_args(**kw):
-    return SimpleNamespace(**{**dict(num_generations=2, max_total_len=4000, max_gen_len=200, max_turns=3), **kw})
+    return SimpleNamespace(**{**dict(num_generations=2, max_total_len=4000, max_gen_len=200, max_turns=3,
+                                     temperature=0.8), **kw})
 
 
 def ids_of(tok, text):
@@ -422,8 +426,9 @@ def test_openai_engine_samples_on_the_server_and_reloads_its_weights(agent_chain
     finally:
         server.close()
     assert math.isfinite(loss)
-    # before each rollout (--save_interval 1): the policy saved as a transformers folder, then the reload request
-    assert len(synced) == len(server.reloads) == 2 and all(auth == "Bearer sk-test" for _, auth in server.reloads)
+    # before each rollout (--save_interval 1) and at the end: the policy saved as a transformers folder, then the
+    # reload request
+    assert len(synced) == len(server.reloads) == 3 and all(auth == "Bearer sk-test" for _, auth in server.reloads)
     assert server.reloads[0][0] == {"model_path": str((tmp_path / "shared").resolve())}
     shared = load_transformers(tmp_path / "shared")
     assert shared.config.model_family == "minimind3" and (tmp_path / "shared" / "tokenizer.json").exists()
@@ -446,7 +451,7 @@ def test_completion_replies_without_ids_or_logprobs_and_a_failed_reload(tok, tmp
     assert given == Sampled(ids, [-1.0] * len(ids))
     server = FakeServer(tok, reload_status=500)
     try:
-        engine = OpenAIRolloutEngine(server.url, tok, tmp_path / "shared", 0.8, interval=10)
+        engine = OpenAIRolloutEngine(server.url, tok, tmp_path / "shared", interval=10)
         model = MiniMindForCausalLM(MiniMindConfig(model_family="minimind3", hidden_size=64, num_hidden_layers=2))
         with pytest.raises(TrainingError, match="did not load the policy"):
             engine.prepare(model)
@@ -456,8 +461,8 @@ def test_completion_replies_without_ids_or_logprobs_and_a_failed_reload(tok, tmp
 
 def test_weight_sync_reloads_this_projects_server(tok, tmp_path):
     """scripts/serve_openai_api.py's /update_weights_from_disk (behind its API key): the policy saved by the rollout
-    engine is what the server then runs; a wrong key stops training with one line. (The server has no
-    /v1/completions, so rollouts cannot run on it: see OpenAIRolloutEngine.)"""
+    engine is what the server then runs; a wrong key stops training with one line. (Rollouts on that server:
+    tests/test_rollout_engine.py.)"""
     from scripts.serve_openai_api import create_app
     from tests.test_serve import running
     cfg = MiniMindConfig(model_family="minimind3", hidden_size=64, num_hidden_layers=2)
@@ -466,7 +471,7 @@ def test_weight_sync_reloads_this_projects_server(tok, tmp_path):
     app = create_app(served, tok, api_key="sk-right", prefix_cache=0, max_seq_len=1024)
     with running(app) as server:
         url = f"http://127.0.0.1:{server.config.port}"
-        engine = OpenAIRolloutEngine(url, tok, tmp_path / "shared", 0.8, interval=10)
+        engine = OpenAIRolloutEngine(url, tok, tmp_path / "shared", interval=10)
         engine.key = "sk-wrong"
         with pytest.raises(TrainingError, match="did not load the policy.*401"):
             engine.update_policy(policy)

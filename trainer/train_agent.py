@@ -12,7 +12,8 @@ trajectories of its prompt.
 Reads out/full_sft_<hidden>.pth, dataset/agent_rl.jsonl (the demo's dataset/demo/agent_rl.jsonl when absent; format:
 dataset/agent_dataset.py) and, with --reward model/mixed, the reward model at ../internlm2-1_8b-reward. Writes
 out/agent_<hidden>[_moe].pth, out/agent_<hidden>_metrics.jsonl and checkpoints/agent_<hidden>[_moe]_resume.pth; with
-an HTTP rollout engine also the policy, as a transformers folder, in --sglang_shared_path.
+an HTTP rollout engine (trainer/core/rollout_engine.py) also the policy, as a transformers folder, in
+--sglang_shared_path.
 
 A rollout, per trajectory (agent_rollouts): the prompt is rendered by the model's chat template with the sample's
 tools and `open_thinking` on with probability --thinking_ratio (drawn from (seed, epoch, sample, generation), so a
@@ -46,19 +47,11 @@ bf16 noise); an HTTP engine's are the server's when it returns them (its weights
 which the ratio corrects), else the policy's, recomputed locally (ratio 1: the staleness is then not corrected).
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import json
 import math
-import os
 import random
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 
 from dataset.agent_dataset import AgentRLDataset, agent_collate
 from dataset.scoring import rep_penalty
@@ -66,12 +59,13 @@ from dataset.tools import (DEFAULT_TIMEOUT, ToolRunner, call_parts, check_args, 
                            parse_tool_calls, validate_gt_in_text)
 from model.chat_format import END_THINK, END_TOOL_CALL, TOOL_CALL
 from model.cli import cli
-from model.engine import HF_TOP_K, Engine, SamplingParams
+from model.engine import HF_TOP_K, SamplingParams
 from model.loading import ROOT
 from trainer.core.batch_plan import BatchPlan
-from trainer.core.loop import TrainingError, train_loop, unwrap
+from trainer.core.loop import train_loop
 from trainer.core.progress import Logger, is_main_process
 from trainer.core.rl import RewardModel, adamw_cosine, frozen, k3_kl, token_logps
+from trainer.core.rollout_engine import add_rollout_args, create_rollout_engine
 from trainer.core.stage import DATA, build_parser, init_config, init_model, init_run, resolve_data, restore, wrap_model
 from trainer.core.tracking import init_tracker
 
@@ -126,11 +120,6 @@ def agent_rewards(trajs: list, gts: list, kind: str, rule_weight: float, reward_
 
 
 # ---- multi-turn rollouts ----
-class Sampled(NamedTuple):
-    ids: list             # the sampled token ids (the EOS included when it ended the turn)
-    logps: list | None    # their log-probs under the sampling weights (an HTTP server's), None when unknown
-
-
 @dataclass
 class Trajectory:
     prompt_messages: list  # the sample's conversation
@@ -212,8 +201,9 @@ def agent_rollouts(engine, tokenizer, runner, batch: dict, args, thinking: list,
             if not active:
                 break
             outs = generate([trajs[k].ids for k in active],
-                            [min(args.max_gen_len, args.max_total_len - len(trajs[k].ids)) for k in active],
-                            [seeds[k][turn] for k in active])
+                            [SamplingParams(max_tokens=min(args.max_gen_len, args.max_total_len - len(trajs[k].ids)),
+                                            temperature=args.temperature, top_k=HF_TOP_K, top_p=TOP_P,
+                                            seed=seeds[k][turn]) for k in active])
             going = []
             for k, out in zip(active, outs):
                 t = trajs[k]
@@ -242,144 +232,6 @@ def agent_rollouts(engine, tokenizer, runner, batch: dict, args, thinking: list,
                 going.append(k)
             active = going
     return trajs
-
-
-# ---- rollout engines ----
-class TorchRolloutEngine:
-    """--rollout_engine torch: the policy itself through the batching engine (model/engine.py), in eval mode and the
-    run's autocast precision; one engine per rollout, so a trajectory's later turns reuse its earlier keys."""
-
-    def __init__(self, model, tokenizer, run, temperature: float, max_total_len: int):
-        self.model, self.tokenizer, self.temperature, self.max_total_len = model, tokenizer, temperature, max_total_len
-        self.autocast_dtype = getattr(run.autocast_ctx, "fast_dtype", None)
-
-    def prepare(self, model):
-        """Before each rollout: nothing to do, the engine samples from the live weights."""
-
-    @contextmanager
-    def session(self, rows: int):
-        raw = unwrap(self.model)
-        was_training = raw.training
-        raw.eval()
-        try:
-            with Engine(raw, max_batch=rows, max_seq_len=self.max_total_len, eos_token_id=self.tokenizer.eos_token_id,
-                        autocast_dtype=self.autocast_dtype) as engine:
-                def generate(prompts, budgets, seeds):
-                    params = [SamplingParams(max_tokens=n, temperature=self.temperature, top_k=HF_TOP_K, top_p=TOP_P,
-                                             seed=seed) for n, seed in zip(budgets, seeds)]
-                    return [Sampled(list(req.token_ids), None) for req in engine.generate(prompts, params)]
-                yield generate
-        finally:
-            raw.train(was_training)
-
-
-class OpenAIRolloutEngine:
-    """--rollout_engine sglang / openai: rollouts on an OpenAI-compatible server (vLLM, SGLang) at --sglang_base_url.
-    Each turn is POST /v1/completions with the trajectory's token ids as the prompt, asking for the sampled ids and
-    their log-probs (`logprobs`, vLLM's `return_tokens_as_token_ids` / `return_token_ids`). A reply without ids is
-    re-tokenized from its text, and one without log-probs gets them recomputed locally by the policy (ratio 1).
-    Weight sync as the original: every --save_interval rollouts (and before the first) rank 0 saves the policy as a
-    transformers folder in --sglang_shared_path and POSTs {"model_path": ...} to /update_weights_from_disk; a
-    failure stops training. The API key, if the server wants one, comes from MINIMIND_API_KEY or OPENAI_API_KEY."""
-
-    def __init__(self, base_url: str, tokenizer, shared_path, temperature: float, interval: int, timeout: float = 600):
-        self.base_url, self.tokenizer, self.shared_path = base_url.rstrip("/"), tokenizer, Path(shared_path)
-        self.temperature, self.interval, self.timeout = temperature, max(1, interval), timeout
-        self.key = os.environ.get("MINIMIND_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        self.model_id, self.rollouts = None, 0
-
-    def _request(self, path: str, body: dict = None, timeout: float = None) -> dict:
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base_url + path, data=data, headers=headers,
-                                     method="GET" if data is None else "POST")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
-                text = resp.read().decode("utf-8", "replace")
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode("utf-8", "replace")[:300]
-            raise OSError(f"{self.base_url}{path}: HTTP {err.code}: {detail}") from None
-        except (urllib.error.URLError, TimeoutError) as err:
-            raise OSError(f"{self.base_url}{path}: {getattr(err, 'reason', err)}") from None
-        try:
-            return json.loads(text) if text.strip() else {}
-        except ValueError:
-            return {"text": text}
-
-    def prepare(self, model):
-        if self.rollouts % self.interval == 0:
-            self.update_policy(model)
-        self.rollouts += 1
-
-    def update_policy(self, model):
-        ok, why = True, ""
-        if is_main_process():
-            try:
-                raw = unwrap(model)
-                self.shared_path.mkdir(parents=True, exist_ok=True)
-                state = {k: v.detach().half().cpu() if v.is_floating_point() else v.detach().cpu()
-                         for k, v in raw.state_dict().items()}
-                raw.save_pretrained(self.shared_path, state_dict=state, safe_serialization=True)
-                self.tokenizer.save_pretrained(self.shared_path)
-                self._request("/update_weights_from_disk", {"model_path": str(self.shared_path.resolve())})
-            except (OSError, ValueError, RuntimeError) as err:
-                ok, why = False, str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-        if dist.is_initialized():
-            flag = torch.tensor([float(ok)], device=next(unwrap(model).parameters()).device)
-            dist.broadcast(flag, src=0)
-            ok = bool(flag.item())
-        if not ok:
-            raise TrainingError(f"the rollout server at {self.base_url} did not load the policy from "
-                                f"{self.shared_path}: {why or 'see rank 0'}")
-
-    @contextmanager
-    def session(self, rows: int):
-        if self.model_id is None:
-            try:
-                self.model_id = self._request("/v1/models", timeout=30).get("data", [{}])[0].get("id") or "default"
-            except (OSError, IndexError, AttributeError):
-                self.model_id = "default"
-        with ThreadPoolExecutor(max_workers=min(rows, 64)) as pool:
-            yield lambda prompts, budgets, seeds: list(pool.map(self.complete, prompts, budgets, seeds))
-
-    def complete(self, ids: list, budget: int, seed: int) -> Sampled:
-        reply = self._request("/v1/completions", {
-            "model": self.model_id, "prompt": ids, "max_tokens": budget, "temperature": self.temperature,
-            "top_k": HF_TOP_K, "top_p": TOP_P, "seed": seed % 2 ** 31, "logprobs": 1, "n": 1,
-            "return_tokens_as_token_ids": True, "return_token_ids": True, "skip_special_tokens": False})
-        try:
-            choice = reply["choices"][0]
-        except (KeyError, IndexError, TypeError):
-            raise OSError(f"{self.base_url}/v1/completions: no choices in the reply: {str(reply)[:300]}") from None
-        return parse_completion(choice, self.tokenizer)
-
-
-def parse_completion(choice: dict, tokenizer) -> Sampled:
-    """The sampled ids and log-probs of a /v1/completions choice: ids from `token_ids` or from logprobs tokens
-    spelled "token_id:<id>" (vLLM), else the text re-tokenized (plus the EOS when finish_reason is "stop"); the
-    log-probs only when there is one number per id."""
-    logprobs = choice.get("logprobs") or {}
-    tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
-    ids = choice.get("token_ids")
-    if ids is None and tokens and all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
-        ids = [int(t.split(":", 1)[1]) for t in tokens]
-    if ids is None:
-        ids, values = tokenizer(choice.get("text") or "", add_special_tokens=False).input_ids, None
-    ids = [int(i) for i in ids]
-    if choice.get("finish_reason") == "stop" and (not ids or ids[-1] != tokenizer.eos_token_id):
-        ids.append(tokenizer.eos_token_id)
-        values = None if values is None else list(values) + [None]
-    if values is None or len(values) != len(ids):
-        return Sampled(ids, None)
-    return Sampled(ids, [math.nan if v is None else float(v) for v in values])
-
-
-def create_rollout_engine(args, model, tokenizer, run):
-    """The original's factory: torch (this process's batching engine) or an OpenAI-compatible server."""
-    if args.rollout_engine == "torch":
-        return TorchRolloutEngine(model, tokenizer, run, args.temperature, args.max_total_len)
-    shared = args.sglang_shared_path or Path(args.checkpoint_dir) / "sglang_ckpt_agent"
-    return OpenAIRolloutEngine(args.sglang_base_url, tokenizer, shared, args.temperature, args.save_interval)
 
 
 # ---- loss ----
@@ -504,15 +356,7 @@ def main(argv=None):
                         help="seconds of wall time per tool call before it becomes an error observation")
     parser.add_argument("--debug_mode", action="store_true", help="print the first prompt's trajectories")
     parser.add_argument("--debug_interval", type=int, default=20, help="rollouts between --debug_mode prints")
-    parser.add_argument("--rollout_engine", type=str, default="torch", choices=["torch", "sglang", "openai"],
-                        help="torch = the policy in this process (model/engine.py); sglang / openai = an "
-                             "OpenAI-compatible server's /v1/completions (vLLM, SGLang) at --sglang_base_url")
-    parser.add_argument("--sglang_base_url", type=str, default="http://localhost:8998", help="rollout server URL")
-    parser.add_argument("--sglang_model_path", type=str, default=str(ROOT / "model"),
-                        help="accepted for the original's command lines; the policy's own tokenizer decodes")
-    parser.add_argument("--sglang_shared_path", type=str, default=None,
-                        help="folder the policy is saved to for the server to reload (default: "
-                             "<checkpoint_dir>/sglang_ckpt_agent)")
+    add_rollout_args(parser)                                          # --rollout_engine torch|sglang|openai ...
     args = parser.parse_args(argv)
     if args.num_generations < 2:
         raise ValueError("--num_generations must be at least 2 (the group baseline needs two trajectories)")
@@ -530,14 +374,16 @@ def main(argv=None):
     optimizer, scheduler = adamw_cosine(model.parameters(), args, run, len(train_ds), args.learning_rate)
     start = restore(ckp, model, optimizer, run.scaler, scheduler=scheduler)   # 6. resume
     model = wrap_model(model, run, args, rollouts=True)               # 7. DDP
-    engine = create_rollout_engine(args, model, tokenizer, run)
+    engine = create_rollout_engine(args, model, tokenizer, run, "agent", args.max_total_len)
     clock = EpochClock(start, BatchPlan(train_ds, args, run, agent_collate).num_batches(0))
     with ToolRunner(timeout=args.tool_timeout) as runner:             # 8. train: multi-turn rollout, then update
-        return train_loop(run, args, model, [optimizer], train_ds,
-                          rollout_fn=lambda batch: agent_rollout(model, ref_model, engine, runner, tokenizer,
-                                                                 reward_model, clock, run, args, batch),
-                          update_fn=lambda ro, k: agent_update(model, args, ro), lm_config=lm_config,
-                          tracker=tracker, start=start, collate_fn=agent_collate, schedulers=[scheduler])
+        result = train_loop(run, args, model, [optimizer], train_ds,
+                            rollout_fn=lambda batch: agent_rollout(model, ref_model, engine, runner, tokenizer,
+                                                                   reward_model, clock, run, args, batch),
+                            update_fn=lambda ro, k: agent_update(model, args, ro), lm_config=lm_config,
+                            tracker=tracker, start=start, collate_fn=agent_collate, schedulers=[scheduler])
+    engine.update_policy(model)                     # a rollout server ends on the trained policy (the last sync)
+    return result
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ term is CISPO's (the original's newest default) or GRPO's clipped ratio (--loss_
     torchrun --nproc_per_node 2 trainer/train_grpo.py        # deepspeed --num_gpus=2 trainer/train_grpo.py
     python trainer/train_grpo.py --device cpu --hidden_size 64 --num_hidden_layers 2 --reasoning 0 \\
         --reward rule --max_gen_len 16 --num_generations 4 --max_steps 4       # tiny CPU run, seconds
+    python trainer/train_grpo.py --rollout_engine sglang --sglang_base_url http://127.0.0.1:8998   # rollouts on a server
 Reads out/reason_<hidden>.pth (--reasoning 1) or out/full_sft_<hidden>.pth (--reasoning 0), prompts from
 dataset/rlaif-mini.jsonl (the demo prompts when absent) and, with --reward model/mixed, the reward model
 at ../internlm2-1_8b-reward. Writes out/grpo_<hidden>[_moe].pth, out/grpo_<hidden>_metrics.jsonl and
@@ -18,7 +19,9 @@ pi / pi_old per token and kl the k3 estimate to the reference, the loss per toke
   --loss_type grpo:            -(min(ratio * A, clip(ratio, 1 +- --epsilon) * A) - beta * kl)
 both averaged over each completion's tokens (up to and including its EOS), then over completions (the
 original's reduction for both). With --num_iterations 1 (the original) pi_old = stop_grad(pi), the ratio is 1
-and both are the plain policy gradient -A * grad log pi (the same update, different loss values); with N > 1
+and both are the plain policy gradient -A * grad log pi (the same update, different loss values); with
+--rollout_engine sglang/openai pi_old is the rollout server's (its weights synced every --save_interval rollouts,
+trainer/core/rollout_engine.py), and the ratio corrects for its lag; with N > 1
 the same rollout is reused for N optimizer steps against the rollout-time log-probs: GRPO's clip then zeroes
 the gradient of a token whose ratio left 1 +- epsilon in the direction its advantage pushes, CISPO keeps every
 token's gradient and caps its weight. Each of the N steps is the loop's guarded optimizer step (a non-finite one
@@ -36,7 +39,8 @@ from dataset.lm_dataset import is_minimind3_tokenizer
 from model.cli import cli
 from trainer.core.loop import train_loop
 from trainer.core.rl import (Rewards, adamw_cosine, add_rl_args, base_weight, check_rl_args, completion_logps, frozen,
-                              k3_kl, masked_mean, rl_collate, rl_prompts, rollout)
+                              k3_kl, masked_mean, old_or, rl_collate, rl_prompts, rollout, rollout_logps)
+from trainer.core.rollout_engine import create_rollout_engine
 from trainer.core.tracking import init_tracker
 from trainer.core.stage import DATA, build_parser, init_config, init_model, init_run, restore, wrap_model
 
@@ -77,11 +81,12 @@ def cispo_loss(logp, old_logp, ref_logp, adv, mask, beta: float, epsilon_high: f
     return loss, masked_mean(kl, mask).detach(), clipped.detach()
 
 
-def grpo_rollout(model, ref_model, run, args, tokenizer, reward_fn, batch):
-    """One batch of prompts (no gradients): G sampled answers each, their rewards, group advantages and the
-    reference's log-probs; with --num_iterations N > 1 also the rollout-time log-probs the later updates clip to."""
+def grpo_rollout(model, ref_model, engine, run, args, tokenizer, reward_fn, batch):
+    """One batch of prompts (no gradients): G sampled answers each (by --rollout_engine), their rewards, group
+    advantages and the reference's log-probs; the rollout-time log-probs the ratio is taken against: a rollout
+    server's, and with --num_iterations N > 1 the policy's where there are none."""
     group = args.num_generations
-    roll = rollout(model, tokenizer, batch["prompt"], args, group, run.autocast_ctx)
+    roll = rollout(model, tokenizer, batch["prompt"], args, group, run.autocast_ctx, engine)
     rep = lambda xs: [x for x in xs for _ in range(group)]
     rewards, stats = reward_fn(rep(batch["messages"]), roll.texts, rep(batch["reference"]))
     r = rewards.view(-1, group)
@@ -90,14 +95,14 @@ def grpo_rollout(model, ref_model, run, args, tokenizer, reward_fn, batch):
              "tokens": int(roll.lengths.sum())}
     return {"roll": roll, "adv": group_advantages(rewards, group, bool(args.batch_adv_norm)).to(run.device),
             "ref_logp": completion_logps(ref_model, roll)[0], "stats": stats,
-            "old_logp": completion_logps(model, roll)[0] if args.num_iterations > 1 else None}
+            "old_logp": rollout_logps(model, roll, args.num_iterations > 1)}
 
 
 def grpo_update(model, args, ro, k):
-    """Update k of a rollout: the CISPO or GRPO loss of the current policy (with N = 1 the ratio is
-    pi / stop_grad(pi) == 1), returned for the loop to back-propagate and step."""
+    """Update k of a rollout: the CISPO or GRPO loss of the current policy (with N = 1 and the torch engine the
+    ratio is pi / stop_grad(pi) == 1), returned for the loop to back-propagate and step."""
     logp, aux = completion_logps(model, ro["roll"])
-    old_logp = logp.detach() if ro["old_logp"] is None else ro["old_logp"]
+    old_logp = old_or(ro["old_logp"], logp)
     policy_loss, clip = (cispo_loss, args.epsilon_high) if args.loss_type == "cispo" else (grpo_loss, args.epsilon)
     loss, kl, clip_frac = policy_loss(logp, old_logp, ro["ref_logp"], ro["adv"], ro["roll"].completion_mask.float(),
                                       args.beta, clip)
@@ -143,10 +148,15 @@ def main(argv=None):
     optimizer, scheduler = adamw_cosine(model.parameters(), args, run, len(prompts), args.learning_rate)
     start = restore(ckp, model, optimizer, run.scaler, scheduler=scheduler)     # 6. resume
     model = wrap_model(model, run, args, rollouts=True)               # 7. DDP
-    return train_loop(run, args, model, [optimizer], prompts,         # 8. train: rollout, then N updates
-                      rollout_fn=lambda batch: grpo_rollout(model, ref_model, run, args, tokenizer, reward_fn, batch),
-                      update_fn=lambda ro, k: grpo_update(model, args, ro, k), updates=args.num_iterations,
-                      lm_config=lm_config, tracker=tracker, start=start, collate_fn=rl_collate, schedulers=[scheduler])
+    engine = create_rollout_engine(args, model, tokenizer, run, "grpo")   # --rollout_engine: who samples
+    result = train_loop(run, args, model, [optimizer], prompts,       # 8. train: rollout, then N updates
+                        rollout_fn=lambda batch: grpo_rollout(model, ref_model, engine, run, args, tokenizer,
+                                                              reward_fn, batch),
+                        update_fn=lambda ro, k: grpo_update(model, args, ro, k), updates=args.num_iterations,
+                        lm_config=lm_config, tracker=tracker, start=start, collate_fn=rl_collate,
+                        schedulers=[scheduler])
+    engine.update_policy(model)                     # a rollout server ends on the trained policy (the last sync)
+    return result
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ model/mixed the reward model at ../internlm2-1_8b-reward. Writes out/ppo_actor_<
 out/ppo_actor_<hidden>_metrics.jsonl and checkpoints/ppo_actor_<hidden>[_moe]_resume.pth (actor, critic, both
 optimizers and schedulers).
 
-Rollout (no gradients): one answer per prompt, its reward, the old log-probs (the actor's at rollout time), the
-reference's, and the critic's V(s_t) before each answer token. --advantage gae (default): the reward is paid on
+Rollout (no gradients): one answer per prompt, its reward, the old log-probs (the actor's at rollout time; with
+--rollout_engine sglang/openai the rollout server's, trainer/core/rollout_engine.py), the reference's, and the
+critic's V(s_t) before each answer token. --advantage gae (default): the reward is paid on
 the answer's last token, GAE (--gamma, --lam; V after the answer = 0) gives A_t and R_t = A_t + V_t, and A is
 whitened over the batch's answer tokens. Then --ppo_update_iters passes over the batch in random minibatches of
 --mini_batch_size answers, each one optimizer step of actor and critic on (means over answer tokens)
@@ -40,7 +41,8 @@ from dataset.lm_dataset import is_minimind3_tokenizer
 from model.cli import cli
 from trainer.core.loop import train_loop, unwrap
 from trainer.core.rl import (Rewards, adamw_cosine, add_rl_args, base_weight, check_rl_args, completion_logps, frozen,
-                              k3_kl, rl_collate, rl_prompts, rollout)
+                              k3_kl, old_or, rl_collate, rl_prompts, rollout, rollout_logps)
+from trainer.core.rollout_engine import create_rollout_engine
 from trainer.core.tracking import init_tracker
 from trainer.core.stage import DATA, build_parser, init_config, init_model, init_run, restore, wrap_model
 
@@ -110,10 +112,11 @@ def approx_kl(logp, old_logp, mask):
     return kl
 
 
-def ppo_rollout(actor, old_actor, critic, ref_model, run, args, tokenizer, reward_fn, batch):
-    """One batch of prompts (no gradients): an answer each, its reward, the old and reference log-probs, the
-    critic's values, GAE advantages and returns, and the minibatches of the --ppo_update_iters passes."""
-    roll = rollout(actor, tokenizer, batch["prompt"], args, 1, run.autocast_ctx)
+def ppo_rollout(actor, old_actor, critic, ref_model, engine, run, args, tokenizer, reward_fn, batch):
+    """One batch of prompts (no gradients): an answer each (by --rollout_engine), its reward, the old log-probs
+    (the old actor's; else a rollout server's, or the actor's where it gave none), the reference's, the critic's
+    values, GAE advantages and returns, and the minibatches of the --ppo_update_iters passes."""
+    roll = rollout(actor, tokenizer, batch["prompt"], args, 1, run.autocast_ctx, engine)
     rewards, stats = reward_fn(batch["messages"], roll.texts, batch["reference"])
     rewards, mask, p = rewards.to(run.device), roll.completion_mask.float(), roll.prompt_len
     values = unwrap(critic)(roll.sequences, roll.attention_mask)[0].float()
@@ -125,7 +128,8 @@ def ppo_rollout(actor, old_actor, critic, ref_model, run, args, tokenizer, rewar
     minibatches = [perm[i:i + size] for perm in (torch.randperm(n) for _ in range(args.ppo_update_iters))
                    for i in range(0, n, size)]
     return {"roll": roll, "rewards": rewards, "old_values": old_values, "returns": returns, "adv": whiten(adv, mask),
-            "old_logp": completion_logps(unwrap(actor) if old_actor is None else old_actor, roll)[0],
+            "old_logp": rollout_logps(unwrap(actor), roll, True) if old_actor is None else
+            completion_logps(old_actor, roll)[0],
             "ref_logp": completion_logps(ref_model, roll)[0], "minibatches": minibatches, "stopped": False,
             "sums": {}, "stats": {**stats, "resp_len": roll.lengths.float().mean().item(),
                                   "tokens": int(roll.lengths.sum())}}
@@ -139,8 +143,9 @@ def ppo_update(actor, critic, args, ro, k):
     empty = k >= len(ro["minibatches"])
     rows = ro["minibatches"][0][:1] if empty else ro["minibatches"][k]
     roll, mask, p = ro["roll"].select(rows), ro["roll"].completion_mask[rows].float(), ro["roll"].prompt_len
-    old_logp, ref_logp, rewards = ro["old_logp"][rows], ro["ref_logp"][rows], ro["rewards"][rows]
+    ref_logp, rewards = ro["ref_logp"][rows], ro["rewards"][rows]
     logp, aux = completion_logps(actor, roll)
+    old_logp = old_or(ro["old_logp"][rows], logp)         # a server's pads (nan) -> ratio 1, masked out anyway
     values, critic_aux = critic(roll.sequences, roll.attention_mask)
     values = values.float()
     kl = approx_kl(logp, old_logp, mask)
@@ -227,18 +232,21 @@ def main(argv=None):
              **({"old_actor": old_actor} if old_actor is not None else {})}
     start = restore(ckp, actor, actor_opt, run.scaler, scheduler=actor_sched, **state)   # 6. resume
     actor, critic = (wrap_model(m, run, args, rollouts=True) for m in (actor, critic))    # 7. DDP
+    engine = create_rollout_engine(args, actor, tokenizer, run, "ppo")                     # --rollout_engine
 
     def refresh_old_actor(k):          # fa82707: after every --update_old_actor_freq-th actor update
         if optimizer_steps(actor_opt) % args.update_old_actor_freq == 0:
             old_actor.load_state_dict(unwrap(actor).state_dict())
 
-    return train_loop(run, args, actor, [actor_opt, critic_opt], prompts,   # 8. train: rollout, minibatch updates
-                      rollout_fn=lambda batch: ppo_rollout(actor, old_actor, critic, ref_model, run, args, tokenizer,
-                                                           reward_fn, batch),
-                      update_fn=lambda ro, k: ppo_update(actor, critic, args, ro, k), updates=updates,
-                      on_update=refresh_old_actor if old_actor is not None else None,
-                      lm_config=lm_config, tracker=tracker, start=start, collate_fn=rl_collate,
-                      schedulers=[actor_sched, critic_sched], state=state)
+    result = train_loop(run, args, actor, [actor_opt, critic_opt], prompts,   # 8. train: rollout, minibatch updates
+                        rollout_fn=lambda batch: ppo_rollout(actor, old_actor, critic, ref_model, engine, run, args,
+                                                             tokenizer, reward_fn, batch),
+                        update_fn=lambda ro, k: ppo_update(actor, critic, args, ro, k), updates=updates,
+                        on_update=refresh_old_actor if old_actor is not None else None,
+                        lm_config=lm_config, tracker=tracker, start=start, collate_fn=rl_collate,
+                        schedulers=[actor_sched, critic_sched], state=state)
+    engine.update_policy(actor)                     # a rollout server ends on the trained policy (the last sync)
+    return result
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from model.cli import cli
 from trainer.core.loop import train_loop
 from trainer.core.rl import (Rewards, adamw_cosine, add_rl_args, base_weight,
                               completion_logps, frozen, k3_kl, masked_mean, rl_collate, rl_prompts, rollout)
+from trainer.core.rollout_engine import create_rollout_engine
 from trainer.core.tracking import init_tracker
 from trainer.core.stage import DATA, build_parser, init_config, init_model, init_run, restore, wrap_model
 
@@ -76,10 +77,10 @@ def spo_loss(logp, ref_logp, adv, mask, beta: float):
     return masked_mean(-logp * adv.unsqueeze(1) + beta * kl, mask), masked_mean(kl, mask).detach()
 
 
-def spo_rollout(model, ref_model, value_tracker, run, args, tokenizer, reward_fn, batch):
-    """One batch of prompts (no gradients): one sampled answer each, its reward, its advantage over the tracker's
-    baseline and the reference's log-probs."""
-    roll = rollout(model, tokenizer, batch["prompt"], args, 1, run.autocast_ctx)
+def spo_rollout(model, ref_model, value_tracker, engine, run, args, tokenizer, reward_fn, batch):
+    """One batch of prompts (no gradients): one answer each (sampled by --rollout_engine), its reward, its advantage
+    over the tracker's baseline and the reference's log-probs."""
+    roll = rollout(model, tokenizer, batch["prompt"], args, 1, run.autocast_ctx, engine)
     rewards, stats = reward_fn(batch["messages"], roll.texts, batch["reference"])
     baseline = value_tracker.baseline_reward()             # read before this batch updates it
     return {"roll": roll, "rewards": rewards, "adv": (rewards - baseline).clamp(-5, 5).to(run.device),
@@ -116,12 +117,15 @@ def main(argv=None):
     start = restore(ckp, model, optimizer, run.scaler, scheduler=scheduler,    # 6. resume
                     value_tracker=value_tracker)
     model = wrap_model(model, run, args, rollouts=True)               # 7. DDP
-    return train_loop(run, args, model, [optimizer], prompts,         # 8. train: rollout, then one update
-                      rollout_fn=lambda batch: spo_rollout(model, ref_model, value_tracker, run, args, tokenizer,
-                                                           reward_fn, batch),
-                      update_fn=lambda ro, k: spo_update(model, value_tracker, args, ro),
-                      lm_config=lm_config, tracker=tracker, start=start, collate_fn=rl_collate,
-                      schedulers=[scheduler], state={"value_tracker": value_tracker})
+    engine = create_rollout_engine(args, model, tokenizer, run, "spo")    # --rollout_engine: who samples
+    result = train_loop(run, args, model, [optimizer], prompts,       # 8. train: rollout, then one update
+                        rollout_fn=lambda batch: spo_rollout(model, ref_model, value_tracker, engine, run, args,
+                                                             tokenizer, reward_fn, batch),
+                        update_fn=lambda ro, k: spo_update(model, value_tracker, args, ro),
+                        lm_config=lm_config, tracker=tracker, start=start, collate_fn=rl_collate,
+                        schedulers=[scheduler], state={"value_tracker": value_tracker})
+    engine.update_policy(model)                     # a rollout server ends on the trained policy (the last sync)
+    return result
 
 
 if __name__ == "__main__":

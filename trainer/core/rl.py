@@ -4,7 +4,9 @@ The loop is trainer/core/loop.py, as for every stage; an RL stage passes a rollo
 (sampling, rewards, reference log-probs) and an update function (the loss).
 
     roll = rollout(policy, tokenizer, prompts, args, num_return_sequences=G)    # sampled by model/engine.py
+    roll = rollout(policy, tokenizer, prompts, args, G, engine=engine)  # or by --rollout_engine (rollout_engine.py)
     logp, aux = completion_logps(policy, roll)       # (N, R) log-probs of the sampled tokens, masks honoured
+    old = rollout_logps(policy, roll, needed)        # the sampler's log-probs (a server's), else the policy's
     rewards, stats = reward_fn(messages, roll.texts, references)                # (N,) floats
 
 Layout of a rollout: `sequences` is (N, P + R): P prompt columns, left-padded so that every
@@ -12,6 +14,7 @@ completion starts at column P, then R sampled columns (R = the longest completio
 (N, R) is 1 up to and including the first EOS; pad tokens follow it. Every forward pass over a rollout
 passes `attention_mask` (the original omitted it in GRPO/SPO, so left pads were attended).
 """
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from dataset.scoring import ANSWER_PART, answer_correct, format_reward, think_reward
-from model.engine import HF_TOP_K, Engine, SamplingParams
+from model.engine import HF_TOP_K, SamplingParams
 from model.loading import ROOT
 from trainer.core.loop import unwrap
+from trainer.core.rollout_engine import TorchRolloutEngine, add_rollout_args
 from trainer.core.stage import resolve_data
 
 ASSISTANT_START = "<|im_start|>assistant\n"   # where a prompt with add_generation_prompt opens the answer
@@ -100,6 +104,7 @@ class Rollout:
     prompt_len: int                # P
     texts: list                    # decoded completions, special tokens skipped (as the original)
     clipped: torch.Tensor          # (N,) True where --max_gen_len was reached without an EOS
+    sampler_logps: torch.Tensor = None   # (N, R) fp32 the rollout server's log-probs (nan: not given), or None
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -118,39 +123,45 @@ class Rollout:
         """The rollout of `rows` only (a PPO minibatch), with the same columns."""
         rows = rows.to(self.sequences.device)
         return Rollout(self.sequences[rows], self.attention_mask[rows], self.completion_mask[rows], self.prompt_len,
-                       [self.texts[i] for i in rows.tolist()], self.clipped[rows.to(self.clipped.device)])
+                       [self.texts[i] for i in rows.tolist()], self.clipped[rows.to(self.clipped.device)],
+                       None if self.sampler_logps is None else self.sampler_logps[rows])
 
 
 @torch.no_grad()
-def rollout(model, tokenizer, prompts, args, num_return_sequences: int = 1, autocast_ctx=None) -> Rollout:
-    """Sample completions for a batch of prompts through the batching engine (model/engine.py): temperature
-    sampling over the 50 likeliest tokens, as the original's generate() call; eval mode, so MoE computes no
-    aux loss; the run's autocast precision. Each completion has its own seed drawn from torch's global RNG,
-    so a seeded or resumed run samples the same rollouts. Copies of a prompt are contiguous: row i*G + j."""
+def rollout(model, tokenizer, prompts, args, num_return_sequences: int = 1, autocast_ctx=None,
+            engine=None) -> Rollout:
+    """Sample completions for a batch of prompts through `engine` (trainer/core/rollout_engine.py; default: the
+    batching engine model/engine.py in this process, eval mode, so MoE computes no aux loss, and the run's
+    autocast precision): temperature sampling over the 50 likeliest tokens, as the original's generate() call.
+    Each completion has its own seed drawn from torch's global RNG (whichever engine samples), so a seeded or
+    resumed run samples the same rollouts. Copies of a prompt are contiguous: row i*G + j. engine.prepare runs
+    first (a server's weights are synced when due)."""
     raw = unwrap(model)
     ids, mask = encode_prompts(tokenizer, prompts, args.max_seq_len, next(raw.parameters()).device)
     rows = [row[keep].tolist() for row, keep in zip(ids.cpu(), mask.cpu().bool()) for _ in range(num_return_sequences)]
     params = [SamplingParams(max_tokens=args.max_gen_len, temperature=args.temperature, top_k=HF_TOP_K, seed=seed)
               for seed in torch.randint(2 ** 62, (len(rows),)).tolist()]
-    was_training = raw.training
-    raw.eval()
-    try:
-        with Engine(raw, max_batch=len(rows), eos_token_id=tokenizer.eos_token_id,
-                    autocast_dtype=getattr(autocast_ctx, "fast_dtype", None)) as engine:
-            outs = engine.generate(rows, params)
-    finally:
-        raw.train(was_training)
-    p, r = ids.shape[1], max(len(o.token_ids) for o in outs)
+    engine = engine or TorchRolloutEngine(model, tokenizer.eos_token_id, getattr(autocast_ctx, "fast_dtype", None))
+    engine.prepare(model)
+    outs = engine.generate(rows, params)
+    p, r = ids.shape[1], max(len(o.ids) for o in outs)
     completions = torch.full((len(rows), r), tokenizer.pad_token_id, dtype=torch.long)
     for row, out in zip(completions, outs):
-        row[:len(out.token_ids)] = torch.tensor(out.token_ids)
+        row[:len(out.ids)] = torch.tensor(out.ids, dtype=torch.long)
     completions = completions.to(ids.device)
     cmask = completion_mask(completions, tokenizer.eos_token_id)
-    texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
+    texts = tokenizer.batch_decode([o.ids for o in outs], skip_special_tokens=True)
     clipped = ~(completions == tokenizer.eos_token_id).any(1)
     sequences = torch.cat([ids.repeat_interleave(num_return_sequences, 0), completions], 1)
+    sampler_logps = None
+    if any(o.logps is not None for o in outs):
+        sampler_logps = torch.full((len(rows), r), math.nan)
+        for row, out in zip(sampler_logps, outs):
+            if out.logps is not None:
+                row[:len(out.logps)] = torch.tensor(out.logps, dtype=torch.float)
+        sampler_logps = sampler_logps.to(ids.device)
     return Rollout(sequences, torch.cat([mask.repeat_interleave(num_return_sequences, 0), cmask], 1), cmask, p, texts,
-                   clipped)
+                   clipped, sampler_logps)
 
 
 def completion_logps(model, roll: Rollout):
@@ -159,6 +170,24 @@ def completion_logps(model, roll: Rollout):
     r = roll.completion_mask.shape[1]
     out = model(roll.sequences, attention_mask=roll.attention_mask, logits_to_keep=r + 1)
     return token_logps(out.logits[:, :-1], roll.completion_ids), out.aux_loss
+
+
+def rollout_logps(model, roll: Rollout, needed: bool):
+    """The old (rollout-time) log-probs of a rollout's tokens, (N, R) or None: the rollout server's where it gave
+    them (its weights lag the policy by up to --save_interval rollouts, which the ratio then corrects, as with the
+    original's SGLang engine); elsewhere the policy's own, computed now only when `needed` (several updates per
+    rollout, or PPO): else the update's own log-probs, detached, stand in (old_or: ratio 1, and the same numbers,
+    since the policy has not moved since the rollout). Pads stay nan; old_or fills them."""
+    server = roll.sampler_logps
+    if not needed or (server is not None and not torch.isnan(server[roll.completion_mask.bool()]).any()):
+        return server
+    local = completion_logps(model, roll)[0]
+    return local if server is None else torch.where(torch.isnan(server), local, server)
+
+
+def old_or(old_logp, logp: torch.Tensor) -> torch.Tensor:
+    """The old log-probs an update uses: stop_grad(logp) where `old_logp` is None or nan (ratio 1)."""
+    return logp.detach() if old_logp is None else torch.where(torch.isnan(old_logp), logp.detach(), old_logp)
 
 
 # ---- prompts ----
@@ -275,6 +304,7 @@ def add_rl_args(parser, **defaults):
                         help="minimind-3 only: share of prompts rendered with open_thinking=True (an open <think> "
                              "block), 0.0-1.0, drawn per prompt from (its index, --seed); no effect with MiniMind2's "
                              "template, which has no such switch")
+    add_rollout_args(parser)
     parser.set_defaults(**defaults)
     return parser
 
