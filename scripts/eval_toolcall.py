@@ -177,7 +177,7 @@ def api_turn(client, args, messages: list, tools: list) -> tuple:
     """One model turn from the server, printed as it comes: (content, tool calls)."""
     response = client.chat.completions.create(model=args.api_model, messages=messages, tools=tools,
                                               stream=bool(args.stream), temperature=args.temperature,
-                                              max_tokens=8192, top_p=args.top_p)
+                                              max_tokens=args.max_new_tokens, top_p=args.top_p)
     if not args.stream:
         message = response.choices[0].message
         content = message.content or ""

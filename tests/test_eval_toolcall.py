@@ -184,6 +184,31 @@ def test_api_backend(fake_server, stream, monkeypatch, capsys):
     assert second["messages"][1]["tool_calls"][0]["function"] == {"name": "calculate_math",
                                                                   "arguments": '{"expression": "256*37"}'}
     assert second["messages"][2] == {"role": "tool", "content": '{"result": "9472"}', "tool_call_id": "call_x"}
-    assert second["model"] == "jingyaogong/minimind-3:latest" and second["max_tokens"] == 8192
+    assert second["model"] == "jingyaogong/minimind-3:latest" and second["max_tokens"] == 512   # --max_new_tokens (the original sends 8192)
     assert second["stream"] is (stream == "1") and [t["function"]["name"] for t in second["tools"]] == \
         ["calculate_math", "get_current_time"]
+
+
+@pytest.mark.parametrize("stream", [0, 1])
+def test_api_backend_against_this_projects_server(monkeypatch, capsys, stream):
+    """--backend api through the openai SDK against our own server (the tool loop of scripts/serve_openai_api.py),
+    with a scripted model: it calls the weather tool, then answers with what the tool returned."""
+    from model.loading import FAMILY_TOKENIZER_DIR, load_tokenizer
+    from scripts.serve_openai_api import create_app
+    from tests.test_serve import ScriptedModel, serving
+
+    class ToolUser(ScriptedModel):   # served with one prefill chunk per prompt: its script counts from there
+        def script(self):
+            answered = "<tool_response>" in (self.prompts[-1] if self.prompts else "")
+            self.text = ("北京今天晴，28°C，湿度65%。" if answered else
+                         '<tool_call>\n{"name": "get_current_weather", "arguments": {"location": "北京"}}\n</tool_call>')
+            return super().script()
+
+    tokenizer = load_tokenizer(FAMILY_TOKENIZER_DIR["minimind3"])
+    weather = [c for c in eval_toolcall.TEST_CASES if c["expect"] == ["get_current_weather"]][:1]
+    monkeypatch.setattr(eval_toolcall, "TEST_CASES", weather)
+    with serving(create_app(ToolUser(tokenizer), tokenizer, prefix_cache=0, prefill_chunk=2048, max_seq_len=2048)) as url:
+        result = eval_toolcall.main(["--backend", "api", "--api_base_url", url, "--api_model", "minimind",
+                                     "--stream", str(stream), "--mode", "0", "--seed", "1"])
+    assert result["count"] == 1 and result["cases"][0]["calls"][0]["name"] == "get_current_weather"
+    assert result["cases"][0]["score"] == 1.0 and result["total"] == 1.0, result
