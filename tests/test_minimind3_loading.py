@@ -85,7 +85,8 @@ def qwen3_folder(folder, kind="dense", fused=False):
                                                    num_experts_per_tok=c["num_experts_per_tok"],
                                                    moe_intermediate_size=c["moe_intermediate_size"],
                                                    norm_topk_prob=c["norm_topk_prob"]))
-        state = fuse(state, c["num_hidden_layers"], c["num_experts"])
+        if any(k.endswith("experts.gate_up_proj") for k in model.state_dict()):   # transformers 5 holds them fused
+            state = fuse(state, c["num_hidden_layers"], c["num_experts"])
     model.load_state_dict(state, strict=True)
     model.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
