@@ -487,7 +487,9 @@ class MOEFeedForward(nn.Module):
         n_tok, k = topk_idx.shape
         flat_idx = topk_idx.view(-1)                                              # (N*k,)
         order = flat_idx.argsort(stable=True)
-        counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()  # one host sync per layer
+        # one host sync per layer, and under torch.compile one graph break per layer: the experts' block sizes
+        # are data (a static alternative runs every expert on every token, E/k times the FLOPs)
+        counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()
         token_of = order // k
         xs = x[token_of]                                                          # (N*k, C) grouped by expert
         outs, start, unused = [], 0, None

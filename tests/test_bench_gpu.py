@@ -1,0 +1,49 @@
+"""bench/bench_gpu.py: the one-command GPU bench, run here on CPU with --smoke (tiny sizes)."""
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_COLUMNS = ["run", "samples/s (steady)", "step ms", "MFU (bf16 peak)", "compile s", "epoch wall s",
+                 "held-out CE", "samples/s vs original"]
+DECODE_COLUMNS = ["code", "batch", "tokens/s (end to end)", "vs original", "tokens = ours model.generate",
+                  "tokens = original"]
+
+
+def cells(line):
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_steady_window_skips_the_warmup_and_reads_samples_per_second():
+    """The steady window starts at the first progress line past --warmup_frac of the epoch."""
+    from bench.bench_gpu import steady
+    lines = [(100.0 + s * 0.5 + (5.0 if s > 2 else 0.0), f"Epoch:[1/1]({s}/10) loss:1.0") for s in range(2, 12, 2)]
+    run = dict(start=90.0, lines=lines)
+    got = steady(run, Namespace(warmup_frac=0.2, batch_size=8))
+    # from step 4 (t=107, the first past 20% of 10) to step 10 (t=110): 6 steps of 8 samples in 3 s
+    assert got["samples_s"] == pytest.approx(16.0) and got["step_ms"] == pytest.approx(500.0)
+    assert got["to_steady"] == pytest.approx(17.0) and got["steps"] == 10
+    assert steady(dict(start=0.0, lines=lines[:1]), Namespace(warmup_frac=0.2, batch_size=8)) == {}
+
+
+@pytest.mark.slow
+def test_smoke_run_prints_both_tables_with_equal_tokens():
+    """`python bench/bench_gpu.py --smoke` on CPU (the original side by side when ../orig is there): ~25 s
+    alone, ~60 s with the original."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--smoke"], capture_output=True,
+                         text=True, timeout=180, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    train = next(i for i, s in enumerate(lines) if s.startswith("| run |"))
+    assert cells(lines[train]) == TRAIN_COLUMNS
+    ours = next(cells(s) for s in lines[train:] if s.startswith("| ours (default flags)"))
+    assert float(ours[1].replace(",", "")) > 0 and float(ours[6]) > 0
+    decode = next(i for i, s in enumerate(lines) if s.startswith("| code |"))
+    assert cells(lines[decode]) == DECODE_COLUMNS
+    engine = [cells(s) for s in lines[decode:] if s.startswith("| ours engine")]
+    assert [r[1] for r in engine] == ["1", "16"] and all(r[4] == "True" for r in engine)
+    assert all(r[5] in ("True", "-") for r in engine)
+    assert "# total wall time:" in out.stdout and "train_pretrain.py" in out.stdout   # the commands it ran
