@@ -469,12 +469,15 @@ def load_transformers(folder, rope_scaling: bool = False, model_family: str = No
             print(f"--inference_rope_scaling ignored for model_type {model_type}", file=sys.stderr)
         return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True,
                                                     dtype=torch.float32).eval()
-    if model_type == "minimind":
-        lm_config = minimind_config(cfg, config_file)
-    elif model_type == "llama":
-        lm_config = llama_to_minimind_config(cfg, config_file)
-    else:
-        lm_config = qwen3_to_minimind_config(cfg, config_file)
+    convert = {"minimind": minimind_config, "llama": llama_to_minimind_config}.get(model_type, qwen3_to_minimind_config)
+    try:
+        lm_config = convert(cfg, config_file)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as err:
+        if isinstance(err, LoadError):
+            raise
+        # a field of the wrong type or value (e.g. "hidden_size": "64", 0 heads, a list as rope_scaling)
+        raise LoadError(f"{config_file}: a field has a value MiniMind cannot use ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:120] if str(err) else ''})") from None
     check_family(model_family, lm_config.model_family, config_file)
     if rope_scaling:
         lm_config.inference_rope_scaling, lm_config.rope_scaling = True, dict(YARN_ROPE_SCALING)

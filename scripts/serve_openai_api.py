@@ -68,6 +68,7 @@ ROLES = ("system", "user", "assistant", "tool")
 DEFAULTS = dict(temperature=0.7, top_p=0.92, top_k=50)  # the original's; top_k 50 is transformers' sampling default
 OPTIONS = dict(max_batch=16, max_queue=64, request_timeout=300.0, default_max_tokens=2048, max_body_bytes=1 << 20,
                prefill_chunk=512, prefix_cache=8192, host="127.0.0.1", allow_any_host=False, loader=None)
+RELOAD_MODEL_TYPES = ("minimind", "llama", "qwen3", "qwen3_moe")   # folders the reload endpoint reads (no remote code)
 RELOAD_PATHS = ("/v1/reload", "/update_weights_from_disk")  # ours, and SGLang's (the original's rollout engine)
 PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
          *RELOAD_PATHS)  # counted by name in /metrics
@@ -539,11 +540,24 @@ def weight_loader(device, model_family: str = None, tokenizer_path: str = None, 
         if not (source.is_file() or is_transformers_folder(source)):
             raise LoadError(f"{path}: " + ("no such file or folder" if not source.exists() else
                                            "not a .pth weight file or a transformers folder (with config.json)"))
+        if source.is_dir():   # a request must never run a folder's own code (trust_remote_code)
+            try:
+                model_type = json.loads((source / "config.json").read_text(encoding="utf-8")).get("model_type")
+            except (OSError, ValueError, AttributeError) as err:
+                raise LoadError(f"{path}/config.json: not a readable config ({type(err).__name__})") from None
+            if model_type not in RELOAD_MODEL_TYPES:
+                raise LoadError(f"{path}: model_type {model_type!r}: the reload endpoint loads only "
+                                f"{', '.join(RELOAD_MODEL_TYPES)} folders and .pth weights (it never runs a folder's code)")
         argv = ["--load_from", str(source), "--device", str(device)]
         argv += ["--model_family", model_family] if model_family else []
         argv += ["--tokenizer_path", str(tokenizer_path)] if tokenizer_path else []
         argv += ["--inference_rope_scaling"] if rope_scaling else []
-        return load_model(add_model_args(argparse.ArgumentParser(allow_abbrev=False)).parse_args(argv))
+        try:
+            return load_model(add_model_args(argparse.ArgumentParser(allow_abbrev=False)).parse_args(argv))
+        except (LoadError, ValueError, OSError):
+            raise
+        except Exception as err:   # a malformed file or config: a 400 naming it, never a 500
+            raise LoadError(f"{path}: could not be loaded ({type(err).__name__}: {str(err)[:200]})") from None
     return load
 
 

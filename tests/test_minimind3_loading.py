@@ -423,3 +423,27 @@ def test_minimind2_weights_keep_their_tokenizer_and_note(tmp_path, capsys):
     assert f"note: {path.name} has no .json config, so it was not trained with this repository" in err
     load_model(parse(["--save_dir", tmp_path / "out", "--num_hidden_layers", 2, "--tokenizer_path", MM3_TOKENIZER]))
     assert "the tokenizer in" in capsys.readouterr().err                       # the other family's tokenizer
+
+
+@pytest.mark.parametrize("cfg", [
+    {"model_type": "qwen3", "num_attention_heads": 0},
+    {"model_type": "qwen3", "hidden_size": "64"},
+    {"model_type": "qwen3", "rope_scaling": [1]},
+    {"model_type": "minimind", "num_attention_heads": 0}], ids=["zero-heads", "str-size", "list-rope", "mm-zero-heads"])
+def test_a_config_field_of_the_wrong_type_is_one_line(cfg, tmp_path):
+    """Found in review: these raised ZeroDivisionError / TypeError / AttributeError (a 500 from /v1/reload)."""
+    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, intermediate_size=256, vocab_size=6400)
+    (tmp_path / "config.json").write_text(json.dumps({**base, **cfg}))
+    with pytest.raises(LoadError, match="config.json: a field has a value MiniMind cannot use"):
+        load_transformers(tmp_path)
+
+
+def test_the_reload_loader_never_runs_a_folders_code(tmp_path):
+    """Found in review: /v1/reload of a folder with another model_type went through trust_remote_code=True."""
+    from scripts.serve_openai_api import weight_loader
+    (tmp_path / "evil.py").write_text("open(__file__ + '.ran', 'w').write('x')\n")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {
+        "AutoConfig": "evil.C", "AutoModelForCausalLM": "evil.M"}}))
+    with pytest.raises(LoadError, match="model_type 'evil': the reload endpoint loads only"):
+        weight_loader("cpu")(str(tmp_path))
+    assert not (tmp_path / "evil.py.ran").exists()
