@@ -5,6 +5,7 @@
     python bench/bench_serve.py --hidden_size 64 --num_hidden_layers 2 --levels 1,4 --new_tokens 16   # quick
     python bench/bench_serve.py --batch_sweep 1,4,8,16,32       # the engine alone at several --max_batch
     python bench/bench_serve.py --no_prefix_cache_levels ""     # without the --prefix_cache 0 rows
+    python bench/bench_serve.py --arrival 16 --new_tokens 64      # TTFT: 16 streams at once, two client patterns
 
 Starts the real server in a subprocess (the weight: --weight_file, else a model with random weights saved to a
 temp dir), once with --max_batch N, once with --max_batch 1, once with --max_batch N --prefix_cache 0 at
@@ -170,6 +171,44 @@ async def drive(url: str, streams: int, new_tokens: int, offset: int) -> dict:
             "itl50": percentile(gaps, 0.5), "itl95": percentile(gaps, 0.95)}
 
 
+async def drive_plain(url: str, streams: int, new_tokens: int) -> dict:
+    """C streams from ONE `AsyncOpenAI` client with its default settings (how an application writes it: short
+    prompts, asyncio.gather), each timed from its own create() call to its first content chunk."""
+    from openai import AsyncOpenAI
+
+    async def one(client, prompt):
+        start = time.perf_counter()
+        stream = await client.chat.completions.create(model="minimind", messages=[{"role": "user", "content": prompt}],
+                                                      stream=True, temperature=0, max_tokens=new_tokens)
+        first = None
+        async for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - start
+        return first if first is not None else float("nan")
+
+    async with AsyncOpenAI(base_url=url, api_key="none") as client:
+        ttfts = await asyncio.gather(*[one(client, f"{'hello' if i % 2 == 0 else '你好'} {i}") for i in range(streams)])
+    return {"ttft50": percentile(ttfts, 0.5), "ttft95": percentile(ttfts, 0.95), "ttftmax": max(ttfts),
+            "ttfts": list(ttfts)}
+
+
+def arrival_table(weight: Path, max_batch: int, streams: int, new_tokens: int):
+    """Time to first token of C streams that arrive together, from two client patterns on one batching server:
+    this bench's clients (long prompts, TTFT from when httpx sends) and one default AsyncOpenAI client (short
+    prompts, TTFT from each create() call, so the client's own work on these cores counts)."""
+    print("| client pattern | streams | TTFT p50 (ms) | TTFT p95 (ms) | TTFT max (ms) |")
+    print("|---|---|---|---|---|")
+    with Server(ROOT, weight, ["--max_batch", str(max_batch)]) as server:
+        asyncio.run(drive(server.url, 2, 8, 100))  # warm-up
+        r = asyncio.run(drive(server.url, streams, new_tokens, streams))
+        print(f"| bench clients (custom httpx, from the send) | {streams} | {r['ttft50'] * 1e3:.0f} | "
+              f"{r['ttft95'] * 1e3:.0f} | - |", flush=True)
+        r = asyncio.run(drive_plain(server.url, streams, new_tokens))
+        print(f"| one AsyncOpenAI, asyncio.gather (from create()) | {streams} | {r['ttft50'] * 1e3:.0f} | "
+              f"{r['ttft95'] * 1e3:.0f} | {r['ttftmax'] * 1e3:.0f} |", flush=True)
+        return r
+
+
 async def burst(url: str, n: int, new_tokens: int) -> dict:
     """n non-streaming requests released at once on an idle server: how many got 200, 429 or anything else."""
     import httpx
@@ -231,6 +270,9 @@ def main():
     p.add_argument("--burst_queue", type=int, default=16,
                    help="the burst table's server runs with this --max_queue (and --max_batch); 0 = no burst table")
     p.add_argument("--burst_tokens", type=int, default=16, help="max_tokens of each burst request")
+    p.add_argument("--arrival", type=int, default=0,
+                   help="instead: time to first token of this many streams arriving together, from two client patterns "
+                        "(this bench's and one default AsyncOpenAI client timed from create())")
     p.add_argument("--batch_sweep", type=str, default=None,
                    help="instead: the engine alone, no server, at these --max_batch values (e.g. 1,4,8,16,32)")
     args = p.parse_args()
@@ -239,6 +281,8 @@ def main():
         weight = Path(args.weight_file) if args.weight_file else random_weight(Path(tmp), args.hidden_size,
                                                                                args.num_hidden_layers)
         print(machine_line(weight, args.new_tokens))
+        if args.arrival:
+            return arrival_table(weight, args.max_batch, args.arrival, args.new_tokens)
         if args.batch_sweep:
             return batch_sweep(weight, [int(x) for x in args.batch_sweep.split(",")], args.new_tokens)
         setups = [(f"engine, --max_batch {args.max_batch}", ROOT, ["--max_batch", str(args.max_batch)], levels),

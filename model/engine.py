@@ -657,6 +657,10 @@ class Engine:
         for req in expired:
             self._end(req, "cancelled" if req.cancelled else "timeout")
         self._admit()
+        if self.waiting and len(self.slots) == self.n_decode:
+            # requests that arrived during that prefill are prefilled now, before the decode forward, not one
+            # step later (once per step, so a steady stream of arrivals cannot hold the decode back)
+            self._admit()
         if self.n_decode:
             self._decode()
         if not self.slots:

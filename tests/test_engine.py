@@ -442,3 +442,46 @@ def test_every_cached_entry_holds_the_keys_of_exactly_its_tokens(kind):
         for (k, v), (k_ref, v_ref) in zip(layers, keys_alone(model, ids)):
             torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-4)
+
+
+class Gated(torch.nn.Module):
+    """Wraps a model: records each forward's input shape; the first forward waits until `release` is set
+    (after setting `entered`), so requests can arrive while a prefill is in progress."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config, self.shapes = model, model.config, []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def forward(self, input_ids, **kwargs):
+        self.shapes.append(tuple(input_ids.shape))
+        if len(self.shapes) == 1:
+            self.entered.set()
+            assert self.release.wait(30)
+        return self.inner(input_ids, **kwargs)
+
+
+@pytest.mark.parametrize("shared", [0, 12], ids=["distinct", "shared-beginning"])
+def test_requests_arriving_during_a_prefill_are_all_prefilled_in_the_next_forward(shared):
+    """14 requests submitted while the first one's prefill runs join the next forward together (one padded
+    prefill of all 14, not one per step), also when their beginning comes from the prefix cache (a chat
+    template's system prompt), and each still gets its single answer."""
+    model = tiny()
+    head = prompts(1, shared, shared, seed=3)[0] if shared else []
+    first, *rest = [head + p for p in prompts(15, 3, 8, seed=4)]
+    gated = Gated(model)
+    with Engine(gated, max_batch=16) as engine:
+        req0 = engine.submit(first, SamplingParams(max_tokens=6))
+        assert gated.entered.wait(30)
+        reqs = [engine.submit(p, SamplingParams(max_tokens=6)) for p in rest]
+        gated.release.set()
+        for r in [req0] + reqs:
+            r.wait(60)
+    assert gated.shapes[1][0] == len(rest), gated.shapes[:4]  # forward 2, before any decode: every newcomer
+    assert all(shape[1] == 1 for shape in gated.shapes[2:]), gated.shapes  # then only decode steps
+    for p, r in zip([first] + rest, [req0] + reqs):
+        assert r.token_ids == alone(model, p, 6)
