@@ -284,6 +284,11 @@ def test_ppo_new_flags_run_and_log_clipfrac_and_approx_kl(sft_chain, tmp_path, m
     train_ppo.main(rl_args(sft_chain, tmp_path / "b", **{**flags, "early_stop_kl": 1e-12}))
     log = [json.loads(line) for line in open(tmp_path / "b" / "out" / "ppo_actor_64_metrics.jsonl")]
     assert [r["loss"] for r in log] == [0.0, 0.0] and all(r["approx_kl"] > 1e-12 for r in log)
+    # found in review: the zeroed minibatches still stepped AdamW (momentum and weight decay moved the weights
+    # after the stop). Only each rollout's first minibatch is applied: 2 rollouts, 2 actor steps, not 2 x 4
+    resume = torch.load(tmp_path / "b" / "ckpt" / "ppo_actor_64_resume.pth", weights_only=False)
+    steps = {int(s["step"]) for s in resume["optimizer"]["state"].values()}
+    assert steps == {2}, steps
 
 
 @pytest.mark.parametrize("module, flags, message", [

@@ -22,8 +22,9 @@ whitened over the batch's answer tokens. Then --ppo_update_iters passes over the
   loss = mean max(-A * ratio, -A * clip(ratio, 1 +- clip_epsilon)) + kl_coef * mean k3(ref, pi)
        + vf_coef * 0.5 * mean max((V - R)^2, (clip(V, V_old +- cliprange_value) - R)^2)
 approx_kl = mean 0.5 * log(ratio)^2 (averaged over ranks): from the minibatch where it exceeds --early_stop_kl on,
-the rollout's losses are multiplied by 0 (every rank runs the same passes, so DDP stays in step; AdamW still steps
-with zero gradients, as the original's does for the rest of that pass). Logged: approx_kl and clipfrac (the share
+the rollout's losses are multiplied by 0 and no optimizer step is taken (every rank runs the same passes and
+backward, so DDP stays in step; the original still steps AdamW with zero gradients for the rest of that pass,
+which its momentum and weight decay turn into updates after the stop). Logged: approx_kl and clipfrac (the share
 of tokens whose ratio left 1 +- clip_epsilon), means over the minibatches. --advantage sequence: fa82707's code
 (A = r - V(answer), the ratio of summed log-probs, plain MSE); --update_old_actor_freq N > 0: fa82707's old actor,
 refreshed after every N-th optimizer step, gives the old log-probs (kept in the resume file). The scheduler steps
@@ -172,7 +173,8 @@ def ppo_update(actor, critic, args, ro, k):
     sums = dict(ro["sums"])
     n = max(sums.pop("n", 0), 1)
     stats = {**ro["stats"], **{key: total / n for key, total in sums.items()}}
-    return (loss * 0.0 if ro["stopped"] or empty else loss), stats
+    # after the stop: no optimizer step (the same on every rank: the approx KL is averaged over ranks)
+    return (loss * 0.0 if ro["stopped"] or empty else loss), {**stats, "skip_step": ro["stopped"]}
 
 
 def optimizer_steps(optimizer) -> int:

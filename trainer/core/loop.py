@@ -115,7 +115,8 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
     The RL stages pass, instead of step_fn, `rollout_fn(batch) -> rollout` (run without gradients) and
     `update_fn(rollout, k) -> (loss, stats)` for k in range(updates); with updates > 1 (needs
     --accumulation_steps 1) each update is its own guarded optimizer step, and the schedulers step once per
-    rollout that applied at least one. `on_update(k)` is called after every applied optimizer step.
+    rollout that applied at least one; stats["skip_step"] = True (the same on every rank) back-propagates the
+    update but applies no optimizer step. `on_update(k)` is called after every applied optimizer step.
     Returns (path of the saved weight, loss of the last logged window)."""
     if (step_fn is None) == (update_fn is None):
         raise TypeError("train_loop takes either step_fn or update_fn (with an optional rollout_fn)")
@@ -198,7 +199,12 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
                         with run.autocast_ctx:    # one region per update: autocast caches weight casts until it exits
                             loss, stats = update_fn(batch, k)
                         run.scaler.scale(loss * weight).backward()
-                        if boundary:
+                        if stats.pop("skip_step", False) and boundary:
+                            # an update that must not move the weights (PPO after its early stop): its backward
+                            # kept every rank's DDP in step; no optimizer step (AdamW would still move them)
+                            for opt in optimizers:
+                                opt.zero_grad(set_to_none=True)
+                        elif boundary:
                             applied |= guarded_step(epoch, step, k, loss)
                     progress.add(loss.detach(), stats)     # the rollout's last update
                     saver.pending |= step % args.save_interval == 0 or last
