@@ -82,6 +82,7 @@ MATH_NAMES.update(abs=abs, round=round, min=min, max=max)
 MAX_EXPRESSION = 1000      # characters
 MAX_INT_BITS = 10_000      # about 3,000 digits: any bigger intermediate integer is an error
 MAX_FACTORIAL = 1000
+MAX_ROUND_DIGITS = 400
 _BINARY = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
            ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b}
 # the original's replacements of typed symbols (train_agent's, plus eval_toolcall's superscripts)
@@ -136,6 +137,8 @@ def _value(node):
             raise ValueError(f"{name} is not a function")
         if name == "factorial" and args and isinstance(args[0], int) and args[0] > MAX_FACTORIAL:
             raise ValueError(f"factorial of more than {MAX_FACTORIAL}")
+        if name == "round" and len(args) > 1 and isinstance(args[1], int) and abs(args[1]) > MAX_ROUND_DIGITS:
+            raise ValueError(f"round to more than {MAX_ROUND_DIGITS} digits")   # round(7, -10**7) computes 10**10**7
         if name == "pow" and len(args) == 2:
             return float(_power(float(args[0]), args[1]))
         return _checked(fn(*args))
@@ -193,7 +196,11 @@ def translate_text(args: dict) -> dict:
 
 
 def random_number(args: dict) -> dict:
-    return {"result": random.randint(int(args.get("min", 0)), int(args.get("max", 100)))}
+    """A random integer in [min, max], drawn from a generator seeded by the call's arguments (and `seed`, if
+    given), so a run that offers this tool can be repeated and resumed exactly (the original's is unseeded)."""
+    low, high = int(args.get("min", 0)), int(args.get("max", 100))
+    rng = random.Random(json.dumps(args, sort_keys=True, ensure_ascii=False, default=str))
+    return {"result": rng.randint(low, high)}
 
 
 def text_length(args: dict) -> dict:

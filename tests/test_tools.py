@@ -76,6 +76,9 @@ def test_mocks_through_the_runner(runner):
         assert json.loads(runner.run(name, json.dumps(args))) == expected
     for _ in range(5):
         assert 1 <= json.loads(runner.run("random_number", {"min": 1, "max": 3}))["result"] <= 3
+    # found in review: unseeded, so a run that offers it could not be repeated; now the arguments seed it
+    draws = {runner.run("random_number", {"min": 1, "max": 10 ** 9}) for _ in range(3)}
+    assert len(draws) == 1 and draws != {runner.run("random_number", {"min": 1, "max": 10 ** 9, "seed": 7})}
     assert runner.run("get_current_weather", {"location": "北京"}) == \
         '{"city": "北京", "temperature": "28°C", "humidity": "65%", "condition": "晴"}'   # ensure_ascii=False
 
@@ -116,6 +119,7 @@ def test_safe_eval_values(expression, value):
     ("10**5000", "larger than"),
     ("(10**2000)*(10**2000)", "larger than"),
     ("factorial(100000)", "factorial of more than"),
+    ("round(7, -10**7)", "round to more than"),   # found in review: Python computes 10**10**7 (seconds)
     ("sqrt", "is a function"),
     ("1 +", "not an arithmetic expression"),
     ("1+" * 600 + "1", "longer than"),
