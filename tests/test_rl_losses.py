@@ -303,3 +303,25 @@ def test_bad_values_are_one_line(module, flags, message, tmp_path, capsys):
         cli(lambda: module.main(["--save_dir", str(tmp_path), "--checkpoint_dir", str(tmp_path), *flags]))
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and (flags[0] == "--loss_type" or len(err.splitlines()) == 1)
+
+
+def test_minimind3_grpo_advantages_are_the_newest_originals():
+    """Found in review: minimind-3 GRPO kept fa82707's advantages. The newest: (r - mean) / (biased std + 1e-4),
+    no clamp, no batch renormalisation."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    adv = train_grpo.group_advantages(rewards, 4, batch_norm=False, newest=True)
+    std = math.sqrt(0.1875)                  # population std of [1, 0, 0, 0]
+    expected = [0.75 / (std + 1e-4)] + [-0.25 / (std + 1e-4)] * 3 + [0.0] * 4
+    assert adv.tolist() == pytest.approx(expected, abs=1e-6) and adv[0].item() == pytest.approx(1.7317, abs=1e-4)
+    old = train_grpo.group_advantages(rewards, 4)          # MiniMind2: unchanged (unbiased std, batch renormalised)
+    assert old[0].item() == pytest.approx(2.291, abs=1e-3)
+
+
+def test_minimind3_rl_starts_from_full_sft_unless_reasoning_is_typed():
+    """Found in review: --reasoning defaulted to 1 for minimind-3 too, so its RL looked for reason_768.pth."""
+    args = SimpleNamespace(reasoning=None, from_weight=None, model_family="minimind3")
+    assert rl.base_weight(args) == "full_sft" and args.reasoning == 0
+    args = SimpleNamespace(reasoning=None, from_weight=None, model_family=None)
+    assert rl.base_weight(args) == "reason" and args.reasoning == 1
+    args = SimpleNamespace(reasoning=1, from_weight=None, model_family="minimind3")
+    assert rl.base_weight(args) == "reason"

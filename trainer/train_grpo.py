@@ -13,7 +13,8 @@ at ../internlm2-1_8b-reward. Writes out/grpo_<hidden>[_moe].pth, out/grpo_<hidde
 checkpoints/grpo_<hidden>[_moe]_resume.pth (policy, optimizer, scheduler).
 
 Advantages (as fa82707): A = clip((r - mean_group) / (std_group + 1e-4), +-10) with the unbiased
-group std, then renormalised over the whole batch (--batch_adv_norm 0 turns that off). With ratio =
+group std, then renormalised over the whole batch (--batch_adv_norm 0 turns that off). minimind-3 (as the
+original's newest code): A = (r - mean_group) / (biased std_group + 1e-4), no clamp, no renormalisation. With ratio =
 pi / pi_old per token and kl the k3 estimate to the reference, the loss per token is
   --loss_type cispo (default): -(stop_grad(min(ratio, --epsilon_high)) * A * log pi - beta * kl)
   --loss_type grpo:            -(min(ratio * A, clip(ratio, 1 +- --epsilon) * A) - beta * kl)
@@ -46,10 +47,14 @@ from trainer.core.stage import DATA, build_parser, init_config, init_model, init
 
 
 def group_advantages(rewards: torch.Tensor, group: int, batch_norm: bool = True, eps: float = 1e-4,
-                     clip: float = 10.0) -> torch.Tensor:
-    """(B*G,) rewards, copies of a prompt contiguous -> (B*G,) group-normalised advantages."""
+                     clip: float = 10.0, newest: bool = False) -> torch.Tensor:
+    """(B*G,) rewards, copies of a prompt contiguous -> (B*G,) group-normalised advantages. newest=True (minimind-3):
+    the original's newest (r - mean) / (biased std + 1e-4), no clamp (and no batch renormalisation by default)."""
     r = rewards.view(-1, group)
-    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).clamp(-clip, clip).view(-1)
+    if newest:
+        adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + eps)).view(-1)
+    else:
+        adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).clamp(-clip, clip).view(-1)
     if batch_norm:
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
     return adv
@@ -93,7 +98,9 @@ def grpo_rollout(model, ref_model, engine, run, args, tokenizer, reward_fn, batc
     stats = {**stats, "zero_std": (r.max(1).values == r.min(1).values).float().mean().item(),
              "truncated": roll.clipped.float().mean().item(), "resp_len": roll.lengths.float().mean().item(),
              "tokens": int(roll.lengths.sum())}
-    return {"roll": roll, "adv": group_advantages(rewards, group, bool(args.batch_adv_norm)).to(run.device),
+    newest = args.model_family == "minimind3"
+    batch_norm = bool(args.batch_adv_norm if args.batch_adv_norm is not None else not newest)
+    return {"roll": roll, "adv": group_advantages(rewards, group, batch_norm, newest=newest).to(run.device),
             "ref_logp": completion_logps(ref_model, roll)[0], "stats": stats,
             "old_logp": rollout_logps(model, roll, args.num_iterations > 1)}
 
@@ -125,8 +132,9 @@ def main(argv=None):
                         help="grpo: ratio clip range 1 +- epsilon (matters when num_iterations > 1)")
     parser.add_argument("--epsilon_high", type=float, default=5.0,
                         help="cispo: cap on the importance weight (matters when num_iterations > 1)")
-    parser.add_argument("--batch_adv_norm", type=int, default=1, choices=[0, 1],
-                        help="1 = renormalise group advantages over the batch (fa82707); 0 = group only")
+    parser.add_argument("--batch_adv_norm", type=int, default=None, choices=[0, 1],
+                        help="1 = renormalise group advantages over the batch (fa82707, the default); 0 = group only "
+                             "(the default with --model_family minimind3, as the original's newest code)")
     args = parser.parse_args(argv)
     if args.num_iterations < 1:
         raise ValueError("--num_iterations must be at least 1 (optimizer steps per rollout)")

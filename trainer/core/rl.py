@@ -28,6 +28,8 @@ from trainer.core.loop import unwrap
 from trainer.core.rollout_engine import TorchRolloutEngine, add_rollout_args
 from trainer.core.stage import resolve_data
 
+MINIMIND3_TOP_P = 0.85   # the top-p of the original minimind-3 generate() that its RL rollouts sample with
+
 ASSISTANT_START = "<|im_start|>assistant\n"   # where a prompt with add_generation_prompt opens the answer
 
 
@@ -132,15 +134,17 @@ def rollout(model, tokenizer, prompts, args, num_return_sequences: int = 1, auto
             engine=None) -> Rollout:
     """Sample completions for a batch of prompts through `engine` (trainer/core/rollout_engine.py; default: the
     batching engine model/engine.py in this process, eval mode, so MoE computes no aux loss, and the run's
-    autocast precision): temperature sampling over the 50 likeliest tokens, as the original's generate() call.
+    autocast precision): temperature sampling over the 50 likeliest tokens, as the original's generate() call
+    (minimind-3: also top-p 0.85, its newest generate's default).
     Each completion has its own seed drawn from torch's global RNG (whichever engine samples), so a seeded or
     resumed run samples the same rollouts. Copies of a prompt are contiguous: row i*G + j. engine.prepare runs
     first (a server's weights are synced when due)."""
     raw = unwrap(model)
     ids, mask = encode_prompts(tokenizer, prompts, args.max_seq_len, next(raw.parameters()).device)
     rows = [row[keep].tolist() for row, keep in zip(ids.cpu(), mask.cpu().bool()) for _ in range(num_return_sequences)]
-    params = [SamplingParams(max_tokens=args.max_gen_len, temperature=args.temperature, top_k=HF_TOP_K, seed=seed)
-              for seed in torch.randint(2 ** 62, (len(rows),)).tolist()]
+    top_p = MINIMIND3_TOP_P if raw.config.model_family == "minimind3" else 1.0   # the newest generate's default
+    params = [SamplingParams(max_tokens=args.max_gen_len, temperature=args.temperature, top_k=HF_TOP_K, top_p=top_p,
+                             seed=seed) for seed in torch.randint(2 ** 62, (len(rows),)).tolist()]
     engine = engine or TorchRolloutEngine(model, tokenizer.eos_token_id, getattr(autocast_ctx, "fast_dtype", None))
     engine.prepare(model)
     outs = engine.generate(rows, params)
@@ -292,8 +296,10 @@ class Rewards:
 def add_rl_args(parser, **defaults):
     """Flags every RL stage shares, with the original's defaults (spec 6.5-6.7)."""
     parser.add_argument("--max_gen_len", type=int, default=1536, help="max new tokens per response")
-    parser.add_argument("--reasoning", type=int, default=1, choices=[0, 1],
-                        help="1 = start from reason_<hidden>.pth and add the think/answer format reward; 0 = full_sft")
+    parser.add_argument("--reasoning", type=int, default=None, choices=[0, 1],
+                        help="1 = start from reason_<hidden>.pth and add the think/answer format reward; 0 = full_sft. "
+                             "Default 1 (the original fa82707's), 0 with --model_family minimind3 (its newest RL starts "
+                             "from full_sft and has no reasoning stage)")
     parser.add_argument("--reward_model_path", type=str, default=str(ROOT.parent / "internlm2-1_8b-reward"),
                         help="local reward model directory (InternLM2 get_score or a sequence classifier)")
     parser.add_argument("--reward", type=str, default="model", choices=["model", "rule", "mixed"],
@@ -324,7 +330,10 @@ def rl_prompts(args, tokenizer):
 
 
 def base_weight(args) -> str:
-    """Which weight the policy starts from: --from_weight, else reason (--reasoning 1) or full_sft."""
+    """Which weight the policy starts from: --from_weight, else reason (--reasoning 1) or full_sft. Also settles
+    --reasoning when it was not typed: 0 for --model_family minimind3, else 1."""
+    if args.reasoning is None:
+        args.reasoning = 0 if getattr(args, "model_family", None) == "minimind3" else 1
     return args.from_weight or ("reason" if args.reasoning else "full_sft")
 
 
