@@ -495,3 +495,27 @@ def test_two_processes_train_on_their_own_prompts(agent_chain, tmp_path):
     load_native(tmp_path / "out" / "agent_64.pth")
     log = [json.loads(line) for line in open(tmp_path / "out" / "agent_64_metrics.jsonl")]
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
+
+
+@pytest.mark.slow   # four 2-process launches: ~25 s
+def test_two_processes_resume_exactly(agent_chain, tmp_path):
+    """Found in review: only rank 0's RNG state was saved and every rank restored it, so after a resume both ranks
+    drew the same rollout seeds. Interrupted after step 1 and resumed == uninterrupted, rollouts included."""
+    import sys
+    from tests.conftest import ROOT, run_launcher
+
+    def launch(out, **flags):
+        argv = agent_args(agent_chain, out, batch_size=1, save_interval=1, temperature=1.5, **flags)
+        res = run_launcher(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                         "--master_port", str(port), str(ROOT / "trainer" / "train_agent.py"), *argv],
+                           timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return [json.loads(line) for line in open(out / "out" / "agent_64_metrics.jsonl")]
+
+    whole = launch(tmp_path / "whole")
+    launch(tmp_path / "cut", max_steps=1)
+    resumed = launch(tmp_path / "cut", from_resume=1)
+    same = lambda row: {k: v for k, v in row.items() if k in ("step", "loss", "reward", "resp_len", "turns", "avg_len", "response_len")}
+    assert same(resumed[-1]) == same(whole[-1]), (resumed[-1], whole[-1])
+    a, b = (torch.load(p / "out" / "agent_64.pth") for p in (tmp_path / "whole", tmp_path / "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

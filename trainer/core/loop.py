@@ -338,6 +338,14 @@ class _Saver:
         model_state, optim_state = self.raw, self.optimizers[0]
         if is_fsdp(self.raw):   # collectives: every rank gathers, rank 0 receives the full fp32 states
             model_state, optim_state = full_model_state(self.raw), full_optimizer_state(self.raw, self.optimizers[0])
+        rng, volatile = rng_state(), {}
+        snapshot = self.due_snapshot if point == self.due else self.snapshot if point == self.boundary else None
+        if snapshot is not None:
+            rng, volatile = snapshot
+        rng_ranks = None
+        if dist.is_initialized() and dist.get_world_size() > 1:   # each rank's generators differ (seed + rank):
+            rng_ranks = [None] * dist.get_world_size()              # keep every rank's, not only rank 0's
+            dist.all_gather_object(rng_ranks, rng)
         if is_main_process():
             was_training = self.raw.training
             self.raw.eval()
@@ -346,16 +354,13 @@ class _Saver:
             else:
                 save_weights(model_state, self.out_path, self.lm_config)
             extra = {k: unwrap(v) if isinstance(v, torch.nn.Module) else v for k, v in (self.state or {}).items()}
-            rng = rng_state()
-            snapshot = self.due_snapshot if point == self.due else self.snapshot if point == self.boundary else None
-            if snapshot is not None:
-                rng, volatile = snapshot
-                extra.update(volatile)
+            extra.update(volatile)
             if self.schedulers:
                 extra["scheduler"] = self.schedulers[0]
             lm_checkpoint(self.lm_config, self.args.save_weight, model=model_state, optimizer=optim_state,
                           epoch=point.epoch, step=point.step, wandb=self.tracker, save_dir=self.args.checkpoint_dir,
-                          scaler=self.run.scaler, rng=rng, batch_unit=getattr(self.args, "batch_unit", None),
+                          scaler=self.run.scaler, rng=rng, rng_ranks=rng_ranks,
+                          batch_unit=getattr(self.args, "batch_unit", None),
                           **extra)
             self.raw.train(was_training)
         if barrier and dist.is_initialized():

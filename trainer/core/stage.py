@@ -406,7 +406,10 @@ def restore(ckp, model, optimizer, scaler=None, **extra) -> ResumePoint:
                          "--hidden_size / --num_hidden_layers / --use_moe / --model_family / stage flags?") from None
     if scaler is not None and ckp.get("scaler") is not None:
         scaler.load_state_dict(ckp["scaler"])
-    if ckp.get("rng") is not None:
+    ranks = ckp.get("rng_ranks")   # every rank's generators (several processes); else rank 0's for all
+    if ranks and dist.is_initialized() and len(ranks) == dist.get_world_size():
+        set_rng_state(ranks[dist.get_rank()])
+    elif ckp.get("rng") is not None:
         set_rng_state(ckp["rng"])
     Logger(f"resuming from epoch {ckp['epoch'] + 1}, step {ckp['step']}")
     return ResumePoint(ckp["epoch"], ckp["step"])
