@@ -149,6 +149,7 @@ def test_packing_changes_only_the_layout(chain3, tmp_path):
     assert sum(r["pad"] for r in logs[1]) < sum(r["pad"] for r in logs[0])
 
 
+@pytest.mark.slow   # DDP has no family-specific code (test_train's torchrun tests cover it): ~6 s
 def test_torchrun_two_processes(tmp_path):
     """Two gloo processes with the family flag: each rank its own samples, identical minimind-3 weights, only
     rank 0 writes."""
