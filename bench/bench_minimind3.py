@@ -15,7 +15,6 @@ The CPU is named in the header: speeds are only comparable within one run.
 """
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,19 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from trainer.core.progress import cpu_description  # noqa: E402
 
 GOLDENS = ROOT / "tests" / "goldens"
-
-
-def cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = next(line for line in info.splitlines() if line.startswith("flags")).split()
-        bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-        return f"{name} ({', '.join(bf16) if bf16 else 'no bf16 units'})"
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def golden(name):
@@ -129,7 +118,7 @@ def main(argv=None):
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args(argv)
-    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"CPU: {cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     table("1. minimind-3 against the original's newest code (goldens, fp32)",
           ["model", "max |logits - original|", "greedy 16 equal", "aux loss |diff|"], fidelity_rows())
     table("2. --to qwen3 export in stock transformers (no remote code)",

@@ -18,19 +18,9 @@ import subprocess
 import time
 
 from dataset.tools import ToolRunner
+from trainer.core.progress import cpu_description
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-        flags = next(line for line in info if line.startswith("flags")).split()
-        bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-        return f"{name} ({', '.join(bf16) if bf16 else 'no bf16 units'})"
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def timed(fn, n):
@@ -73,7 +63,7 @@ def main(argv=None):
     n = max(args.calls // 5, 3)
     t, _ = timed(lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, check=True), n)
     rows.append(("baseline: one `python -c` process per call", n, t, ""))
-    print(f"CPU: {cpu_name()}, Python {platform.python_version()}")
+    print(f"CPU: {cpu_description()}, Python {platform.python_version()}")
     print("\n| call | calls | median (ms) | observation |\n|---|---:|---:|---|")
     for label, count, seconds, out in rows:
         print(f"| {label} | {count} | {seconds * 1e3:.3f} | {out.replace('|', '/')} |")

@@ -749,6 +749,15 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
             raise ClientGone() from None
         return b"".join(chunks)
 
+    async def read_json(request: Request):
+        """The body parsed as JSON (a 400 naming why it is not); ClientGone when the client left during the upload."""
+        raw = await read_body(request)
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+            why = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+            raise APIError(400, f"the request body is not valid UTF-8 JSON: {why}", None, "invalid_json") from None
+
     def prepare(req: dict, text_bytes: int) -> tuple:
         """(prompt token ids, whether the prompt opened a think block); the context is checked before the whole
         prompt is tokenized."""
@@ -782,13 +791,9 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
                                 "with --api_key (without one only clients on this machine may)",
                            code="permission_denied", type_="permission_error")
         try:
-            raw = await read_body(request)
+            body = await read_json(request)
         except ClientGone:
             return Response(status_code=CLIENT_LEFT)
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except (ValueError, RecursionError):
-            raise APIError(400, "the request body is not valid UTF-8 JSON", None, "invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
         path, abort = body.get("model_path"), body.get("abort_all_requests") or False
@@ -826,14 +831,9 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            raw = await read_body(request)
+            body = await read_json(request)
         except ClientGone:
             return Response(status_code=CLIENT_LEFT)  # nobody reads it; /metrics counts it apart from errors
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
-            why = "nested too deeply" if isinstance(err, RecursionError) else str(err)
-            raise APIError(400, f"the request body is not valid UTF-8 JSON: {why}", None, "invalid_json") from None
         text_bytes = scan_strings(body, control_tokens)
         req = parse_request(body, context)
         if engine.full:
@@ -864,14 +864,9 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
         (choice j of a request with `seed` samples as a request with seed + j); prompts are raw text (tokenized as
         is, no chat template) or token ids, as vLLM takes them."""
         try:
-            raw = await read_body(request)
+            body = await read_json(request)
         except ClientGone:
             return Response(status_code=CLIENT_LEFT)
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except (ValueError, RecursionError) as err:
-            why = "nested too deeply" if isinstance(err, RecursionError) else str(err)
-            raise APIError(400, f"the request body is not valid UTF-8 JSON: {why}", None, "invalid_json") from None
         scan_strings(body, control_tokens)  # depth and lone surrogates (a raw prompt may hold control tokens)
         req = parse_completion_request(body, context, engine.vocab_size)
         total = len(req["prompts"]) * req["n"]

@@ -64,12 +64,10 @@ from model.loading import ROOT
 from trainer.core.batch_plan import BatchPlan
 from trainer.core.loop import train_loop
 from trainer.core.progress import Logger, is_main_process
-from trainer.core.rl import RewardModel, adamw_cosine, frozen, k3_kl, token_logps
+from trainer.core.rl import MINIMIND3_TOP_P, RewardModel, adamw_cosine, frozen, k3_kl, token_logps
 from trainer.core.rollout_engine import add_rollout_args, create_rollout_engine
 from trainer.core.stage import DATA, build_parser, init_config, init_model, init_run, resolve_data, restore, wrap_model
 from trainer.core.tracking import init_tracker
-
-TOP_P = 0.85      # with top-k 50: the original minimind-3 generate()'s defaults, which its rollouts sampled with
 
 
 # ---- rewards ----
@@ -202,7 +200,7 @@ def agent_rollouts(engine, tokenizer, runner, batch: dict, args, thinking: list,
                 break
             outs = generate([trajs[k].ids for k in active],
                             [SamplingParams(max_tokens=min(args.max_gen_len, args.max_total_len - len(trajs[k].ids)),
-                                            temperature=args.temperature, top_k=HF_TOP_K, top_p=TOP_P,
+                                            temperature=args.temperature, top_k=HF_TOP_K, top_p=MINIMIND3_TOP_P,
                                             seed=seeds[k][turn]) for k in active])
             going = []
             for k, out in zip(active, outs):
