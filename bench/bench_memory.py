@@ -103,7 +103,11 @@ def per_gpu(counts: dict, act_bytes: float, n: int, mode: str) -> dict:
 def measured_bytes_per_token(fields: dict, seq_len: int = 128) -> float:
     """Saved-for-backward bytes per token of a real CPU forward under bf16 autocast: every tensor the
     autograd graph saves (saved_tensors_hooks), unique storages, parameters excluded; the difference
-    between batch 2 and batch 1 removes what does not grow with tokens (the bf16 weight copies)."""
+    between batch 2 and batch 1 removes what does not grow with tokens (the bf16 weight copies). Attention
+    runs as on a GPU, in bf16 (on CPU training upcasts it: model_minimind.cpu_attention_in_fp32)."""
+    from unittest import mock
+
+    import model.model_minimind as mm
     from trainer.core.stage import masked_cross_entropy
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig(**fields))
@@ -124,7 +128,8 @@ def measured_bytes_per_token(fields: dict, seq_len: int = 128) -> float:
             loss = masked_cross_entropy(out.logits, tokens[:, 1:], torch.ones(batch, seq_len)) + out.aux_loss
         del loss, out
         return sum(storages.values())
-    return (saved_bytes(2) - saved_bytes(1)) / seq_len
+    with mock.patch.object(mm, "cpu_attention_in_fp32", lambda xq: False):
+        return (saved_bytes(2) - saved_bytes(1)) / seq_len
 
 
 

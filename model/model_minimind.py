@@ -22,6 +22,7 @@ Features of both:
 This file imports nothing from the project: scripts/convert_model.py copies it into exported
 transformers folders, where it runs under trust_remote_code.
 """
+import contextlib
 import functools
 import json
 import math
@@ -303,6 +304,92 @@ class MiniMindCache:
         return cache
 
 
+# ---- The output layer's training loss without its logits ----
+# Token-mean cross-entropy of an output layer without its logits tensor: `linear_cross_entropy(h, W, targets)`
+# equals `F.cross_entropy((h @ W.T).float(), targets)`, forward and backward, but works through the tokens a
+# chunk at a time and computes the gradients of h and W during the forward (the loss is a training step's
+# last op), so the (tokens x vocab) logits, their log-softmax, its gradient and the zero-filled gradient of
+# nll_loss never exist at full size (on 2 CPU cores, a 128-wide model with the 6,400-token vocabulary spent
+# about a fifth of its bf16 training step in the output layer and its loss; this takes ~40% less there).
+#
+# Precision follows autocast as the plain path does: the matmuls run in the autocast dtype (inputs cast as
+# autocast casts them), the log-softmax in float32, the gradient of the logits cast back to the matmul dtype.
+
+CE_CHUNK = 256   # tokens per chunk: a 256 x 6,400 float32 block (6.5 MB) is about the L2/L3 sweet spot measured on CPU
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype, chunk):
+        n, (vocab, width) = hidden.shape[0], weight.shape
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # gradients in the inputs' own dtypes (float32 under autocast: no cast of the whole weight gradient)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        half = dtype != torch.float32
+        w = weight.to(dtype)                                           # the cast autocast would make
+        # blocks reused by every chunk: a fresh multi-MB tensor per chunk costs its page faults again (CPU)
+        rows = min(chunk, n)
+        block = hidden.new_empty(rows, vocab, dtype=torch.float32)
+        block_half = hidden.new_empty(rows, vocab, dtype=dtype) if half else None
+        part_h = hidden.new_empty(rows, width, dtype=dtype) if half and need_h else None
+        part_w = w.new_empty(vocab, width) if half and need_w else None
+        part_w32 = torch.empty_like(grad_w) if half and need_w else None   # its float32 copy, added to grad_w
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, n, chunk):
+                h, t = hidden[s:s + chunk].to(dtype), targets[s:s + chunk, None]
+                c = len(h)
+                logits = block[:c]
+                if half:                                               # the matmul in the half dtype, as autocast
+                    torch.mm(h, w.t(), out=block_half[:c])
+                    logits.copy_(block_half[:c])
+                else:
+                    torch.mm(h, w.t(), out=logits)
+                top = logits.amax(dim=-1, keepdim=True)
+                picked = logits.gather(1, t).sub_(top)
+                g = logits.sub_(top).exp_()                            # one exp pass, in place
+                norm = g.sum(dim=-1, keepdim=True)
+                total += (norm.log() - picked).sum()                    # logsumexp - logit of the target
+                # d(mean CE)/d logits = (softmax - onehot) / n
+                g.mul_(1.0 / (norm * n)).scatter_add_(1, t, g.new_full((c, 1), -1.0 / n))
+                if half:
+                    g = block_half[:c].copy_(g)
+                if need_h:
+                    if half:
+                        grad_h[s:s + c] = torch.mm(g, w, out=part_h[:c])
+                    else:
+                        torch.mm(g, w, out=grad_h[s:s + c])
+                if need_w:
+                    if half:
+                        grad_w += part_w32.copy_(torch.mm(g.t(), h, out=part_w))
+                    else:
+                        grad_w.addmm_(g.t(), h)
+        ctx.grads, ctx.weight_dtype = (grad_h, grad_w), weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
+        if grad_out.item() != 1.0:      # 1/accumulation, or a loss scale: applied to the float32 gradients
+            grad_h = None if grad_h is None else grad_h.mul_(grad_out)
+            grad_w = None if grad_w is None else grad_w.mul_(grad_out)
+        return grad_h, None if grad_w is None else grad_w.to(ctx.weight_dtype), None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int = CE_CHUNK) -> torch.Tensor:
+    """hidden (N, C), weight (V, C), targets (N,) int64 in [0, V) -> the mean cross-entropy (float32 scalar).
+    Under autocast the matmuls run in its dtype (hidden and weight cast as autocast would cast them)."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    if hidden.shape[0] == 0 or not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        with torch.autocast(device, enabled=False):   # nothing to save: the plain computation
+            return F.cross_entropy((hidden.to(dtype) @ weight.to(dtype).t()).float(), targets)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk)
+
+
 # ---- Attention ----
 class PackedSpans(tuple):
     """The attention "mask" of packed rows on CPU: per row, the (start, end) of each sample. Attention then runs
@@ -323,6 +410,14 @@ def use_packed_spans(x: torch.Tensor) -> bool:
     """Sample-by-sample attention pays off on CPU, where a kernel call is cheap; accelerators (many small
     launches, a host sync) and torch.compile (a graph per span layout) keep the block-diagonal mask."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def cpu_attention_in_fp32(xq: torch.Tensor) -> bool:
+    """Half-precision attention that will be differentiated on CPU runs in float32: the CPU's flash-attention
+    backward in bf16 is 2-4x slower than in fp32 (AMD EPYC with avx512_bf16, torch 2.13: 1.36 ms against
+    0.33 ms for one 100-token sample, 8 heads), while q, k and v are small (tokens x hidden). Inputs are the
+    bf16 values autocast would have given SDPA, only the kernel's arithmetic is wider; inference keeps its dtype."""
+    return xq.device.type == "cpu" and xq.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
 
 
 class Attention(nn.Module):
@@ -360,6 +455,16 @@ class Attention(nn.Module):
         if cache is not None:
             xk, xv = cache.update(xk, xv, self.layer_idx)                       # (B, KV, S, D)
         dropout_p = self.dropout if self.training else 0.0
+        dtype = xq.dtype
+        if cpu_attention_in_fp32(xq):   # see there: same kernels, 2-4x faster backward than in bf16 on CPU
+            xq, xk, xv = xq.float(), xk.float(), xv.float()
+        with torch.autocast(xq.device.type, enabled=False) if dtype != xq.dtype else contextlib.nullcontext():
+            out = self.attend(xq, xk, xv, attn_mask, seq_len, dropout_p)
+        out = out.to(dtype).transpose(1, 2).reshape(bsz, seq_len, -1)           # (B, T, H*D)
+        return self.resid_dropout(self.o_proj(out))
+
+    def attend(self, xq, xk, xv, attn_mask, seq_len, dropout_p):
+        """(B, H, T, D) queries, (B, KV, S, D) keys and values -> (B, H, T, D)."""
         if isinstance(attn_mask, PackedSpans):  # packed rows: plain causal attention inside each sample
             # unbind/split (not slicing): their backward is one stack/cat, not a zero-filled copy per sample
             rows = []
@@ -377,8 +482,7 @@ class Attention(nn.Module):
                                                  is_causal=is_causal, enable_gqa=self.n_rep > 1)
         else:
             out = self.eager_attention(xq, xk, xv, attn_mask)
-        out = out.transpose(1, 2).reshape(bsz, seq_len, -1)                     # (B, T, H*D)
-        return self.resid_dropout(self.o_proj(out))
+        return out
 
     def eager_attention(self, xq, xk, xv, attn_mask):
         """Reference path: explicit scores, additive masks, fp32 softmax (as the original's slow path)."""
@@ -648,15 +752,24 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         return self.lm_head
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=False,
-                logits_to_keep=0, labels=None, position_ids=None, logits_at=None, packed=None, **kwargs):
+                logits_to_keep=0, labels=None, position_ids=None, logits_at=None, packed=None, loss_targets=None,
+                **kwargs):
         """logits_at (training losses): flat indices into the batch x seq positions; logits are then computed
-        for those positions only, shape (len(logits_at), vocab), so prompt and padding rows skip the output layer."""
+        for those positions only, shape (len(logits_at), vocab), so prompt and padding rows skip the output layer.
+        loss_targets (with logits_at): the target of each of those positions; `loss` is then their token-mean
+        cross-entropy and `logits` None (on CPU computed without the logits tensor: linear_cross_entropy)."""
         hidden_states, cache, aux_loss = self.model(input_ids, attention_mask, past_key_values, use_cache,
                                                     position_ids, packed)
         if logits_at is not None:
-            logits = self.lm_head(hidden_states.flatten(0, 1).index_select(0, logits_at))
-            return MiniMindCausalLMOutput(logits=logits, past_key_values=cache, hidden_states=hidden_states,
-                                          aux_loss=aux_loss)
+            hidden = hidden_states.flatten(0, 1).index_select(0, logits_at)
+            if loss_targets is not None and hidden.device.type == "cpu" and not torch.compiler.is_compiling():
+                loss = linear_cross_entropy(hidden, self.lm_head.weight, loss_targets)
+                return MiniMindCausalLMOutput(loss=loss, past_key_values=cache, hidden_states=hidden_states,
+                                              aux_loss=aux_loss)
+            logits = self.lm_head(hidden)
+            loss = None if loss_targets is None else F.cross_entropy(logits.float(), loss_targets)
+            return MiniMindCausalLMOutput(loss=loss, logits=None if loss is not None else logits,
+                                          past_key_values=cache, hidden_states=hidden_states, aux_loss=aux_loss)
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
         loss = None

@@ -177,3 +177,22 @@ def test_one_loader_with_persistent_workers_serves_every_epoch(tmp_path, tokeniz
     assert again is first
     for got, planned in zip(again, plan.batches(1)[2:], strict=True):
         assert same_batch(got, plan.collate([ds[i] for i in planned]))
+
+
+def test_on_cpu_a_packed_micro_batch_is_one_row_without_padding(tmp_path, tokenizer):
+    """On CPU attention runs sample by sample, so the collate puts the whole micro-batch end to end in one row
+    (no padding, same samples and supervised positions); on CUDA, with fixed shapes or --batch_unit rows, rows
+    stay max_seq_len - 1 wide."""
+    data = write_tiny_corpus(tmp_path / "data", n=16)
+    ds = SFTDataset(data["sft"], tokenizer, max_length=64)
+    samples = [ds[i] for i in range(8)]
+    cpu = supervised_collate(plan_args(tmp_path, packing=1, device="cpu"))
+    assert cpu.one_row and "one row" in cpu.describe(plan_args(tmp_path))
+    batch = cpu(samples)
+    assert batch["input_ids"].shape == (1, sum(len(s[0]) for s in samples)) and batch["samples"] == 8
+    assert batch["loss_tokens"] == sum(int(s[2].sum()) for s in samples) and batch["packed"]
+    rows = PackRows(63, 8)(samples)
+    assert batch["loss_tokens"] == rows["loss_tokens"] and batch["tokens"] == rows["tokens"]
+    for flags in (dict(device="cuda:0"), dict(device="cpu", use_compile=1), dict(device="cpu", pad_to_max=1),
+                  dict(device="cpu", batch_unit="rows")):
+        assert not supervised_collate(plan_args(tmp_path, packing=1, **flags)).one_row, flags

@@ -18,27 +18,37 @@ def samples(tmp_path_factory):
     return [ds[i] for i in range(len(ds))]
 
 
-@pytest.mark.parametrize("moe", [False, True])
-def test_packed_and_padded_batches_give_the_same_loss_and_gradients(samples, moe):
+@pytest.mark.parametrize("moe,one_row,bf16", [(False, False, False), (True, False, False), (False, True, False),
+                                             (True, True, False), (False, True, True)])
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(samples, moe, one_row, bf16):
+    """Rows of max_seq_len - 1 and, as on CPU, the whole micro-batch in one row without padding; under bf16
+    autocast too (CPU attention then runs in float32, the output layer's loss chunk by chunk: both layouts agree
+    to bf16 rounding)."""
     from model.model_minimind import MiniMindForCausalLM
     torch.manual_seed(0)
     model = MiniMindForCausalLM(tiny_config(use_moe=moe, aux_loss_alpha=0.0)).train()   # aux loss: a row-level regulariser
-    packed = PackRows(capacity=127, batch_size=len(samples))(samples)     # one micro-batch, two layouts
+    packed = PackRows(capacity=127, batch_size=len(samples), one_row=one_row)(samples)   # one micro-batch, two layouts
     padded = PadRows()(samples)
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0] and packed["tokens"] == padded["tokens"]
     assert packed["packed"] and not padded["packed"] and packed["samples"] == padded["samples"] == len(samples)
     assert packed["loss_tokens"] == padded["loss_tokens"] == sum(int(s[2].sum()) for s in samples)
+    if one_row:
+        assert packed["input_ids"].shape == (1, packed["tokens"])           # no padding at all
     results = []
     for batch in (packed, padded):
         model.zero_grad()
-        loss, stats = sft_loss(model, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, stats = sft_loss(model, batch)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (loss_a, grads_a), (loss_b, grads_b) = results
-    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    assert torch.allclose(loss_a, loss_b, atol=2e-3 if bf16 else 1e-6)
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
-        assert torch.allclose(grads_a[name], grads_b[name], atol=2e-6), name
+        if bf16:   # bf16 matmuls round differently with other shapes: relative error of the whole gradient
+            assert (grads_a[name] - grads_b[name]).norm() <= 0.03 * grads_b[name].norm() + 1e-6, name
+        else:
+            assert torch.allclose(grads_a[name], grads_b[name], atol=2e-6), name
 
 
 def test_a_packed_epoch_trains_every_sample_once(samples):

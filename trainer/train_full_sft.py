@@ -14,7 +14,6 @@ sft_loss below on each batch and steps the optimizer; the model is model/model_m
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
-import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
 from model.cli import cli
@@ -29,8 +28,9 @@ def sft_loss(model, batch):
     """Token-mean cross-entropy on the assistant's tokens only (loss_mask), plus the MoE load-balancing loss.
     Prompt tokens and padding skip the output layer: only loss_at (the collate's supervised positions) reach it."""
     at = batch["loss_at"]
-    out = model(batch["input_ids"], position_ids=batch.get("position_ids"), packed=batch["packed"], logits_at=at)
-    return F.cross_entropy(out.logits.float(), batch["labels"].view(-1)[at]) + out.aux_loss, batch_stats(batch)
+    out = model(batch["input_ids"], position_ids=batch.get("position_ids"), packed=batch["packed"], logits_at=at,
+                loss_targets=batch["labels"].view(-1)[at])
+    return out.loss + out.aux_loss, batch_stats(batch)
 
 
 def main(argv=None):

@@ -11,7 +11,6 @@ into the base weight with scripts/convert_model.py --lora_path.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
-import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
 from model.cli import cli
@@ -28,8 +27,9 @@ def lora_loss(model, batch):
     """The SFT loss (token-mean cross-entropy on the assistant's tokens, + MoE aux loss); gradients reach only
     the adapters."""
     at = batch["loss_at"]
-    out = model(batch["input_ids"], position_ids=batch.get("position_ids"), packed=batch["packed"], logits_at=at)
-    return F.cross_entropy(out.logits.float(), batch["labels"].view(-1)[at]) + out.aux_loss, batch_stats(batch)
+    out = model(batch["input_ids"], position_ids=batch.get("position_ids"), packed=batch["packed"], logits_at=at,
+                loss_targets=batch["labels"].view(-1)[at])
+    return out.loss + out.aux_loss, batch_stats(batch)
 
 
 def main(argv=None):

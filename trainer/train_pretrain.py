@@ -14,7 +14,6 @@ the original's one text per row, padded.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
-import torch.nn.functional as F
 
 from dataset.lm_dataset import PretrainDataset
 from model.cli import cli
@@ -29,8 +28,9 @@ def pretrain_loss(model, batch):
     """Token-mean cross-entropy on every real token (the loss mask is 0 only on padding), plus the MoE
     load-balancing loss. Only the supervised positions (loss_at, from the collate) reach the output layer."""
     at = batch["loss_at"]
-    out = model(batch["input_ids"], position_ids=batch.get("position_ids"), packed=batch["packed"], logits_at=at)
-    return F.cross_entropy(out.logits.float(), batch["labels"].view(-1)[at]) + out.aux_loss, batch_stats(batch)
+    out = model(batch["input_ids"], position_ids=batch.get("position_ids"), packed=batch["packed"], logits_at=at,
+                loss_targets=batch["labels"].view(-1)[at])
+    return out.loss + out.aux_loss, batch_stats(batch)
 
 
 def main(argv=None):

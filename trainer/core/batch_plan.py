@@ -11,7 +11,8 @@ skipping exactly what a resumed run has done) and how they are laid out (the col
 Packing is only their layout: PackRows places a micro-batch's samples into rows of max_seq_len - 1
 positions (the width of the original's padded rows) by best fit, each sample attending only to itself, so
 at most --batch_size rows and the original's memory envelope (batch_size x (max_seq_len - 1) positions)
-hold them, with almost no padding; PadRows gives the original's one sample per row, padded to the batch's
+hold them, with almost no padding (on CPU, where attention runs sample by sample, one row of exactly their
+tokens); PadRows gives the original's one sample per row, padded to the batch's
 longest. With fixed shapes (--use_compile 1, --pad_to_max 1) rows are max_seq_len - 1 wide and their count
 is rounded up to a multiple of a quarter of --batch_size (at most 4 shapes).
 --batch_unit rows (the previous meaning): the whole epoch is packed at once (best fit inside shuffled windows
@@ -143,13 +144,16 @@ class PackRows:
     each sample with positions from 0 and its own targets. `static`: rows `capacity` wide and their count a
     bucket of `batch_size` (fixed shapes for torch.compile). Also takes already planned rows (--batch_unit rows)."""
 
-    def __init__(self, capacity: int, batch_size: int, static: bool = False, pad_id: int = 0):
+    def __init__(self, capacity: int, batch_size: int, static: bool = False, pad_id: int = 0, one_row: bool = False):
         self.capacity, self.batch_size, self.static, self.pad_id = capacity, batch_size, static, pad_id
+        self.one_row = one_row and not static
 
     def __call__(self, batch):
         planned = bool(batch) and isinstance(batch[0], list)     # rows planned over the whole epoch
         if planned:
             rows = batch
+        elif self.one_row:      # every sample end to end in one row exactly as long as their tokens: no padding
+            rows = [batch]
         else:
             lengths = [len(x) for x, _, _ in batch]
             rows = [[batch[i] for i in row] for row in best_fit(list(range(len(batch))), lengths, self.capacity)]
@@ -160,6 +164,9 @@ class PackRows:
     def describe(self, args) -> str:
         if args.batch_unit == "rows":
             return f"packed rows of {self.capacity} positions (--batch_unit rows)"
+        if self.one_row:
+            return (f"packed end to end into one row of their tokens (at most {self.batch_size} x {self.capacity} = "
+                    f"{self.batch_size * self.capacity:,}; CPU: attention runs sample by sample, so no padding)")
         return (f"packed into at most {self.batch_size} rows of {self.capacity} positions "
                 f"(budget {self.batch_size} x {self.capacity} = {self.batch_size * self.capacity:,} tokens)")
 
@@ -169,7 +176,10 @@ def supervised_collate(args, pad_id: int = 0):
     shapes with --use_compile 1 or --pad_to_max 1."""
     static = bool(getattr(args, "pad_to_max", 0) or getattr(args, "use_compile", 0))
     if getattr(args, "packing", 0):
-        return PackRows(args.max_seq_len - 1, args.batch_size, static, pad_id)
+        # on CPU the model attends sample by sample (model_minimind.use_packed_spans), so a row's width costs
+        # nothing and the micro-batch is one row without padding; elsewhere rows are max_seq_len - 1 wide
+        one_row = "cpu" in str(getattr(args, "device", "")) and getattr(args, "batch_unit", "samples") == "samples"
+        return PackRows(args.max_seq_len - 1, args.batch_size, static, pad_id, one_row)
     return PadRows(args.max_seq_len - 1 if static else None, pad_id)
 
 

@@ -1,0 +1,102 @@
+"""The CPU training fast paths against the plain computation: linear_cross_entropy (the output layer's loss chunk
+by chunk, gradients computed in its forward) equals F.cross_entropy of the logits, in float32 and under bf16
+autocast, for any chunking, loss scale and frozen weight; the model's `loss_targets` gives that loss with the
+gradients of the logits path; half-precision attention that will be differentiated on CPU runs in float32."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.model_minimind import Attention, MiniMindForCausalLM, cpu_attention_in_fp32, linear_cross_entropy
+from tests.conftest import tiny_config
+
+
+def plain_and_fused(n, width, vocab, bf16, scale, chunk, weight_grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h0 = torch.randn(n, width, generator=g)
+    w0 = torch.randn(vocab, width, generator=g) * 0.3
+    t = torch.randint(0, vocab, (n,), generator=g)
+    out = []
+    for fused in (False, True):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_(weight_grad)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = linear_cross_entropy(h, w, t, chunk=chunk) if fused else F.cross_entropy(F.linear(h, w).float(), t)
+        (loss * scale).backward()
+        out.append((loss.detach(), h.grad, w.grad))
+    return out
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+@pytest.mark.parametrize("scale", [1.0, 0.125, 1 / 3])
+def test_linear_cross_entropy_equals_the_plain_loss_in_float32(chunk, scale):
+    (loss, gh, gw), (floss, fgh, fgw) = plain_and_fused(150, 16, 97, bf16=False, scale=scale, chunk=chunk)
+    assert floss.dtype == torch.float32 and fgh.dtype == fgw.dtype == torch.float32
+    assert torch.allclose(floss, loss, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(fgh, gh, rtol=1e-5, atol=1e-8) and torch.allclose(fgw, gw, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_logits(scale):
+    """Same bf16 matmuls and float32 softmax as autocast's logits path: the loss equal to float32 rounding, the
+    gradients to bf16 rounding; both are float32 (the inputs' dtype), as autocast's casts give back."""
+    (loss, gh, gw), (floss, fgh, fgw) = plain_and_fused(300, 32, 211, bf16=True, scale=scale, chunk=64)
+    assert fgh.dtype == fgw.dtype == torch.float32
+    assert torch.allclose(floss, loss, rtol=1e-5, atol=1e-5)
+    for got, want in ((fgh, gh), (fgw, gw)):
+        assert (got - want).norm() <= 0.01 * want.norm()
+
+
+def test_linear_cross_entropy_with_a_frozen_weight_and_without_gradients():
+    (loss, gh, gw), (floss, fgh, fgw) = plain_and_fused(40, 8, 31, bf16=False, scale=1.0, chunk=16, weight_grad=False)
+    assert gw is None and fgw is None and torch.allclose(fgh, gh, rtol=1e-5, atol=1e-9)
+    h, w, t = torch.randn(5, 8), torch.randn(31, 8), torch.randint(0, 31, (5,))
+    with torch.no_grad():
+        assert torch.allclose(linear_cross_entropy(h, w, t), F.cross_entropy(h @ w.t(), t), atol=1e-6)
+    assert linear_cross_entropy(h[:0].requires_grad_(), w, t[:0]).isnan()          # as F.cross_entropy of nothing
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_model_loss_targets_equal_the_loss_of_its_logits(bf16):
+    """model(..., logits_at=at, loss_targets=y).loss (the stage scripts' path) == CE of model(..., logits_at=at)
+    logits; every parameter's gradient equal (float32) or within bf16 rounding; logits are not returned."""
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(tiny_config()).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    pos = torch.cat([torch.arange(25), torch.arange(15)]).expand(2, -1)        # two samples per row
+    at = torch.arange(0, 80, 3)
+    targets = torch.randint(0, model.config.vocab_size, (len(at),))
+    grads = []
+    for fused in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(ids, position_ids=pos, packed=True, logits_at=at, loss_targets=targets if fused else None)
+            loss = out.loss if fused else F.cross_entropy(out.logits.float(), targets)
+        assert (out.logits is None) == fused
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss, want), (floss, got) = grads
+    assert torch.allclose(floss, loss, atol=1e-5 if bf16 else 1e-6)
+    for name in want:
+        if bf16:
+            assert (got[name] - want[name]).norm() <= 0.01 * want[name].norm() + 1e-7, name
+        else:
+            assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_half_precision_attention_runs_in_float32_only_when_differentiated_on_cpu(monkeypatch):
+    q = torch.randn(1, 2, 3, 4)
+    assert not cpu_attention_in_fp32(q)                                        # float32: nothing to do
+    assert cpu_attention_in_fp32(q.bfloat16()) and cpu_attention_in_fp32(q.half())
+    with torch.no_grad():
+        assert not cpu_attention_in_fp32(q.bfloat16())                         # inference keeps its dtype
+    seen = []
+    real = Attention.attend
+    monkeypatch.setattr(Attention, "attend", lambda self, xq, *a: seen.append(xq.dtype) or real(self, xq, *a))
+    model = MiniMindForCausalLM(tiny_config()).train()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids)
+        with torch.no_grad():
+            model(ids)
+    assert out.logits.dtype == torch.bfloat16                                   # the rest stays under autocast
+    n = model.config.num_hidden_layers
+    assert seen == [torch.float32] * n + [torch.bfloat16] * n
