@@ -176,12 +176,44 @@ class RMSNorm(nn.Module):
         self.scale_in_float32 = scale_in_float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) \
+                and not torch.compiler.is_compiling():
+            return _RMSNormWithBackward.apply(x, self.weight, self.eps, self.scale_in_float32)
+        return rms_norm(x, self.weight, self.eps, self.scale_in_float32)
+
+
+def rms_norm(x, weight, eps, scale_in_float32):
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if scale_in_float32:  # minimind-3: scale in float32, then cast (x's dtype out, also under autocast)
+        return (weight * normed).type_as(x)
+    # MiniMind2: normalise in float32, cast back to x's dtype, then scale (the product is fp32 under autocast)
+    return weight * normed.type_as(x)
+
+
+class _RMSNormWithBackward(torch.autograd.Function):
+    """rms_norm's forward (the same ops) with a closed-form backward: autograd's own goes through the six
+    elementwise steps one by one and took ~0.7 ms per norm of 1,700 x 128 tokens on 2 CPU cores, this ~0.2 ms.
+    With n = x r, r = (mean(x^2) + eps)^-1/2 and gn = dL/dn = g w: dL/dx = r (gn - n mean(gn n)), dL/dw = sum g n
+    (computed in float32; tests/test_output_loss.py compares both with autograd's)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, scale_in_float32):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return rms_norm(x, weight, eps, scale_in_float32)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
         xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.scale_in_float32:  # minimind-3: scale in float32, then cast (x's dtype out, also under autocast)
-            return (self.weight * normed).type_as(x)
-        # MiniMind2: normalise in float32, cast back to x's dtype, then scale (the product is fp32 under autocast)
-        return self.weight * normed.type_as(x)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
+        normed = xf * rstd
+        g = grad_out.float()
+        grad_normed = g * weight.float()
+        grad_x = (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)).mul_(rstd)
+        grad_w = (g * normed).reshape(-1, normed.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return grad_x.to(x.dtype), None if grad_w is None else grad_w.to(weight.dtype), None, None
 
 
 def make_norm(dim: int, config) -> RMSNorm:

@@ -1,7 +1,8 @@
 """The CPU training fast paths against the plain computation: linear_cross_entropy (the output layer's loss chunk
 by chunk, gradients computed in its forward) equals F.cross_entropy of the logits, in float32 and under bf16
 autocast, for any chunking, loss scale and frozen weight; the model's `loss_targets` gives that loss with the
-gradients of the logits path; half-precision attention that will be differentiated on CPU runs in float32."""
+gradients of the logits path; half-precision attention that will be differentiated on CPU runs in float32;
+RMSNorm's closed-form backward equals autograd's; the stages' AdamW options keep the default AdamW's steps."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,3 +101,52 @@ def test_half_precision_attention_runs_in_float32_only_when_differentiated_on_cp
     assert out.logits.dtype == torch.bfloat16                                   # the rest stays under autocast
     n = model.config.num_hidden_layers
     assert seen == [torch.float32] * n + [torch.bfloat16] * n
+
+
+@pytest.mark.parametrize("scale_in_float32", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_backward_equals_autograds(scale_in_float32, dtype):
+    """RMSNorm's closed-form backward (used whenever a gradient is needed) against autograd through the same
+    forward ops: MiniMind2's and minimind-3's scaling, float32 and bf16 inputs; the forward is the same ops."""
+    from model.model_minimind import RMSNorm, rms_norm
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.randn(3, 7, 32, generator=g) * 3).to(dtype)
+    norm = RMSNorm(32, eps=1e-6, scale_in_float32=scale_in_float32)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(32, generator=g))
+    grad = torch.randn(3, 7, 32, generator=g).to(dtype)
+    results = []
+    for closed_form in (True, False):
+        x = x0.clone().requires_grad_()
+        norm.weight.grad = None
+        out = norm(x) if closed_form else rms_norm(x, norm.weight, norm.eps, scale_in_float32)
+        out.backward(grad)
+        results.append((out.detach(), x.grad, norm.weight.grad))
+    (out, gx, gw), (want_out, want_gx, want_gw) = results
+    assert torch.equal(out, want_out) and gx.dtype == x0.dtype and gw.dtype == torch.float32
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert torch.allclose(gx.float(), want_gx.float(), **tol) and torch.allclose(gw, want_gw, **tol)
+
+
+def test_stage_adamw_options_take_the_default_adamws_steps_on_cpu():
+    """The stages build AdamW with run.adamw: fused=True on CUDA, foreach=True elsewhere. On CPU the multi-tensor
+    AdamW gives exactly the single-tensor one's weights (the fused kernel differs in the last bit, which is why
+    CPU keeps foreach), so resume files and runs from before stay comparable."""
+    from types import SimpleNamespace
+
+    from trainer.core.stage import init_run
+    run = init_run(SimpleNamespace(device="cpu", dtype="float32", seed=42, fsdp=0))
+    assert run.adamw == {"foreach": True}
+    torch.manual_seed(0)
+    base = [torch.randn(33, 17), torch.randn(5)]
+    weights = []
+    for options in ({"foreach": False}, run.adamw):
+        params = [p.clone().requires_grad_() for p in base]
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, **options)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        weights.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*weights))

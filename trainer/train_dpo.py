@@ -113,7 +113,7 @@ def main(argv=None):
         train_ds = WithReferenceLogps(train_ds, *cache_reference(ref_model, train_ds, args, run))
         ref_model, collate = None, cached_collate
         Logger(f"cached reference log-probs for {len(train_ds)} pairs; reference model freed")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, **run.adamw)
     start = restore(ckp, model, optimizer, run.scaler)                # 6. resume
     model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
     return train_loop(run, args, model, [optimizer], train_ds,        # 8. train

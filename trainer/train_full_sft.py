@@ -43,7 +43,7 @@ def main(argv=None):
     tracker = init_tracker(args, ckp)                                 # 3. swanlab/wandb, or a no-op
     model, tokenizer = init_model(lm_config, args, run.device)        # 4. the pretrained model + tokenizer
     train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))        # 5. data and optimizer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, **run.adamw)
     start = restore(ckp, model, optimizer, run.scaler)                # 6. resume
     model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
     return train_loop(run, args, model, [optimizer], train_ds,        # 8. train

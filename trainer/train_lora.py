@@ -54,7 +54,7 @@ def main(argv=None):
     total, lora = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in params)
     Logger(f"LoRA params: {lora / 1e6:.3f}M of {total / 1e6:.3f}M ({100 * lora / total:.2f}%)")
     train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))        # 5. data and optimizer
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, **run.adamw)
     start = restore(ckp, model, optimizer, run.scaler)                # 6. resume (the full model with adapters)
     model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
     save_path = weight_path(args.save_dir, args.lora_name, lm_config)

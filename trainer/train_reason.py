@@ -62,7 +62,7 @@ def main(argv=None):
     model, tokenizer = init_model(lm_config, args, run.device)        # 4. the dpo model + tokenizer
     tag_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in TAGS]
     train_ds = SFTDataset(resolve_data(args), tokenizer, **data_kwargs(args))        # 5. data and optimizer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, **run.adamw)
     start = restore(ckp, model, optimizer, run.scaler)                # 6. resume
     model = wrap_model(model, run, args, [optimizer])                 # 7. DDP or FSDP, compile
     return train_loop(run, args, model, [optimizer], train_ds,        # 8. train

@@ -344,7 +344,7 @@ def frozen(model):
 def adamw_cosine(params, args, run, num_prompts: int, lr: float):
     """AdamW at `lr` with the original's RL schedule: (optimizer, CosineAnnealingLR over (iters // accum) * epochs
     optimizer steps down to lr / 10, where iters = this rank's batches per epoch)."""
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    optimizer = torch.optim.AdamW(params, lr=lr, **run.adamw)
     iters = -(-num_prompts // (args.batch_size * run.world_size))
     t_max = max(1, (iters // args.accumulation_steps) * args.epochs)
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max, eta_min=lr / 10)

@@ -15,7 +15,7 @@ import json
 import os
 import random
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +188,7 @@ class RunContext:
     autocast_ctx: object = None
     scaler: object = None
     dtype: torch.dtype = torch.float32
+    adamw: dict = field(default_factory=dict)   # AdamW options: fused on CUDA, foreach elsewhere
 
 
 def init_distributed_mode(device: str = "cuda") -> tuple:
@@ -255,7 +256,12 @@ def init_run(args) -> RunContext:
            + (f", {world} processes" if world > 1 else ""))
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device_type, dtype=dtype)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16 and device_type == "cuda"))
-    return RunContext(args.device, device_type, rank, local_rank, world, world > 1, autocast, scaler, dtype)
+    # AdamW: the fused kernel on CUDA (one pass over the parameters; FSDP's sharded ones keep the default), the
+    # multi-tensor one elsewhere (on CPU it takes the single-tensor AdamW's steps bit for bit, the fused kernel
+    # differs from it in the last bit: tests/test_output_loss.py)
+    fused = device_type == "cuda" and not (world > 1 and getattr(args, "fsdp", 0))
+    return RunContext(args.device, device_type, rank, local_rank, world, world > 1, autocast, scaler, dtype,
+                      {"fused": True} if fused else {"foreach": True})
 
 
 # ---- 2. config and resume state ----
