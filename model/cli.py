@@ -13,6 +13,7 @@ wrapper and the model flags. Imports nothing from this project, so serving never
     files say while a typed value never does.
 """
 import argparse
+import gc
 import os
 import sys
 
@@ -38,6 +39,11 @@ def cli(main) -> None:
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(err.exit_code if isinstance(err, CLIError) else 2) from None
+    if getattr(main, "__module__", None) == "__main__":
+        # the script's process ends now: the garbage collector's last passes over everything torch and
+        # transformers imported took ~1.2 s of every run's exit on 2 cores; frozen objects are left to the
+        # exit itself (atexit handlers still run, files are still flushed and closed)
+        gc.freeze()
 
 
 def one_line(err: BaseException) -> str:
