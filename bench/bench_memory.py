@@ -62,7 +62,7 @@ def activation_bytes_per_token(cfg: MiniMindConfig) -> int:
     """Bytes saved for backward per token under bf16 autocast (SDPA attention, dropout 0), read off the
     model code op by op. Per decoder layer, with H = hidden, I = intermediate, Q = heads x head_dim,
     K = kv heads x head_dim:
-      each RMSNorm keeps its fp32 input, normalised output and rsqrt    2 x (8H + 4)
+      each RMSNorm keeps its fp32 input (its backward recomputes the rest)   2 x 4H
       autocast casts the norm output to bf16 once per Linear it feeds   q,k,v: 6H   gate,up: 4H
       SDPA keeps q, k, v, its output (bf16; o_proj's input is a view    4Q + 4K + 4 x heads
       of it) and the fp32 logsumexp
@@ -70,11 +70,11 @@ def activation_bytes_per_token(cfg: MiniMindConfig) -> int:
     MoE: the SwiGLU part and its input casts (4H + 8I) once per routed slot (top-k) and shared expert,
     the bf16 expert outputs before and after weighting (4H per slot), the gate's bf16 input (2H) and
     scores (~4 x experts), and three int64 index vectors per slot (24 x top-k).
-    Outside the layers: the final norm (8H + 4), lm_head's bf16 input (2H), the fp32 log-softmax over
+    Outside the layers: the final norm (4H), lm_head's bf16 input (2H), the fp32 log-softmax over
     the vocabulary in the loss (4V), token and target indices and the loss mask (17)."""
     h, inter, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, k = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    norm = 8 * h + 4
+    norm = 4 * h
     attention = norm + 6 * h + 4 * q + 4 * k + 4 * cfg.num_attention_heads
     swiglu = 4 * h + 8 * inter
     if cfg.use_moe:
