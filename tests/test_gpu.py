@@ -47,13 +47,26 @@ def test_fp16_grad_scaler_steps_and_resumes(tmp_path):
 def test_packed_sft_on_cuda_matches_the_cpu_loss(tmp_path):
     """The same packed batches on CUDA (fp32) and CPU give the same first losses."""
     data = write_tiny_corpus(tmp_path / "data", n=64)
-    for device in ("cpu", "cuda"):
-        args = tiny_train_args(tmp_path / device, data["sft"], max_steps=3, dtype="float32", packing=1)
+    for device in ("cpu", "cuda"):    # from random weights: the test writes no pretrain weight to start from
+        args = tiny_train_args(tmp_path / device, data["sft"], max_steps=3, dtype="float32", packing=1,
+                               from_weight="none")
         if device == "cuda":
             args = [a if a != "cpu" else "cuda:0" for a in args]
         train_full_sft.main(args)
     cpu, cuda = (metrics(tmp_path / d, "full_sft_64") for d in ("cpu", "cuda"))
     assert [round(r["loss"], 3) for r in cpu] == [round(r["loss"], 3) for r in cuda]
+
+
+def test_adamw_is_fused_on_cuda():
+    from types import SimpleNamespace
+
+    from trainer.core.stage import init_run
+    run = init_run(SimpleNamespace(device="cuda:0", dtype="auto", seed=42, fsdp=0))
+    assert run.adamw == {"fused": True}
+    param = torch.nn.Parameter(torch.ones(3, device="cuda"))
+    param.grad = torch.ones_like(param)
+    torch.optim.AdamW([param], lr=0.1, **run.adamw).step()
+    assert torch.allclose(param.detach().cpu(), torch.full((3,), 0.899), atol=1e-5)   # decay 1e-3, then -lr
 
 
 def test_compile_on_cuda(tmp_path):
