@@ -39,7 +39,9 @@ def cli(main) -> None:
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(err.exit_code if isinstance(err, CLIError) else 2) from None
-    if getattr(main, "__module__", None) == "__main__":
+    code = getattr(main, "__code__", None)
+    if getattr(main, "__module__", None) == "__main__" and code is not None and sys.argv and \
+            os.path.realpath(sys.argv[0]) == os.path.realpath(code.co_filename):
         # the script's process ends now: the garbage collector's last passes over everything torch and
         # transformers imported took ~1.2 s of every run's exit on 2 cores; frozen objects are left to the
         # exit itself (atexit handlers still run, files are still flushed and closed)

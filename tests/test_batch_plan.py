@@ -181,8 +181,8 @@ def test_one_loader_with_persistent_workers_serves_every_epoch(tmp_path, tokeniz
 
 def test_on_cpu_a_packed_micro_batch_is_one_row_without_padding(tmp_path, tokenizer):
     """On CPU attention runs sample by sample, so the collate puts the whole micro-batch end to end in one row
-    (no padding, same samples and supervised positions); on CUDA, with fixed shapes or --batch_unit rows, rows
-    stay max_seq_len - 1 wide."""
+    (no padding, same samples and supervised positions); on CUDA, with fixed shapes, --batch_unit rows or MoE
+    (its per-sequence aux loss), rows stay max_seq_len - 1 wide."""
     data = write_tiny_corpus(tmp_path / "data", n=16)
     ds = SFTDataset(data["sft"], tokenizer, max_length=64)
     samples = [ds[i] for i in range(8)]
@@ -194,5 +194,5 @@ def test_on_cpu_a_packed_micro_batch_is_one_row_without_padding(tmp_path, tokeni
     rows = PackRows(63, 8)(samples)
     assert batch["loss_tokens"] == rows["loss_tokens"] and batch["tokens"] == rows["tokens"]
     for flags in (dict(device="cuda:0"), dict(device="cpu", use_compile=1), dict(device="cpu", pad_to_max=1),
-                  dict(device="cpu", batch_unit="rows")):
+                  dict(device="cpu", batch_unit="rows"), dict(device="cpu", use_moe=1)):
         assert not supervised_collate(plan_args(tmp_path, packing=1, **flags)).one_row, flags

@@ -23,10 +23,10 @@ def test_no_command_accepts_abbreviated_flags():
     assert not offenders, offenders
 
 
-def test_cli_freezes_the_collector_only_when_a_script_ends():
-    """A script's `cli(main)` (main defined in __main__) ends with gc.freeze(): the exit skips the collector's
-    last passes over torch/transformers (~1.2 s a run) while atexit handlers and file closing still happen; a
-    caller in another module (tests, other entry points calling cli) keeps its collector as it was."""
+def test_cli_freezes_the_collector_only_when_a_script_ends(tmp_path):
+    """A script's `cli(main)` (main defined in the file run as __main__) ends with gc.freeze(): the exit skips the
+    collector's last passes over torch/transformers (~1.2 s a run) while atexit handlers and file closing still
+    happen; a caller in another module (tests, code running a script in-process) keeps its collector."""
     import gc
     import subprocess
     import sys
@@ -35,8 +35,11 @@ def test_cli_freezes_the_collector_only_when_a_script_ends():
     before = gc.get_freeze_count()
     cli(lambda: None)
     assert gc.get_freeze_count() == before
-    code = ("import atexit, gc; from model.cli import cli\n"
-            "def main():\n    atexit.register(lambda: print('atexit ran', flush=True))\n"
-            "cli(main); print('frozen', gc.get_freeze_count() > 0, flush=True)")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    script = tmp_path / "script.py"
+    script.write_text(f"import atexit, gc, sys; sys.path.insert(0, {str(ROOT)!r}); from model.cli import cli\n"
+                      "def main():\n    atexit.register(lambda: print('atexit ran', flush=True))\n"
+                      "cli(main); print('frozen', gc.get_freeze_count() > 0, flush=True)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["frozen", "True", "atexit", "ran"], done.stderr
+    done = subprocess.run([sys.executable, "-c", script.read_text()], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["frozen", "False", "atexit", "ran"], done.stderr     # not a script file

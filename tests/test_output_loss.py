@@ -150,3 +150,19 @@ def test_stage_adamw_options_take_the_default_adamws_steps_on_cpu():
             opt.step()
         weights.append(params)
     assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+def test_a_resumed_optimizer_keeps_this_runs_adamw_kernel():
+    """A resume file's param groups carry the flags of the run that wrote it (e.g. fused=True from CUDA);
+    restore keeps this run's choice (run.adamw), so a CPU run resumed from a CUDA file stays on foreach."""
+    from trainer.core.stage import load_optimizer_state
+    param = torch.nn.Parameter(torch.ones(4))
+    param.grad = torch.ones(4)
+    written = torch.optim.AdamW([param], lr=0.1, fused=True)
+    written.step()
+    state = written.state_dict()
+    assert state["param_groups"][0]["fused"] is True
+    resumed = torch.optim.AdamW([param], lr=0.1, foreach=True)
+    load_optimizer_state(resumed, state)
+    group = resumed.param_groups[0]
+    assert group["foreach"] is True and not group["fused"] and int(resumed.state[param]["step"]) == 1

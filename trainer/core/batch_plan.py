@@ -178,7 +178,9 @@ def supervised_collate(args, pad_id: int = 0):
     if getattr(args, "packing", 0):
         # on CPU the model attends sample by sample (model_minimind.use_packed_spans), so a row's width costs
         # nothing and the micro-batch is one row without padding; elsewhere rows are max_seq_len - 1 wide
-        one_row = "cpu" in str(getattr(args, "device", "")) and getattr(args, "batch_unit", "samples") == "samples"
+        # (not for MoE: its per-sequence load-balancing loss would then see one sequence per micro-batch)
+        one_row = "cpu" in str(getattr(args, "device", "")) and getattr(args, "batch_unit", "samples") == "samples" \
+            and not getattr(args, "use_moe", 0)
         return PackRows(args.max_seq_len - 1, args.batch_size, static, pad_id, one_row)
     return PadRows(args.max_seq_len - 1 if static else None, pad_id)
 

@@ -396,16 +396,27 @@ def check_family(path, lm_config) -> None:
 
 
 # ---- 6. resume ----
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, keeping this run's kernel choice (fused / foreach, run.adamw): a saved param
+    group carries the flags of the run that wrote it (a CUDA file's fused=True would run the CPU fused kernel)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for flag in ("fused", "foreach"):
+            if flag in optimizer.defaults:
+                group[flag] = optimizer.defaults[flag]
+
+
 def restore(ckp, model, optimizer, scaler=None, **extra) -> ResumePoint:
     """6. load model/optimizer/scaler (and any extra state_dict holders) from a resume dict."""
     if ckp is None:
         return ResumePoint()
     try:
         model.load_state_dict(ckp["model"])
-        optimizer.load_state_dict(ckp["optimizer"])
+        load_optimizer_state(optimizer, ckp["optimizer"])
         for key, holder in extra.items():
             if ckp.get(key) is not None:
-                holder.load_state_dict(ckp[key])
+                (load_optimizer_state if isinstance(holder, torch.optim.Optimizer) else type(holder).load_state_dict)(
+                    holder, ckp[key])
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0]
         raise ValueError(f"the resume file does not fit this run ({first[:200]}); was it written with other "
