@@ -43,7 +43,7 @@ def cli(main) -> None:
     if getattr(main, "__module__", None) == "__main__" and code is not None and sys.argv and \
             os.path.realpath(sys.argv[0]) == os.path.realpath(code.co_filename):
         # the script's process ends now: the garbage collector's last passes over everything torch and
-        # transformers imported took ~1.2 s of every run's exit on 2 cores; frozen objects are left to the
+        # transformers imported took about a second of every run's exit on 2 cores (bench_cpu_step.py); frozen objects are left to the
         # exit itself (atexit handlers still run, files are still flushed and closed)
         gc.freeze()
 

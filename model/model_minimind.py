@@ -192,9 +192,9 @@ def rms_norm(x, weight, eps, scale_in_float32):
 
 
 class _RMSNormWithBackward(torch.autograd.Function):
-    """rms_norm's forward (the same ops) with a closed-form backward: autograd's own goes through the six
-    elementwise steps one by one and took ~0.7 ms per norm of 1,700 x 128 tokens on 2 CPU cores, this ~0.2 ms.
-    With n = x r, r = (mean(x^2) + eps)^-1/2 and gn = dL/dn = g w: dL/dx = r (gn - n mean(gn n)), dL/dw = sum g n
+    """rms_norm's forward (the same ops) with a closed-form backward that needs only the input: autograd's own
+    keeps the float32 input, the normalised output and the rsqrt for its six elementwise steps (bench_memory.py
+    counts the activations saved, bench_cpu_step.py times a step with either). With n = x r, r = (mean(x^2) + eps)^-1/2 and gn = dL/dn = g w: dL/dx = r (gn - n mean(gn n)), dL/dw = sum g n
     (computed in float32; tests/test_output_loss.py compares both with autograd's)."""
 
     @staticmethod
@@ -341,8 +341,7 @@ class MiniMindCache:
 # equals `F.cross_entropy((h @ W.T).float(), targets)`, forward and backward, but works through the tokens a
 # chunk at a time and computes the gradients of h and W during the forward (the loss is a training step's
 # last op), so the (tokens x vocab) logits, their log-softmax, its gradient and the zero-filled gradient of
-# nll_loss never exist at full size (on 2 CPU cores, a 128-wide model with the 6,400-token vocabulary spent
-# about a fifth of its bf16 training step in the output layer and its loss; this takes ~40% less there).
+# nll_loss never exist at full size (bench/bench_cpu_step.py times a step with and without it).
 #
 # Precision follows autocast as the plain path does: the matmuls run in the autocast dtype (inputs cast as
 # autocast casts them), the log-softmax in float32, the gradient of the logits cast back to the matmul dtype.
@@ -446,8 +445,8 @@ def use_packed_spans(x: torch.Tensor) -> bool:
 
 def cpu_attention_in_fp32(xq: torch.Tensor) -> bool:
     """Half-precision attention that will be differentiated on CPU runs in float32: the CPU's flash-attention
-    backward in bf16 is 2-4x slower than in fp32 (AMD EPYC with avx512_bf16, torch 2.13: 1.36 ms against
-    0.33 ms for one 100-token sample, 8 heads), while q, k and v are small (tokens x hidden). Inputs are the
+    backward in bf16 is several times slower than in fp32 (bench/bench_cpu_step.py times a step with either),
+    while q, k and v are small (tokens x hidden). Inputs are the
     bf16 values autocast would have given SDPA, only the kernel's arithmetic is wider; inference keeps its dtype."""
     return xq.device.type == "cpu" and xq.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
 
@@ -488,7 +487,7 @@ class Attention(nn.Module):
             xk, xv = cache.update(xk, xv, self.layer_idx)                       # (B, KV, S, D)
         dropout_p = self.dropout if self.training else 0.0
         dtype = xq.dtype
-        if cpu_attention_in_fp32(xq):   # see there: same kernels, 2-4x faster backward than in bf16 on CPU
+        if cpu_attention_in_fp32(xq):   # see there: fp32 kernels, a faster backward on CPU
             xq, xk, xv = xq.float(), xk.float(), xv.float()
         with torch.autocast(xq.device.type, enabled=False) if dtype != xq.dtype else contextlib.nullcontext():
             out = self.attend(xq, xk, xv, attn_mask, seq_len, dropout_p)

@@ -25,7 +25,7 @@ def test_no_command_accepts_abbreviated_flags():
 
 def test_cli_freezes_the_collector_only_when_a_script_ends(tmp_path):
     """A script's `cli(main)` (main defined in the file run as __main__) ends with gc.freeze(): the exit skips the
-    collector's last passes over torch/transformers (~1.2 s a run) while atexit handlers and file closing still
+    collector's last passes over torch/transformers (about a second a run) while atexit handlers and file closing still
     happen; a caller in another module (tests, code running a script in-process) keeps its collector."""
     import gc
     import subprocess

@@ -166,3 +166,14 @@ def test_a_resumed_optimizer_keeps_this_runs_adamw_kernel():
     load_optimizer_state(resumed, state)
     group = resumed.param_groups[0]
     assert group["foreach"] is True and not group["fused"] and int(resumed.state[param]["step"]) == 1
+
+
+def test_bench_cpu_step_times_every_variant(capsys):
+    """bench/bench_cpu_step.py: one row per variant; only the rows layout computes padding positions."""
+    from bench import bench_cpu_step
+    bench_cpu_step.main(["--hidden_size", "64", "--num_hidden_layers", "2", "--steps", "2", "--exit", "0"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [r[0].strip("| ") for r in rows] == ["all paths (default)", "attention in the autocast dtype",
+                                               "logits + F.cross_entropy", "autograd RMSNorm backward",
+                                               "rows of max_seq_len - 1"]
+    assert [r[3] for r in rows][:4] == ["1.00"] * 4 and float(rows[4][3]) > 1.0 and rows[0][4] == "1.00x |"

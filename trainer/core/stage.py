@@ -414,9 +414,10 @@ def restore(ckp, model, optimizer, scaler=None, **extra) -> ResumePoint:
         model.load_state_dict(ckp["model"])
         load_optimizer_state(optimizer, ckp["optimizer"])
         for key, holder in extra.items():
-            if ckp.get(key) is not None:
-                (load_optimizer_state if isinstance(holder, torch.optim.Optimizer) else type(holder).load_state_dict)(
-                    holder, ckp[key])
+            if ckp.get(key) is not None and isinstance(holder, torch.optim.Optimizer):
+                load_optimizer_state(holder, ckp[key])
+            elif ckp.get(key) is not None:
+                holder.load_state_dict(ckp[key])
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0]
         raise ValueError(f"the resume file does not fit this run ({first[:200]}); was it written with other "
