@@ -105,6 +105,7 @@ def test_one_process_fallbacks():
     assert float(torch.stack([p.grad.norm() for p in model.parameters()]).norm()) == pytest.approx(1e-3, rel=1e-3)
 
 
+@pytest.mark.slow   # 20+ s; the driver tests above keep FSDP = one process and resume equality in the default suite
 def test_fsdp_flag_in_a_stage_equals_ddp_and_resumes_exactly(tmp_path):
     """`torchrun --nproc_per_node 2 trainer/train_full_sft.py --fsdp 1` (the README command, tiny): the same weights
     as the DDP run of the same flags (fp32 tolerance), an interrupted and resumed FSDP run equal to the uninterrupted
