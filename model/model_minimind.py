@@ -691,6 +691,12 @@ class MiniMindModel(nn.Module):
         past_len = cache.get_seq_length() if cache is not None else 0
         total = past_len + seq_len
 
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # a ready (B, 1, T, S) bool mask, True = may attend, with position_ids given: used as is, no host sync
+            # (the engine's static decode step, which a CUDA graph replays)
+            if position_ids is None or attention_mask.dtype != torch.bool:
+                raise ValueError("a 4D attention_mask must be bool (True = may attend) and come with position_ids")
+            return self.run_layers(input_ids, position_ids, attention_mask, cache, use_cache)
         padded = attention_mask is not None and not bool(attention_mask[:, -total:].all())
         # packed rows (several samples per row, transformers' "position_ids packing"): positions restart at 0
         # at each sample's first token, and each sample attends only to itself
@@ -701,8 +707,6 @@ class MiniMindModel(nn.Module):
                 position_ids = (attention_mask[:, -total:].long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
             else:
                 position_ids = torch.arange(past_len, total, device=input_ids.device).unsqueeze(0)
-        position_embeddings = (self.freqs_cos[position_ids], self.freqs_sin[position_ids])  # (B|1, T, D)
-
         attn_mask = None
         if padded:
             q_pos = torch.arange(past_len, total, device=input_ids.device)
@@ -720,6 +724,10 @@ class MiniMindModel(nn.Module):
             q_pos = torch.arange(past_len, total, device=input_ids.device)
             attn_mask = (torch.arange(total, device=input_ids.device)[None, :] <= q_pos[:, None])[None, None]
 
+        return self.run_layers(input_ids, position_ids, attn_mask, cache, use_cache)
+
+    def run_layers(self, input_ids, position_ids, attn_mask, cache, use_cache):
+        position_embeddings = (self.freqs_cos[position_ids], self.freqs_sin[position_ids])  # (B|1, T, D)
         hidden_states = self.dropout(self.embed_tokens(input_ids))
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, attn_mask, cache)
