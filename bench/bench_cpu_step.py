@@ -14,6 +14,7 @@ Samples: lengths drawn log-normal (median --median_len tokens, capped at max_seq
   attention in the autocast dtype   cpu_attention_in_fp32 off
   logits + F.cross_entropy       the model returns the logits and the loss is taken from them
   autograd RMSNorm backward      RMSNorm through autograd's elementwise steps
+  RMSNorm out in float32         the norm's result in float32, each projection casting it (as the original)
   rows of max_seq_len - 1        best-fit rows padded to max_seq_len - 1 (the layout of accelerators)
 Also the exit of a process that imported the training library, with and without the gc.freeze() that
 cli(main) ends with. Prints markdown tables; writes nothing.
@@ -63,8 +64,16 @@ def main(argv=None):
     one_row = PackRows(args.max_seq_len - 1, args.batch_size, one_row=True)
     rows = PackRows(args.max_seq_len - 1, args.batch_size)
     plain_norm = lambda self, x: mm.rms_norm(x, self.weight, self.eps, self.scale_in_float32)
+    real_rms_norm = mm.rms_norm
+    no_autocast = torch.autocast("cpu", enabled=False)        # rms_norm's last cast is the only autocast-aware step
+
+    def float32_norm(x, weight, eps, scale_in_float32):
+        with no_autocast:
+            return real_rms_norm(x, weight, eps, scale_in_float32)
+
     variants = {"all paths (default)": {}, "attention in the autocast dtype": {"attention": True},
                 "logits + F.cross_entropy": {"logits": True}, "autograd RMSNorm backward": {"norm": True},
+                "RMSNorm out in float32": {"norm32": True},
                 "rows of max_seq_len - 1": {"rows": True}}
     times = {name: [] for name in variants}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
@@ -76,6 +85,7 @@ def main(argv=None):
             batch = (rows if off.get("rows") else one_row)(step)
             with mock.patch.object(mm, "cpu_attention_in_fp32", lambda xq: False) if off.get("attention") else \
                     nullcontext(), mock.patch.object(mm.RMSNorm, "forward", plain_norm) if off.get("norm") else \
+                    nullcontext(), mock.patch.object(mm, "rms_norm", float32_norm) if off.get("norm32") else \
                     nullcontext():
                 t0 = time.perf_counter()
                 at = batch["loss_at"]

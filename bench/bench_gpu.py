@@ -14,9 +14,12 @@ cannot eat the rest; a part out of time prints "timed out" in its cells):
             runs it), ours at default flags, ours --use_compile 1. Timestamped progress lines give the
             steady samples/s (after the first --warmup_frac of the epoch) and ms per step; MFU = 6 x active
             params x samples/s x mean tokens per sample / peak (the same formula for every run); compile s =
-            the compiled run's time to its first steady line minus the eager run's; epoch wall = process
+            the compile seconds the compiled run reports (one line per new batch shape; also taken out of its
+            steady rate); epoch wall = process
             start to exit; held-out CE = bench_realtext.py's evaluator (fp32, this repo's model code) on the
             saved weight
+  mfu       ours on MiniMind2 104M (--mfu_model 768x16) at --mfu_batch 64, --max_seq_len: eager and --use_compile 1
+            (with --compile 1), --mfu_steps micro-batches each; steady samples/s, MFU, compile s, compiled / eager
   decode    greedy decoding of random fp32 weights (the original loads ours strict), prompt --prompt_len,
             --new_tokens new tokens, batch 1 and 16: the original's model.generate, ours, our engine (the
             server's); end-to-end tokens/s (prefill included) and whether the tokens equal ours/original
@@ -95,16 +98,19 @@ def run_timed(cmd, cwd, env, timeout: float, logfile: Path) -> dict:
                             stderr=subprocess.STDOUT, text=True)
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
-    lines = []
+    lines, compiles = [], []
     with open(logfile, "w") as f:
         for line in proc.stdout:
             f.write(line)
             if line.startswith("Epoch:["):
                 lines.append((time.time(), line))
+            elif (m := re.match(r"torch\.compile: a new batch shape .* compiled in ([\d.]+) s", line)):
+                compiles.append((time.time(), float(m.group(1))))
     rc = proc.wait()
     timed_out = not timer.is_alive()
     timer.cancel()
-    return dict(start=t0, end=time.time(), lines=lines, rc=None if timed_out else rc, log=logfile)
+    return dict(start=t0, end=time.time(), lines=lines, compiles=compiles, rc=None if timed_out else rc,
+                log=logfile)
 
 
 # ---- the device ----
@@ -172,8 +178,8 @@ def train_flags(args, data: Path, out: Path) -> list:
             "--log_interval", str(args.log_interval)]
 
 
-def train_run(name, args, data, tmp, timeout) -> dict:
-    """One epoch of one run -> its timings and saved weight."""
+def train_run(name, args, data, tmp, timeout, extra=()) -> dict:
+    """One epoch of one run (or --max_steps in `extra`) -> its timings and saved weight."""
     work = tmp / re.sub(r"[^a-z0-9]+", "-", name)
     out = work / "out"
     env = {**os.environ, "MINIMIND_CACHE": str(tmp / "cache")}
@@ -187,7 +193,7 @@ def train_run(name, args, data, tmp, timeout) -> dict:
     else:
         cmd = [sys.executable, str(ROOT / "trainer" / "train_pretrain.py"), *train_flags(args, data, out),
                "--tokenizer_path", str(args.tokenizer_dir), "--checkpoint_dir", str(work / "checkpoints"),
-               "--save_interval", "1000000"]
+               "--save_interval", "1000000", *extra]
         if "compile" in name:
             cmd += ["--use_compile", "1"]
         cwd = ROOT
@@ -198,15 +204,18 @@ def train_run(name, args, data, tmp, timeout) -> dict:
 
 
 def steady(r, args) -> dict:
-    """Samples/s and ms per micro-batch between the first progress line past --warmup_frac and the last."""
+    """Samples/s and ms per micro-batch between the first progress line past --warmup_frac and the last, less
+    the compile seconds our trainer reports in between (a new batch shape late in the epoch); compile_s = all
+    the compile seconds it reported."""
     pts = [(t, *map(int, re.search(r"\((\d+)/(\d+)\)", line).groups())) for t, line in r["lines"]]
     if len(pts) < 2:
         return {}
     total = pts[-1][2]
     first = next((p for p in pts if p[1] > args.warmup_frac * total and p is not pts[-1]), pts[-2])
-    steps, seconds = pts[-1][1] - first[1], pts[-1][0] - first[0]
+    compiling = sum(s for t, s in r.get("compiles", []) if first[0] < t <= pts[-1][0])
+    steps, seconds = pts[-1][1] - first[1], pts[-1][0] - first[0] - compiling
     return dict(samples_s=steps * args.batch_size / seconds, step_ms=1000 * seconds / steps,
-                to_steady=first[0] - r["start"], steps=total)
+                to_steady=first[0] - r["start"], steps=total, compile_s=sum(s for _, s in r.get("compiles", [])))
 
 
 def mean_tokens(lines, args) -> float:
@@ -214,6 +223,20 @@ def mean_tokens(lines, args) -> float:
     tok = AutoTokenizer.from_pretrained(str(args.tokenizer_dir))
     sample = lines[:2000]
     return sum(min(len(tok(s, add_special_tokens=False).input_ids) + 2, args.max_seq_len) for s in sample) / len(sample)
+
+
+def mfu_part(args, data, tmp, timeout) -> dict:
+    """Ours on the larger model (--mfu_model, --mfu_batch), eager then --use_compile 1, --mfu_steps each."""
+    hidden, layers = args.mfu_model.split("x")
+    sized = SimpleNamespace(**{**vars(args), "hidden_size": int(hidden), "num_hidden_layers": int(layers),
+                               "batch_size": args.mfu_batch})
+    runs = {}
+    names = [f"ours {args.mfu_model} (default flags)"] + ([f"ours {args.mfu_model} --use_compile 1"] if args.compile
+                                                         else [])
+    for name in names:
+        log(f"... MFU: {name}")
+        runs[name] = train_run(name, sized, data, tmp, timeout / 2, extra=("--max_steps", str(args.mfu_steps)))
+    return runs
 
 
 # ---- decoding ----
@@ -300,6 +323,10 @@ def main(argv=None):
     p.add_argument("--log_interval", type=int, default=10)
     p.add_argument("--warmup_frac", type=float, default=0.2, help="the epoch's share before the steady window")
     p.add_argument("--compile", type=int, default=1, choices=[0, 1], help="1 = a run with --use_compile 1")
+    p.add_argument("--mfu_model", default="768x16", help="the MFU part: this model (hidden x layers; '' = skip), "
+                   "ours eager and --use_compile 1, --mfu_batch samples, --mfu_steps micro-batches")
+    p.add_argument("--mfu_batch", type=int, default=64)
+    p.add_argument("--mfu_steps", type=int, default=80)
     p.add_argument("--batch_sizes", default="1,16")
     p.add_argument("--prompt_len", type=int, default=32)
     p.add_argument("--new_tokens", type=int, default=256)
@@ -310,7 +337,7 @@ def main(argv=None):
         given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
         smoke = dict(device="cpu", hidden_size=64, num_hidden_layers=2, max_seq_len=64, batch_size=8,
                      learning_rate=2e-3, train_lines=120, heldout_lines=40, log_interval=2, compile=0,
-                     new_tokens=8, repeats=1, budget_s=120)
+                     new_tokens=8, repeats=1, budget_s=120, mfu_model="64x2", mfu_batch=8, mfu_steps=8)
         for k, v in smoke.items():
             if f"--{k}" not in given:
                 setattr(args, k, v)
@@ -353,9 +380,10 @@ def main(argv=None):
         runs = (["original (fa82707)"] if have_original else []) + ["ours (default flags)"] + \
             (["ours --use_compile 1"] if args.compile else [])
         results = {}
-        for name in runs:                         # the training parts share 75% of the budget
+        for name in runs:                         # the training parts share 60% of the budget
             log(f"... training: {name}")
-            results[name] = train_run(name, args, data, tmp, left(0.75 / len(runs)))
+            results[name] = train_run(name, args, data, tmp, left(0.6 / len(runs)))
+        mfu_runs = mfu_part(args, data, tmp, left(0.15)) if args.mfu_model else {}
         evaluator = Evaluator(SimpleNamespace(original_dir=args.tokenizer_dir.parent, max_seq_len=args.max_seq_len,
                                               hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers),
                               {"held-out": held})
@@ -376,7 +404,7 @@ def main(argv=None):
                 log(f"| {name} | {why} | - | - | - | - | - | - |")
                 continue
             mfu = 6 * active * s["samples_s"] * per_sample / peak if peak else 0
-            comp = f"{s['to_steady'] - eager['to_steady']:.1f}" if "compile" in name and eager else "-"
+            comp = f"{s['compile_s']:.1f}" if "compile" in name else "-"
             try:
                 ce = f"{evaluator(r['weight'])['held-out']:.4f}"
             except Exception as e:       # noqa: BLE001 -- a missing or unreadable weight is one cell, not the bench
@@ -384,6 +412,26 @@ def main(argv=None):
             vs = f"{s['samples_s'] / base:.2f}x" if base else "-"
             log(f"| {name} | {s['samples_s']:,.1f} | {s['step_ms']:.1f} | {100 * mfu:.1f}% | {comp} | "
                 f"{r['end'] - r['start']:.1f} | {ce} | {vs} |")
+
+        if mfu_runs:
+            hidden, layers = map(int, args.mfu_model.split("x"))
+            active_mfu = lm_config_params(MiniMindConfig(hidden_size=hidden, num_hidden_layers=layers))[1]
+            log(f"\n# MFU: ours, {args.mfu_model}, B{args.mfu_batch}, L{args.max_seq_len}, {args.mfu_steps} "
+                "micro-batches of the same text (steady window as above)")
+            log("| run | samples/s (steady) | step ms | MFU (bf16 peak) | compile s | vs eager |")
+            log("|---|---|---|---|---|---|")
+            eager_rate = None
+            for name, r in mfu_runs.items():
+                s = steady(r, SimpleNamespace(warmup_frac=args.warmup_frac, batch_size=args.mfu_batch))
+                if r["rc"] != 0 or not s:
+                    why = "timed out" if r["rc"] is None else f"exit {r['rc']} (log: {r['log']})"
+                    log(f"| {name} | {why} | - | - | - | - |")
+                    continue
+                eager_rate = eager_rate or s["samples_s"]
+                mfu = 6 * active_mfu * s["samples_s"] * per_sample / peak if peak else 0
+                comp = f"{s['compile_s']:.1f}" if "compile" in name else "-"
+                log(f"| {name} | {s['samples_s']:,.1f} | {s['step_ms']:.1f} | {100 * mfu:.1f}% | {comp} | "
+                    f"{s['samples_s'] / eager_rate:.2f}x |")
 
         log(f"\n# greedy decoding: random fp32 weights, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
             f"best of {args.repeats}")

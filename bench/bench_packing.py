@@ -95,14 +95,13 @@ def best_times(model, runs: list, repeats: int) -> dict:
     """Best-of-N seconds per layout; the layouts take turns (after one warm-up round), so that a change in the
     machine's load hits all of them alike."""
     best = {name: float("inf") for name, _, _ in runs}
-    real = model_minimind.use_packed_spans
     for round_ in range(repeats + 1):
         for name, batches, spans in runs:
-            model_minimind.use_packed_spans = real if spans else (lambda x: False)
+            model_minimind.PACKED_ATTENTION = None if spans else "mask"
             try:
                 seconds = fwd_bwd(model, batches)
             finally:
-                model_minimind.use_packed_spans = real
+                model_minimind.PACKED_ATTENTION = None
             if round_:
                 best[name] = min(best[name], seconds)
     return best

@@ -8,8 +8,9 @@
 Features of both:
 - GQA attention through F.scaled_dot_product_attention on every path (prefill, decode, padded
   batches, packed rows), with an explicit-mask reference path kept next to it (config.flash_attn=False)
-- packed rows: position_ids that restart at 0 mark sample starts; attention is then block-diagonal causal
-  (on CPU computed sample by sample, so the masked-out blocks cost nothing)
+- packed rows: position_ids that restart at 0 mark sample starts; attention is then block-diagonal causal,
+  never computing the masked-out blocks: on CPU sample by sample, on CUDA through varlen flash attention
+  (flash-attn's or torch's, bf16/fp16) or FlexAttention with a document mask (packed_kernel() picks)
 - RoPE in the half-split ("rotate half") layout, with YaRN extrapolation (config.inference_rope_scaling)
 - SwiGLU feed-forward (MiniMind2: intermediate size = 64 * ceil(int(8/3 * hidden) / 64))
 - RMSNorm computed in float32
@@ -183,12 +184,18 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm(x, weight, eps, scale_in_float32):
+    """The family's RMSNorm (mean of squares in float32). Under autocast the result leaves in autocast's dtype:
+    every consumer is a projection that autocast would cast it to that dtype anyway (q/k/v, gate/up, the
+    output layer, the MoE router), so the values they see are the same, and the float32 copy and one cast
+    per consumer are saved."""
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if scale_in_float32:  # minimind-3: scale in float32, then cast (x's dtype out, also under autocast)
-        return (weight * normed).type_as(x)
-    # MiniMind2: normalise in float32, cast back to x's dtype, then scale (the product is fp32 under autocast)
-    return weight * normed.type_as(x)
+    if scale_in_float32:  # minimind-3: scale in float32, then cast (x's dtype out)
+        out = (weight * normed).type_as(x)
+    else:                 # MiniMind2: normalise in float32, cast back to x's dtype, then scale
+        out = weight * normed.type_as(x)
+    device = x.device.type
+    return out.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else out
 
 
 class _RMSNormWithBackward(torch.autograd.Function):
@@ -411,10 +418,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk: int = CE_CHUNK) -> torch.Tensor:
-    """hidden (N, C), weight (V, C), targets (N,) int64 in [0, V) -> the mean cross-entropy (float32 scalar).
+    """hidden (N, C), weight (V, C), targets (N,) int64 in [0, V) or -100 (ignored, as F.cross_entropy's
+    ignore_index) -> the mean cross-entropy over the others (float32 scalar).
     Under autocast the matmuls run in its dtype (hidden and weight cast as autocast would cast them)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    if bool((targets < 0).any()):       # ignore_index -100 (a fixed-shape batch): the mean over the others
+        keep = targets >= 0
+        hidden, targets = hidden[keep], targets[keep]
     if hidden.shape[0] == 0 or not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         with torch.autocast(device, enabled=False):   # nothing to save: the plain computation
             return F.cross_entropy((hidden.to(dtype) @ weight.to(dtype).t()).float(), targets)
@@ -437,10 +448,140 @@ def packed_spans(position_ids: torch.Tensor, bsz: int) -> PackedSpans:
     return PackedSpans(tuple(zip(c, c[1:] + [seq_len])) for c in cuts)
 
 
-def use_packed_spans(x: torch.Tensor) -> bool:
-    """Sample-by-sample attention pays off on CPU, where a kernel call is cheap; accelerators (many small
-    launches, a host sync) and torch.compile (a graph per span layout) keep the block-diagonal mask."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+PACKED_ATTENTION = None   # None = packed_kernel() decides; "spans", "varlen", "flex" or "mask" force one (tests)
+
+
+def _find_varlen_kernel():
+    """("flash_attn", flash_attn_varlen_func) when the flash-attn package is installed, else ("torch",
+    torch.nn.attention.varlen.varlen_attn) where this torch has it, else None. Both run flash attention over
+    concatenated sequences (cu_seqlens), CUDA and fp16/bf16 only."""
+    import importlib.util
+    if importlib.util.find_spec("flash_attn") is not None:
+        try:
+            from flash_attn import flash_attn_varlen_func
+            return "flash_attn", flash_attn_varlen_func
+        except Exception:     # built for another torch or CUDA: torch's own kernel then
+            pass
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+        return "torch", varlen_attn
+    except ImportError:
+        return None
+
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask as _create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+    _FLEX = (_flex_attention, _create_block_mask)
+except ImportError:   # pragma: no cover - torch < 2.5
+    _FLEX = None
+_VARLEN = _find_varlen_kernel()      # found at import: the forward (which torch.compile traces) only reads them
+
+
+def varlen_kernel():
+    """The varlen flash-attention kernel, (kind, function), or None (see _find_varlen_kernel)."""
+    return _VARLEN
+
+
+def flex_kernel():
+    """(flex_attention, create_block_mask), or None on a torch without FlexAttention."""
+    return _FLEX
+
+
+def packed_kernel(x: torch.Tensor, dtype: torch.dtype, dropout: float) -> str:
+    """How packed rows attend. CPU: "spans" (sample by sample; a kernel call is cheap there), or "mask" under
+    torch.compile. CUDA: "varlen" for fp16/bf16 (flash attention over the concatenated samples), else "flex"
+    (FlexAttention with a document mask: any dtype); "mask" (a dense block-diagonal mask, SDPA's math kernel)
+    only with attention dropout, on other accelerators (MPS) or on a torch that has neither. None of the fused
+    ones computes the cross-sample blocks."""
+    if PACKED_ATTENTION is not None:
+        return PACKED_ATTENTION
+    if x.device.type == "cpu":
+        return "mask" if torch.compiler.is_compiling() else "spans"
+    if x.device.type != "cuda" or dropout > 0:
+        return "mask"
+    if dtype in (torch.float16, torch.bfloat16) and varlen_kernel() is not None:
+        return "varlen"
+    return "flex" if flex_kernel() is not None else "mask"
+
+
+class DocumentMask:
+    """The attention "mask" of packed rows for a fused kernel. Samples start where position_ids restart at 0
+    (and at every row's first column). "varlen": cu_seqlens (int32, the start of each sample in the flattened
+    B x T tokens, then B x T; padded to `segments` + 1 entries with empty samples, so the shape is fixed for
+    torch.compile) and max_seqlen (the row width, an upper bound). "flex": a BlockMask of "same sample and not
+    in the future". Built on the device without a host sync."""
+
+    def __init__(self, kind: str, position_ids: torch.Tensor, bsz: int, segments: int):
+        self.kind = kind
+        pos = position_ids.expand(bsz, -1)
+        seq_len = pos.shape[1]
+        starts = pos == 0
+        starts[:, 0] = True                                       # a row may also begin inside a sample
+        self.max_seqlen = seq_len
+        if kind == "varlen":
+            total = bsz * seq_len
+            first = torch.nonzero_static(starts.reshape(-1), size=segments, fill_value=total).reshape(-1)
+            self.cu_seqlens = torch.cat([first, first.new_full((1,), total)]).to(torch.int32)
+        else:
+            doc = starts.cumsum(-1)                                # (B, T): the sample of each position
+            def same_sample_causal(b, h, q, kv):
+                return (doc[b, q] == doc[b, kv]) & (q >= kv)
+            create_block_mask = flex_kernel()[1]
+            self.block_mask = create_block_mask(same_sample_causal, bsz, None, seq_len, seq_len,
+                                                device=position_ids.device)
+
+
+def packed_segments(position_ids: torch.Tensor, bsz: int, packed) -> int:
+    """The cu_seqlens capacity: `packed` when the caller counted the samples (the trainers' collate gives a
+    power of two >= the row starts plus restarts), else counted here (one host sync)."""
+    if type(packed) is int and packed > 1:
+        return packed
+    starts = position_ids.expand(bsz, -1) == 0
+    return int(starts[:, 1:].sum()) + bsz
+
+
+def varlen_attention(xq, xk, xv, mask: DocumentMask, n_rep: int) -> torch.Tensor:
+    """(N, H, D) queries and (N, KV, D) keys/values of the flattened packed rows -> (N, H, D), causal inside
+    each sample of mask.cu_seqlens."""
+    kind, fn = varlen_kernel()
+    cu, longest = mask.cu_seqlens, mask.max_seqlen
+    if kind == "flash_attn":                       # GQA natively
+        return fn(xq, xk, xv, cu, cu, longest, longest, causal=True)
+    params = _varlen_params(fn)
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}   # torch >= 2.11 / 2.10
+    if n_rep > 1:
+        if "enable_gqa" in params:
+            causal["enable_gqa"] = True
+        else:
+            xk, xv = (t.repeat_interleave(n_rep, dim=1) for t in (xk, xv))
+    return fn(xq, xk, xv, cu, cu, longest, longest, **causal)
+
+
+_VARLEN_PARAMS = {}
+
+
+def _varlen_params(fn) -> frozenset:
+    """fn's parameter names (computed once per function, before any compiled forward reads them)."""
+    if fn not in _VARLEN_PARAMS:
+        import inspect
+        _VARLEN_PARAMS[fn] = frozenset(inspect.signature(fn).parameters)
+    return _VARLEN_PARAMS[fn]
+
+
+if _VARLEN is not None and _VARLEN[0] == "torch":
+    _varlen_params(_VARLEN[1])
+
+
+_COMPILED_FLEX = {}
+
+
+def flex_attention(xq, xk, xv, mask: DocumentMask, n_rep: int) -> torch.Tensor:
+    """(B, H, T, D) / (B, KV, T, D) -> (B, H, T, D) through FlexAttention with mask.block_mask."""
+    fn = flex_kernel()[0]
+    if xq.device.type != "cpu" and not torch.compiler.is_compiling():   # eager flex is a reference loop
+        fn = _COMPILED_FLEX.setdefault("fn", torch.compile(fn))
+    return fn(xq, xk, xv, block_mask=mask.block_mask, enable_gqa=n_rep > 1)
 
 
 def cpu_attention_in_fp32(xq: torch.Tensor) -> bool:
@@ -482,6 +623,9 @@ class Attention(nn.Module):
         if self.qk_norm:
             xq, xk = self.q_norm(xq), self.k_norm(xk)
         xq, xk = apply_rotary_pos_emb(xq, xk, *position_embeddings)
+        if isinstance(attn_mask, DocumentMask) and attn_mask.kind == "varlen":   # packed rows, flattened
+            out = varlen_attention(xq.flatten(0, 1), xk.flatten(0, 1), xv.flatten(0, 1), attn_mask, self.n_rep)
+            return self.resid_dropout(self.o_proj(out.reshape(bsz, seq_len, -1)))
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, H|KV, T, D)
         if cache is not None:
             xk, xv = cache.update(xk, xv, self.layer_idx)                       # (B, KV, S, D)
@@ -505,6 +649,8 @@ class Attention(nn.Module):
                     qs[None], ks[None], vs[None], dropout_p=dropout_p, is_causal=True, enable_gqa=self.n_rep > 1)[0]
                     for qs, ks, vs in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1))], dim=1))
             out = torch.stack(rows)
+        elif isinstance(attn_mask, DocumentMask):
+            out = flex_attention(xq, xk, xv, attn_mask, self.n_rep)
         elif self.flash:
             # a plain causal mask only when the queries start at key 0; with a cache and no padding
             # a single query sees every key, otherwise the explicit mask carries causality
@@ -714,8 +860,12 @@ class MiniMindModel(nn.Module):
             causal = k_pos[None, :] <= q_pos[:, None]                              # (T, S)
             attn_mask = causal[None] & attention_mask[:, -total:].bool()[:, None, :]  # (B, T, S)
             attn_mask = (attn_mask | (k_pos[None, :] == q_pos[:, None])[None]).unsqueeze(1)  # a pad query sees itself
-        elif packed and self.config.flash_attn and use_packed_spans(input_ids):
-            attn_mask = packed_spans(position_ids, bsz)
+        elif packed and self.config.flash_attn and (kind := packed_kernel(
+                input_ids, self.attention_dtype(), self.config.dropout if self.training else 0.0)) != "mask":
+            if kind == "spans":
+                attn_mask = packed_spans(position_ids, bsz)
+            else:
+                attn_mask = DocumentMask(kind, position_ids, bsz, packed_segments(position_ids, bsz, packed))
         elif packed:  # block-diagonal causal: same sample (restart count) and not in the future
             sample = (position_ids == 0).cumsum(-1)                                   # (B|1, T)
             causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=input_ids.device).tril()
@@ -725,6 +875,11 @@ class MiniMindModel(nn.Module):
             attn_mask = (torch.arange(total, device=input_ids.device)[None, :] <= q_pos[:, None])[None, None]
 
         return self.run_layers(input_ids, position_ids, attn_mask, cache, use_cache)
+
+    def attention_dtype(self) -> torch.dtype:
+        """The dtype q, k and v reach attention in: autocast's, else the weights'."""
+        device = self.embed_tokens.weight.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.embed_tokens.weight.dtype
 
     def run_layers(self, input_ids, position_ids, attn_mask, cache, use_cache):
         position_embeddings = (self.freqs_cos[position_ids], self.freqs_sin[position_ids])  # (B|1, T, D)

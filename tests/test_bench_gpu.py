@@ -27,6 +27,10 @@ def test_steady_window_skips_the_warmup_and_reads_samples_per_second():
     assert got["samples_s"] == pytest.approx(16.0) and got["step_ms"] == pytest.approx(500.0)
     assert got["to_steady"] == pytest.approx(17.0) and got["steps"] == 10
     assert steady(dict(start=0.0, lines=lines[:1]), Namespace(warmup_frac=0.2, batch_size=8)) == {}
+    # a compile inside the window (our trainer's "compiled in 1.0 s" line at t=108) leaves the rate; all count
+    run["compiles"] = [(95.0, 4.0), (108.0, 1.0)]
+    got = steady(run, Namespace(warmup_frac=0.2, batch_size=8))
+    assert got["samples_s"] == pytest.approx(24.0) and got["compile_s"] == pytest.approx(5.0)
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """The CUDA paths of training (skipped without CUDA; run them on a GPU machine with `python -m pytest -m gpu`):
-auto precision (bf16, or fp16 with a GradScaler), packed rows on the GPU, torch.compile, and two processes
-over nccl. Each trains the tiny model for a few steps and checks what only the GPU path can get wrong."""
+auto precision (bf16, or fp16 with a GradScaler), packed rows on fused attention kernels (never SDPA's math
+kernel), RMSNorm in bf16, torch.compile with static shapes (no graph break, one graph per batch shape, CUDA
+graphs), fused AdamW, and two processes over nccl. Each checks what only the GPU path can get wrong
+(tests/test_gpu_path.py checks the same pieces on CPU where they run there)."""
 import json
 import os
 import subprocess
@@ -69,10 +71,92 @@ def test_adamw_is_fused_on_cuda():
     assert torch.allclose(param.detach().cpu(), torch.full((3,), 0.899), atol=1e-5)   # decay 1e-3, then -lr
 
 
-def test_compile_on_cuda(tmp_path):
+def test_compile_on_cuda_has_no_graph_break_and_one_graph_per_batch_shape(tmp_path, capsys):
+    """--use_compile 1: static shapes (rows of max_seq_len - 1, their count in quarters of --batch_size, the loss
+    over every position) give one graph per shape and no graph break; each compile is said and timed apart."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
     data = write_tiny_corpus(tmp_path / "data", n=64)
-    path, loss = train_pretrain.main(cuda_args(tmp_path, data["pretrain"], max_steps=5, use_compile=1))
+    path, loss = train_pretrain.main(cuda_args(tmp_path, data["pretrain"], max_steps=12, use_compile=1,
+                                               accumulation_steps=1))
+    out = capsys.readouterr().out
     assert loss == loss and not any("_orig_mod" in k for k in torch.load(path))
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    compiles = out.count("compiled in")
+    assert 1 <= compiles == counters["stats"]["unique_graphs"] <= 5      # 4 row buckets (+ a last short batch)
+    torch._dynamo.reset()
+
+
+def test_compile_reduce_overhead_trains_like_default_mode(tmp_path):
+    """--compile_mode reduce-overhead (CUDA graphs over the fixed shapes): the same first losses as mode default."""
+    data = write_tiny_corpus(tmp_path / "data", n=64)
+    losses = []
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        train_pretrain.main(cuda_args(tmp_path / mode, data["pretrain"], max_steps=6, use_compile=1,
+                                      compile_mode=mode, dtype="float32", accumulation_steps=1))
+        losses.append([round(r["loss"], 3) for r in metrics(tmp_path / mode, "pretrain_64")])
+    torch._dynamo.reset()
+    assert losses[0] == losses[1] and all(x == x for x in losses[0])
+
+
+def _packed_cuda_batch(dtype):
+    from tests.test_model import pack_rows
+    ids, pos, spans = pack_rows([[37, 110, 30, 70], [90, 130, 20]], width=320)
+    return ids.cuda(), pos.cuda(), spans
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_rows_on_cuda_use_a_fused_kernel_never_the_math_one(dtype):
+    """Packed rows on CUDA: bf16 through varlen flash attention, fp32 through FlexAttention; SDPA's math kernel
+    never runs (profiled, forward and backward), and each sample gets the logits and the gradients it gets alone
+    (dense block mask as the reference)."""
+    import model.model_minimind as mm
+    from tests.test_model import random_model
+    model = random_model(seed=7).cuda().train()
+    ids, pos, spans = _packed_cuda_batch(dtype)
+    expected = "varlen" if dtype == torch.bfloat16 and mm.varlen_kernel() else "flex"
+    assert mm.packed_kernel(ids, dtype, 0.0) == expected
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits = model(ids, position_ids=pos, packed=16).logits
+        logits.float().square().mean().backward()
+        return logits.float().detach(), [p.grad.float().clone() for p in model.parameters()]
+
+    step()                                                 # warm-up: FlexAttention compiles here
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        logits, grads = step()
+    names = {e.name for e in prof.events()}
+    assert not any("_scaled_dot_product_attention_math" in n for n in names), sorted(names)
+    if expected == "varlen":
+        assert any("flash" in n.lower() for n in names), sorted(names)
+    mm.PACKED_ATTENTION = "mask"
+    try:
+        want_logits, want_grads = step()
+    finally:
+        mm.PACKED_ATTENTION = None
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    for r, row_spans in enumerate(spans):
+        for start, sample in row_spans:
+            got, want = logits[r, start:start + len(sample)], want_logits[r, start:start + len(sample)]
+            assert (got - want).abs().max().item() <= tol * (want.abs().max().item() + 1)
+    for g, h in zip(grads, want_grads):
+        assert (g - h).abs().max().item() <= tol * (h.abs().max().item() + 1e-6)
+
+
+def test_rms_norm_leaves_in_bf16_under_cuda_autocast():
+    from tests.test_model import random_model
+    model = random_model(seed=2).cuda()
+    ids = torch.randint(3, 6400, (2, 16), device="cuda")
+    seen = []
+    model.model.layers[0].mlp.gate_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].dtype))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(ids)
+    assert seen == [torch.bfloat16]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -445,14 +445,61 @@ def pack_rows(rows, width, seed=0):
     return ids, pos, spans
 
 
-@pytest.mark.parametrize("use_spans", [True, False], ids=["sample-by-sample", "block-mask"])
+def reference_varlen(signature: str, calls: list):
+    """A CPU stand-in for a varlen flash kernel with the calling convention of `signature` ("window" = torch
+    >= 2.11's varlen_attn, "is_causal" = torch 2.10's, "flash_attn" = flash-attn's flash_attn_varlen_func):
+    causal SDPA on each cu_seqlens span of the flattened (N, H, D) tensors. Checks what a real kernel needs."""
+    import torch.nn.functional as F
+
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k, gqa):
+        assert cu_q.dtype == torch.int32 and cu_q is cu_k and max_q == max_k and int(cu_q[-1]) == q.shape[0]
+        assert (cu_q[1:] >= cu_q[:-1]).all() and max_q >= int((cu_q[1:] - cu_q[:-1]).max())
+        assert gqa or k.shape[1] == q.shape[1]
+        out = torch.empty_like(q)
+        for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            if e > s:   # the empty samples that pad cu_seqlens to a fixed length
+                out[s:e] = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
+                                                          v[s:e].transpose(0, 1), is_causal=True,
+                                                          enable_gqa=gqa).transpose(0, 1)
+        calls.append(len(cu_q) - 1)
+        return out
+
+    if signature == "window":
+        def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                        enable_gqa=False):
+            assert tuple(window_size) == (-1, 0)
+            return attend(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa)
+        return "torch", varlen_attn
+    if signature == "is_causal":
+        def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, is_causal=False):
+            assert is_causal
+            return attend(q, k, v, cu_q, cu_k, max_q, max_k, False)
+        return "torch", varlen_attn
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+        assert causal
+        return attend(q, k, v, cu_q, cu_k, max_q, max_k, True)
+    return "flash_attn", flash_attn_varlen_func
+
+
+PACKED_KERNELS = ["spans", "mask", "flex", "varlen-window", "varlen-is_causal", "varlen-flash_attn"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")     # eager FlexAttention on CPU says it is a reference loop
+@pytest.mark.parametrize("kernel", PACKED_KERNELS)
 @pytest.mark.parametrize("overrides", PACK_CONFIGS)
-def test_packed_rows_give_each_sample_its_logits_alone(overrides, use_spans, monkeypatch):
-    """Both packed paths: sample-by-sample attention (CPU) and the block-diagonal mask (CUDA, compile)."""
+def test_packed_rows_give_each_sample_its_logits_alone(overrides, kernel, monkeypatch):
+    """Every packed path gives each sample the logits it has alone: sample-by-sample attention (CPU), the dense
+    block-diagonal mask (CPU under compile; attention dropout), FlexAttention's document mask (CUDA, any
+    dtype) and varlen flash attention (CUDA, bf16/fp16) in each calling convention it has, here through a
+    reference kernel that checks the cu_seqlens it is given."""
     import model.model_minimind as mm
-    monkeypatch.setattr(mm, "use_packed_spans", lambda x, v=use_spans: v)
-    real_spans, span_calls = mm.packed_spans, []
-    monkeypatch.setattr(mm, "packed_spans", lambda *a: span_calls.append(1) or real_spans(*a))
+    calls = []
+    monkeypatch.setattr(mm, "PACKED_ATTENTION", kernel.split("-")[0])
+    if kernel.startswith("varlen"):
+        monkeypatch.setattr(mm, "varlen_kernel", lambda: reference_varlen(kernel.split("-")[1], calls))
+    real_spans = mm.packed_spans
+    monkeypatch.setattr(mm, "packed_spans", lambda *a: calls.append(1) or real_spans(*a))
     model = random_model(seed=7, **overrides)
     ids, pos, spans = pack_rows([[5, 11, 3, 7], [9, 13, 2]], width=32)
     with torch.no_grad():
@@ -465,7 +512,9 @@ def test_packed_rows_give_each_sample_its_logits_alone(overrides, use_spans, mon
                 if r == 0:
                     assert (first_row[0, start:start + len(sample)] - alone).abs().max().item() <= 1e-5
         assert torch.isfinite(together).all()                         # padding rows too
-    assert bool(span_calls) == use_spans                              # the path the case names was taken
+    assert bool(calls) == (kernel != "mask" and kernel != "flex")     # the path the case names was taken
+    if kernel.startswith("varlen"):   # 4 + 3 samples and 2 padding tails: 9 per layer and forward, counted here
+        assert calls[0] == 9
 
 
 @pytest.mark.parametrize("overrides", NO_YARN)

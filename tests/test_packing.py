@@ -63,7 +63,7 @@ def test_a_packed_epoch_trains_every_sample_once(samples):
 def test_bench_packing_times_both_packed_attention_paths(capsys):
     from bench import bench_packing
     import model.model_minimind as mm
-    real, real_spans, span_calls = mm.use_packed_spans, mm.packed_spans, []
+    real_spans, span_calls = mm.packed_spans, []
     mm.packed_spans = lambda *a: span_calls.append(1) or real_spans(*a)
     try:
         with torch.random.fork_rng():                                 # the bench seeds torch's generator
@@ -74,4 +74,4 @@ def test_bench_packing_times_both_packed_attention_paths(capsys):
     rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert rows[1:] == ["unpacked, padded", "packed, sample by sample", "packed, block mask", "packed, plain causal"]
     assert len(span_calls) == 2              # warm-up + 1 timed pass of the sample-by-sample row only, not the mask row
-    assert mm.use_packed_spans is real                                # the bench restores the model's own choice
+    assert mm.PACKED_ATTENTION is None                                # the bench restores the model's own choice

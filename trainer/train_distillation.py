@@ -47,7 +47,8 @@ def distill_step(student, teacher, batch, alpha: float, temperature: float):
     with torch.no_grad():
         teacher_logits = teacher(batch["input_ids"], **inputs).logits
     targets = batch["labels"].reshape(-1).index_select(0, at)
-    loss, ce, kd = distillation_loss(out.logits, teacher_logits, targets, torch.ones_like(targets), alpha, temperature)
+    supervised = targets >= 0                 # all of them, but with --use_compile 1 (-100 = no loss here)
+    loss, ce, kd = distillation_loss(out.logits, teacher_logits, targets, supervised, alpha, temperature)
     return loss + out.aux_loss, {"ce": ce.detach(), "distill": kd.detach(), **batch_stats(batch)}
 
 

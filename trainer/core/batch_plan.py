@@ -19,8 +19,10 @@ is rounded up to a multiple of a quarter of --batch_size (at most 4 shapes).
 of PACK_WINDOW samples) and a micro-batch is --batch_size packed rows, 2-3x more samples each: an epoch then
 has that many times fewer optimizer steps, so scale --learning_rate (or lower --batch_size) to match.
 Every collate also gives what the step needs without asking the device: "loss_at" (flat indices of the
-supervised positions), "loss_tokens" (their count), "packed" (whether a row holds several samples) and
-"samples".
+supervised positions), "loss_tokens" (their count), "packed" (0 when every row holds one sample, else the
+number of samples and row starts rounded up to a power of two: the length of the model's cu_seqlens on
+CUDA) and "samples". Under --use_compile 1 "loss_at" is every position and "labels" is -100 where no loss is
+taken (F.cross_entropy's ignore_index), so the loss, inside the compiled forward, has a fixed shape too.
 """
 import math
 from bisect import bisect_left, insort
@@ -102,8 +104,9 @@ class _Rows(Dataset):
         return [self.ds[i] for i in row]
 
 
-def _finish(batch: dict, samples: int, rows_to: int = 0) -> dict:
-    """Add the host-side facts of a supervised batch (module docstring); pad with empty rows up to `rows_to`."""
+def _finish(batch: dict, samples: int, rows_to: int = 0, full_loss: bool = False) -> dict:
+    """Add the host-side facts of a supervised batch (module docstring); pad with empty rows up to `rows_to`;
+    `full_loss`: loss_at over every position, labels -100 where loss_mask is 0 (fixed shapes for compile)."""
     extra = rows_to - batch["input_ids"].shape[0]
     if extra > 0:
         width = batch["input_ids"].shape[1]
@@ -112,9 +115,16 @@ def _finish(batch: dict, samples: int, rows_to: int = 0) -> dict:
         if "position_ids" in batch:
             batch["position_ids"] = torch.cat([batch["position_ids"], torch.arange(width).expand(extra, width)])
     pos = batch.get("position_ids")
-    batch["packed"] = pos is not None and bool((pos[:, 1:] == 0).any())
-    batch["loss_at"] = batch["loss_mask"].reshape(-1).nonzero().squeeze(1)
-    batch["loss_tokens"] = int(batch["loss_at"].numel())
+    restarts = 0 if pos is None else int((pos[:, 1:] == 0).sum())
+    batch["packed"] = 1 << (restarts + pos.shape[0] - 1).bit_length() if restarts else 0
+    mask = batch["loss_mask"].reshape(-1)
+    if full_loss:
+        batch["labels"] = batch["labels"].masked_fill(batch["loss_mask"] == 0, -100)
+        batch["loss_at"] = torch.arange(mask.numel())
+        batch["loss_tokens"] = int(mask.count_nonzero())
+    else:
+        batch["loss_at"] = mask.nonzero().squeeze(1)
+        batch["loss_tokens"] = int(batch["loss_at"].numel())
     batch["samples"] = samples
     return batch
 
@@ -129,11 +139,11 @@ class PadRows:
     """Collate: one sample per row, right-padded to the batch's longest (to max_seq_len - 1 with `width`), as
     the original. Picklable, for DataLoader workers."""
 
-    def __init__(self, width: int | None = None, pad_id: int = 0):
-        self.width, self.pad_id = width, pad_id
+    def __init__(self, width: int | None = None, pad_id: int = 0, full_loss: bool = False):
+        self.width, self.pad_id, self.full_loss = width, pad_id, full_loss
 
     def __call__(self, samples):
-        return _finish(pad_collate(samples, self.pad_id, self.width), len(samples))
+        return _finish(pad_collate(samples, self.pad_id, self.width), len(samples), full_loss=self.full_loss)
 
     def describe(self, args) -> str:
         return f"one sample per row, padded to {'max_seq_len - 1' if self.width else 'the longest in the batch'}"
@@ -142,11 +152,13 @@ class PadRows:
 class PackRows:
     """Collate: the micro-batch's samples packed into rows of `capacity` positions by best fit (longest first),
     each sample with positions from 0 and its own targets. `static`: rows `capacity` wide and their count a
-    bucket of `batch_size` (fixed shapes for torch.compile). Also takes already planned rows (--batch_unit rows)."""
+    bucket of `batch_size` (fixed shapes for torch.compile). Also takes already planned rows (--batch_unit rows).
+    `full_loss`: loss_at over every position (see _finish)."""
 
-    def __init__(self, capacity: int, batch_size: int, static: bool = False, pad_id: int = 0, one_row: bool = False):
+    def __init__(self, capacity: int, batch_size: int, static: bool = False, pad_id: int = 0, one_row: bool = False,
+                 full_loss: bool = False):
         self.capacity, self.batch_size, self.static, self.pad_id = capacity, batch_size, static, pad_id
-        self.one_row = one_row and not static
+        self.one_row, self.full_loss = one_row and not static, full_loss
 
     def __call__(self, batch):
         planned = bool(batch) and isinstance(batch[0], list)     # rows planned over the whole epoch
@@ -159,7 +171,7 @@ class PackRows:
             rows = [[batch[i] for i in row] for row in best_fit(list(range(len(batch))), lengths, self.capacity)]
         out = pack_collate(rows, self.pad_id, self.capacity if self.static else None)
         rows_to = (self.batch_size if planned else _bucket(len(rows), self.batch_size)) if self.static else 0
-        return _finish(out, sum(len(row) for row in rows), rows_to)
+        return _finish(out, sum(len(row) for row in rows), rows_to, self.full_loss)
 
     def describe(self, args) -> str:
         if args.batch_unit == "rows":
@@ -173,16 +185,18 @@ class PackRows:
 
 def supervised_collate(args, pad_id: int = 0):
     """The collate of the supervised stages: PackRows with --packing 1 (their default), else PadRows; fixed
-    shapes with --use_compile 1 or --pad_to_max 1."""
-    static = bool(getattr(args, "pad_to_max", 0) or getattr(args, "use_compile", 0))
+    shapes with --use_compile 1 or --pad_to_max 1, and with --use_compile 1 a loss over every position (-100
+    where none is taken), so that no step of the compiled model sees a new shape after the first few."""
+    compiled = bool(getattr(args, "use_compile", 0))
+    static = bool(getattr(args, "pad_to_max", 0)) or compiled
     if getattr(args, "packing", 0):
-        # on CPU the model attends sample by sample (model_minimind.use_packed_spans), so a row's width costs
+        # on CPU the model attends sample by sample (model_minimind.packed_kernel), so a row's width costs
         # nothing and the micro-batch is one row without padding; elsewhere rows are max_seq_len - 1 wide
         # (not for MoE: its per-sequence load-balancing loss would then see one sequence per micro-batch)
         one_row = "cpu" in str(getattr(args, "device", "")) and getattr(args, "batch_unit", "samples") == "samples" \
             and not getattr(args, "use_moe", 0)
-        return PackRows(args.max_seq_len - 1, args.batch_size, static, pad_id, one_row)
-    return PadRows(args.max_seq_len - 1 if static else None, pad_id)
+        return PackRows(args.max_seq_len - 1, args.batch_size, static, pad_id, one_row, full_loss=compiled)
+    return PadRows(args.max_seq_len - 1 if static else None, pad_id, full_loss=compiled)
 
 
 class BatchPlan:

@@ -43,6 +43,7 @@ import copy
 import shlex
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +142,8 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
         return out_path, float("nan")
 
     accum = args.accumulation_steps
+    cuda_graphs = getattr(args, "use_compile", 0) and getattr(args, "compile_mode", "") == "reduce-overhead" \
+        and run.device_type == "cuda"
     Logger(plan.describe())
     progress = Progress(args, lm_config, run, tracker, iters, end, done)
     saver = _Saver(run, args, raw, optimizers, schedulers, lm_config, tracker, save_fn, state, out_path)
@@ -196,9 +199,15 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
                             batch = rollout_fn(batch)
                     applied = False
                     for k in range(updates):
+                        if cuda_graphs:           # the last step's graph outputs are no longer read
+                            torch.compiler.cudagraph_mark_step_begin()
+                        graphs, started = compiled_graphs(), time.time()
                         with run.autocast_ctx:    # one region per update: autocast caches weight casts until it exits
                             loss, stats = update_fn(batch, k)
                         run.scaler.scale(loss * weight).backward()
+                        if compiled_graphs() != graphs:     # this step compiled a new shape: timed apart
+                            progress.compiled(time.time() - started, int(stats.get("tokens", 0)),
+                                              tuple(batch["input_ids"].shape) if "input_ids" in batch else ())
                         if stats.pop("skip_step", False) and boundary:
                             # an update that must not move the weights (PPO after its early stop): its backward
                             # kept every rank's DDP in step; no optimizer step (AdamW would still move them)
@@ -231,6 +240,12 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
 
 
 # ---- helpers of the loop ----
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has compiled in this process (0 without compile)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
 def unwrap(model):
     """The raw module behind DDP, FSDP and torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):

@@ -8,7 +8,8 @@ batches; eta is the whole run's (all epochs, honouring --max_steps). MFU, model 
 6 * active parameters * useful tokens/s over the device's peak: a table for common GPUs, and on CPU a short
 matmul measured at start-up, the best rate seen cached (~/.cache/minimind, or $MINIMIND_CACHE). The
 attention FLOPs (~4% of the total at 512 tokens for the 26M model) are left out, so MFU is slightly
-underestimated.
+underestimated. With --use_compile 1, a micro-batch that compiled a new shape is said on its own line with its
+compile seconds and is left out of tok/s, MFU and the ETA (the steady rate).
 """
 import json
 import os
@@ -116,6 +117,8 @@ class Progress:
         self.t0 = self.window_t = time.time()
         self.losses, self.extra, self.tokens, self.positions, self.total_tokens = [], {}, 0, 0, 0
         self.skipped = 0
+        self.compile_s = self.window_compile_s = 0.0    # steps that compiled a new shape: timed apart
+        self.window_compile_tokens, self.shapes = 0, 0
         total, active = lm_config_params(lm_config)
         self.flops_per_token = 6 * active
         self.peak = device_peak_flops(run) if is_main_process() else 0.0
@@ -132,27 +135,43 @@ class Progress:
         self.tokens += tokens
         self.total_tokens += tokens
         self.positions += int(stats.pop("positions", tokens))
-        self.losses.append(loss)
+        self.losses.append(loss.detach().clone())    # a copy: a CUDA graph's output is overwritten by its next replay
         for k, v in stats.items():
-            self.extra.setdefault(k, []).append(v.detach() if torch.is_tensor(v) else v)
+            self.extra.setdefault(k, []).append(v.detach().clone() if torch.is_tensor(v) else v)
         self.done += 1
+
+    def compiled(self, seconds: float, tokens: int, shape: tuple):
+        """A micro-batch whose forward compiled a new graph (torch.compile): its time and tokens stay out of tok/s,
+        MFU and the ETA, and the compile time is said once."""
+        self.compile_s += seconds
+        self.window_compile_s += seconds
+        self.window_compile_tokens += tokens
+        self.shapes += 1
+        Logger(f"torch.compile: a new batch shape {' x '.join(map(str, shape))} compiled in {seconds:.1f} s "
+               f"({self.shapes} so far, {self.compile_s:.1f} s in all; not counted in tok/s)")
 
     def log(self, epoch: int, step: int, lr: float) -> float:
         """Print and record the window since the last line; returns its mean loss."""
         now = time.time()
         loss = torch.stack(self.losses).float().mean().item() if self.losses else float("nan")
         world = self.run.world_size
-        tok_s = self.tokens * world / max(now - self.window_t, 1e-9)
+        steady = now - self.window_t - self.window_compile_s
+        compiling_only = self.window_compile_s > 0 and self.tokens == self.window_compile_tokens
+        tok_s = (self.tokens - self.window_compile_tokens) * world / steady if steady > 1e-6 else 0.0
         pad = 1 - self.tokens / self.positions if self.positions else 0.0
         mfu = self.flops_per_token * tok_s / world / self.peak if self.peak else None
-        eta_min = (now - self.t0) / max(self.done - self.done0, 1) * (self.end - self.done) / 60
+        eta_min = (now - self.t0 - self.compile_s) / max(self.done - self.done0, 1) * (self.end - self.done) / 60
         extra = {k: sum(float(x) for x in v) / len(v) for k, v in self.extra.items()}
         self.losses, self.extra, self.tokens, self.positions, self.window_t = [], {}, 0, 0, now
+        self.window_compile_s, self.window_compile_tokens = 0.0, 0
         extras = "".join(f" {k}:{v:.4f}" for k, v in extra.items())
         mfu_text = f" mfu:{100 * mfu:.1f}%" if mfu is not None else ""
         shown_total = min(self.iters[epoch], self.end - sum(self.iters[:epoch]))    # honours --max_steps
+        rate = "-" if compiling_only else f"{tok_s:,.0f}"     # a window of compiling steps only has no rate
+        if compiling_only:
+            mfu_text = ""
         Logger(f"Epoch:[{epoch + 1}/{self.args.epochs}]({step}/{shown_total}) loss:{loss:.4f}{extras} "
-               f"lr:{lr:.8f} tok/s:{tok_s:,.0f} pad:{100 * pad:.0f}%{mfu_text} eta:{eta_min:.1f}min")
+               f"lr:{lr:.8f} tok/s:{rate} pad:{100 * pad:.0f}%{mfu_text} eta:{eta_min:.1f}min")
         record = {"epoch": epoch + 1, "step": step, "iters": self.iters[epoch], "global_step": self.done,
                   "loss": loss, "lr": lr, "tok_s": tok_s, "pad": pad, "mfu": mfu, "eta_min": eta_min,
                   "tokens": self.total_tokens * world, "time": now, **extra}
@@ -166,7 +185,8 @@ class Progress:
     def summary(self) -> str:
         minutes = (time.time() - self.t0) / 60
         skipped = f", {self.skipped} non-finite steps skipped" if self.skipped else ""
-        return f"{self.done - self.done0} steps in {minutes:.1f} min{skipped}"
+        compiled = f" ({self.compile_s:.1f} s of it compiling {self.shapes} shapes)" if self.shapes else ""
+        return f"{self.done - self.done0} steps in {minutes:.1f} min{compiled}{skipped}"
 
 
 def lm_config_params(cfg) -> tuple[int, int]:

@@ -136,6 +136,10 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--from_dir", type=str, default=str(d["from_dir"] or ""),
                    help="where --from_weight is read (default: --save_dir)")
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many micro-batches (0 = all)")
+    p.add_argument("--compile_mode", type=str, default="default", choices=["default", "reduce-overhead",
+                                                                          "max-autotune"],
+                   help="torch.compile mode with --use_compile 1: reduce-overhead replays each step's kernels as "
+                        "CUDA graphs (the shapes are fixed under --use_compile 1), max-autotune also tunes matmuls")
     p.add_argument("--pad_to_max", type=int, default=0, choices=[0, 1],
                    help="1 = pad every row to max_seq_len like the original (0 = to the batch's longest)")
     p.add_argument("--skip_bad_lines", type=int, default=0, choices=[0, 1],
@@ -453,10 +457,15 @@ def wrap_model(model, run: RunContext, args, optimizers=(), rollouts: bool = Fal
         device_ids = [run.local_rank] if run.device_type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
     if getattr(args, "use_compile", 0) and not rollouts:
-        Logger("torch.compile: the first steps compile the model (about a minute), then run faster")
+        mode = getattr(args, "compile_mode", "default")
+        Logger(f"torch.compile (mode {mode}, static shapes): each new batch shape compiles once (at most a few: "
+               "rows of max_seq_len - 1, their count in quarters of --batch_size), timed apart from tok/s")
         if run.device_type == "cpu":   # no atomic adds in the generated kernels: reruns and resumes stay bit-exact
             import torch._inductor.config as inductor_config
             torch.use_deterministic_algorithms(True, warn_only=True)
             inductor_config.deterministic = True
-        model = torch.compile(model)
+        import torch._dynamo.config as dynamo_config
+        # the shapes: 4 row counts x a power-of-two sample count or two, and an epoch's shorter last batch
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
+        model = torch.compile(model, dynamic=False, mode=None if mode == "default" else mode)
     return model
