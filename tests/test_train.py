@@ -171,12 +171,20 @@ def test_torchrun_two_processes_on_cpu(tmp_path, packing):
 
 
 @pytest.mark.slow
-def test_compiled_run_saves_plain_keys_and_resumes_exactly(tmp_path):
+def test_compiled_run_saves_plain_keys_and_resumes_exactly(tmp_path, capsys):
     """--use_compile 1: weights and resume files carry no `_orig_mod.`, and a resumed compiled run equals the
-    uninterrupted compiled run. (slow: torch.compile on CPU takes about a minute per process)"""
+    uninterrupted compiled run; the compiled training has no graph break and compiles one graph per batch
+    shape (rows of max_seq_len - 1 in quarters of --batch_size), each said on its own line.
+    (slow: torch.compile on CPU takes about a minute per process)"""
+    from torch._dynamo.utils import counters
     data = write_tiny_corpus(tmp_path / "data", n=48)
     common = dict(use_compile=1, accumulation_steps=2, batch_size=4)
+    torch._dynamo.reset()
+    counters.clear()
     train_pretrain.main(tiny_train_args(tmp_path / "full", data["pretrain"], max_steps=6, **common))
+    out = capsys.readouterr().out
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert 1 <= out.count("compiled in") == counters["stats"]["unique_graphs"] <= 4
     train_pretrain.main(tiny_train_args(tmp_path / "cut", data["pretrain"], max_steps=4, **common))
     train_pretrain.main(tiny_train_args(tmp_path / "cut", data["pretrain"], max_steps=6, from_resume=1, **common))
     a, b = (torch.load(tmp_path / run / "out" / "pretrain_64.pth") for run in ("full", "cut"))
