@@ -533,8 +533,9 @@ class DocumentMask:
 
 
 def packed_segments(position_ids: torch.Tensor, bsz: int, packed) -> int:
-    """The cu_seqlens capacity: `packed` when the caller counted the samples (the trainers' collate gives a
-    power of two >= the row starts plus restarts), else counted here (one host sync)."""
+    """The cu_seqlens capacity: `packed` when the caller counted the samples (the trainers' collate: row starts
+    plus restarts, rounded up to a power of two under --use_compile 1 so that the shape rarely changes; the
+    extra entries are empty samples), else counted here (one host sync)."""
     if type(packed) is int and packed > 1:
         return packed
     starts = position_ids.expand(bsz, -1) == 0

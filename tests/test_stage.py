@@ -33,12 +33,12 @@ def test_masked_cross_entropy_matches_formula():
 
 @pytest.mark.parametrize("moe", [False, True])
 @pytest.mark.parametrize("stage", ["pretrain", "full_sft", "lora"])
-@pytest.mark.parametrize("full_loss", [False, True], ids=["supervised-positions", "all-positions"])
-def test_each_stage_loss_equals_the_full_logits_loss(moe, stage, full_loss):
+@pytest.mark.parametrize("compiled", [False, True], ids=["supervised-positions", "compile-all-positions"])
+def test_each_stage_loss_equals_the_full_logits_loss(moe, stage, compiled):
     """Each supervised script's loss, with logits computed only at the collate's supervised positions (loss_at)
     and the collate's packed count, gives the loss and gradients of the full logits followed by
     masked_cross_entropy (packed rows with position_ids); also with --use_compile 1's fixed-shape batch
-    (full_loss: loss_at = every position, labels -100 where no loss is taken)."""
+    (compiled: loss_at = every position, labels -100 where no loss is taken)."""
     import importlib
     from model.model_minimind import MiniMindForCausalLM
     loss_fn = {"pretrain": "pretrain_loss", "full_sft": "sft_loss", "lora": "lora_loss"}[stage]
@@ -50,10 +50,10 @@ def test_each_stage_loss_equals_the_full_logits_loss(moe, stage, full_loss):
     labels = torch.randint(0, 400, (3, 12))
     batch = _finish({"input_ids": ids, "labels": labels, "loss_mask": mask, "tokens": 36,
                      "position_ids": torch.tensor([list(range(5)) + list(range(7))] * 3)}, samples=6,
-                    full_loss=full_loss)
-    # 3 row starts + 3 restarts = 6 samples: cu_seqlens room for 8 (a power of two: few shapes under compile)
-    assert batch["packed"] == 8 and batch["loss_tokens"] == int(mask.sum())
-    assert batch["loss_at"].numel() == (36 if full_loss else int(mask.sum()))
+                    compiled=compiled)
+    # 3 row starts + 3 restarts = 6 samples; under compile room for 8 (a power of two: few shapes)
+    assert batch["packed"] == (8 if compiled else 6) and batch["loss_tokens"] == int(mask.sum())
+    assert batch["loss_at"].numel() == (36 if compiled else int(mask.sum()))
     loss, stats = loss_fn(model, batch)
     assert stats == {"tokens": 36, "positions": 36}
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)

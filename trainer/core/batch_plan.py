@@ -20,9 +20,10 @@ of PACK_WINDOW samples) and a micro-batch is --batch_size packed rows, 2-3x more
 has that many times fewer optimizer steps, so scale --learning_rate (or lower --batch_size) to match.
 Every collate also gives what the step needs without asking the device: "loss_at" (flat indices of the
 supervised positions), "loss_tokens" (their count), "packed" (0 when every row holds one sample, else the
-number of samples and row starts rounded up to a power of two: the length of the model's cu_seqlens on
-CUDA) and "samples". Under --use_compile 1 "loss_at" is every position and "labels" is -100 where no loss is
-taken (F.cross_entropy's ignore_index), so the loss, inside the compiled forward, has a fixed shape too.
+number of samples, padding tails and row starts counted: the length of the model's cu_seqlens on CUDA) and
+"samples". Under --use_compile 1 "packed" is rounded up to a power of two, "loss_at" is every position and
+"labels" is -100 where no loss is taken (F.cross_entropy's ignore_index), so the loss, inside the compiled
+forward, has a fixed shape too.
 """
 import math
 from bisect import bisect_left, insort
@@ -104,9 +105,10 @@ class _Rows(Dataset):
         return [self.ds[i] for i in row]
 
 
-def _finish(batch: dict, samples: int, rows_to: int = 0, full_loss: bool = False) -> dict:
+def _finish(batch: dict, samples: int, rows_to: int = 0, compiled: bool = False) -> dict:
     """Add the host-side facts of a supervised batch (module docstring); pad with empty rows up to `rows_to`;
-    `full_loss`: loss_at over every position, labels -100 where loss_mask is 0 (fixed shapes for compile)."""
+    `compiled` (fixed shapes for torch.compile): loss_at over every position, labels -100 where loss_mask is 0,
+    and the sample count rounded up to a power of two."""
     extra = rows_to - batch["input_ids"].shape[0]
     if extra > 0:
         width = batch["input_ids"].shape[1]
@@ -116,9 +118,10 @@ def _finish(batch: dict, samples: int, rows_to: int = 0, full_loss: bool = False
             batch["position_ids"] = torch.cat([batch["position_ids"], torch.arange(width).expand(extra, width)])
     pos = batch.get("position_ids")
     restarts = 0 if pos is None else int((pos[:, 1:] == 0).sum())
-    batch["packed"] = 1 << (restarts + pos.shape[0] - 1).bit_length() if restarts else 0
+    count = restarts + pos.shape[0] if restarts else 0
+    batch["packed"] = 1 << (count - 1).bit_length() if compiled and count else count
     mask = batch["loss_mask"].reshape(-1)
-    if full_loss:
+    if compiled:
         batch["labels"] = batch["labels"].masked_fill(batch["loss_mask"] == 0, -100)
         batch["loss_at"] = torch.arange(mask.numel())
         batch["loss_tokens"] = int(mask.count_nonzero())
@@ -139,11 +142,11 @@ class PadRows:
     """Collate: one sample per row, right-padded to the batch's longest (to max_seq_len - 1 with `width`), as
     the original. Picklable, for DataLoader workers."""
 
-    def __init__(self, width: int | None = None, pad_id: int = 0, full_loss: bool = False):
-        self.width, self.pad_id, self.full_loss = width, pad_id, full_loss
+    def __init__(self, width: int | None = None, pad_id: int = 0, compiled: bool = False):
+        self.width, self.pad_id, self.compiled = width, pad_id, compiled
 
     def __call__(self, samples):
-        return _finish(pad_collate(samples, self.pad_id, self.width), len(samples), full_loss=self.full_loss)
+        return _finish(pad_collate(samples, self.pad_id, self.width), len(samples), compiled=self.compiled)
 
     def describe(self, args) -> str:
         return f"one sample per row, padded to {'max_seq_len - 1' if self.width else 'the longest in the batch'}"
@@ -153,12 +156,12 @@ class PackRows:
     """Collate: the micro-batch's samples packed into rows of `capacity` positions by best fit (longest first),
     each sample with positions from 0 and its own targets. `static`: rows `capacity` wide and their count a
     bucket of `batch_size` (fixed shapes for torch.compile). Also takes already planned rows (--batch_unit rows).
-    `full_loss`: loss_at over every position (see _finish)."""
+    `compiled`: fixed shapes for torch.compile (see _finish)."""
 
     def __init__(self, capacity: int, batch_size: int, static: bool = False, pad_id: int = 0, one_row: bool = False,
-                 full_loss: bool = False):
+                 compiled: bool = False):
         self.capacity, self.batch_size, self.static, self.pad_id = capacity, batch_size, static, pad_id
-        self.one_row, self.full_loss = one_row and not static, full_loss
+        self.one_row, self.compiled = one_row and not static, compiled
 
     def __call__(self, batch):
         planned = bool(batch) and isinstance(batch[0], list)     # rows planned over the whole epoch
@@ -171,7 +174,7 @@ class PackRows:
             rows = [[batch[i] for i in row] for row in best_fit(list(range(len(batch))), lengths, self.capacity)]
         out = pack_collate(rows, self.pad_id, self.capacity if self.static else None)
         rows_to = (self.batch_size if planned else _bucket(len(rows), self.batch_size)) if self.static else 0
-        return _finish(out, sum(len(row) for row in rows), rows_to, self.full_loss)
+        return _finish(out, sum(len(row) for row in rows), rows_to, self.compiled)
 
     def describe(self, args) -> str:
         if args.batch_unit == "rows":
@@ -195,8 +198,8 @@ def supervised_collate(args, pad_id: int = 0):
         # (not for MoE: its per-sequence load-balancing loss would then see one sequence per micro-batch)
         one_row = "cpu" in str(getattr(args, "device", "")) and getattr(args, "batch_unit", "samples") == "samples" \
             and not getattr(args, "use_moe", 0)
-        return PackRows(args.max_seq_len - 1, args.batch_size, static, pad_id, one_row, full_loss=compiled)
-    return PadRows(args.max_seq_len - 1 if static else None, pad_id, full_loss=compiled)
+        return PackRows(args.max_seq_len - 1, args.batch_size, static, pad_id, one_row, compiled=compiled)
+    return PadRows(args.max_seq_len - 1 if static else None, pad_id, compiled=compiled)
 
 
 class BatchPlan:
