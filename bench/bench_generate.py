@@ -3,6 +3,7 @@
     python bench/bench_generate.py          # 512x8 dense, fp32, 32-token prompt, 256 new tokens, batch 1 and 8
     python bench/bench_generate.py --original_dir /path/to/minimind --original_python /path/to/venv/bin/python
     python bench/bench_generate.py --hidden_size 64 --num_hidden_layers 2 --new_tokens 16 --repeats 1   # quick
+    python bench/bench_generate.py --engine_static 1   # + a row for the engine's static decode step (CUDA's) on CPU
 Both sides run the same measuring code in their own fresh process, each with its own transformers (the original
 with the pins of its venv), taking turns repeat by repeat, on the same random fp32 weights (ours are saved, the original loads them strict:
 the state-dict keys are identical) and the same prompts, through model.generate() as eval_llm.py calls it
@@ -48,6 +49,8 @@ if spec.get("engine"):   # what the chat, the server, the web demo and the RL ro
     from model.engine import Engine, SamplingParams
     import inspect   # repeats send the same prompts: no prefix cache, or they would skip their prefill
     fresh = {"prefix_cache": 0} if "prefix_cache" in inspect.signature(Engine).parameters else {}
+    if spec.get("static"):   # the fixed-shape decode step (CUDA's default), here on CPU
+        fresh["static_decode"] = True
     engine = Engine(model, max_batch=max(spec["batch_sizes"]), eos_token_id=-1, **fresh)   # -1: no token ends an answer
 for line in sys.stdin:
     req = json.loads(line)
@@ -157,6 +160,9 @@ def main(argv=None):
     p.add_argument("--compile", type=int, default=0, choices=[0, 1],
                    help="1 = add a row for ours with torch.compile(model.forward, dynamic=True); its compilation "
                         "time (the warm-up) is printed, not counted in the rates")
+    p.add_argument("--engine_static", type=int, default=0, choices=[0, 1],
+                   help="1 = add a row for our engine with static_decode=True (the fixed-shape decode step it takes "
+                        "on CUDA; 0 = only the engine's default for this device)")
     p.add_argument("--original_dir", default=None,
                    help="a checkout of the original MiniMind (default: ../orig or ../minimind if present; "
                         "'none' = ours only)")
@@ -193,6 +199,9 @@ def main(argv=None):
             print(f"# {why}: the original's rows are skipped")
         sides["ours"] = Worker(sys.executable, ROOT, weights, spec, Path(tmp) / "ours.log")
         sides["ours, engine"] = Worker(sys.executable, ROOT, weights, {**spec, "engine": True}, Path(tmp) / "engine.log")
+        if args.engine_static:
+            static = {**spec, "engine": True, "static": True}
+            sides["ours, engine static"] = Worker(sys.executable, ROOT, weights, static, Path(tmp) / "static.log")
         if args.compile:
             sides["ours + compile"] = Worker(sys.executable, ROOT, weights, {**spec, "compile": True},
                                              Path(tmp) / "compiled.log")

@@ -18,6 +18,17 @@ position. Every step of the loop (1) drops requests that were cancelled or ran p
 prompt in chunks of `prefill_chunk` tokens, one chunk per step), and (3) runs ONE model forward that
 decodes the next token of every active slot. New requests therefore join the running batch at the
 next step, and finished or cancelled ones leave it at once (their row is refilled by the last one).
+The decode step comes in two forms. The dynamic one (the default on CPU, and for transformers models) builds its
+inputs from the requests each step, over exactly the rows and key columns in use. The static one (StaticDecode: the
+default on CUDA for MiniMind, `static_decode=True` elsewhere) keeps each slot's last token, position and cache row in
+a device tensor, loaded when the decoding rows change and advanced in place otherwise, and runs a forward of fixed
+shape: the rows padded up to a power of two (padding rows write into a spare cache row), the keys over a
+power-of-two width of the cache, each new key written with one index_copy_ per layer, a (rows, 1, 1, width) bool
+mask made on the device from the positions. Greedy rows take their argmax on the device, and the step's one host
+sync is the .tolist() of the new tokens (a sampled row adds one for its CDF; logprobs one more). On CUDA each
+(rows, width) forward is captured once as a CUDA graph and replayed (DecodeGraphs; not for MoE, whose expert
+dispatch syncs with the host), captured anew when the weights or the cache buffers move; the KV cache is then kept
+between requests instead of released when idle.
 Prefix cache: the keys and values of recent prompts and finished conversations are kept (`prefix_cache`
 tokens in all, least recently used out; forgotten when the weights change in place), and a new prompt
 that begins like one of them (the chat template's system prompt, a conversation's earlier turns) gets
@@ -33,11 +44,13 @@ logits are equal (tests/test_serve.py, with a model whose logits are exactly bat
 model in a batch, a sampled token can change where a draw falls within that rounding of the boundary
 between two tokens, after which the texts diverge: rare with a trained model, within tens of tokens for
 random weights whose thousands of near-equal probabilities put boundaries everywhere. The model sees, per
-row, exactly its own keys: slots have different lengths inside one buffer, so the decode step writes each
+row, exactly its own keys: slots have different lengths inside one buffer, so the dynamic decode step writes each
 new key at the row's own column w (kept for later steps) and also at the shared last column, and the
 2D attention mask hides the row's columns between w and that last column; the model's padded-mask
 path (a query always sees its own column) then gives each row attention over exactly its w+1 keys,
-with RoPE positions passed explicitly. Greedy output equals model.generate() alone (tests/test_engine.py).
+with RoPE positions passed explicitly. The static step writes the key at column w only and its 4D mask keeps
+columns 0..w of the row. Greedy output equals model.generate() alone, on either step (tests/test_engine.py,
+tests/test_engine_static.py: the static step's logits equal the dynamic step's within fp32 rounding).
 Writes nothing.
 """
 import asyncio
@@ -239,16 +252,18 @@ class Request:
 # ---- the KV cache shared by the slots ----
 class SlotCache:
     """Per layer, K and V buffers of shape (rows, KV, capacity, D); row r belongs to the slot at index
-    r of the engine's slot list. Capacity grows geometrically (up to max_len) and is released when idle."""
+    r of the engine's slot list. Capacity starts at `min_capacity` columns (or what is needed), grows
+    geometrically (up to max_len) and is released when idle."""
 
-    def __init__(self, num_layers: int, rows: int, max_len: int):
-        self.num_layers, self.rows, self.max_len = num_layers, rows, max_len
+    def __init__(self, num_layers: int, rows: int, max_len: int, min_capacity: int = 64):
+        self.num_layers, self.rows, self.max_len, self.min_capacity = num_layers, rows, max_len, min_capacity
         self.keys, self.values = [None] * num_layers, [None] * num_layers
 
     def buffers(self, layer: int, needed: int, like: torch.Tensor):
         k = self.keys[layer]
         if k is None or k.shape[2] < needed or k.dtype != like.dtype or k.device != like.device:
-            cap = min(max(needed, 64, 2 * (k.shape[2] if k is not None else 0)), max(self.max_len, needed))
+            cap = min(max(needed, self.min_capacity, 2 * (k.shape[2] if k is not None else 0)),
+                      max(self.max_len, needed))
             new_k = like.new_zeros(self.rows, like.shape[1], cap, like.shape[3])
             new_v = like.new_zeros(self.rows, like.shape[1], cap, like.shape[3])
             if k is not None:
@@ -307,6 +322,173 @@ class _CacheView:
             buf_k[self.rows, :, self.write_cols] = k[:, :, 0]
             buf_v[self.rows, :, self.write_cols] = v[:, :, 0]
         return buf_k[rows, :, :end], buf_v[rows, :, :end]
+
+
+# ---- the static decode step: fixed shapes, per-slot state on the device, CUDA graphs ----
+# With CUDA graphs the KV cache starts this many columns wide (or max_seq_len if less): a graph holds the buffers'
+# addresses, so each move (a growth) means capturing every shape again. It costs rows x 2 x KV x D x 1024 x dtype
+# bytes per layer: 17 MB for MiniMind2-small (KV 2, D 64) at max_batch 16 in fp32
+GRAPH_CACHE_COLUMNS = 1024
+
+
+def static_decode_supported(model) -> bool:
+    """The static step hands the model a ready 4D mask with explicit positions: MiniMind's forward takes that as is
+    (model_minimind.py, since `run_layers`); transformers Llama exports and wrapped models keep the dynamic step."""
+    return (getattr(model.config, "model_type", None) == "minimind"
+            and hasattr(getattr(model, "model", None), "run_layers"))
+
+
+def decode_modes(model, device: torch.device, static_decode: bool = None, cuda_graphs: bool = None) -> tuple:
+    """(static step, CUDA graphs) for this model on this device. None = auto: the static step on CUDA for a
+    MiniMind; graphs with it, except for MoE (the expert dispatch reads its block sizes on the host, which a
+    capture cannot). True where that cannot run raises ValueError."""
+    supported, cuda = static_decode_supported(model), device.type == "cuda"
+    if static_decode and not supported:
+        raise ValueError(f"static_decode needs a MiniMind model (model_type 'minimind' with run_layers), "
+                         f"not {type(model).__name__}")
+    static = supported and cuda if static_decode is None else bool(static_decode)
+    moe = bool(getattr(model.config, "use_moe", False))
+    if cuda_graphs and not (static and cuda and not moe):
+        raise ValueError("cuda_graphs needs the static decode step of a dense model on a CUDA device")
+    graphs = static and cuda and not moe if cuda_graphs is None else bool(cuda_graphs)
+    return static, graphs
+
+
+class _StaticView:
+    """`past_key_values` of the static decode step: row i of the forward writes its key at column cols[i] of cache
+    row write_rows[i] (one index_copy_ per layer, into the flattened buffer) and attends over columns [0, width) of
+    cache row i, of which the step's mask keeps [0, cols[i]]: its own keys, exactly."""
+
+    def __init__(self, cache: SlotCache, write_rows: torch.Tensor, cols: torch.Tensor, width: int):
+        self.cache, self.write_rows, self.cols, self.width = cache, write_rows, cols, width
+        self.index = {}  # buffer capacity -> flat row index of each (row, kv head)'s new key
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.width - 1
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """k, v: (rows, KV, 1, D) -> the keys and values of cache rows [0, rows), (rows, KV, width, D)."""
+        buf_k, buf_v = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        _, heads, cap, dim = buf_k.shape
+        if cap not in self.index:  # buffer (R, KV, cap, D) seen as (R*KV*cap, D): row (r*KV + h)*cap + col
+            head = torch.arange(heads, device=k.device)
+            self.index[cap] = ((self.write_rows[:, None] * heads + head) * cap + self.cols[:, None]).view(-1)
+        buf_k.view(-1, dim).index_copy_(0, self.index[cap], k[:, :, 0].reshape(-1, dim))
+        buf_v.view(-1, dim).index_copy_(0, self.index[cap], v[:, :, 0].reshape(-1, dim))
+        rows = k.shape[0]
+        return buf_k[:rows, :, :self.width], buf_v[:rows, :, :self.width]
+
+
+class StaticDecode:
+    """The decode step over fixed shapes, with the per-slot state kept on the device.
+
+    `state` (3, max_batch) long: per row the token to feed, its position (= the cache column its key goes to) and
+    the cache row it writes. It is loaded from the requests (one host-to-device copy) when the decoding rows
+    change, and otherwise advanced in place after each step (new tokens in, positions + 1). One forward covers
+    `rows` rows (the decoding ones padded up to a power of two, or max_batch) and `width` key columns (the longest
+    row's, rounded up to a power of two from 64, capped at max_seq_len): padding rows feed token 0 at position 0
+    and write into the cache's spare last row, so the slot in chunked prefill right after the decoding ones keeps
+    its keys. Shapes repeat, so on CUDA each (rows, width) forward is captured once as a CUDA graph (DecodeGraphs)."""
+
+    def __init__(self, model, cache: SlotCache, max_batch: int, device: torch.device, graphs: bool):
+        self.model, self.cache, self.max_batch = model, cache, max_batch
+        self.state = torch.zeros(3, max_batch, dtype=torch.long, device=device)
+        self.loaded = None   # ids of the requests whose state `state` holds, in row order
+        self.loads = 0
+        self.buckets = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch} | {max_batch})
+        self.graphs = DecodeGraphs() if graphs else None
+        self.weights = None  # the parameters' addresses when last checked (a graph reads them by address)
+
+    def check_weights(self):
+        self.weights = tuple((p.data_ptr(), p.dtype) for p in self.model.parameters())
+
+    def load(self, reqs: list):
+        host = torch.zeros(3, self.max_batch, dtype=torch.long)
+        host[2] = self.cache.rows - 1  # the spare row
+        host[:, :len(reqs)] = torch.tensor([[r.next_input, r.w, i] for i, r in enumerate(reqs)]).T
+        self.state.copy_(host.pin_memory() if self.state.is_cuda else host, non_blocking=True)
+        self.loads += 1
+
+    def run(self, reqs: list, max_len: int) -> torch.Tensor:
+        """Logits (len(reqs), V) of every decoding row's next token; writes each row's key at its column."""
+        n = len(reqs)
+        rows = next(b for b in self.buckets if b >= n)
+        need = max(r.w for r in reqs) + 1
+        width = max(need, min(max(64, 1 << (need - 1).bit_length()), max_len))
+        for layer in range(self.cache.num_layers):
+            self.cache.buffers(layer, width, self.cache.keys[layer])
+        ids = tuple(r.id for r in reqs)
+        if ids != self.loaded:
+            self.load(reqs)
+            self.loaded = ids
+        if self.graphs is not None:
+            key = (id(self.model), self.weights,
+                   tuple((b.data_ptr(), b.shape, b.dtype) for b in self.cache.keys + self.cache.values))
+            logits = self.graphs.run(self.forward, rows, width, key)
+            if logits is not None:
+                return logits[:n]
+            self.graphs = None  # the capture failed (said on stderr): eager from now on
+        return self.forward(rows, width)[:n]
+
+    def forward(self, rows: int, width: int) -> torch.Tensor:
+        """The model on rows [0, rows) of the state: logits (rows, V). Reads and writes only tensors whose address
+        and shape depend on (rows, width) and the cache buffers, so it can be captured and replayed."""
+        tokens, cols, write_rows = self.state[0, :rows], self.state[1, :rows], self.state[2, :rows]
+        mask = torch.arange(width, device=cols.device)[None, :] <= cols[:, None]   # (rows, width): own keys only
+        out = self.model(tokens[:, None], position_ids=cols[:, None], attention_mask=mask[:, None, None, :],
+                         past_key_values=_StaticView(self.cache, write_rows, cols, width), use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def advance(self, reqs: list, tokens: torch.Tensor):
+        """After a step of `reqs` (rows in the order the step ran them): their new tokens in, positions + 1."""
+        n = len(reqs)
+        self.state[0, :n].copy_(tokens)
+        self.state[1, :n] += 1
+        self.loaded = tuple(r.id for r in reqs)
+
+
+class DecodeGraphs:
+    """CUDA only: the static decode forward of each (rows, width) captured once as a torch.cuda.CUDAGraph and then
+    replayed. A graph reads the step's state, the KV cache buffers and the weights by address, so all of them are
+    captured again when any of those moved (`key`: the model, its parameters' addresses, the buffers' addresses and
+    shapes). The graphs share one memory pool: they are replayed one at a time, and each one's output is read
+    before the next replay. Under autocast the casts are captured too (autocast's weight cache off), so in-place
+    weight updates reach the graph."""
+
+    def __init__(self):
+        self.graphs, self.key, self.pool, self.captures = {}, None, None, 0
+
+    def run(self, forward, rows: int, width: int, key) -> torch.Tensor:
+        """forward(rows, width)'s output by replay; None when it cannot be captured."""
+        if key != self.key:  # the old graphs go, and with them their pool
+            self.graphs, self.key, self.pool = {}, key, None
+        entry = self.graphs.get((rows, width))
+        if entry is None:
+            try:
+                entry = self.graphs[(rows, width)] = self.capture(forward, rows, width)
+            except Exception as err:  # an op a capture does not allow: run the step eagerly instead
+                print(f"minimind engine: CUDA graph capture failed, decoding without graphs ({type(err).__name__}: "
+                      f"{err})", file=sys.stderr)
+                return None
+        entry[0].replay()
+        return entry[1]
+
+    def capture(self, forward, rows: int, width: int):
+        main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):  # warm-up: lazy initialisation (cuBLAS handles, workspaces) outside the capture
+            forward(rows, width)       # (it writes the same keys the replay writes)
+        main.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        dtype = torch.get_autocast_dtype("cuda")
+        casts = torch.autocast("cuda", dtype=dtype, cache_enabled=False) if torch.is_autocast_enabled("cuda") \
+            else nullcontext()
+        with casts, torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = forward(rows, width)
+        self.pool = graph.pool()
+        self.captures += 1
+        return graph, out
 
 
 class PrefixCache:
@@ -412,11 +594,13 @@ def process_logits(logits: torch.Tensor, params: list, seen: list) -> torch.Tens
     return logits
 
 
-def sample_next(logits: torch.Tensor, reqs: list) -> list:
-    """Next token for each row of logits (B, V): argmax for greedy rows; for sampled rows one uniform
-    draw from the request's own generator through the inverse CDF, so a seeded request draws the same
-    numbers whatever else is in the batch."""
+def sample_next(logits: torch.Tensor, reqs: list) -> torch.Tensor:
+    """Next token for each row of logits (B, V), a (B,) long tensor on their device: argmax for greedy rows; for
+    sampled rows one uniform draw from the request's own generator through the inverse CDF, so a seeded request
+    draws the same numbers whatever else is in the batch."""
     params = [r.params for r in reqs]
+    if all(p.temperature == 0 and p.repetition_penalty == 1.0 for p in params):
+        return logits.argmax(-1)  # no processor changes the order: no fp32 copy, no host sync here
     scores = process_logits(logits, params, [r.seen for r in reqs])
     out = scores.argmax(-1)
     samp = [i for i, p in enumerate(params) if p.temperature > 0]
@@ -425,7 +609,7 @@ def sample_next(logits: torch.Tensor, reqs: list) -> list:
         u = torch.stack([torch.rand((), generator=reqs[i].generator) for i in samp])
         picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
         out[samp] = picked[:, 0].to(out.device)
-    return out.tolist()
+    return out
 
 
 def record_logprobs(logits: torch.Tensor, reqs: list, tokens: list):
@@ -469,11 +653,13 @@ class Engine:
     leaves no room in `max_seq_len`; both before the request takes a queue place or a slot.
     tokenizer None: no text (token_ids only, no stop strings), for callers that decode themselves.
     autocast_dtype: run the forwards under torch.autocast with this dtype (autocast is per thread, so a
-    caller's own autocast context does not reach the engine's thread); None = the model's dtype."""
+    caller's own autocast context does not reach the engine's thread); None = the model's dtype.
+    static_decode: decode through StaticDecode (fixed shapes, state on the device); cuda_graphs: replay its
+    forwards as CUDA graphs. None = auto (decode_modes: both on CUDA for a MiniMind, graphs not for MoE)."""
 
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_queue: int = 64, max_seq_len: int = None,
                  prefill_chunk: int = 512, eos_token_id=None, autocast_dtype: torch.dtype = None,
-                 prefix_cache: int = 8192):
+                 prefix_cache: int = 8192, static_decode: bool = None, cuda_graphs: bool = None):
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, max(prefill_chunk, 1)
@@ -484,7 +670,8 @@ class Engine:
         self.vocab_size = cfg.vocab_size
         self.device = model.device if hasattr(model, "device") else next(model.parameters()).device
         self.autocast_dtype = autocast_dtype
-        self.cache = SlotCache(cfg.num_hidden_layers, max_batch, self.max_seq_len)
+        self.static_decode, self.cuda_graphs = static_decode, cuda_graphs
+        self._setup_decode(decode_modes(model, self.device, static_decode, cuda_graphs))
         self.prefix = PrefixCache(prefix_cache)
         self.weights_version = None  # the weights the prefix cache's keys were computed with (_weights_id)
         self.slots = []          # row order: decoding slots [0, n_decode), then at most one in chunked prefill
@@ -561,6 +748,7 @@ class Engine:
         device = model.device if hasattr(model, "device") else next(model.parameters()).device
         if device != self.device:
             raise ValueError(f"the new model is on {device}, the engine runs on {self.device}")
+        modes = decode_modes(model, device, self.static_decode, self.cuda_graphs)
         with self.cv:
             if self.closed:
                 raise RuntimeError("the engine is closed")
@@ -577,7 +765,7 @@ class Engine:
                 self.model, self.vocab_size = model, cfg.vocab_size
                 self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
                 self.cache.release()
-                self.cache = SlotCache(cfg.num_hidden_layers, self.max_batch, self.max_seq_len)
+                self._setup_decode(modes)
                 self.prefix.clear()
                 self.weights_version = None
                 too_long = [r for r in self.waiting if len(r.prompt_ids) >= self.max_seq_len]
@@ -592,6 +780,17 @@ class Engine:
         for req in too_long:
             self._end(req, "error", f"the prompt has {len(req.prompt_ids)} tokens; the reloaded model's context "
                                     f"is {self.max_seq_len} tokens")
+
+    def _setup_decode(self, modes: tuple):
+        """A new KV cache for self.model, and the static step's state where it runs (a spare cache row for its
+        padding rows); graphs are captured anew."""
+        static, graphs = modes
+        cfg = self.model.config
+        self.cache = SlotCache(cfg.num_hidden_layers, self.max_batch + int(static), self.max_seq_len,
+                               GRAPH_CACHE_COLUMNS if graphs else 64)
+        self.static = StaticDecode(self.model, self.cache, self.max_batch, self.device, graphs) if static else None
+        if self.static is not None:
+            self.static.check_weights()
 
     def __enter__(self):
         return self
@@ -628,6 +827,8 @@ class Engine:
     def _run(self):
         autocast = nullcontext() if self.autocast_dtype is None else torch.autocast(self.device.type,
                                                                                    dtype=self.autocast_dtype)
+        if self.device.type == "cuda":  # this thread's streams (a graph's capture and replay) on the model's GPU
+            torch.cuda.set_device(self.device)
         with torch.inference_mode(), autocast:
             while True:
                 with self.cv:
@@ -663,7 +864,7 @@ class Engine:
             self._admit()
         if self.n_decode:
             self._decode()
-        if not self.slots:
+        if not self.slots and self.static is None:  # the static step keeps its buffers (its graphs use them)
             with self.cv:
                 if not self.waiting:
                     self.cache.release()
@@ -676,6 +877,8 @@ class Engine:
             if self.paused or not self.waiting or len(self.slots) >= self.max_batch:
                 return
             self._check_weights()
+            if self.static is not None:
+                self.static.check_weights()
             batch, hits = [self.waiting.popleft()], []
             hits.append(self._hit(batch[0]))
             past = hits[0][0]
@@ -785,6 +988,13 @@ class Engine:
     def _decode(self):
         """One forward for every decoding slot; each gets its next token."""
         reqs = self.slots[:self.n_decode]
+        if self.static is not None:
+            logits = self._guard(reqs, lambda: self.static.run(reqs, self.max_seq_len))
+            if logits is not None:
+                for r in reqs:
+                    r.w += 1
+                self.static.advance(reqs, self._accept(reqs, logits))
+            return
         cols = torch.tensor([r.w for r in reqs], device=self.device)
         past, low = max(r.w for r in reqs), min(r.w for r in reqs)
         mask = None
@@ -802,23 +1012,29 @@ class Engine:
 
     def _forward(self, reqs: list, ids, positions, mask, view, keep):
         """model(...) logits, or None after ending `reqs` with the error (the loop keeps serving)."""
+        return self._guard(reqs, lambda: self.model(
+            ids.to(self.device), position_ids=positions.to(self.device),
+            attention_mask=None if mask is None else mask.to(self.device), past_key_values=view, use_cache=True,
+            logits_to_keep=keep if isinstance(keep, int) else keep.to(self.device)).logits)
+
+    def _guard(self, reqs: list, forward):
+        """forward(), or None after ending `reqs` with the error it raised (the loop keeps serving)."""
         try:
-            out = self.model(ids.to(self.device), position_ids=positions.to(self.device),
-                             attention_mask=None if mask is None else mask.to(self.device), past_key_values=view,
-                             use_cache=True, logits_to_keep=keep if isinstance(keep, int) else keep.to(self.device))
-            return out.logits
+            return forward()
         except Exception as err:
             for req in reqs:
                 self._remove(req, "error", f"{type(err).__name__}: {err}")
             return None
 
-    def _accept(self, reqs: list, logits: torch.Tensor):
-        """Sample, record and stream the next token of each request; end the ones that are done."""
+    def _accept(self, reqs: list, logits: torch.Tensor) -> torch.Tensor:
+        """Sample, record and stream the next token of each request; end the ones that are done. Returns the tokens
+        as sampled on the device, (len(reqs),) long."""
         for r in reqs:
             if r.params.repetition_penalty != 1.0 and r.seen is None:
                 r.seen = torch.zeros(self.vocab_size, dtype=torch.bool)
                 r.seen[torch.tensor(r.prompt_ids)] = True
-        tokens = sample_next(logits, reqs)
+        picked = sample_next(logits, reqs)
+        tokens = picked.tolist()  # the step's host sync (sampled rows add one for their CDF, logprobs one more)
         record_logprobs(logits, reqs, tokens)
         now = time.monotonic()
         done = []
@@ -846,6 +1062,7 @@ class Engine:
                 done.append((r, reason))
         for r, reason in done:
             self._remove(r, reason)
+        return picked
 
     def _remove(self, req: Request, reason: str, error: str = None):
         """End `req` and give its slot back: the last decoding row moves into its row (and the slot in
