@@ -63,23 +63,23 @@ def activation_bytes_per_token(cfg: MiniMindConfig) -> int:
     model code op by op. Per decoder layer, with H = hidden, I = intermediate, Q = heads x head_dim,
     K = kv heads x head_dim:
       each RMSNorm keeps its fp32 input (its backward recomputes the rest)   2 x 4H
-      autocast casts the norm output to bf16 once per Linear it feeds   q,k,v: 6H   gate,up: 4H
+      the norm's bf16 output (under autocast), shared by the Linears it feeds   q,k,v: 2H   gate,up: 2H
       SDPA keeps q, k, v, its output (bf16; o_proj's input is a view    4Q + 4K + 4 x heads
       of it) and the fp32 logsumexp
       SwiGLU keeps gate (silu input), silu(gate), up and the product    8I
-    MoE: the SwiGLU part and its input casts (4H + 8I) once per routed slot (top-k) and shared expert,
-    the bf16 expert outputs before and after weighting (4H per slot), the gate's bf16 input (2H) and
-    scores (~4 x experts), and three int64 index vectors per slot (24 x top-k).
+    MoE: the SwiGLU part and its bf16 input (2H + 8I) once per routed slot (top-k) and shared expert (the
+    router reads the shared expert's input), the bf16 expert outputs before and after weighting (4H per
+    slot), the router's scores (~4 x experts), and three int64 index vectors per slot (24 x top-k).
     Outside the layers: the final norm (4H), lm_head's bf16 input (2H), the fp32 log-softmax over
     the vocabulary in the loss (4V), token and target indices and the loss mask (17)."""
     h, inter, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, k = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     norm = 4 * h
-    attention = norm + 6 * h + 4 * q + 4 * k + 4 * cfg.num_attention_heads
-    swiglu = 4 * h + 8 * inter
+    attention = norm + 2 * h + 4 * q + 4 * k + 4 * cfg.num_attention_heads
+    swiglu = 2 * h + 8 * inter
     if cfg.use_moe:
         slots = cfg.num_experts_per_tok
-        mlp = (slots + cfg.n_shared_experts) * swiglu + slots * 4 * h + 2 * h + 4 * cfg.n_routed_experts + 24 * slots
+        mlp = (slots + cfg.n_shared_experts) * swiglu + slots * 4 * h + 4 * cfg.n_routed_experts + 24 * slots
     else:
         mlp = swiglu
     return cfg.num_hidden_layers * (attention + norm + mlp) + norm + 2 * h + 4 * v + 17
