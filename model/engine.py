@@ -412,6 +412,7 @@ class StaticDecode:
     def run(self, reqs: list, max_len: int) -> torch.Tensor:
         """Logits (len(reqs), V) of every decoding row's next token; writes each row's key at its column."""
         n = len(reqs)
+        self.check_weights()    # a graph reads the weights by address: one moved (.to, assign) means capture again
         rows = next(b for b in self.buckets if b >= n)
         need = max(r.w for r in reqs) + 1
         width = max(need, min(max(64, 1 << (need - 1).bit_length()), max_len))
@@ -877,8 +878,6 @@ class Engine:
             if self.paused or not self.waiting or len(self.slots) >= self.max_batch:
                 return
             self._check_weights()
-            if self.static is not None:
-                self.static.check_weights()
             batch, hits = [self.waiting.popleft()], []
             hits.append(self._hit(batch[0]))
             past = hits[0][0]

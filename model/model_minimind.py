@@ -488,9 +488,21 @@ def flex_kernel():
     return _FLEX
 
 
-def packed_kernel(x: torch.Tensor, dtype: torch.dtype, dropout: float) -> str:
+_FLASH_CAPABLE = {}
+
+
+@torch.compiler.assume_constant_result
+def flash_capable(index: int) -> bool:
+    """Whether CUDA device `index` runs flash attention (Ampere, sm80, or newer): varlen there; T4/V100 (fp16
+    with a GradScaler) take FlexAttention."""
+    if index not in _FLASH_CAPABLE:
+        _FLASH_CAPABLE[index] = torch.cuda.get_device_capability(index) >= (8, 0)
+    return _FLASH_CAPABLE[index]
+
+
+def packed_kernel(x: torch.Tensor, dtype: torch.dtype, dropout: float, head_dim: int = 64) -> str:
     """How packed rows attend. CPU: "spans" (sample by sample; a kernel call is cheap there), or "mask" under
-    torch.compile. CUDA: "varlen" for fp16/bf16 (flash attention over the concatenated samples), else "flex"
+    torch.compile. CUDA: "varlen" for fp16/bf16 on sm80+ (flash attention over the concatenated samples), else "flex"
     (FlexAttention with a document mask: any dtype); "mask" (a dense block-diagonal mask, SDPA's math kernel)
     only with attention dropout, on other accelerators (MPS) or on a torch that has neither. None of the fused
     ones computes the cross-sample blocks."""
@@ -500,7 +512,8 @@ def packed_kernel(x: torch.Tensor, dtype: torch.dtype, dropout: float) -> str:
         return "mask" if torch.compiler.is_compiling() else "spans"
     if x.device.type != "cuda" or dropout > 0:
         return "mask"
-    if dtype in (torch.float16, torch.bfloat16) and varlen_kernel() is not None:
+    if dtype in (torch.float16, torch.bfloat16) and varlen_kernel() is not None and head_dim % 8 == 0 \
+            and head_dim <= 256 and flash_capable(x.device.index or 0):
         return "varlen"
     return "flex" if flex_kernel() is not None else "mask"
 
@@ -828,7 +841,9 @@ class MiniMindModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, position_ids=None,
                 packed=None, **kwargs):
         """Returns (hidden_states (B, T, C) after the final norm, cache or None, aux_loss). `packed`: whether
-        position_ids restart inside a row (a trainer's collate knows it on the host; None = look, one host sync)."""
+        position_ids restart inside a row (a trainer's collate knows it on the host; None = look, one host sync);
+        an int > 1 also counts the samples (row starts + restarts, or more: the room of the varlen kernel's
+        cu_seqlens on CUDA; fewer would merge the last samples)."""
         bsz, seq_len = input_ids.shape
         cache = past_key_values
         if isinstance(cache, (list, tuple)):
@@ -862,7 +877,8 @@ class MiniMindModel(nn.Module):
             attn_mask = causal[None] & attention_mask[:, -total:].bool()[:, None, :]  # (B, T, S)
             attn_mask = (attn_mask | (k_pos[None, :] == q_pos[:, None])[None]).unsqueeze(1)  # a pad query sees itself
         elif packed and self.config.flash_attn and (kind := packed_kernel(
-                input_ids, self.attention_dtype(), self.config.dropout if self.training else 0.0)) != "mask":
+                input_ids, self.attention_dtype(), self.config.dropout if self.training else 0.0,
+                self.config.head_dim)) != "mask" and (cache is None or kind == "spans"):   # fused: no KV cache
             if kind == "spans":
                 attn_mask = packed_spans(position_ids, bsz)
             else:

@@ -99,6 +99,9 @@ def test_compile_reduce_overhead_trains_like_default_mode(tmp_path):
         losses.append([round(r["loss"], 3) for r in metrics(tmp_path / mode, "pretrain_64")])
     torch._dynamo.reset()
     assert losses[0] == losses[1] and all(x == x for x in losses[0])
+    with pytest.raises(ValueError, match="--accumulation_steps 1"):    # a replay would overwrite the summed grads
+        train_pretrain.main(cuda_args(tmp_path / "acc", data["pretrain"], max_steps=2, use_compile=1,
+                                      compile_mode="reduce-overhead", accumulation_steps=2))
 
 
 def _packed_cuda_batch(dtype):

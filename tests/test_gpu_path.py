@@ -62,11 +62,16 @@ def test_varlen_cu_seqlens_mark_every_sample_start_in_the_flattened_rows():
 
 def test_packed_kernel_choice_by_device_dtype_and_dropout(monkeypatch):
     """CPU: sample by sample (the dense mask under compile); CUDA: varlen for bf16/fp16 where a varlen kernel
-    exists, FlexAttention otherwise, the dense mask only with attention dropout; other accelerators: the mask."""
+    exists and the GPU runs flash attention (sm80+), FlexAttention otherwise, the dense mask only with attention
+    dropout; other accelerators: the mask."""
     cpu = torch.zeros(1)
     cuda = types.SimpleNamespace(device=torch.device("cuda"))
     assert mm.packed_kernel(cpu, torch.bfloat16, 0.0) == "spans"
     monkeypatch.setattr(mm, "varlen_kernel", lambda: ("torch", None))
+    monkeypatch.setattr(mm, "flash_capable", lambda index: False)      # a T4 or V100: fp16, no flash kernel
+    assert mm.packed_kernel(cuda, torch.float16, 0.0) == "flex"
+    monkeypatch.setattr(mm, "flash_capable", lambda index: True)
+    assert mm.packed_kernel(cuda, torch.bfloat16, 0.0, head_dim=36) == "flex"      # flash: head_dim % 8 == 0
     assert mm.packed_kernel(cuda, torch.bfloat16, 0.0) == "varlen"
     assert mm.packed_kernel(cuda, torch.float16, 0.0) == "varlen"
     assert mm.packed_kernel(cuda, torch.float32, 0.0) == "flex"
@@ -113,9 +118,10 @@ def test_rms_norm_leaves_in_the_autocast_dtype_with_the_same_logits(family, monk
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_compiled_packed_step_with_flex_is_one_graph_and_equals_eager(monkeypatch):
-    """--use_compile 1 on a GPU in fp32: the packed forward with FlexAttention's document mask built inside it
-    and the loss over every position (labels -100 where none is taken) compiles as one graph (fullgraph) and
-    gives eager sample-by-sample attention's loss. (slow: ~20 s of inductor on 2 cores)"""
+    """What --use_compile 1 runs on a GPU in fp32, here on CPU without gradients (FlexAttention has none on CPU):
+    the packed forward with FlexAttention's document mask built inside it and the loss over every position
+    (labels -100 where none is taken) compiles as one graph (fullgraph) and gives eager sample-by-sample
+    attention's loss. (slow: ~20 s of inductor on 2 cores)"""
     dynamo = pytest.importorskip("torch._dynamo")
     model = random_model(seed=4).train()
     ids, pos, targets = packed_batch(seed=2)
@@ -164,3 +170,56 @@ def test_compile_steps_are_timed_apart_from_tok_s(tmp_path, capsys):
     progress.log(0, 3, 1e-3)
     assert "tok/s:- " in capsys.readouterr().out
     assert "14.0 s of it compiling 2 shapes" in progress.summary()
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graph_compile_modes_refuse_gradient_accumulation(mode):
+    """A CUDA-graph replay overwrites the gradients accumulated so far (torch issue 169545): those modes need
+    --accumulation_steps 1 on CUDA, said in one line before anything is compiled; mode default takes any."""
+    from trainer.core.stage import wrap_model
+    run = types.SimpleNamespace(ddp=False, device_type="cuda")
+    args = types.SimpleNamespace(use_compile=1, compile_mode=mode, accumulation_steps=4, fsdp=0)
+    with pytest.raises(ValueError, match=f"--compile_mode {mode} replays CUDA graphs.*--accumulation_steps 1"):
+        wrap_model(torch.nn.Linear(2, 2), run, args)
+    args.accumulation_steps = 1
+    assert hasattr(wrap_model(torch.nn.Linear(2, 2), run, args), "_orig_mod")   # compiled lazily: nothing ran
+    args.compile_mode, args.accumulation_steps = "default", 4
+    assert hasattr(wrap_model(torch.nn.Linear(2, 2), run, args), "_orig_mod")
+
+
+def test_packed_rows_with_a_kv_cache_keep_the_cache_on_every_kernel(monkeypatch):
+    """A packed prefill that fills a KV cache (use_cache) never takes a fused kernel that skips the cache: the
+    dense mask then, with the cache filled as for the sample-by-sample path."""
+    model = random_model(seed=1)
+    ids, pos, _ = pack_rows([[5, 7], [4, 8]], width=12)
+    calls = []
+    monkeypatch.setattr(mm, "varlen_kernel", lambda: reference_varlen("window", calls))
+    with torch.no_grad():
+        monkeypatch.setattr(mm, "PACKED_ATTENTION", "spans")
+        want = model(ids, position_ids=pos, use_cache=True)
+        monkeypatch.setattr(mm, "PACKED_ATTENTION", "varlen")
+        got = model(ids, position_ids=pos, use_cache=True)
+    assert not calls and got.past_key_values.get_seq_length() == want.past_key_values.get_seq_length() == 12
+    assert torch.allclose(got.logits, want.logits, atol=1e-5)
+
+
+def test_dpo_pads_every_pair_to_max_seq_len_under_compile(tmp_path):
+    """DPO's pairs are padded to each batch's longest; under --use_compile 1 (static shapes) to max_seq_len."""
+    from tests.conftest import ROOT, tiny_train_args
+    from trainer import train_dpo
+    seen = []
+    real = train_dpo.DPODataset
+
+    def spy(*a, **k):
+        seen.append(k["pad_to_max"])
+        return real(*a, **k)
+
+    import unittest.mock
+    with unittest.mock.patch.object(train_dpo, "DPODataset", spy), \
+            unittest.mock.patch.object(train_dpo, "train_loop", lambda *a, **k: (None, 0.0)), \
+            unittest.mock.patch.object(train_dpo, "wrap_model", lambda model, *a, **k: model):
+        for compile_flag in (0, 1):
+            train_dpo.main(tiny_train_args(tmp_path / str(compile_flag), ROOT / "dataset" / "demo" / "dpo.jsonl",
+                                           from_weight="none",
+                                           use_compile=compile_flag))
+    assert seen == [False, True]

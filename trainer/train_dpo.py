@@ -108,7 +108,9 @@ def main(argv=None):
     model, tokenizer = init_model(lm_config, args, run.device, stage="policy")       # 4. policy and reference
     ref_model, _ = init_model(lm_config, args, run.device, stage="reference")
     ref_model.eval().requires_grad_(False)
-    train_ds, collate = DPODataset(resolve_data(args), tokenizer, **data_kwargs(args)), dpo_collate   # 5. data
+    # 5. data; under --use_compile 1 every pair padded to max_seq_len: one shape to compile
+    kwargs = {**data_kwargs(args), "pad_to_max": bool(args.pad_to_max or args.use_compile)}
+    train_ds, collate = DPODataset(resolve_data(args), tokenizer, **kwargs), dpo_collate
     if args.ref_cache:
         train_ds = WithReferenceLogps(train_ds, *cache_reference(ref_model, train_ds, args, run))
         ref_model, collate = None, cached_collate

@@ -142,8 +142,8 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
         return out_path, float("nan")
 
     accum = args.accumulation_steps
-    cuda_graphs = getattr(args, "use_compile", 0) and getattr(args, "compile_mode", "") == "reduce-overhead" \
-        and run.device_type == "cuda"
+    compiling = bool(getattr(args, "use_compile", 0))
+    cuda_graphs = compiling and getattr(args, "compile_mode", "") in CUDA_GRAPH_MODES and run.device_type == "cuda"
     Logger(plan.describe())
     progress = Progress(args, lm_config, run, tracker, iters, end, done)
     saver = _Saver(run, args, raw, optimizers, schedulers, lm_config, tracker, save_fn, state, out_path)
@@ -201,11 +201,11 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
                     for k in range(updates):
                         if cuda_graphs:           # the last step's graph outputs are no longer read
                             torch.compiler.cudagraph_mark_step_begin()
-                        graphs, started = compiled_graphs(), time.time()
+                        graphs, started = compiled_graphs() if compiling else 0, time.time()
                         with run.autocast_ctx:    # one region per update: autocast caches weight casts until it exits
                             loss, stats = update_fn(batch, k)
                         run.scaler.scale(loss * weight).backward()
-                        if compiled_graphs() != graphs:     # this step compiled a new shape: timed apart
+                        if compiling and compiled_graphs() != graphs:   # this step compiled a new shape: timed apart
                             progress.compiled(time.time() - started, int(stats.get("tokens", 0)),
                                               tuple(batch["input_ids"].shape) if "input_ids" in batch else ())
                         if stats.pop("skip_step", False) and boundary:
@@ -240,6 +240,9 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
 
 
 # ---- helpers of the loop ----
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # the --compile_mode values that replay CUDA graphs
+
+
 def compiled_graphs() -> int:
     """How many graphs torch.compile has compiled in this process (0 without compile)."""
     from torch._dynamo.utils import counters

@@ -27,7 +27,7 @@ from model.cli import FAMILY_HIDDEN, Typed, add_family_arg, family_hidden_size, 
 from model.loading import FAMILY_TOKENIZER_DIR, ROOT, TOKENIZER_DIR, load_tokenizer, load_weights, state_family
 from model.weights import LoadError, weight_path
 from trainer.core.resume import lm_checkpoint
-from trainer.core.loop import ResumePoint, set_rng_state
+from trainer.core.loop import CUDA_GRAPH_MODES, ResumePoint, set_rng_state
 from trainer.core.progress import Logger, is_main_process
 
 DATA = ROOT / "dataset"
@@ -139,7 +139,8 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--compile_mode", type=str, default="default", choices=["default", "reduce-overhead",
                                                                           "max-autotune"],
                    help="torch.compile mode with --use_compile 1: reduce-overhead replays each step's kernels as "
-                        "CUDA graphs (the shapes are fixed under --use_compile 1), max-autotune also tunes matmuls")
+                        "CUDA graphs (the shapes are fixed under --use_compile 1; needs --accumulation_steps 1), "
+                        "max-autotune also tunes matmuls")
     p.add_argument("--pad_to_max", type=int, default=0, choices=[0, 1],
                    help="1 = pad every row to max_seq_len like the original (0 = to the batch's longest)")
     p.add_argument("--skip_bad_lines", type=int, default=0, choices=[0, 1],
@@ -458,6 +459,10 @@ def wrap_model(model, run: RunContext, args, optimizers=(), rollouts: bool = Fal
         model = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
     if getattr(args, "use_compile", 0) and not rollouts:
         mode = getattr(args, "compile_mode", "default")
+        if mode in CUDA_GRAPH_MODES and run.device_type == "cuda" and args.accumulation_steps > 1:
+            raise ValueError(f"--compile_mode {mode} replays CUDA graphs, whose next replay overwrites the gradients "
+                             f"that --accumulation_steps {args.accumulation_steps} adds up: use --accumulation_steps 1 "
+                             "(with a larger --batch_size) or --compile_mode default")
         Logger(f"torch.compile (mode {mode}, static shapes): each new batch shape compiles once (at most a few: "
                "rows of max_seq_len - 1, their count in quarters of --batch_size), timed apart from tok/s")
         if run.device_type == "cpu":   # no atomic adds in the generated kernels: reruns and resumes stay bit-exact
