@@ -71,6 +71,27 @@ def test_adamw_is_fused_on_cuda():
     assert torch.allclose(param.detach().cpu(), torch.full((3,), 0.899), atol=1e-5)   # decay 1e-3, then -lr
 
 
+def test_a_nan_step_on_cuda_is_skipped_on_the_device(tmp_path, capsys, monkeypatch):
+    """CUDA + fused AdamW: the guard takes the step without a host sync (the kernel skips a non-finite step
+    itself) and warns one step later; the saved weights stay finite."""
+    from trainer.core import loop
+    decided = []
+    real_defers = loop.defers_finite_check
+    monkeypatch.setattr(loop, "defers_finite_check", lambda *a: decided.append(real_defers(*a)) or decided[-1])
+    calls, real = [], train_pretrain.pretrain_loss
+
+    def sometimes_nan(model, batch):
+        loss, stats = real(model, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), stats
+
+    monkeypatch.setattr(train_pretrain, "pretrain_loss", sometimes_nan)
+    data = write_tiny_corpus(tmp_path / "data", n=64)
+    path, loss = train_pretrain.main(cuda_args(tmp_path, data["pretrain"], max_steps=6, accumulation_steps=1))
+    assert decided == [True] and "epoch 1 step 3: the loss or a gradient is not finite" in capsys.readouterr().out
+    assert all(torch.isfinite(v.float()).all() for v in torch.load(path).values())
+
+
 def test_compile_on_cuda_has_no_graph_break_and_one_graph_per_batch_shape(tmp_path, capsys):
     """--use_compile 1: static shapes (rows of max_seq_len - 1, their count in quarters of --batch_size, the loss
     over every position) give one graph per shape and no graph break; each compile is said and timed apart."""

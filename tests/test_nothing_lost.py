@@ -110,6 +110,63 @@ def test_a_skipped_nan_step_keeps_the_weights(tmp_path, corpus, monkeypatch):
     assert len(log) == 6
 
 
+def fused_adamw_deferred(monkeypatch, defer: bool):
+    """This run's AdamW fused (as on CUDA) and its finite check deferred (as on CUDA) or not, on CPU."""
+    import dataclasses
+    from trainer.core import loop, stage
+    real_init = stage.init_run
+    monkeypatch.setattr(train_pretrain, "init_run",
+                        lambda args: dataclasses.replace(real_init(args), adamw={"fused": True}))
+    monkeypatch.setattr(loop, "defers_finite_check", lambda run, opts, *rest: defer and
+                        all(o.defaults.get("fused") for o in opts))
+
+
+@pytest.mark.parametrize("nan_at", [[3], [2, 3, 4, 5, 6, 7, 8]], ids=["one-nan", "diverging"])
+def test_deferred_finite_check_skips_on_the_device_exactly_as_the_synced_guard(tmp_path, corpus, monkeypatch,
+                                                                                 capsys, nan_at):
+    """On CUDA the guard reads a step's finite flag one step later and fused AdamW skips a non-finite step on
+    the device (found_inf): the same weights, moments, warnings and saves as the guard that waits for the
+    flag, and MAX_NONFINITE skips in a row still stop the run with the same line (run here on CPU, where fused
+    AdamW takes found_inf too)."""
+    from trainer.core.loop import TrainingError
+    real = train_pretrain.pretrain_loss
+    results = []
+    for defer in (False, True):
+        calls = []
+
+        def sometimes_nan(model, batch):
+            loss, stats = real(model, batch)
+            calls.append(1)
+            return (loss * float("nan") if len(calls) in nan_at else loss), stats
+
+        monkeypatch.setattr(train_pretrain, "pretrain_loss", sometimes_nan)
+        fused_adamw_deferred(monkeypatch, defer)
+        run_dir = tmp_path / str(defer)
+        args = tiny_train_args(run_dir, corpus["pretrain"], max_steps=10, packing=0, accumulation_steps=1,
+                               save_interval=2)
+        error = None
+        try:
+            train_pretrain.main(args)
+        except TrainingError as err:
+            error = str(err).replace(str(run_dir), "RUN")
+        out = capsys.readouterr().out
+        warnings = [line for line in out.splitlines() if line.startswith("warning")]
+        resume_file = run_dir / "ckpt" / "pretrain_64_resume.pth"
+        if not resume_file.exists():          # diverged before a save was confirmed: nothing written
+            results.append((error, warnings, None, None, None))
+            continue
+        resume = torch.load(resume_file, weights_only=False)
+        results.append((error, warnings, resume["step"], torch.load(run_dir / "out" / "pretrain_64.pth"),
+                        resume["optimizer"]["state"]))
+    (error_a, warn_a, step_a, weights_a, moments_a), (error_b, warn_b, step_b, weights_b, moments_b) = results
+    assert error_a == error_b and warn_a == warn_b and step_a == step_b and len(warn_a) == min(len(nan_at), 5)
+    assert (error_a is None) == (len(nan_at) == 1) and (step_a is None) == (len(nan_at) > 1)
+    for k in weights_a or {}:
+        assert torch.equal(weights_a[k], weights_b[k])
+    for i, state in (moments_a or {}).items():
+        assert all(torch.equal(v, moments_b[i][k]) for k, v in state.items())
+
+
 def test_a_finished_run_resumed_is_a_no_op(tmp_path, corpus, capsys):
     args = tiny_train_args(tmp_path, corpus["pretrain"], max_steps=5, accumulation_steps=2)
     train_pretrain.main(args)

@@ -27,7 +27,9 @@ train_loop owns everything else, once:
     batches (DPO, RL) by 1 / the window's micro-batches. DDP all-reduces only at the window's last micro-batch;
   * one optimizer step for every optimizer: GradScaler (CUDA fp16), the gradient norm, clipping to
     --grad_clip, and a guard: a non-finite gradient (or loss) skips the step with a warning, and
-    MAX_NONFINITE skips in a row stop training with one clear line; non-finite weights are never saved;
+    MAX_NONFINITE skips in a row stop training with one clear line; non-finite weights are never saved.
+    On CUDA with fused AdamW the guard needs no host sync: the fused kernel skips a non-finite step itself
+    and its flag is read one step later (defers_finite_check); a due save still waits for it;
   * autocast: one region for a rollout and one for each update (autocast caches the low-precision copy of
     a weight until its region ends: an update must not see the weights of before the previous step);
   * saving on optimizer-step boundaries (--save_interval, the last step, Ctrl-C): the fp16 weights to
@@ -81,6 +83,13 @@ def get_lr(current_step: int, total_steps: int, lr: float) -> float:
 def clip_and_check(run, optimizers, grad_clip: float) -> bool:
     """First half of an optimizer step: unscale, clip to grad_clip (0 = no clipping). Returns whether every
     gradient (and so the loss) is finite: the one host sync of an optimizer step."""
+    finite = clip_on_device(run, optimizers, grad_clip)
+    return bool(finite) if finite is not None else True
+
+
+def clip_on_device(run, optimizers, grad_clip: float):
+    """clip_and_check without the host sync: whether every gradient is finite, as a 0-dim bool tensor on the
+    device (None when no optimizer holds a gradient)."""
     norms = []
     for opt in optimizers:
         run.scaler.unscale_(opt)
@@ -91,7 +100,7 @@ def clip_and_check(run, optimizers, grad_clip: float) -> bool:
         if grad_clip > 0:         # takes the parameters and scales their .grad (given the grads, it clipped nothing)
             torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
         norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    return bool(torch.stack(norms).isfinite().all()) if norms else True
+    return torch.stack(norms).isfinite().all() if norms else None
 
 
 def apply_step(run, optimizers, finite: bool) -> None:
@@ -103,6 +112,54 @@ def apply_step(run, optimizers, finite: bool) -> None:
     run.scaler.update()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
+
+
+def defers_finite_check(run, optimizers, schedulers, updates: int, on_update) -> bool:
+    """Whether an optimizer step may be taken without waiting for the device (CUDA, every optimizer a fused
+    AdamW, no GradScaler, no scheduler or update hook that must know at once whether the step applied): the
+    fused kernel then skips a non-finite step itself (found_inf), and the loop reads the flag a step later."""
+    return (run.device_type == "cuda" and not run.scaler.is_enabled() and schedulers is None and updates == 1
+            and on_update is None and all(opt.defaults.get("fused") for opt in optimizers))
+
+
+def apply_step_on_device(optimizers, finite: torch.Tensor) -> None:
+    """apply_step for fused AdamW without a host sync: the kernel leaves weights, moments and step count as
+    they were where found_inf is 1 (as it does for a GradScaler), then the gradients are zeroed."""
+    found_inf = (~finite).float()
+    for opt in optimizers:
+        opt.found_inf, opt.grad_scale = found_inf, None
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf, opt.grad_scale
+        opt.zero_grad(set_to_none=True)
+
+
+class _PendingChecks:
+    """The finite flags of steps taken on the device, copied to the host behind the step (pinned memory and an
+    event on CUDA) and read once a later step has been queued, so the host never waits for the device idle."""
+
+    def __init__(self):
+        self.items = []
+
+    def push(self, finite: torch.Tensor, epoch: int, step: int, loss: torch.Tensor):
+        host = torch.empty((), dtype=torch.bool, pin_memory=finite.is_cuda)
+        host.copy_(finite, non_blocking=True)
+        event = None
+        if finite.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.items.append((host, event, epoch, step, loss.detach()))
+
+    def pop(self, keep: int = 0) -> list:
+        """(finite, epoch, step, loss) of every pending step but the newest `keep`, oldest first."""
+        ready, self.items = self.items[:max(len(self.items) - keep, 0)], self.items[max(len(self.items) - keep, 0):]
+        out = []
+        for host, event, epoch, step, loss in ready:
+            if event is not None:
+                event.synchronize()
+            out.append((bool(host), epoch, step, loss))
+        return out
 
 
 def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config, tracker, start: ResumePoint,
@@ -148,18 +205,14 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
     progress = Progress(args, lm_config, run, tracker, iters, end, done)
     saver = _Saver(run, args, raw, optimizers, schedulers, lm_config, tracker, save_fn, state, out_path)
     nonfinite, last_loss = 0, float("nan")
+    deferred = defers_finite_check(run, optimizers, schedulers, updates, on_update)
+    pending = _PendingChecks()
 
-    def guarded_step(epoch, step, k, loss) -> bool:
-        """One optimizer step of every optimizer, or none when a gradient is not finite (counted)."""
+    def count(finite: bool, epoch, step, k, loss) -> bool:
+        """The bookkeeping of a step's finite flag: reset or count the skips in a row, warn, stop at MAX_NONFINITE."""
         nonlocal nonfinite
-        finite = clip_and_check(run, optimizers, args.grad_clip)
-        if finite and saver.due is not None:   # the last step's weights gave finite gradients: save
-            saver.save(saver.due)              # them now, before this step changes them
-        apply_step(run, optimizers, finite)
         if finite:
             nonfinite = 0
-            if on_update is not None:
-                on_update(k)
             return True
         nonfinite += 1
         progress.skipped += 1
@@ -172,6 +225,31 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
                 f"({where}); {saver.last_saved_text()}. Lower --learning_rate or set --grad_clip, then resume "
                 "with --from_resume 1")
         return False
+
+    def settle(keep: int = 0):
+        for finite, epoch, step, loss in pending.pop(keep):
+            count(finite, epoch, step, 0, loss)
+
+    def guarded_step(epoch, step, k, loss) -> bool:
+        """One optimizer step of every optimizer, or none when a gradient is not finite (counted). On CUDA with
+        fused AdamW (deferred) the step is taken on the device and its flag read at the next step, unless a save
+        is due, which waits for the flag: weights are saved only once their gradients proved finite."""
+        if deferred and saver.due is None:
+            finite_t = clip_on_device(run, optimizers, args.grad_clip)
+            if finite_t is None:
+                finite_t = torch.ones((), dtype=torch.bool, device=run.device)
+            apply_step_on_device(optimizers, finite_t)
+            pending.push(finite_t, epoch, step, loss)
+            settle(keep=1)
+            return True
+        settle()
+        finite = clip_and_check(run, optimizers, args.grad_clip)
+        if finite and saver.due is not None:   # the last step's weights gave finite gradients: save
+            saver.save(saver.due)              # them now, before this step changes them
+        apply_step(run, optimizers, finite)
+        if finite and on_update is not None:
+            on_update(k)
+        return count(finite, epoch, step, k, loss)
 
     with _StopOnCtrlC() as ctrl_c:
         for epoch in range(start.epoch, args.epochs):
@@ -224,6 +302,7 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
                         saver.mark(ResumePoint(epoch, step))   # a skipped step consumed its batches, kept the weights
                         if saver.pending:         # the last step is saved at once; any other at the next step,
                             if last:              # once its gradients show that these weights are sound
+                                settle()
                                 saver.save(saver.boundary)
                             else:
                                 saver.due, saver.due_snapshot = saver.boundary, saver.snapshot
@@ -234,6 +313,7 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
                         saver.interrupted(ResumePoint(epoch, step))
             if offset[epoch] + iters[epoch] >= end:
                 break
+    settle()
     tracker.finish()
     Logger(f"done: {progress.summary()}; weights in {saver.where()}")
     return out_path, last_loss
