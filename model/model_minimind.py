@@ -491,7 +491,7 @@ def flex_kernel():
 _FLASH_CAPABLE = {}
 
 
-@torch.compiler.assume_constant_result
+@getattr(torch.compiler, "assume_constant_result", lambda fn: fn)   # a constant for torch.compile's tracing
 def flash_capable(index: int) -> bool:
     """Whether CUDA device `index` runs flash attention (Ampere, sm80, or newer): varlen there; T4/V100 (fp16
     with a GradScaler) take FlexAttention."""
@@ -594,7 +594,9 @@ def flex_attention(xq, xk, xv, mask: DocumentMask, n_rep: int) -> torch.Tensor:
     """(B, H, T, D) / (B, KV, T, D) -> (B, H, T, D) through FlexAttention with mask.block_mask."""
     fn = flex_kernel()[0]
     if xq.device.type != "cpu" and not torch.compiler.is_compiling():   # eager flex is a reference loop
-        fn = _COMPILED_FLEX.setdefault("fn", torch.compile(fn))
+        if "fn" not in _COMPILED_FLEX:
+            _COMPILED_FLEX["fn"] = torch.compile(fn)
+        fn = _COMPILED_FLEX["fn"]
     return fn(xq, xk, xv, block_mask=mask.block_mask, enable_gqa=n_rep > 1)
 
 
