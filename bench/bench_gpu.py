@@ -18,8 +18,9 @@ cannot eat the rest; a part out of time prints "timed out" in its cells):
             steady rate); epoch wall = process
             start to exit; held-out CE = bench_realtext.py's evaluator (fp32, this repo's model code) on the
             saved weight
-  mfu       ours on MiniMind2 104M (--mfu_model 768x16) at --mfu_batch 64, --max_seq_len: eager and --use_compile 1
-            (with --compile 1), --mfu_steps micro-batches each; steady samples/s, MFU, compile s, compiled / eager
+  mfu       ours on MiniMind2 104M (--mfu_model 768x16), --mfu_batch 64 full packed rows of --max_seq_len - 1
+            (--batch_unit rows): eager and --use_compile 1 (with --compile 1), --mfu_steps micro-batches each;
+            steady useful tokens/s (the trainer's own, compile left out), MFU, compile s, compiled / eager
   decode    greedy decoding of random fp32 weights (the original loads ours strict), prompt --prompt_len,
             --new_tokens new tokens, batch 1 and 16: the original's model.generate, ours, our engine (the
             server's); end-to-end tokens/s (prefill included) and whether the tokens equal ours/original
@@ -225,8 +226,18 @@ def mean_tokens(lines, args) -> float:
     return sum(min(len(tok(s, add_special_tokens=False).input_ids) + 2, args.max_seq_len) for s in sample) / len(sample)
 
 
+def steady_tokens(r, warmup_frac: float) -> float:
+    """The median tok/s of our progress lines past the first warmup_frac of the run (each line's rate already
+    leaves out the steps that compiled); 0 when there is none."""
+    pts = [(int(m.group(1)), int(m.group(2)), float(t.group(1).replace(",", ""))) for _, line in r["lines"]
+           if (m := re.search(r"\((\d+)/(\d+)\)", line)) and (t := re.search(r"tok/s:([\d,.]+)", line))]
+    rates = sorted(rate for step, total, rate in pts if step > warmup_frac * total)
+    return rates[len(rates) // 2] if rates else 0.0
+
+
 def mfu_part(args, data, tmp, timeout) -> dict:
-    """Ours on the larger model (--mfu_model, --mfu_batch), eager then --use_compile 1, --mfu_steps each."""
+    """Ours on the larger model (--mfu_model), eager then --use_compile 1, --mfu_steps micro-batches each of
+    --mfu_batch full packed rows (--batch_unit rows: max_seq_len - 1 tokens each, one shape to compile)."""
     hidden, layers = args.mfu_model.split("x")
     sized = SimpleNamespace(**{**vars(args), "hidden_size": int(hidden), "num_hidden_layers": int(layers),
                                "batch_size": args.mfu_batch})
@@ -235,7 +246,9 @@ def mfu_part(args, data, tmp, timeout) -> dict:
                                                          else [])
     for name in names:
         log(f"... MFU: {name}")
-        runs[name] = train_run(name, sized, data, tmp, timeout / 2, extra=("--max_steps", str(args.mfu_steps)))
+        runs[name] = train_run(name, sized, data, tmp, timeout / 2,
+                               extra=("--max_steps", str(args.mfu_steps), "--batch_unit", "rows",
+                                      "--epochs", "100"))     # --max_steps ends it (a short text is < 1 epoch of rows)
     return runs
 
 
@@ -380,10 +393,10 @@ def main(argv=None):
         runs = (["original (fa82707)"] if have_original else []) + ["ours (default flags)"] + \
             (["ours --use_compile 1"] if args.compile else [])
         results = {}
-        for name in runs:                         # the training parts share 60% of the budget
+        for name in runs:                         # the training parts share 55% of the budget
             log(f"... training: {name}")
-            results[name] = train_run(name, args, data, tmp, left(0.6 / len(runs)))
-        mfu_runs = mfu_part(args, data, tmp, left(0.15)) if args.mfu_model else {}
+            results[name] = train_run(name, args, data, tmp, left(0.55 / len(runs)))
+        mfu_runs = mfu_part(args, data, tmp, left(0.2)) if args.mfu_model else {}
         evaluator = Evaluator(SimpleNamespace(original_dir=args.tokenizer_dir.parent, max_seq_len=args.max_seq_len,
                                               hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers),
                               {"held-out": held})
@@ -416,22 +429,23 @@ def main(argv=None):
         if mfu_runs:
             hidden, layers = map(int, args.mfu_model.split("x"))
             active_mfu = lm_config_params(MiniMindConfig(hidden_size=hidden, num_hidden_layers=layers))[1]
-            log(f"\n# MFU: ours, {args.mfu_model}, B{args.mfu_batch}, L{args.max_seq_len}, {args.mfu_steps} "
-                "micro-batches of the same text (steady window as above)")
-            log("| run | samples/s (steady) | step ms | MFU (bf16 peak) | compile s | vs eager |")
+            log(f"\n# MFU: ours, {args.mfu_model}, {args.mfu_batch} packed rows of {args.max_seq_len - 1} "
+                f"positions per step (--batch_unit rows), {args.mfu_steps} micro-batches of the same text; tokens/s: "
+                "the median progress line past the warm-up (compiling steps left out by the trainer)")
+            log("| run | useful tokens/s (steady) | step ms | MFU (bf16 peak) | compile s | vs eager |")
             log("|---|---|---|---|---|---|")
             eager_rate = None
             for name, r in mfu_runs.items():
                 s = steady(r, SimpleNamespace(warmup_frac=args.warmup_frac, batch_size=args.mfu_batch))
-                if r["rc"] != 0 or not s:
+                rate = steady_tokens(r, args.warmup_frac)
+                if r["rc"] != 0 or not s or not rate:
                     why = "timed out" if r["rc"] is None else f"exit {r['rc']} (log: {r['log']})"
                     log(f"| {name} | {why} | - | - | - | - |")
                     continue
-                eager_rate = eager_rate or s["samples_s"]
-                mfu = 6 * active_mfu * s["samples_s"] * per_sample / peak if peak else 0
+                eager_rate = eager_rate or rate
+                mfu = 6 * active_mfu * rate / peak if peak else 0
                 comp = f"{s['compile_s']:.1f}" if "compile" in name else "-"
-                log(f"| {name} | {s['samples_s']:,.1f} | {s['step_ms']:.1f} | {100 * mfu:.1f}% | {comp} | "
-                    f"{s['samples_s'] / eager_rate:.2f}x |")
+                log(f"| {name} | {rate:,.0f} | {s['step_ms']:.1f} | {100 * mfu:.1f}% | {comp} | {rate / eager_rate:.2f}x |")
 
         log(f"\n# greedy decoding: random fp32 weights, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
             f"best of {args.repeats}")

@@ -33,6 +33,16 @@ def test_steady_window_skips_the_warmup_and_reads_samples_per_second():
     assert got["samples_s"] == pytest.approx(24.0) and got["compile_s"] == pytest.approx(5.0)
 
 
+def test_steady_tokens_is_the_median_rate_past_the_warmup():
+    """The MFU part's rate: the trainer's own tok/s (compiling steps already left out), median of the lines past
+    --warmup_frac; a line of only compiling steps ("tok/s:-") has no rate."""
+    from bench.bench_gpu import steady_tokens
+    rates = ["900", "-", "2,000", "1,000", "3,000", "1,500"]
+    lines = [(0.0, f"Epoch:[1/1]({s}/12) loss:1.0 lr:0.1 tok/s:{r} pad:0%") for s, r in zip(range(2, 14, 2), rates)]
+    assert steady_tokens(dict(lines=lines), 0.2) == 2000.0       # steps 4-12: 2,000 1,000 3,000 1,500 (no "-")
+    assert steady_tokens(dict(lines=lines[:1]), 0.2) == 0.0
+
+
 @pytest.mark.slow
 def test_smoke_run_prints_both_tables_with_equal_tokens():
     """`python bench/bench_gpu.py --smoke` on CPU (the original side by side when ../orig is there): ~25 s
