@@ -158,7 +158,7 @@ def test_runs_from_any_working_directory(tmp_path):
     assert not (ROOT / "trainer" / "out").exists()
 
 
-@pytest.mark.parametrize("packing", [0, 1])
+@pytest.mark.parametrize("packing", [pytest.param(0, marks=pytest.mark.slow), 1])   # the default layout in CI
 def test_torchrun_two_processes_on_cpu(tmp_path, packing):
     data = write_tiny_corpus(tmp_path / "data", n=32)
     res = run_launcher(lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
