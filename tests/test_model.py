@@ -482,12 +482,14 @@ def reference_varlen(signature: str, calls: list):
     return "flash_attn", flash_attn_varlen_func
 
 
-PACKED_KERNELS = ["spans", "mask", "flex", "varlen-window", "varlen-is_causal", "varlen-flash_attn"]
+PACKED_KERNELS = ["spans", "mask", "flex", "varlen-window"]
+# every kernel on every config, and the other varlen calling conventions on the default config
+PACKED_CASES = [(c, k) for c in PACK_CONFIGS for k in PACKED_KERNELS] + \
+    [({}, "varlen-is_causal"), ({}, "varlen-flash_attn")]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")     # eager FlexAttention on CPU says it is a reference loop
-@pytest.mark.parametrize("kernel", PACKED_KERNELS)
-@pytest.mark.parametrize("overrides", PACK_CONFIGS)
+@pytest.mark.parametrize("overrides, kernel", PACKED_CASES)
 def test_packed_rows_give_each_sample_its_logits_alone(overrides, kernel, monkeypatch):
     """Every packed path gives each sample the logits it has alone: sample-by-sample attention (CPU), the dense
     block-diagonal mask (CPU under compile; attention dropout), FlexAttention's document mask (CUDA, any
