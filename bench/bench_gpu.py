@@ -204,14 +204,28 @@ def train_run(name, args, data, tmp, timeout, extra=()) -> dict:
     return r
 
 
+def progress_points(r) -> tuple:
+    """([(time, global step, line)] of the progress lines, the run's planned steps up to the end of the last
+    epoch seen): "(step/total)" restarts every epoch, so earlier epochs' totals are added (the MFU part's runs
+    cross epochs)."""
+    pts, offset, epoch, total = [], 0, None, 0
+    for t, line in r["lines"]:
+        e = int(re.search(r"Epoch:\[(\d+)/", line).group(1))
+        step, per_epoch = map(int, re.search(r"\((\d+)/(\d+)\)", line).groups())
+        if epoch is not None and e != epoch:
+            offset += total
+        epoch, total = e, per_epoch
+        pts.append((t, offset + step, line))
+    return pts, offset + total
+
+
 def steady(r, args) -> dict:
-    """Samples/s and ms per micro-batch between the first progress line past --warmup_frac and the last, less
-    the compile seconds our trainer reports in between (a new batch shape late in the epoch); compile_s = all
-    the compile seconds it reported."""
-    pts = [(t, *map(int, re.search(r"\((\d+)/(\d+)\)", line).groups())) for t, line in r["lines"]]
+    """Samples/s and ms per micro-batch between the first progress line past --warmup_frac of the run and the
+    last, less the compile seconds our trainer reports in between (a new batch shape late in the epoch);
+    compile_s = all the compile seconds it reported."""
+    pts, total = progress_points(r)
     if len(pts) < 2:
         return {}
-    total = pts[-1][2]
     first = next((p for p in pts if p[1] > args.warmup_frac * total and p is not pts[-1]), pts[-2])
     compiling = sum(s for t, s in r.get("compiles", []) if first[0] < t <= pts[-1][0])
     steps, seconds = pts[-1][1] - first[1], pts[-1][0] - first[0] - compiling
@@ -229,9 +243,9 @@ def mean_tokens(lines, args) -> float:
 def steady_tokens(r, warmup_frac: float) -> float:
     """The median tok/s of our progress lines past the first warmup_frac of the run (each line's rate already
     leaves out the steps that compiled); 0 when there is none."""
-    pts = [(int(m.group(1)), int(m.group(2)), float(t.group(1).replace(",", ""))) for _, line in r["lines"]
-           if (m := re.search(r"\((\d+)/(\d+)\)", line)) and (t := re.search(r"tok/s:([\d,.]+)", line))]
-    rates = sorted(rate for step, total, rate in pts if step > warmup_frac * total)
+    pts, total = progress_points(r)
+    rates = sorted(float(m.group(1).replace(",", "")) for _, step, line in pts
+                   if step > warmup_frac * total and (m := re.search(r"tok/s:([\d,.]+)", line)))
     return rates[len(rates) // 2] if rates else 0.0
 
 

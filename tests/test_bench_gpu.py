@@ -41,6 +41,14 @@ def test_steady_tokens_is_the_median_rate_past_the_warmup():
     lines = [(0.0, f"Epoch:[1/1]({s}/12) loss:1.0 lr:0.1 tok/s:{r} pad:0%") for s, r in zip(range(2, 14, 2), rates)]
     assert steady_tokens(dict(lines=lines), 0.2) == 2000.0       # steps 4-12: 2,000 1,000 3,000 1,500 (no "-")
     assert steady_tokens(dict(lines=lines[:1]), 0.2) == 0.0
+    # a run over 3 epochs of 4 steps: the warm-up is 20% of all 12 steps, and step ms counts across epochs
+    from bench.bench_gpu import steady
+    epochs = [(100.0 + 0.1 * (4 * e + s), f"Epoch:[{e + 1}/3]({s}/4) loss:1.0 tok/s:{100 * (4 * e + s)} pad:0%")
+              for e in range(3) for s in range(1, 5)]
+    run = dict(start=99.0, lines=epochs)
+    assert steady_tokens(run, 0.2) == 800.0                     # global steps 3..12 -> rates 300..1200, median 800
+    got = steady(run, Namespace(warmup_frac=0.2, batch_size=8))
+    assert got["step_ms"] == pytest.approx(100.0) and got["steps"] == 12
 
 
 def test_lean_smoke_run_prints_every_table_in_ci():

@@ -121,13 +121,15 @@ def fused_adamw_deferred(monkeypatch, defer: bool):
                         all(o.defaults.get("fused") for o in opts))
 
 
-@pytest.mark.parametrize("nan_at", [[3], [2, 3, 4, 5, 6, 7, 8]], ids=["one-nan", "diverging"])
+@pytest.mark.parametrize("nan_at, save_interval", [([4], 2), ([3], 1000), ([2, 3, 4, 5, 6, 7, 8], 2)],
+                         ids=["nan-on-a-deferred-step", "nan-no-saves", "diverging"])
 def test_deferred_finite_check_skips_on_the_device_exactly_as_the_synced_guard(tmp_path, corpus, monkeypatch,
-                                                                                 capsys, nan_at):
+                                                                                 capsys, nan_at, save_interval):
     """On CUDA the guard reads a step's finite flag one step later and fused AdamW skips a non-finite step on
     the device (found_inf): the same weights, moments, warnings and saves as the guard that waits for the
     flag, and MAX_NONFINITE skips in a row still stop the run with the same line (run here on CPU, where fused
-    AdamW takes found_inf too)."""
+    AdamW takes found_inf too). A step after a save point waits for its flag (the save is due): the NaN at step 4
+    (save_interval 2) and every step without saves go through the deferred path."""
     from trainer.core.loop import TrainingError
     real = train_pretrain.pretrain_loss
     results = []
@@ -143,7 +145,7 @@ def test_deferred_finite_check_skips_on_the_device_exactly_as_the_synced_guard(t
         fused_adamw_deferred(monkeypatch, defer)
         run_dir = tmp_path / str(defer)
         args = tiny_train_args(run_dir, corpus["pretrain"], max_steps=10, packing=0, accumulation_steps=1,
-                               save_interval=2)
+                               save_interval=save_interval)
         error = None
         try:
             train_pretrain.main(args)
@@ -165,6 +167,35 @@ def test_deferred_finite_check_skips_on_the_device_exactly_as_the_synced_guard(t
         assert torch.equal(weights_a[k], weights_b[k])
     for i, state in (moments_a or {}).items():
         assert all(torch.equal(v, moments_b[i][k]) for k, v in state.items())
+
+
+def test_ctrl_c_after_a_pending_fifth_nan_step_stops_as_diverged(tmp_path, corpus, monkeypatch):
+    """Deferred guard: Ctrl-C at the step whose flag is still pending reads it first, so a 5th non-finite step in a
+    row ends the run with the divergence line, not with a resume file past the divergence (exit 130)."""
+    from trainer.core import loop
+    real = train_pretrain.pretrain_loss
+    calls = []
+
+    def nan_from_4(model, batch):
+        loss, stats = real(model, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) >= 4 else loss), stats
+
+    class CtrlCAtStep8(loop._StopOnCtrlC):
+        @property
+        def pressed(self):
+            return len(calls) >= 8
+
+        @pressed.setter
+        def pressed(self, value):
+            pass
+
+    monkeypatch.setattr(train_pretrain, "pretrain_loss", nan_from_4)
+    monkeypatch.setattr(loop, "_StopOnCtrlC", CtrlCAtStep8)
+    fused_adamw_deferred(monkeypatch, True)
+    with pytest.raises(loop.TrainingError, match="5 optimizer steps in a row"):
+        train_pretrain.main(tiny_train_args(tmp_path, corpus["pretrain"], max_steps=10, packing=0,
+                                            accumulation_steps=1))
 
 
 def test_a_finished_run_resumed_is_a_no_op(tmp_path, corpus, capsys):

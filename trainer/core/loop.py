@@ -149,7 +149,7 @@ class _PendingChecks:
         if finite.is_cuda:
             event = torch.cuda.Event()
             event.record()
-        self.items.append((host, event, epoch, step, loss.detach()))
+        self.items.append((host, event, epoch, step, loss.detach().clone()))   # a graph replay may reuse the loss
 
     def pop(self, keep: int = 0) -> list:
         """(finite, epoch, step, loss) of every pending step but the newest `keep`, oldest first."""
@@ -310,6 +310,7 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
                     if step % args.log_interval == 0 or last:
                         last_loss = progress.log(epoch, step, lr)
                     if ctrl_c.pressed:
+                        settle()                  # a pending 5th non-finite step stops the run, not Ctrl-C
                         saver.interrupted(ResumePoint(epoch, step))
             if offset[epoch] + iters[epoch] >= end:
                 break
