@@ -206,8 +206,15 @@ def test_packed_rows_with_a_kv_cache_keep_the_cache_on_every_kernel(monkeypatch)
 
 def test_dpo_pads_every_pair_to_max_seq_len_under_compile(tmp_path):
     """DPO's pairs are padded to each batch's longest; under --use_compile 1 (static shapes) to max_seq_len."""
-    from tests.conftest import ROOT, tiny_train_args
+    import json
+    from tests.conftest import tiny_train_args
     from trainer import train_dpo
+    data = tmp_path / "dpo.jsonl"  # its own file: the demo corpus is generated, absent from a clean clone
+    with open(data, "w", encoding="utf-8") as f:
+        for a in range(8):
+            q = {"role": "user", "content": f"{a}+{a}等于几？"}
+            f.write(json.dumps({"chosen": [q, {"role": "assistant", "content": f"{2 * a}。"}],
+                                "rejected": [q, {"role": "assistant", "content": "不知道。"}]}, ensure_ascii=False) + "\n")
     seen = []
     real = train_dpo.DPODataset
 
@@ -220,7 +227,7 @@ def test_dpo_pads_every_pair_to_max_seq_len_under_compile(tmp_path):
             unittest.mock.patch.object(train_dpo, "train_loop", lambda *a, **k: (None, 0.0)), \
             unittest.mock.patch.object(train_dpo, "wrap_model", lambda model, *a, **k: model):
         for compile_flag in (0, 1):
-            train_dpo.main(tiny_train_args(tmp_path / str(compile_flag), ROOT / "dataset" / "demo" / "dpo.jsonl",
+            train_dpo.main(tiny_train_args(tmp_path / str(compile_flag), data,
                                            from_weight="none",
                                            use_compile=compile_flag))
     assert seen == [False, True]
