@@ -196,3 +196,29 @@ def test_on_cpu_a_packed_micro_batch_is_one_row_without_padding(tmp_path, tokeni
     for flags in (dict(device="cuda:0"), dict(device="cpu", use_compile=1), dict(device="cpu", pad_to_max=1),
                   dict(device="cpu", batch_unit="rows"), dict(device="cpu", use_moe=1)):
         assert not supervised_collate(plan_args(tmp_path, packing=1, **flags)).one_row, flags
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["finished", "failed"])
+def test_a_run_stops_its_loader_workers_when_it_ends(tmp_path, fails):
+    """A training run with --num_workers 1 leaves no DataLoader worker behind when main() returns or raises
+    (the plan's loader sits in a reference cycle: left to the garbage collector, torch's shutdown of its
+    persistent workers waited out a 5 s timeout, at a random later point of the process)."""
+    import multiprocessing
+    from tests.conftest import tiny_train_args
+    from trainer import train_pretrain
+    data = write_tiny_corpus(tmp_path / "data", n=24)
+    args = tiny_train_args(tmp_path, data["pretrain"], num_workers=1, packing=0, max_steps=2)
+    if fails:
+        real = train_pretrain.PretrainDataset.__getitem__
+
+        def broken(self, i):
+            if i % 2:
+                raise ValueError("a sample that fails in the worker")
+            return real(self, i)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train_pretrain.PretrainDataset, "__getitem__", broken)
+            with pytest.raises(ValueError, match="fails in the worker"):
+                train_pretrain.main(args)
+    else:
+        train_pretrain.main(args)
+    assert multiprocessing.active_children() == []

@@ -264,6 +264,19 @@ class BatchPlan:
         return self._loader
 
 
+    def close(self):
+        """Stop the DataLoader's worker processes now. The plan, its DataLoader and the batch sampler form a
+        reference cycle, so without this the persistent workers would end only when the garbage collector
+        reaches them, and by then the index queues' finalizers have run: torch's shutdown then waits out its
+        5 s join timeout, at some later point of the process (tests, notebooks, scripts calling main())."""
+        loader, self._loader = self._loader, None
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        if loader is not None:
+            loader._iterator = None
+
+
 class _EpochBatches:
     """The batch sampler of the one DataLoader: the batches of the epoch (and skip) the plan last set. The
     DataLoader reads it in the main process when an iterator starts, so workers never need to know."""
