@@ -67,6 +67,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model.openmp import release_thread_pool
+
 
 class QueueFull(Exception):
     """The waiting queue holds max_queue requests; try again later."""
@@ -697,6 +699,8 @@ class Engine:
                                 "(prompt + completion)")
         if params.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        if self.device.type == "cpu":   # the decode thread's OpenMP pool alone (see model/openmp.py)
+            release_thread_pool()
         with self.cv:
             if self.closed:
                 raise RuntimeError("the engine is closed")
@@ -833,7 +837,10 @@ class Engine:
         with torch.inference_mode(), autocast:
             while True:
                 with self.cv:
-                    self.cv.wait_for(lambda: self.closed or self.slots or (self.waiting and not self.paused))
+                    busy = lambda: self.closed or self.slots or (self.waiting and not self.paused)  # noqa: E731
+                    if not busy() and self.device.type == "cpu":
+                        release_thread_pool()     # idle: the threads that wait for the answers compute again
+                    self.cv.wait_for(busy)
                     if self.closed:
                         break
                 try:
