@@ -62,6 +62,7 @@ from model.chat_format import CONTROL_TOKENS, OutputParser, build_prompt, find_c
 from model.cli import add_model_args, cli, one_line  # noqa: E402
 from model.engine import Engine, PromptTooLong, QueueFull, SamplingParams  # noqa: E402
 from model.loading import family_of, is_transformers_folder, load_model, resolve_path  # noqa: E402
+from model.openmp import release_thread_pool  # noqa: E402
 from model.weights import LoadError  # noqa: E402
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -779,6 +780,13 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
     loader = opt["loader"] or weight_loader(engine.device, family_of(model))
     reload_lock = asyncio.Lock()
 
+    def load_and_release(path: str):
+        """loader(path) in a worker thread that lives on: its OpenMP pool ends with the load (model/openmp.py)."""
+        try:
+            return loader(path)
+        finally:
+            release_thread_pool()
+
     async def reload(request: Request):
         """POST /v1/reload (also SGLang's /update_weights_from_disk) {"model_path": a .pth file or a transformers
         folder, "abort_all_requests": false}: load those weights while the old ones serve, then swap them into the
@@ -804,7 +812,7 @@ def create_app(model, tokenizer, model_id: str = "minimind", api_key: str = None
         async with reload_lock:  # one reload at a time
             start = time.time()
             try:
-                new_model, new_tokenizer, description = await run_in_threadpool(loader, path)
+                new_model, new_tokenizer, description = await run_in_threadpool(load_and_release, path)
             except (LoadError, ValueError, OSError) as err:
                 raise APIError(400, f"the weights were not reloaded: {one_line(err)}", "model_path",
                                "invalid_model_path") from None

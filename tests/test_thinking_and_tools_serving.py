@@ -283,6 +283,24 @@ def answer(url, key, messages=USER):
                                                     max_tokens=8).choices[0].message.content
 
 
+def test_reload_ends_the_loading_threads_openmp_pool(monkeypatch):
+    """The reload loads in a worker thread that lives on: its OpenMP pool would sit beside the engine's (two pools
+    made libgomp treat 2 cores as oversubscribed: model/openmp.py), so that thread ends it after loading."""
+    import scripts.serve_openai_api as server
+    tokenizer = tokenizers()["minimind3"]
+    events = []
+    monkeypatch.setattr(server, "release_thread_pool", lambda: events.append(("release", threading.get_ident())))
+
+    def loader(path):
+        events.append(("load", threading.get_ident()))
+        return tiny_mm3(1), tokenizer, "tiny"
+    with serving(create_app(tiny_mm3(0), tokenizer, loader=loader)) as url:
+        r = httpx.post(url.removesuffix("/v1") + "/v1/reload", json={"model_path": "x.pth"}, timeout=60)
+    assert r.status_code == 200, r.text
+    loads = [e for e in events if e[0] == "load"]
+    assert len(loads) == 1 and ("release", loads[0][1]) in events[events.index(loads[0]):]
+
+
 def test_reload_swaps_the_weights_behind_the_key_and_bad_paths_keep_the_old_model(tmp_path):
     tokenizer = tokenizers()["minimind3"]
     cfg = MiniMindConfig(model_family="minimind3", hidden_size=64, num_hidden_layers=2)
