@@ -30,7 +30,7 @@ released = threads()
 parallel_work()                            # the pool comes back at the next region
 again = threads()
 print(base, pooled, released, again)
-if sys.argv[2] == "engine":
+if sys.argv[2] == "engine":              # the engine's part
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
     from model.engine import Engine, SamplingParams
     model = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -55,21 +55,22 @@ if sys.argv[2] == "engine":
 """
 
 
-def probe(mode: str) -> list:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(ROOT), mode], capture_output=True, text=True,
+@pytest.fixture(scope="module")
+def probe() -> list:
+    out = subprocess.run([sys.executable, "-c", PROBE, str(ROOT), "engine"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return [list(map(int, line.split())) for line in out.stdout.strip().splitlines()]
 
 
-def test_release_ends_the_calling_threads_pool_until_its_next_parallel_region():
-    base, pooled, released, again = probe("pool")[0]
+def test_release_ends_the_calling_threads_pool_until_its_next_parallel_region(probe):
+    base, pooled, released, again = probe[0]
     assert pooled == base + 1 and released == base and again == base + 1
 
 
-def test_the_engine_decodes_with_the_only_pool_and_gives_it_back_when_idle():
+def test_the_engine_decodes_with_the_only_pool_and_gives_it_back_when_idle(probe):
     """The caller's pool ends when it submits; the engine thread's pool ends when it has nothing to do: never two
     pools at once, which made libgomp treat 2 cores as oversubscribed (workers sleeping between regions)."""
-    (before, during, idle), = probe("engine")[1:]
+    (before, during, idle), = probe[1:]
     assert during == before + 1          # - the caller's worker + the engine's thread + its worker
     assert idle == before                # - the engine's worker (its thread lives until close())
