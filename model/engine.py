@@ -834,12 +834,16 @@ class Engine:
                                                                                    dtype=self.autocast_dtype)
         if self.device.type == "cuda":  # this thread's streams (a graph's capture and replay) on the model's GPU
             torch.cuda.set_device(self.device)
+
+        def busy():
+            return self.closed or self.slots or (self.waiting and not self.paused)
         with torch.inference_mode(), autocast:
             while True:
+                # idle on CPU: end this thread's OpenMP pool, so that the threads waiting for answers compute alone
+                # (model/openmp.py; read without the lock: a stale answer only costs a pool rebuilt)
+                if self.device.type == "cpu" and not busy():
+                    release_thread_pool()
                 with self.cv:
-                    busy = lambda: self.closed or self.slots or (self.waiting and not self.paused)  # noqa: E731
-                    if not busy() and self.device.type == "cpu":
-                        release_thread_pool()     # idle: the threads that wait for the answers compute again
                     self.cv.wait_for(busy)
                     if self.closed:
                         break

@@ -263,7 +263,6 @@ class BatchPlan:
         self._sampler.epoch, self._sampler.skip = epoch, skip
         return self._loader
 
-
     def close(self):
         """Stop the DataLoader's worker processes now. The plan, its DataLoader and the batch sampler form a
         reference cycle, so without this the persistent workers would end only when the garbage collector
