@@ -27,11 +27,15 @@ def _pause_function():
         return None
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            loaded = sorted({line.split()[-1] for line in maps if "libgomp" in line and "/" in line})
+            # address perms offset dev inode path: the path may hold spaces, or end in " (deleted)"
+            loaded = sorted({line.split(None, 5)[5].strip().removesuffix(" (deleted)") for line in maps
+                             if "libgomp" in line and len(line.split(None, 5)) == 6})
     except OSError:
         return None
     torch_dir = os.path.dirname(os.path.realpath(torch.__file__))
-    ours = [path for path in loaded if os.path.realpath(path).startswith(torch_dir)]
+    # torch/lib/ on x86-64 wheels, torch.libs/ where auditwheel put it (aarch64 wheels)
+    homes = (torch_dir + os.sep, torch_dir + ".libs" + os.sep)
+    ours = [path for path in loaded if os.path.realpath(path).startswith(homes)]
     candidates = ours or (loaded if len(loaded) == 1 else [])   # another package's libgomp is not torch's
     for path in candidates:
         try:

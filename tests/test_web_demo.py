@@ -149,7 +149,8 @@ def test_save_dir_and_weight_flags_choose_the_model(weight, monkeypatch):
 
 def test_no_model_and_bad_path_are_messages_not_crashes(tmp_path, monkeypatch):
     # the app also offers model folders in the repository and beside it (where users put ../MiniMind2): a
-    # repository of its own in tmp_path, so a model folder beside the real checkout cannot answer here
+    # repository of its own in tmp_path, so a model folder beside the real checkout cannot answer here (the app
+    # imports ROOT from model.loading at every run, as AppTest runs it: patching the module attribute reaches it)
     (tmp_path / "repo").mkdir()
     monkeypatch.setattr(loading, "ROOT", tmp_path / "repo")
     at = app(monkeypatch, "--save_dir", tmp_path)

@@ -252,7 +252,7 @@ def train_loop(run, args, model, optimizers, dataset, step_fn=None, *, lm_config
             on_update(k)
         return count(finite, epoch, step, k, loss)
 
-    with _StopOnCtrlC() as ctrl_c, closing(plan):       # closing: the loader's workers end with the run
+    with closing(plan), _StopOnCtrlC() as ctrl_c:       # closing: the loader's workers end with the run
         for epoch in range(start.epoch, args.epochs):
             skip = start.step if epoch == start.epoch else 0
             rng = torch.get_rng_state()       # creating a DataLoader iterator draws a seed from the global RNG,
