@@ -133,12 +133,13 @@ def test_killed_run_never_leaves_a_corrupt_file(tmp_path):
     args = tiny_train_args(tmp_path, data["pretrain"], save_interval=1, accumulation_steps=1, epochs=50)
     out = tmp_path / "out" / "pretrain_64.pth"
     resume = tmp_path / "ckpt" / "pretrain_64_resume.pth"
-    for delay in (0.3, 0.7, 1.1):
+    for delay in (0.05, 0.5):
+        before = resume.stat().st_mtime_ns if resume.exists() else None
         proc = subprocess.Popen([sys.executable, str(ROOT / "trainer" / "train_pretrain.py"), *args],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while not resume.exists() and time.time() < deadline:
-            time.sleep(0.05)
+        deadline = time.time() + 120            # until this run has saved (not the last run's file: a kill
+        while time.time() < deadline and (not resume.exists() or resume.stat().st_mtime_ns == before):
+            time.sleep(0.02)                    # during the imports would test nothing)
         time.sleep(delay)                       # saves happen every step: kill lands at a random point
         proc.send_signal(signal.SIGKILL)
         proc.wait()
