@@ -414,7 +414,6 @@ class StaticDecode:
     def run(self, reqs: list, max_len: int) -> torch.Tensor:
         """Logits (len(reqs), V) of every decoding row's next token; writes each row's key at its column."""
         n = len(reqs)
-        self.check_weights()    # a graph reads the weights by address: one moved (.to, assign) means capture again
         rows = next(b for b in self.buckets if b >= n)
         need = max(r.w for r in reqs) + 1
         width = max(need, min(max(64, 1 << (need - 1).bit_length()), max_len))
@@ -425,6 +424,7 @@ class StaticDecode:
             self.load(reqs)
             self.loaded = ids
         if self.graphs is not None:
+            self.check_weights()  # a graph reads the weights by address: one moved (.to, assign) means capture again
             key = (id(self.model), self.weights,
                    tuple((b.data_ptr(), b.shape, b.dtype) for b in self.cache.keys + self.cache.values))
             logits = self.graphs.run(self.forward, rows, width, key)
@@ -794,8 +794,6 @@ class Engine:
         self.cache = SlotCache(cfg.num_hidden_layers, self.max_batch + int(static), self.max_seq_len,
                                GRAPH_CACHE_COLUMNS if graphs else 64)
         self.static = StaticDecode(self.model, self.cache, self.max_batch, self.device, graphs) if static else None
-        if self.static is not None:
-            self.static.check_weights()
 
     def __enter__(self):
         return self
